@@ -1,0 +1,37 @@
+# The two commands: `make demo` and `make test`. Everything else is a step they call.
+PYTHON ?= python3
+VENV   ?= .venv
+NODE_PREFIX ?= .node
+CHP    := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv chp sysdeps bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[hub,singleuser,test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(CHP):
+	npm install --silent --no-audit --no-fund --prefix $(NODE_PREFIX) configurable-http-proxy@5
+
+chp: $(CHP)
+
+## System packages the tests need (Debian): sshd, Slurm, munge, ...
+sysdeps:
+	bash scripts/install-sysdeps.sh
+
+## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
+demo: venv chp
+	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
+
+## Full test suite against real components
+test: venv chp sysdeps
+	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(NODE_PREFIX) demo-state
