@@ -1,0 +1,249 @@
+"""The ``broker`` command: a traitlets Application configured by ``broker_config.py``.
+
+Subcommands: ``serve`` (run the daemon), ``status`` (live sessions), ``generate-config``.
+Every option is a trait of :class:`BrokerApp` (``c.BrokerApp.<name>`` in broker_config.py,
+or ``--BrokerApp.<name>=value`` on the command line). Secrets (tokens) are better taken
+from the environment than the config file; they are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from urllib.parse import urlparse
+
+from traitlets import Bool, Float, Integer, Unicode, default, validate
+from traitlets.config import Application, TraitError
+
+from . import log as broker_log
+from .api import BrokerAPI
+from .client import BrokerClient, BrokerError
+from .core import Broker, load_or_create_host_key
+from .proxy import ChpClient
+from .status import render_table
+from .store import SessionStore
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the option."""
+
+
+class BrokerApp(Application):
+    name = "broker"
+    description = "Tunnel broker between JupyterHub and notebooks running as HPC batch jobs."
+    raise_config_file_errors = True
+
+    config_file = Unicode("broker_config.py", help="The configuration file to load.").tag(config=True)
+
+    state_dir = Unicode("broker-state", help="Directory for the session database and SSH host key (created 0700).").tag(config=True)
+    db_path = Unicode("", help="SQLite session database (default: <state_dir>/broker.sqlite).").tag(config=True)
+    host_key_path = Unicode("", help="SSH host key, created on first start with mode 0600 (default: <state_dir>/ssh_host_ed25519_key).").tag(config=True)
+
+    ssh_host = Unicode("127.0.0.1", help="Address the agents' SSH server listens on. Compute nodes must reach it: on a cluster set the hub host's address, e.g. '0.0.0.0'.").tag(config=True)
+    ssh_port = Integer(8022, help="TCP port of the agents' SSH server (0 picks a free port; the spawner learns it from the broker).").tag(config=True)
+    ssh_public_host = Unicode("", help="Host name or address the agents connect to (default: ssh_host, or this host's name when ssh_host is 0.0.0.0).").tag(config=True)
+
+    api_host = Unicode("127.0.0.1", help="Address of the REST API. Keep it on loopback.").tag(config=True)
+    api_port = Integer(8091, help="TCP port of the REST API (0 picks a free port and writes it to <state_dir>/api_url).").tag(config=True)
+    api_socket = Unicode("", help="Serve the REST API on this unix socket (in a 0700 directory) instead of TCP.").tag(config=True)
+    api_url = Unicode("", help="URL of the REST API for `broker status` (default: derived from api_socket/api_host/api_port).").tag(config=True)
+    api_token = Unicode(help="Bearer token for the REST API (env BROKER_API_TOKEN). Required.").tag(config=True)
+
+    proxy_api_url = Unicode("http://127.0.0.1:8001", help="configurable-http-proxy's REST API URL.").tag(config=True)
+    proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required.").tag(config=True)
+    hub_api_url = Unicode(help="The hub API URL agents may reach through their tunnel, e.g. http://127.0.0.1:8081/hub/api (env JUPYTERHUB_API_URL). Required.").tag(config=True)
+
+    enrol_ttl = Float(86400.0, help="Seconds an enrolment secret stays valid (covers time pending in the queue).").tag(config=True)
+    tunnel_wait_timeout = Float(10.0, help="Seconds a hub-side connection waits for a reconnecting agent before it is closed.").tag(config=True)
+    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(config=True)
+    keepalive_interval = Float(15.0, help="Seconds between SSH keepalives to agents (0 disables).").tag(config=True)
+    keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
+    login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate.").tag(config=True)
+
+    log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
+    log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
+
+    @default("api_token")
+    def _api_token_default(self) -> str:
+        return os.environ.get("BROKER_API_TOKEN", "")
+
+    @default("proxy_auth_token")
+    def _proxy_token_default(self) -> str:
+        return os.environ.get("CONFIGPROXY_AUTH_TOKEN", "")
+
+    @default("hub_api_url")
+    def _hub_api_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_URL", "")
+
+    @validate("log_level")
+    def _valid_level(self, proposal: dict) -> str:
+        v = proposal["value"].upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise TraitError(f"BrokerApp.log_level: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}")
+        return v
+
+    @validate("ssh_port", "api_port")
+    def _valid_port(self, proposal: dict) -> int:
+        v = proposal["value"]
+        if not 0 <= v <= 65535:
+            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be 0..65535, got {v}")
+        return v
+
+    # -- derived settings ---------------------------------------------------------------
+    def path(self, value: str, name: str) -> str:
+        return value or os.path.join(self.state_dir, name)
+
+    def resolved_api_url(self) -> str:
+        if self.api_url:
+            return self.api_url
+        if self.api_socket:
+            return "unix:" + self.api_socket
+        url_file = os.path.join(self.state_dir, "api_url")
+        if self.api_port == 0 and os.path.exists(url_file):
+            return open(url_file).read().strip()
+        return f"http://{self.api_host}:{self.api_port}"
+
+    def check(self) -> tuple[str, int]:
+        """Validate settings that need each other; raise ConfigError naming the option."""
+        if not self.api_token:
+            raise ConfigError("BrokerApp.api_token: not set (set it in broker_config.py or BROKER_API_TOKEN)")
+        if len(self.api_token) < 16:
+            raise ConfigError("BrokerApp.api_token: too short (use at least 16 random characters)")
+        if not self.proxy_auth_token:
+            raise ConfigError("BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it")
+        if not self.hub_api_url:
+            raise ConfigError("BrokerApp.hub_api_url: not set (e.g. http://127.0.0.1:8081/hub/api, or JUPYTERHUB_API_URL)")
+        u = urlparse(self.hub_api_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"BrokerApp.hub_api_url: not an http(s) URL with a host: {self.hub_api_url!r}")
+        p = urlparse(self.proxy_api_url)
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise ConfigError(f"BrokerApp.proxy_api_url: not an http(s) URL with a host: {self.proxy_api_url!r}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        return u.hostname, port
+
+    def load(self, argv: list[str]) -> None:
+        self.parse_command_line(argv)
+        if self.config_file and os.path.exists(self.config_file):
+            self.load_config_file(self.config_file)
+            self.parse_command_line(argv)  # the command line wins over the file
+
+
+async def serve(app: BrokerApp) -> None:
+    hub_api = app.check()
+    broker_log.configure(app.log_level, app.log_json)
+    log = broker_log.get_logger(component="app")
+    os.makedirs(app.state_dir, mode=0o700, exist_ok=True)
+    store = SessionStore(app.path(app.db_path, "broker.sqlite"))
+    key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
+    public_host = app.ssh_public_host or (app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename)
+    broker = Broker(
+        store=store, host_key=key, hub_api=hub_api, chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
+        ssh_listen=(app.ssh_host, app.ssh_port), ssh_public_host=public_host, enrol_ttl=app.enrol_ttl,
+        tunnel_wait_timeout=app.tunnel_wait_timeout, reconcile_interval=app.reconcile_interval,
+        keepalive_interval=app.keepalive_interval, keepalive_count_max=app.keepalive_count_max,
+        login_timeout=app.login_timeout,
+    )
+    await broker.start()
+    from aiohttp import web
+
+    api = BrokerAPI(broker, app.api_token, public_host)
+    runner = web.AppRunner(api.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    if app.api_socket:
+        os.makedirs(os.path.dirname(os.path.abspath(app.api_socket)), mode=0o700, exist_ok=True)
+        site: web.BaseSite = web.UnixSite(runner, app.api_socket)
+        await site.start()
+        os.chmod(app.api_socket, 0o600)
+        api_url = "unix:" + app.api_socket
+    else:
+        site = web.TCPSite(runner, app.api_host, app.api_port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        api_url = f"http://{app.api_host}:{port}"
+    with open(os.path.join(app.state_dir, "api_url.tmp"), "w") as f:
+        f.write(api_url + "\n")
+    os.replace(os.path.join(app.state_dir, "api_url.tmp"), os.path.join(app.state_dir, "api_url"))
+    with open(os.path.join(app.state_dir, "ssh_port.tmp"), "w") as f:
+        f.write(f"{broker.ssh_port}\n")
+    os.replace(os.path.join(app.state_dir, "ssh_port.tmp"), os.path.join(app.state_dir, "ssh_port"))
+    log.info("serving", api=api_url, ssh=f"{app.ssh_host}:{broker.ssh_port}", fingerprint=broker.fingerprint)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping on signal")
+    await runner.cleanup()
+    await broker.stop()
+    store.close()
+
+
+async def status(app: BrokerApp, as_json: bool) -> int:
+    client = BrokerClient(app.resolved_api_url(), app.api_token)
+    try:
+        sessions = await client.list_sessions()
+    except BrokerError as e:
+        print(f"broker status: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    if as_json:
+        print(json.dumps(sessions, indent=2, ensure_ascii=False))
+    else:
+        print(render_table(sessions, time.time()))
+    return 0
+
+
+USAGE = """usage: broker {serve,status,generate-config} [options]
+
+  serve             run the broker (SSH server for agents, REST API, route publisher)
+  status [--json]   list live sessions (user, server, job, node, port, state, bytes, heartbeat)
+  generate-config   write a commented broker_config.py to stdout (or -o FILE)
+
+Any option as --BrokerApp.<name>=<value>; --config-file=FILE (default broker_config.py).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    app = BrokerApp()
+    if cmd == "generate-config":
+        out = None
+        if "-o" in rest:
+            out = rest[rest.index("-o") + 1]
+        text = app.generate_config_file()
+        if out:
+            with open(out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
+        return 0
+    as_json = "--json" in rest
+    rest = [a for a in rest if a != "--json"]
+    rest = [a.replace("--config=", "--BrokerApp.config_file=").replace("--config-file=", "--BrokerApp.config_file=") for a in rest]
+    try:
+        app.load(rest)
+        if cmd == "serve":
+            asyncio.run(serve(app))
+            return 0
+        if cmd == "status":
+            return asyncio.run(status(app, as_json))
+    except (ConfigError, TraitError) as e:
+        print(f"broker: configuration error: {e}", file=sys.stderr)
+        return 2
+    print(f"broker: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

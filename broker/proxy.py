@@ -1,0 +1,161 @@
+"""Publishing session routes to configurable-http-proxy (CHP) and keeping them there.
+
+Route paths follow JupyterHub's own CHP proxy exactly (``/user/zoe/`` is stored by CHP as
+``/user/zoe``; already-escaped characters in the routespec are sent as they are), so the
+hub's ``check_routes`` sees the broker's routes as its own and leaves them alone.
+
+Retry policy: connection errors and 5xx are transient (the reconcile loop tries again);
+401/403/4xx are configuration errors and are logged with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+from urllib.parse import unquote
+
+import aiohttp
+import yarl
+
+from .log import get_logger
+
+
+class ProxyError(Exception):
+    """CHP answered with an error status (``status``) or could not be reached (``status=0``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"CHP {status or 'unreachable'}: {message}")
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 0 or self.status >= 500
+
+
+def chp_path(routespec: str) -> str:
+    """JupyterHub's routespec → CHP path (``/user/zoe/`` → ``/user/zoe``)."""
+    if routespec != "/" and routespec.endswith("/"):
+        return routespec[:-1]
+    return routespec
+
+
+def chp_key(routespec: str) -> str:
+    """The key CHP lists this route under: its path, unescaped (CHP's JSON keys are)."""
+    return unquote(chp_path(routespec))
+
+
+class ChpClient:
+    """A small client of CHP's REST API (``Authorization: token T``)."""
+
+    def __init__(self, api_url: str, token: str, timeout: float = 10.0):
+        self.api_url = api_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        url = yarl.URL(self.api_url + "/api/routes" + path, encoded=True)
+        headers = {"Authorization": f"token {self._token}"}
+        data = None if body is None else json.dumps(body)
+        try:
+            async with self._http.request(method, url, data=data, headers=headers) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise ProxyError(resp.status, text[:200])
+                return json.loads(text) if text else None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(0, str(exc)) from None
+        except asyncio.TimeoutError:
+            raise ProxyError(0, "timeout") from None
+
+    async def add_route(self, routespec: str, target: str, data: dict[str, Any]) -> None:
+        await self._request("POST", chp_path(routespec), {"target": target, **data})
+
+    async def delete_route(self, routespec: str) -> None:
+        await self._request("DELETE", chp_path(routespec))
+
+    async def get_routes(self) -> dict[str, dict[str, Any]]:
+        """All routes as ``{chp_key: {"target": ..., **data}}`` (keys unescaped)."""
+        return await self._request("GET", "") or {}
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+DesiredRoutes = Callable[[], dict[str, tuple[str, dict[str, Any]]]]
+
+
+class RoutePublisher:
+    """Keeps CHP's routes equal to what the session table wants.
+
+    ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. The
+    reconcile pass adds missing routes and fixes wrong targets; it deletes only routes that it
+    knows it owned (a closed session's route whose target is still that session's).
+    """
+
+    def __init__(self, chp: ChpClient, desired: DesiredRoutes, interval: float = 5.0):
+        self.chp = chp
+        self.desired = desired
+        self.interval = interval
+        self.log = get_logger(component="routes")
+        self._wake = asyncio.Event()
+        self.repairs = 0
+
+    async def publish(self, routespec: str, target: str, data: dict[str, Any]) -> None:
+        """Add one route now; on failure the reconcile loop retries."""
+        try:
+            await self.chp.add_route(routespec, target, data)
+            self.log.info("route added", route=routespec, target=target)
+        except ProxyError as exc:
+            self.log.warning("route add failed; will retry", route=routespec, error=str(exc))
+            self._wake.set()
+
+    async def unpublish(self, routespec: str, target: str) -> None:
+        """Delete the route if it still points at *target* (never someone else's route)."""
+        try:
+            routes = await self.chp.get_routes()
+            current = routes.get(chp_key(routespec))
+            if current is not None and current.get("target") == target:
+                await self.chp.delete_route(routespec)
+                self.log.info("route deleted", route=routespec, target=target)
+        except ProxyError as exc:
+            self.log.warning("route delete failed", route=routespec, error=str(exc))
+
+    async def reconcile_once(self) -> int:
+        """One pass; returns the number of routes repaired."""
+        want = self.desired()
+        if not want:
+            return 0
+        have = await self.chp.get_routes()
+        repaired = 0
+        for routespec, (target, data) in want.items():
+            cur = have.get(chp_key(routespec))
+            if cur is None or cur.get("target") != target:
+                await self.chp.add_route(routespec, target, data)
+                repaired += 1
+                self.log.info("route restored", route=routespec, target=target,
+                              was=None if cur is None else cur.get("target"))
+        self.repairs += repaired
+        return repaired
+
+    async def run(self) -> None:
+        """Reconcile every ``interval`` seconds (or sooner when woken) until cancelled."""
+        while True:
+            try:
+                await self.reconcile_once()
+            except ProxyError as exc:
+                self.log.warning("reconcile failed", error=str(exc), transient=exc.transient)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def wake(self) -> None:
+        self._wake.set()

@@ -1,0 +1,49 @@
+"""``broker status``: the live sessions as a table (or JSON)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+COLUMNS = [
+    ("USER", "user"), ("SERVER", "server_name"), ("JOB", "job_id"), ("NODE", "node"),
+    ("PORT", "port"), ("STATE", "state"), ("AGENT", "agent_connected"), ("SINCE", "connected_at"),
+    ("IN", "bytes_in"), ("OUT", "bytes_out"), ("HEARTBEAT", "last_heartbeat"), ("WALLTIME", "walltime_warning"),
+]
+
+
+def _fmt_time(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    t = _dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    return f"{t} ({int(now - ts)}s ago)"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cell(key: str, s: dict[str, Any], now: float) -> str:
+    v = s.get(key)
+    if key in ("connected_at", "last_heartbeat"):
+        return _fmt_time(v, now)
+    if key in ("bytes_in", "bytes_out"):
+        return _fmt_bytes(v or 0)
+    if key == "agent_connected":
+        return "up" if v else "down"
+    text = "-" if v in (None, "") else str(v)
+    # never let a hostile name break the table
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def render_table(sessions: list[dict[str, Any]], now: float) -> str:
+    rows = [[h for h, _ in COLUMNS]] + [[_cell(k, s, now) for _, k in COLUMNS] for s in sessions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if not sessions:
+        lines.append("(no live sessions)")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Hub-side listeners: one per session, owned by the broker, carried over the agent's tunnel.
+
+A session's listener is bound on 127.0.0.1 at the session's stable port when the session is
+created (or when the broker restarts) and lives until the session closes. It does not depend
+on the agent being connected: a hub-side connection that arrives while the agent is
+(re)connecting waits up to ``wait_timeout`` seconds for the tunnel, then is closed.
+
+When the agent's remote-forward request is granted, the SSH server *attaches* a
+:class:`Tunnel` (the agent's SSH connection and the forward it asked for); each accepted
+connection then opens one ``forwarded-tcpip`` channel on it. Reading from the hub-side socket
+is paused until the channel is open, and asyncssh's window flow control pauses it whenever
+the agent is slower than the hub side, so memory stays bounded per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from typing import Any
+
+import asyncssh
+from asyncssh.forward import SSHForwarder
+
+
+@dataclasses.dataclass(eq=False)
+class Tunnel:
+    """A live agent connection able to carry this session's hub-side connections."""
+
+    conn: asyncssh.SSHServerConnection
+    remote_host: str  # the listen address the agent asked for (what it expects back)
+    remote_port: int  # the port the broker granted (the session's port)
+
+
+class _HubSideConnection(SSHForwarder):
+    """One TCP connection accepted on a session listener (from CHP or the hub)."""
+
+    def __init__(self, listener: "SessionListener"):
+        super().__init__()
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self._listener.spawn(self._forward(peer[0], peer[1]))
+
+    async def _forward(self, orig_host: str, orig_port: int) -> None:
+        tunnel = await self._listener.wait_for_tunnel()
+        if tunnel is None or self._transport is None:
+            self.close()
+            return
+        try:
+            await tunnel.conn.create_connection(
+                lambda: SSHForwarder(self), tunnel.remote_host, tunnel.remote_port, orig_host, orig_port
+            )
+        except (asyncssh.Error, OSError):
+            self.close()
+            return
+        if self._transport is None:  # hub side went away meanwhile
+            self.close()
+            return
+        if self._eof_received and self._peer:
+            self._peer.write_eof()
+        self._transport.resume_reading()
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        self._listener.bytes_in += len(data)
+        super().data_received(data, datatype)
+
+    def write(self, data: bytes) -> None:
+        self._listener.bytes_out += len(data)
+        super().write(data)
+
+
+class SessionListener:
+    """The hub-side listener of one session at 127.0.0.1:port."""
+
+    def __init__(self, session_id: str, wait_timeout: float = 10.0):
+        self.session_id = session_id
+        self.wait_timeout = wait_timeout
+        self.port = 0
+        self.bytes_in = 0  # hub → agent
+        self.bytes_out = 0  # agent → hub
+        self._server: asyncio.base_events.Server | None = None
+        self._tunnel: Tunnel | None = None
+        self._attached = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, port: int = 0) -> int:
+        """Bind 127.0.0.1:*port* (0 = pick one) and start accepting; returns the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HubSideConnection(self), "127.0.0.1", port, reuse_address=True, family=socket.AF_INET
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    @property
+    def tunnel(self) -> Tunnel | None:
+        return self._tunnel
+
+    def attach(self, tunnel: Tunnel) -> None:
+        """Route new hub-side connections through *tunnel* (replacing any previous one)."""
+        self._tunnel = tunnel
+        self._attached.set()
+
+    def detach(self, tunnel: Tunnel) -> None:
+        """Forget *tunnel* if it is the current one (a stale detach is ignored)."""
+        if self._tunnel is tunnel:
+            self._tunnel = None
+            self._attached.clear()
+
+    async def wait_for_tunnel(self) -> Tunnel | None:
+        if self._tunnel is None:
+            try:
+                await asyncio.wait_for(self._attached.wait(), self.wait_timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self._tunnel
+
+    def take_counts(self) -> tuple[int, int]:
+        """Return and reset the (bytes_in, bytes_out) counters since the last call."""
+        counts = (self.bytes_in, self.bytes_out)
+        self.bytes_in = self.bytes_out = 0
+        return counts
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop listening, drop the tunnel and cancel pending forwards; idempotent."""
+        self._tunnel = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class TunnelAttachment(asyncssh.SSHListener):
+    """What the SSH server hands asyncssh for a granted remote forward.
+
+    asyncssh reports :meth:`get_port` to the agent and calls :meth:`close` when the forward
+    is cancelled or the connection ends; the broker-owned listener itself stays up.
+    """
+
+    def __init__(self, listener: SessionListener, tunnel: Tunnel):
+        super().__init__()
+        self._listener = listener
+        self._tunnel = tunnel
+        listener.attach(tunnel)
+
+    def get_port(self) -> int:
+        return self._listener.port
+
+    def close(self) -> None:
+        self._listener.detach(self._tunnel)
+
+    async def wait_closed(self) -> None:
+        return None

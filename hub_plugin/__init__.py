@@ -1,0 +1,1 @@
+"""JupyterHub spawners (built on batchspawner) that start notebooks through the broker."""

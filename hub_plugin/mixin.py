@@ -1,0 +1,242 @@
+"""The broker flow for any batchspawner class.
+
+``class MySpawner(BrokerSpawnerMixin, SomeBatchSpawner)`` keeps the batch system's submit,
+query and cancel, and replaces how the server is found:
+
+1. ``start()`` registers a session with the broker (user, server, routespec) and receives a
+   one-time enrolment secret plus the broker's SSH address and host key;
+2. it submits the job; the secret and the broker settings travel in the job's environment
+   (``get_env``), never in the script text, on a command line or in a log;
+3. it waits for the broker's ``ready`` event (long-poll, no hostname parsing, no
+   ``/etc/hosts``), checking the job between waits so a job that dies fails the spawn at
+   once, and returns the broker's hub-side address for the session.
+
+``poll()`` returns None while the job runs and the session is live, and an exit status
+otherwise (closing the session so no stale route remains). ``stop()`` cancels the job and
+closes the session. ``get_state``/``load_state`` keep ``job_id`` and ``session_id`` so a
+restarted hub picks running servers up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from typing import Any, AsyncIterator
+
+from batchspawner.batchspawner import JobStatus, format_template
+from traitlets import Float, Unicode, default
+
+from broker.client import BrokerClient, BrokerError
+
+ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
+
+
+class BrokerSpawnerMixin:
+    """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
+
+    broker_url = Unicode(
+        help="URL of the broker's REST API, e.g. http://127.0.0.1:8091 or unix:/run/broker/api.sock (env BROKER_API_URL)."
+    ).tag(config=True)
+    broker_token = Unicode(help="Bearer token of the broker's REST API (env BROKER_API_TOKEN).").tag(config=True)
+    agent_command = Unicode(
+        "node-agent run --",
+        help="Command in the batch script that starts the node agent; the server command follows it.",
+    ).tag(config=True)
+    broker_wait_interval = Float(
+        2.0, help="Seconds per long-poll to the broker while starting; the job is checked between polls."
+    ).tag(config=True)
+
+    session_id = Unicode("")
+
+    @default("broker_url")
+    def _broker_url_default(self) -> str:
+        return os.environ.get("BROKER_API_URL", "")
+
+    @default("broker_token")
+    def _broker_token_default(self) -> str:
+        return os.environ.get("BROKER_API_TOKEN", "")
+
+    # -- plumbing ------------------------------------------------------------------------
+    _clients: dict[tuple[str, str], BrokerClient] = {}
+
+    @property
+    def broker(self) -> BrokerClient:
+        """One client per (url, token) shared by all spawners of this hub."""
+        key = (self.broker_url, self.broker_token)
+        if not self.broker_url or not self.broker_token:
+            raise RuntimeError(f"{type(self).__name__}.broker_url and .broker_token must be set")
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = BrokerClient(*key)
+        return client
+
+    def _event(self, message: str, progress: int | None = None) -> None:
+        ev: dict[str, Any] = {"message": message}
+        if progress is not None:
+            ev["progress"] = progress
+        self._progress_events.append(ev)
+        self._progress_changed.set()
+        self.log.info("%s: %s", self._log_name, message)
+
+    @property
+    def _log_name(self) -> str:
+        return f"{self.user.name}{'/' + self.name if self.name else ''}"
+
+    def _reset_progress(self) -> None:
+        self._progress_events: list[dict[str, Any]] = []
+        self._progress_changed = asyncio.Event()
+
+    # -- batch script --------------------------------------------------------------------
+    def cmd_formatted_for_batch(self) -> str:
+        """The agent followed by the server command, each word shell-quoted."""
+        words = [*shlex.split(self.agent_command), *self.cmd, *self.get_args()]
+        return " ".join(shlex.quote(w) for w in words)
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        env.update(getattr(self, "_broker_env", {}))
+        env.setdefault("PATH", os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
+        return env
+
+    async def submit_batch_script(self) -> str:
+        """Submit like batchspawner does, minus its logging of the environment and script."""
+        subvars = self.get_req_subvars()
+        cmd = " ".join((format_template(self.exec_prefix, **subvars), format_template(self.batch_submit_cmd, **subvars)))
+        subvars["cmd"] = self.cmd_formatted_for_batch()
+        if getattr(self, "user_options", None):
+            subvars.update(self.user_options)
+        script = await self._get_batch_script(**subvars)
+        self.log.info("%s: submitting job: %s", self._log_name, cmd)
+        out = await self.run_command(cmd, input=script, env=self.get_env())
+        self.job_id = self.parse_job_id(out) if out else ""
+        return self.job_id
+
+    # -- spawner API ---------------------------------------------------------------------
+    async def start(self) -> str:
+        self._reset_progress()
+        self.job_id = ""
+        self.job_status = ""
+        self._event("Registering the session with the broker", 5)
+        try:
+            session = await self.broker.create_session(self.user.name, self.name or "", self.proxy_spec)
+        except BrokerError as e:
+            raise RuntimeError(f"The broker did not accept the session: {e.message}") from None
+        self.session_id = session["id"]
+        ssh = session["ssh"]
+        self._broker_env = {
+            "BROKER_SSH_HOST": ssh["host"],
+            "BROKER_SSH_PORT": str(ssh["port"]),
+            "BROKER_HOST_KEY": ssh["host_key"],
+            "BROKER_SESSION_ID": session["id"],
+            "BROKER_ENROL_SECRET": session.pop("secret"),
+        }
+        try:
+            self._event("Submitting the batch job", 10)
+            job_id = await self.submit_batch_script()
+            if not job_id:
+                raise RuntimeError("The batch system did not return a job id")
+            await self.broker.update_session(self.session_id, job_id=job_id)
+            self._event(f"Job {job_id} submitted", 20)
+        except Exception:
+            await self._close_session("submit failed")
+            raise
+        finally:
+            self._broker_env = {}  # the secret lives only in the submitted job from here on
+        target = await self._wait_ready()
+        self.db.commit() if hasattr(self, "db") and self.db is not None else None
+        return target
+
+    async def _wait_ready(self) -> str:
+        seen_running = seen_connected = False
+        started = time.monotonic()
+        while True:
+            s = await self.broker.wait_session(self.session_id, "ready", self.broker_wait_interval)
+            if s["state"] == "ready":
+                self._event(f"Server ready after {time.monotonic() - started:.1f}s", 100)
+                return s["target"]
+            if s["state"] == "closed":
+                raise RuntimeError(f"The session ended before the server was ready: {s.get('end_reason')}")
+            if s["state"] == "connected" and not seen_connected:
+                seen_connected = True
+                self._event(f"Tunnel connected from {s.get('node') or 'the node'}; starting Jupyter", 70)
+            status = await self.query_job_status()
+            if status == JobStatus.PENDING:
+                pass
+            elif status == JobStatus.RUNNING:
+                if not seen_running:
+                    seen_running = True
+                    host = ""
+                    try:
+                        host = self.state_gethost() or ""
+                    except Exception:
+                        pass
+                    self._event(f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
+            elif status != JobStatus.UNKNOWN:
+                await self._close_session("job ended before the server was ready")
+                raise RuntimeError(f"Job {self.job_id} ended before the server was ready. {self.job_status[-500:]}")
+
+    async def _close_session(self, reason: str) -> None:
+        if not self.session_id:
+            return
+        try:
+            await self.broker.close_session(self.session_id, reason)
+        except BrokerError as e:
+            if e.status != 404:
+                self.log.warning("%s: could not close broker session: %s", self._log_name, e)
+
+    async def poll(self) -> int | None:
+        if not self.job_id and not self.session_id:
+            return 0
+        if self.session_id:
+            try:
+                s = await self.broker.get_session(self.session_id)
+            except BrokerError as e:
+                if e.status != 404:
+                    raise  # transient: let the hub retry rather than declaring the server dead
+                s = {"state": "closed", "exit_status": None}
+            if s["state"] == "closed":
+                if self.job_id:
+                    status = await self.query_job_status()
+                    if status in ALIVE:
+                        await self.cancel_batch_job()
+                code = s.get("exit_status")
+                self.clear_state()
+                return code if isinstance(code, int) and code != 0 else 1 if code is None else 0
+        status = await self.query_job_status()
+        if status in ALIVE:
+            return None
+        await self._close_session(f"job {self.job_id} ended")
+        self.clear_state()
+        return 1
+
+    async def stop(self, now: bool = False) -> None:
+        if self.job_id:
+            await super().stop(now=now)
+        await self._close_session("stopped by the hub")
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        if not hasattr(self, "_progress_events"):
+            self._reset_progress()
+        sent = 0
+        while True:
+            while sent < len(self._progress_events):
+                yield self._progress_events[sent]
+                sent += 1
+            self._progress_changed.clear()
+            await self._progress_changed.wait()
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.session_id:
+            state["session_id"] = self.session_id
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.session_id = state.get("session_id", "")
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.session_id = ""

@@ -1,0 +1,62 @@
+"""Broker-enabled spawners: the embedded local backend and every batchspawner backend.
+
+Use in ``jupyterhub_config.py``::
+
+    c.JupyterHub.spawner_class = "hub_plugin.spawners.LocalBrokerSpawner"   # one machine
+    c.JupyterHub.spawner_class = "hub_plugin.spawners.SlurmBrokerSpawner"   # Slurm
+
+Each class keeps its backend's ``req_*`` options (documented by batchspawner) and adds the
+broker options of :class:`~hub_plugin.mixin.BrokerSpawnerMixin`.
+"""
+
+from __future__ import annotations
+
+from batchspawner import (
+    CondorSpawner,
+    GridengineSpawner,
+    LsfSpawner,
+    MoabSpawner,
+    MultiSlurmSpawner,
+    PBSSpawner,
+    SlurmSpawner,
+    TorqueSpawner,
+)
+
+from .local import LocalBatchSpawner
+from .mixin import BrokerSpawnerMixin
+
+
+class LocalBrokerSpawner(BrokerSpawnerMixin, LocalBatchSpawner):
+    """Runs the job script as a local process (the embedded default; demo and tests)."""
+
+
+class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
+    """Slurm through the broker."""
+
+
+class MultiSlurmBrokerSpawner(BrokerSpawnerMixin, MultiSlurmSpawner):
+    """Slurm (multi-cluster) through the broker."""
+
+
+class TorqueBrokerSpawner(BrokerSpawnerMixin, TorqueSpawner):
+    """Torque through the broker."""
+
+
+class MoabBrokerSpawner(BrokerSpawnerMixin, MoabSpawner):
+    """Moab through the broker."""
+
+
+class PBSBrokerSpawner(BrokerSpawnerMixin, PBSSpawner):
+    """PBS through the broker."""
+
+
+class GridEngineBrokerSpawner(BrokerSpawnerMixin, GridengineSpawner):
+    """Grid Engine through the broker."""
+
+
+class CondorBrokerSpawner(BrokerSpawnerMixin, CondorSpawner):
+    """HTCondor through the broker."""
+
+
+class LsfBrokerSpawner(BrokerSpawnerMixin, LsfSpawner):
+    """LSF through the broker."""

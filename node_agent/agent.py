@@ -1,0 +1,269 @@
+"""``node-agent run``: connect out to the broker, supervise the notebook server, carry its traffic.
+
+Sequence (DESIGN.md steps 4-5):
+
+1. Generate an ephemeral SSH key; connect to the broker with its host key pinned; enrol with
+   the one-time secret (spent by the broker) — reconnects authenticate with the key only.
+2. Ask for the one remote forward (``127.0.0.1``, port 0: the broker picks the session's port);
+   hub-side connections arrive as channels and are connected to the server's unix socket.
+3. Open a node-local listener on ``127.0.0.1:0`` that relays to the hub API through the tunnel
+   (direct channel), and point ``JUPYTERHUB_API_URL`` at it.
+4. Start ``jupyterhub-singleuser`` on a unix socket in a fresh 0700 directory; report ``ready``
+   on the control channel only once the server answers HTTP.
+5. Heartbeat; on a lost connection reconnect with capped, jittered backoff while the server
+   keeps running; on SIGTERM/SIGINT pass the signal on; exit with the server's exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import asyncssh
+
+from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
+from broker.tunnel import SessionListener, Tunnel  # asyncssh-only module
+
+from .backoff import Backoff
+from .probe import http_status_over_unix
+from .settings import Settings
+
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
+#: Environment variables the notebook server must not inherit.
+PRIVATE_VARS = ("BROKER_ENROL_SECRET", "BROKER_HOST_KEY", "BROKER_SESSION_ID", "BROKER_SSH_HOST", "BROKER_SSH_PORT")
+
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_REFUSED = 77  # EX_NOPERM: the broker refused us (spent/closed session)
+
+
+def log(msg: str, **fields: Any) -> None:
+    """One line to stderr (ends up in the job's output): never environments or secrets."""
+    extra = " ".join(f"{k}={json.dumps(v, ensure_ascii=True)}" for k, v in fields.items())
+    print(f"node-agent: {msg} {extra}".rstrip(), file=sys.stderr, flush=True)
+
+
+class Refused(Exception):
+    """The broker refused this agent for good (not a transient error)."""
+
+
+class _Control(asyncssh.SSHTCPSession[bytes]):
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        pass  # acks are informational
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.chan is not None:
+            self.chan.write(json.dumps(msg).encode() + b"\n")
+
+
+def rewrite_url_port(url: str, host: str, port: int) -> str:
+    u = urlparse(url)
+    return urlunparse(u._replace(netloc=f"{host}:{port}"))
+
+
+class Agent:
+    def __init__(self, settings: Settings, cmd: list[str]):
+        self.s = settings
+        self.cmd = cmd
+        self.key = asyncssh.generate_private_key("ssh-ed25519")
+        self.enrolled = False
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.control: _Control | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.sock_dir = ""
+        self.sock_path = ""
+        self.hub_relay = SessionListener("hub-api", wait_timeout=30.0)
+        self._lost = asyncio.Event()
+
+    # -- broker connection ---------------------------------------------------------------
+    async def connect(self) -> None:
+        """One connection attempt: login, forward, control channel, hello (+ ready if ready)."""
+        try:
+            host_key = asyncssh.import_public_key(self.s.host_key)
+        except (asyncssh.KeyImportError, ValueError):
+            raise Refused("BROKER_HOST_KEY: not an OpenSSH public key") from None
+        opts: dict[str, Any] = dict(
+            username=self.s.session_id, known_hosts=([host_key], [], []), encryption_algs=ENCRYPTION_ALGS,
+            keepalive_interval=self.s.keepalive, keepalive_count_max=3, agent_path=None, config=None,
+            connect_timeout=30,
+        )
+        if self.enrolled:
+            opts.update(client_keys=[self.key], preferred_auth="publickey", password=None)
+        else:
+            pub = " ".join(self.key.export_public_key("openssh").decode().split()[:2])
+            opts.update(client_keys=None, preferred_auth="password", password=f"enrol {self.s.enrol_secret} {pub}")
+        try:
+            conn = await asyncssh.connect(self.s.ssh_host, self.s.ssh_port, **opts)
+        except asyncssh.PermissionDenied:
+            raise Refused("the broker refused authentication (secret spent or expired, or session closed)") from None
+        except asyncssh.HostKeyNotVerifiable:
+            raise Refused("the broker's host key does not match BROKER_HOST_KEY (possible impostor)") from None
+        if not self.enrolled:
+            self.enrolled = True
+            self.s.enrol_secret = ""  # spent: forget it
+        self.conn = conn
+        try:
+            listener = await conn.forward_remote_port_to_path("127.0.0.1", 0, self.sock_path)
+            _, self.control = await conn.create_connection(_Control, CONTROL_HOST, CONTROL_PORT)
+        except (asyncssh.Error, OSError) as exc:
+            conn.close()
+            raise ConnectionError(f"broker refused the tunnel: {exc}") from None
+        hub_host, hub_port = self.s.hub_api_address
+        self.hub_relay.attach(Tunnel(conn, hub_host, hub_port))  # type: ignore[arg-type]
+        self.control.send({"type": "hello", "node": self.s.node, "job_id": self.s.job_id, "pid": os.getpid()})
+        if self.ready:
+            self.control.send({"type": "ready"})
+        log("connected to broker", hub_port=listener.get_port())
+        self._lost.clear()
+        asyncio.get_running_loop().create_task(self._watch(conn))
+
+    async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
+        await conn.wait_closed()
+        if self.conn is conn:
+            self.conn = None
+            self.control = None
+            self._lost.set()
+
+    async def connect_with_retry(self, backoff: Backoff) -> None:
+        while True:
+            try:
+                await self.connect()
+                backoff.reset()
+                return
+            except Refused:
+                raise
+            except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log("broker unreachable; retrying", error=str(exc)[:200], delay=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    # -- notebook server -----------------------------------------------------------------
+    def server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARS}
+        local = f"http://127.0.0.1:{self.hub_relay.port}"
+        env["JUPYTERHUB_API_URL"] = rewrite_url_port(self.s.hub_api_url, "127.0.0.1", self.hub_relay.port)
+        if env.get("JUPYTERHUB_ACTIVITY_URL"):
+            env["JUPYTERHUB_ACTIVITY_URL"] = rewrite_url_port(env["JUPYTERHUB_ACTIVITY_URL"], "127.0.0.1", self.hub_relay.port)
+        if env.get("JUPYTERHUB_SERVICE_URL"):
+            # jupyter_server refuses --sock together with a non-default port (see environment notes)
+            env["JUPYTERHUB_SERVICE_URL"] = rewrite_url_port(env["JUPYTERHUB_SERVICE_URL"], "127.0.0.1", 8888)
+        env.setdefault("JUPYTERHUB_SERVICE_PREFIX", "/")
+        del local
+        return env
+
+    async def start_server(self) -> None:
+        argv = [*self.cmd, f"--ServerApp.sock={self.sock_path}", "--ServerApp.sock_mode=0600"]
+        self.proc = await asyncio.create_subprocess_exec(*argv, env=self.server_env(), stdin=asyncio.subprocess.DEVNULL)
+        log("server started", pid=self.proc.pid)
+
+    async def wait_server_ready(self) -> bool:
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+        if not prefix.endswith("/"):
+            prefix += "/"
+        deadline = time.monotonic() + self.s.ready_timeout
+        delay = 0.05
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                return False
+            status = await http_status_over_unix(self.sock_path, prefix + "api")
+            if status is not None and status < 500:
+                return True
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        return False
+
+    # -- main ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        os.makedirs(self.s.runtime_dir, exist_ok=True)
+        self.sock_dir = tempfile.mkdtemp(prefix="node-agent-", dir=self.s.runtime_dir)
+        os.chmod(self.sock_dir, 0o700)
+        self.sock_path = os.path.join(self.sock_dir, "server.sock")
+        await self.hub_relay.start(0)
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(cap=self.s.reconnect_cap)
+        try:
+            await self.connect_with_retry(backoff)
+        except Refused as exc:
+            log(f"giving up: {exc}")
+            return EXIT_REFUSED
+        await self.start_server()
+        assert self.proc is not None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._forward_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, self._walltime_warning)
+        if await self.wait_server_ready():
+            self.ready = True
+            if self.control is not None:
+                self.control.send({"type": "ready"})
+            log("server ready")
+        supervisor = loop.create_task(self._supervise(backoff))
+        try:
+            status = await self.proc.wait()
+        finally:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        log("server exited", status=status)
+        if self.control is not None:
+            self.control.send({"type": "exit", "status": status})
+            await asyncio.sleep(0.2)
+        if self.conn is not None:
+            self.conn.close()
+        await self.hub_relay.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        return status if status >= 0 else 128 - status
+
+    async def _supervise(self, backoff: Backoff) -> None:
+        """Heartbeat while connected; reconnect when the connection is lost."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.s.heartbeat)
+            except asyncio.TimeoutError:
+                if self.control is not None:
+                    self.control.send({"type": "heartbeat"})
+                continue
+            log("connection to broker lost; reconnecting")
+            try:
+                await self.connect_with_retry(backoff)
+            except Refused as exc:
+                log(f"broker refused reconnect, stopping server: {exc}")
+                self._forward_signal(signal.SIGTERM)
+                return
+
+    def _forward_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            log("passing signal to server", signal=signal.Signals(sig).name)
+            self.proc.send_signal(sig)
+
+    def _walltime_warning(self) -> None:
+        log("walltime warning received")
+        if self.control is not None:
+            self.control.send({"type": "walltime", "message": "the job is close to its time limit"})
+
+
+def run(cmd: list[str]) -> int:
+    from .settings import SettingsError
+
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        log(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    if not cmd:
+        log("configuration error: no server command given (node-agent run -- CMD ...)")
+        return EXIT_CONFIG
+    return asyncio.run(Agent(settings, cmd).run())
