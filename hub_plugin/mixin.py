@@ -26,14 +26,14 @@ import time
 from typing import Any, AsyncIterator
 
 from batchspawner.batchspawner import JobStatus, format_template
-from traitlets import Float, Unicode, default
+from traitlets import Float, HasTraits, Unicode, default
 
 from broker.client import BrokerClient, BrokerError
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
 
 
-class BrokerSpawnerMixin:
+class BrokerSpawnerMixin(HasTraits):
     """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
 
     broker_url = Unicode(
