@@ -1,0 +1,348 @@
+"""Broker + agent-side SSH over real SSH connections on 127.0.0.1 (component layer).
+
+The broker runs in-process (real asyncssh server, real SQLite store, real listeners). The
+"agent" here is a raw asyncssh client so each test can behave like an attacker. Behind the
+tunnel a tiny HTTP server on a unix socket stands in for jupyterhub-singleuser (the real one
+runs in the end-to-end tests); the "hub API" is a real TCP echo server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.request
+
+import aiohttp
+import asyncssh
+import pytest
+import pytest_asyncio
+
+from broker.core import Broker
+from broker.policy import CONTROL_HOST, CONTROL_PORT
+from broker.proxy import ChpClient
+from broker.store import SessionStore
+from jupyterhub.utils import url_escape_path
+
+from conftest import Chp
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _unix_http_server(path: str) -> asyncio.base_events.Server:
+    """Answers every request with 200 and the request path as the body."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            target = line.split()[1] if len(line.split()) > 1 else b"/"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(target), target))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    return await asyncio.start_unix_server(handle, path)
+
+
+async def _echo_server() -> asyncio.base_events.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(1024)
+        writer.write(b"hub-api:" + data)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+class Harness:
+    def __init__(self, broker: Broker, tmp: str):
+        self.broker = broker
+        self.tmp = tmp
+
+    async def session(self, user: str = "zoe", routespec: str | None = None):
+        return await self.broker.create_session(user, "", routespec or f"/user/{url_escape_path(user)}/")
+
+    def _opts(self, **kw):
+        host_key = self.broker.host_key.convert_to_public()
+        return dict(known_hosts=([host_key], [], []), agent_path=None, config=None, **kw)
+
+    async def enrol(self, session_id: str, secret: str, key: asyncssh.SSHKey | None = None):
+        key = key or asyncssh.generate_private_key("ssh-ed25519")
+        pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
+        conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
+                                      password=f"enrol {secret} {pub}", client_keys=None,
+                                      preferred_auth="password", **self._opts())
+        return conn, key
+
+    async def reconnect(self, session_id: str, key: asyncssh.SSHKey):
+        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
+                                      client_keys=[key], preferred_auth="publickey", **self._opts())
+
+    async def serve_unix(self, name: str) -> str:
+        path = os.path.join(self.tmp, f"{name}.sock")
+        self.servers.append(await _unix_http_server(path))
+        return path
+
+    servers: list = []
+
+
+@pytest_asyncio.fixture
+async def harness(tmp_path):
+    echo = await _echo_server()
+    store = SessionStore(str(tmp_path / "broker.sqlite"))
+    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
+                    hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=None,
+                    keepalive_interval=0, login_timeout=10)
+    await broker.start()
+    h = Harness(broker, str(tmp_path))
+    h.servers = []
+    h.hub_api_port = echo.sockets[0].getsockname()[1]
+    yield h
+    await broker.stop()
+    for s in h.servers:
+        s.close()
+    echo.close()
+    store.close()
+
+
+async def _http_get(port: int, path: str = "/x") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_enrolled_agent_carries_hub_side_traffic_and_hub_api(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    sock = await harness.serve_unix("nb")
+    listener = await conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
+    assert listener.get_port() == session.port  # the broker chose the port, not the agent
+    status, body = await _http_get(session.port, "/user/zoe/api")
+    assert (status, body) == (200, b"/user/zoe/api")
+    reader, writer = await conn.open_connection("127.0.0.1", harness.hub_api_port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:ping"
+    assert harness.broker.get(session.id).state == "connected"
+    conn.close()
+
+
+async def test_wrong_secret_refused(harness):
+    session, _ = await harness.session()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.enrol(session.id, "not-the-secret")
+    assert harness.broker.get(session.id).secret_spent_at is None  # a failed try spends nothing
+
+
+async def test_spent_secret_refused(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    conn.close()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.enrol(session.id, secret)
+
+
+async def test_expired_secret_refused(harness):
+    harness.broker.enrol_ttl = 0.2
+    session, secret = await harness.session()
+    await asyncio.sleep(0.4)
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.enrol(session.id, secret)
+
+
+async def test_secret_of_one_session_cannot_enrol_another(harness):
+    a, secret_a = await harness.session("zoe")
+    b, _ = await harness.session("50fia")
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.enrol(b.id, secret_a)
+
+
+async def test_key_of_one_session_cannot_serve_another(harness):
+    a, secret_a = await harness.session("zoe")
+    b, secret_b = await harness.session("50fia")
+    conn_a, key_a = await harness.enrol(a.id, secret_a)
+    conn_b, key_b = await harness.enrol(b.id, secret_b)
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.reconnect(b.id, key_a)
+    again = await harness.reconnect(a.id, key_a)  # its own session: fine
+    again.close()
+    for c in (conn_a, conn_b):
+        c.close()
+
+
+async def test_no_credentials_refused(harness):
+    session, _ = await harness.session()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect("127.0.0.1", harness.broker.ssh_port, username=session.id, client_keys=None,
+                               password=None, **harness._opts())
+
+
+@pytest.mark.parametrize("host,port", [("127.0.0.1", 8083), ("0.0.0.0", 0), ("", 0), ("::", 0), ("10.0.0.1", 0)])
+async def test_out_of_policy_remote_forward_refused(harness, host, port):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_port(host, port, "127.0.0.1", 9)
+    conn.close()
+
+
+async def test_second_remote_forward_refused(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_port("localhost", 0, "127.0.0.1", 9)
+    conn.close()
+
+
+@pytest.mark.parametrize("dest", ["other-port", ("127.0.0.2", None), ("example.invalid", 80), ("localhost", None)])
+async def test_direct_channel_elsewhere_than_hub_api_refused(harness, dest):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    if dest == "other-port":
+        host, port = "127.0.0.1", harness.broker.ssh_port  # e.g. the broker's own SSH port
+    else:
+        host, port = dest[0], dest[1] or harness.hub_api_port
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_connection(host, port)
+    conn.close()
+
+
+async def test_exec_shell_subsystem_refused(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.run("id")
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.create_process()  # interactive shell
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.start_sftp_client()
+    conn.close()
+
+
+async def test_unix_socket_forwards_refused(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_path(os.path.join(harness.tmp, "x.sock"), "/tmp/y.sock")
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_unix_connection("/run/munge/munge.socket.2")
+    conn.close()
+
+
+async def test_garbage_on_control_channel_closes_only_that_connection(harness):
+    a, secret_a = await harness.session("zoe")
+    b, secret_b = await harness.session("50fia")
+    conn_a, _ = await harness.enrol(a.id, secret_a)
+    conn_b, _ = await harness.enrol(b.id, secret_b)
+    sock_b = await harness.serve_unix("b")
+    await conn_b.forward_remote_port_to_path("127.0.0.1", 0, sock_b)
+    _, writer = await conn_a.open_connection(CONTROL_HOST, CONTROL_PORT)
+    writer.write(b"\xff\xfe not json at all\n")
+    await asyncio.wait_for(conn_a.wait_closed(), 5)
+    status, _ = await _http_get(b.port)
+    assert status == 200
+    assert harness.broker.get(b.id).agent_connected
+    conn_b.close()
+
+
+async def test_ready_before_tunnel_is_refused(harness):
+    session, secret = await harness.session()
+    conn, _ = await harness.enrol(session.id, secret)
+    _, writer = await conn.open_connection(CONTROL_HOST, CONTROL_PORT)
+    writer.write(b'{"type": "ready"}\n')
+    await asyncio.wait_for(conn.wait_closed(), 5)
+    assert harness.broker.get(session.id).state == "connected"
+
+
+async def test_closed_session_refuses_reconnect_and_frees_port(harness):
+    session, secret = await harness.session()
+    conn, key = await harness.enrol(session.id, secret)
+    await harness.broker.close_session(session.id, "test")
+    await asyncio.wait_for(conn.wait_closed(), 5)
+    with pytest.raises(asyncssh.PermissionDenied):
+        await harness.reconnect(session.id, key)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", session.port)
+
+
+async def test_port_is_stable_across_agent_reconnects(harness):
+    session, secret = await harness.session()
+    sock = await harness.serve_unix("nb")
+    conn, key = await harness.enrol(session.id, secret)
+    l1 = await conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
+    conn.close()
+    await conn.wait_closed()
+    conn2 = await harness.reconnect(session.id, key)
+    l2 = await conn2.forward_remote_port_to_path("127.0.0.1", 0, sock)
+    assert l1.get_port() == l2.get_port() == session.port
+    assert (await _http_get(session.port))[0] == 200
+    conn2.close()
+
+
+async def test_hub_side_connection_waits_for_a_reconnecting_agent(harness):
+    session, secret = await harness.session()
+    sock = await harness.serve_unix("nb")
+    conn, key = await harness.enrol(session.id, secret)
+    conn.close()
+    await conn.wait_closed()
+    pending = asyncio.ensure_future(_http_get(session.port, "/during-reconnect"))
+    await asyncio.sleep(0.3)
+    conn2 = await harness.reconnect(session.id, key)
+    await conn2.forward_remote_port_to_path("127.0.0.1", 0, sock)
+    assert await asyncio.wait_for(pending, 10) == (200, b"/during-reconnect")
+    conn2.close()
+
+
+USERNAMES = ["zoe", "50fia", "秀樹", "~TestJH", "has@"]
+
+
+async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
+    """Each name: a session, an agent tunnel, a CHP route published by the broker, a GET through CHP."""
+    proxy = Chp().start()
+    echo = await _echo_server()
+    store = SessionStore(str(tmp_path / "b.sqlite"))
+    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
+                    hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=ChpClient(proxy.api_url, proxy.token),
+                    keepalive_interval=0, reconcile_interval=0.5)
+    await broker.start()
+    h = Harness(broker, str(tmp_path))
+    h.servers = []
+    conns = []
+    try:
+        for name in USERNAMES:
+            routespec = f"/user/{url_escape_path(name)}/"
+            session, secret = await broker.create_session(name, "", routespec)
+            conn, _ = await h.enrol(session.id, secret)
+            conns.append(conn)
+            sock = await h.serve_unix(f"u{len(conns)}")
+            await conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
+            _, writer = await conn.open_connection(CONTROL_HOST, CONTROL_PORT)
+            writer.write(b'{"type": "ready"}\n')
+            s = await broker.wait_for(session.id, {"ready"}, 10)
+            assert s.state == "ready" and s.user == name
+            async with aiohttp.ClientSession() as http:
+                url = proxy.public_url + routespec + "api/status"
+                async with http.get(url) as resp:
+                    assert resp.status == 200, (name, resp.status)
+                    # CHP passes the path on: the server behind the tunnel saw this user's prefix
+                    assert (await resp.text()).startswith(routespec)
+        routes = json.loads(urllib.request.urlopen(urllib.request.Request(
+            proxy.api_url + "/api/routes", headers={"Authorization": f"token {proxy.token}"})).read())
+        for s in broker.store.list():
+            assert routes[f"/user/{s.user}"]["target"] == s.target
+            assert routes[f"/user/{s.user}"]["user"] == s.user
+    finally:
+        for c in conns:
+            c.close()
+        await broker.stop()
+        for s in h.servers:
+            s.close()
+        echo.close()
+        proxy.stop()
