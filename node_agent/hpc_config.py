@@ -20,6 +20,7 @@ import fnmatch
 import os
 import re
 import string
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -655,7 +656,7 @@ def config_from_dict(data: dict, source: str | None = None) -> HpcConfig:
         errors.append(("storage.home_mode", f"must be an octal mode like '0700', got {mode!r}"))
         home_mode = 0o700
     if get("container.enabled"):
-        if not get("container.image"):
+        if not get("container.image") and "container.image" not in {o for o, _ in errors}:
             errors.append(("container.image",
                            "required when container.enabled is true (or set "
                            "container.enabled = false for no-container mode)"))
@@ -836,7 +837,7 @@ def dump_toml(data: dict[str, dict[str, Any]], header: str = "", comments: bool 
         for name, v in body.items():
             opt = OPTIONS.get(f"{sec}.{name}")
             if comments and opt is not None:
-                lines.append(f"# {_plain(opt.help)}")
+                lines += ["# " + t for t in textwrap.wrap(_plain(opt.help), 96)]
             lines.append(f"{_toml_key(name)} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
 
