@@ -380,10 +380,11 @@ class LoginNodeRunner:
         for attempt in (0, 1):
             conn = await self.connection()
             try:
-                process = await conn.create_process(
-                    _REMOTE_WRAPPER, encoding="utf-8", errors="replace"
+                process = await asyncio.wait_for(
+                    conn.create_process(_REMOTE_WRAPPER, encoding="utf-8", errors="replace"),
+                    self.connect_timeout,
                 )
-            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError) as e:
+            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError, asyncio.TimeoutError) as e:
                 # the command has not started: safe to retry once on a fresh connection
                 if conn is self._conn:
                     self.drop_connection()

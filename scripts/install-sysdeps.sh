@@ -15,3 +15,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Single-node Slurm for the slurm-marked tests (apt packages only; idempotent, quiet).
+# The tests start the daemons themselves (scripts/slurm.sh start) when squeue does not answer.
+bash "$(dirname "$0")/slurm.sh" install
