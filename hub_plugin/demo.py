@@ -91,6 +91,9 @@ class Stack:
         self.public_port = public_port or free_port()
         self.proxy_api_port = free_port()
         self.hub_port = free_port()
+        # fixed for the stack's life: agents and the hub reconnect to them after a broker restart
+        self.ssh_port = free_port()
+        self.broker_api_port = free_port()
         self.password = password or secrets.token_urlsafe(12)
         self.proxy_token = secrets.token_hex(32)
         self.broker_token = secrets.token_hex(32)
@@ -151,7 +154,7 @@ class Stack:
             os.unlink(url_file)
         proc = self._spawn("broker", [
             sys.executable, "-m", "broker.app", "serve",
-            f"--BrokerApp.state_dir={self.broker_state}", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0",
+            f"--BrokerApp.state_dir={self.broker_state}", f"--BrokerApp.ssh_port={self.ssh_port}", f"--BrokerApp.api_port={self.broker_api_port}",
             f"--BrokerApp.proxy_api_url={self.proxy_api_url}", f"--BrokerApp.hub_api_url={self.hub_api_url}",
             f"--BrokerApp.reconcile_interval={self.reconcile_interval}", *self.extra_broker_args,
         ])

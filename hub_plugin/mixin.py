@@ -80,10 +80,6 @@ class BrokerSpawnerMixin(HasTraits):
         self._progress_changed.set()
         self.log.info("%s: %s", self._log_name, message)
 
-    @property
-    def _log_name(self) -> str:
-        return f"{self.user.name}{'/' + self.name if self.name else ''}"
-
     def _reset_progress(self) -> None:
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
@@ -144,9 +140,7 @@ class BrokerSpawnerMixin(HasTraits):
             raise
         finally:
             self._broker_env = {}  # the secret lives only in the submitted job from here on
-        target = await self._wait_ready()
-        self.db.commit() if hasattr(self, "db") and self.db is not None else None
-        return target
+        return await self._wait_ready()
 
     async def _wait_ready(self) -> str:
         seen_running = seen_connected = False
@@ -194,8 +188,11 @@ class BrokerSpawnerMixin(HasTraits):
                 s = await self.broker.get_session(self.session_id)
             except BrokerError as e:
                 if e.status != 404:
-                    raise  # transient: let the hub retry rather than declaring the server dead
-                s = {"state": "closed", "exit_status": None}
+                    # broker down or restarting: the job's state alone decides for now
+                    self.log.warning("%s: broker not answering (%s); judging by the job", self._log_name, e)
+                    s = {"state": "unknown"}
+                else:
+                    s = {"state": "closed", "exit_status": None}
             if s["state"] == "closed":
                 if self.job_id:
                     status = await self.query_job_status()
@@ -212,9 +209,11 @@ class BrokerSpawnerMixin(HasTraits):
         return 1
 
     async def stop(self, now: bool = False) -> None:
+        # Close the session first: the broker stops publishing the route and drops the
+        # tunnel (the agent, refused on reconnect, stops the server), then cancel the job.
+        await self._close_session("stopped by the hub")
         if self.job_id:
             await super().stop(now=now)
-        await self._close_session("stopped by the hub")
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         if not hasattr(self, "_progress_events"):
