@@ -109,7 +109,6 @@ class Broker:
             x11_forwarding=False,
             allow_scp=False,
             allow_pty=False,
-            max_auth_attempts=3,
         )
         self.ssh_port = self._ssh_server.sockets[0].getsockname()[1]
         if self.routes is not None:
