@@ -43,8 +43,8 @@ c.SharedPasswordAuthenticator.user_password = os.environ["DEMO_PASSWORD"]
 c.Authenticator.allow_all = True
 c.JupyterHub.services = [{{"name": "stack-admin", "api_token": os.environ["STACK_ADMIN_TOKEN"]}}]
 c.JupyterHub.load_roles = [{{"name": "admin", "services": ["stack-admin"]}}]
-c.JupyterHub.spawner_class = "hub_plugin.spawners.LocalBrokerSpawner"
-c.LocalBrokerSpawner.broker_url = {broker_url!r}
+c.JupyterHub.spawner_class = {spawner_class!r}
+c.BrokerSpawnerMixin.broker_url = {broker_url!r}
 c.LocalBrokerSpawner.spool_dir = {spool!r}
 c.LocalBrokerSpawner.cancel_grace = 3.0
 c.Spawner.cmd = ["jupyterhub-singleuser"]
@@ -55,6 +55,7 @@ c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
 c.Spawner.poll_interval = {poll_interval}
 c.Spawner.environment = {{"NODE_AGENT_HEARTBEAT": "5"}}
+{extra}
 """
 
 
@@ -85,7 +86,8 @@ class Stack:
 
     def __init__(self, workdir: str, *, public_port: int = 0, password: str | None = None,
                  last_activity_interval: int = 300, poll_interval: int = 10, reconcile_interval: float = 2.0,
-                 extra_broker_args: list[str] | None = None):
+                 extra_broker_args: list[str] | None = None, spawner_class: str = "hub_plugin.spawners.LocalBrokerSpawner",
+                 extra_hub_config: str = "", broker_ssh_host: str = "127.0.0.1"):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self.public_port = public_port or free_port()
@@ -102,6 +104,9 @@ class Stack:
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
         self.extra_broker_args = extra_broker_args or []
+        self.spawner_class = spawner_class
+        self.extra_hub_config = extra_hub_config
+        self.broker_ssh_host = broker_ssh_host
         self.procs: dict[str, subprocess.Popen[Any]] = {}
         self.broker_state = os.path.join(self.workdir, "broker")
         self.broker_url = ""
@@ -154,7 +159,7 @@ class Stack:
             os.unlink(url_file)
         proc = self._spawn("broker", [
             sys.executable, "-m", "broker.app", "serve",
-            f"--BrokerApp.state_dir={self.broker_state}", f"--BrokerApp.ssh_port={self.ssh_port}", f"--BrokerApp.api_port={self.broker_api_port}",
+            f"--BrokerApp.state_dir={self.broker_state}", f"--BrokerApp.ssh_host={self.broker_ssh_host}", f"--BrokerApp.ssh_port={self.ssh_port}", f"--BrokerApp.api_port={self.broker_api_port}",
             f"--BrokerApp.proxy_api_url={self.proxy_api_url}", f"--BrokerApp.hub_api_url={self.hub_api_url}",
             f"--BrokerApp.reconcile_interval={self.reconcile_interval}", *self.extra_broker_args,
         ])
@@ -178,7 +183,7 @@ class Stack:
                 cookie=os.path.join(self.workdir, "jupyterhub_cookie_secret"), pidfile=os.path.join(self.workdir, "jupyterhub.pid"),
                 proxy_api=self.proxy_api_url, broker_url=self.broker_url, spool=os.path.join(self.workdir, "spool"),
                 spawner_args=args, notebooks=notebooks, last_activity_interval=self.last_activity_interval,
-                poll_interval=self.poll_interval))
+                poll_interval=self.poll_interval, spawner_class=self.spawner_class, extra=self.extra_hub_config))
         return path
 
     def start_hub(self) -> None:

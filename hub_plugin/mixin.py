@@ -26,14 +26,17 @@ import time
 from typing import Any, AsyncIterator
 
 from batchspawner.batchspawner import JobStatus, format_template
-from traitlets import Float, HasTraits, Unicode, default
+from traitlets import Float, Unicode, default
+from traitlets.config import LoggingConfigurable
 
 from broker.client import BrokerClient, BrokerError
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
+#: The line ``node-agent launch`` prints when maintenance mode refuses the job.
+MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 
 
-class BrokerSpawnerMixin(HasTraits):
+class BrokerSpawnerMixin(LoggingConfigurable):
     """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
 
     broker_url = Unicode(
@@ -169,7 +172,27 @@ class BrokerSpawnerMixin(HasTraits):
                     self._event(f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
             elif status != JobStatus.UNKNOWN:
                 await self._close_session("job ended before the server was ready")
-                raise RuntimeError(f"Job {self.job_id} ended before the server was ready. {self.job_status[-500:]}")
+                raise RuntimeError(await self.job_failure_message())
+
+    async def job_output_tail(self, max_lines: int = 20) -> str:
+        """The last lines of the job's output, if this backend can read them (else "")."""
+        return ""
+
+    async def job_failure_message(self) -> str:
+        """A message for the user when the job ended before the server was ready.
+
+        A maintenance notice from ``node-agent launch`` is passed on as it is; otherwise the
+        job's last output lines are shown (these never contain secrets: the agent and the
+        launcher do not print environments).
+        """
+        tail = await self.job_output_tail()
+        for line in tail.splitlines():
+            if line.startswith(MAINTENANCE_PREFIX):
+                return line[len(MAINTENANCE_PREFIX):].strip() or "The cluster is in maintenance."
+        msg = f"Job {self.job_id} ended before the server was ready."
+        if tail.strip():
+            msg += " Last lines of the job's output:\n" + tail.strip()[-1500:]
+        return msg
 
     async def _close_session(self, reason: str) -> None:
         if not self.session_id:

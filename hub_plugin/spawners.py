@@ -11,6 +11,8 @@ broker options of :class:`~hub_plugin.mixin.BrokerSpawnerMixin`.
 
 from __future__ import annotations
 
+import os
+
 from batchspawner import (
     CondorSpawner,
     GridengineSpawner,
@@ -28,6 +30,14 @@ from .mixin import BrokerSpawnerMixin
 
 class LocalBrokerSpawner(BrokerSpawnerMixin, LocalBatchSpawner):
     """Runs the job script as a local process (the embedded default; demo and tests)."""
+
+    async def job_output_tail(self, max_lines: int = 20) -> str:
+        path = os.path.join(self.spool_path(), str(self.job_id), "output.log")
+        try:
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-max_lines:])
+        except OSError:
+            return ""
 
 
 class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
