@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs. Idempotent; skips apt when all are present.
 set -euo pipefail
-PKGS=(openssh-server openssh-client iproute2 procps)
+PKGS=(openssh-server openssh-client iproute2 procps e2fsprogs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,8 +12,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Single-node Slurm for the slurm-marked tests (apt packages only; idempotent, quiet).
 # The tests start the daemons themselves (scripts/slurm.sh start) when squeue does not answer.
