@@ -1,0 +1,299 @@
+"""The ``broker`` command line, run as a real subprocess with a clean environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+PY = sys.executable
+TOKEN = "cli-test-token-0123456789abcdef"
+HUB = "http://127.0.0.1:8081/hub/api"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp_path, **extra) -> dict:
+    env = {"PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin", "HOME": str(tmp_path),
+           "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return env
+
+
+def full_env(tmp_path, **over) -> dict:
+    base = {"BROKER_API_TOKEN": TOKEN, "CONFIGPROXY_AUTH_TOKEN": "chp-token", "JUPYTERHUB_API_URL": HUB}
+    base.update(over)
+    return clean_env(tmp_path, **base)
+
+
+def run(tmp_path, args, env, timeout=20) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "broker.app", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- configuration errors -------------------------------------------------------------------
+
+@pytest.mark.parametrize("env_over, args, needle", [
+    ({"BROKER_API_TOKEN": None}, [], "BrokerApp.api_token"),
+    ({"BROKER_API_TOKEN": "short"}, [], "BrokerApp.api_token"),
+    ({"CONFIGPROXY_AUTH_TOKEN": None}, [], "BrokerApp.proxy_auth_token"),
+    ({"JUPYTERHUB_API_URL": None}, [], "BrokerApp.hub_api_url"),
+    ({"JUPYTERHUB_API_URL": "ftp://hub/api"}, [], "BrokerApp.hub_api_url"),
+    ({"JUPYTERHUB_API_URL": "not a url"}, [], "BrokerApp.hub_api_url"),
+    ({}, ["--BrokerApp.hub_api_url=http:///nohost"], "BrokerApp.hub_api_url"),
+    ({}, ["--BrokerApp.proxy_api_url=nope"], "BrokerApp.proxy_api_url"),
+])
+def test_serve_refuses_bad_config_with_exit_2(tmp_path, env_over, args, needle):
+    env = full_env(tmp_path)
+    for k, v in env_over.items():
+        if v is None:
+            env.pop(k)
+        else:
+            env[k] = v
+    r = run(tmp_path, ["serve", *args], env)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "broker-state").exists()  # refused before touching state
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--BrokerApp.log_level=LOUD"], "BrokerApp.log_level"),
+    (["--BrokerApp.ssh_port=70000"], "BrokerApp.ssh_port"),
+    (["--BrokerApp.api_port=-1"], "BrokerApp.api_port"),
+])
+def test_serve_refuses_bad_trait_values(tmp_path, args, needle):
+    r = run(tmp_path, ["serve", *args], full_env(tmp_path))
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "broker-state").exists()
+
+
+def test_tokens_never_echoed_in_errors(tmp_path):
+    r = run(tmp_path, ["serve", "--BrokerApp.hub_api_url=bad"], full_env(tmp_path, CONFIGPROXY_AUTH_TOKEN="chp-very-secret-1"))
+    assert r.returncode == 2
+    assert TOKEN not in r.stderr + r.stdout and "chp-very-secret-1" not in r.stderr + r.stdout
+
+
+def test_config_file_in_cwd_is_loaded(tmp_path):
+    (tmp_path / "broker_config.py").write_text('c.BrokerApp.hub_api_url = "gopher://from-the-file"\n')
+    r = run(tmp_path, ["serve"], full_env(tmp_path, JUPYTERHUB_API_URL=None))
+    assert r.returncode == 2
+    assert "BrokerApp.hub_api_url" in r.stderr and "gopher://from-the-file" in r.stderr
+
+
+def test_config_file_option_and_bad_value_in_it(tmp_path):
+    cfg = tmp_path / "etc" / "my_broker.py"
+    cfg.parent.mkdir()
+    cfg.write_text('c.BrokerApp.log_level = "LOUD"\n')
+    r = run(tmp_path, ["serve", f"--config-file={cfg}"], full_env(tmp_path))
+    assert r.returncode != 0
+    assert "BrokerApp.log_level" in r.stderr and "LOUD" in r.stderr
+
+
+def test_command_line_wins_over_config_file(tmp_path):
+    (tmp_path / "broker_config.py").write_text('c.BrokerApp.hub_api_url = "gopher://from-the-file"\n')
+    r = run(tmp_path, ["serve", "--BrokerApp.hub_api_url=ftp://from-the-cli"], full_env(tmp_path))
+    assert r.returncode == 2
+    assert "ftp://from-the-cli" in r.stderr and "gopher" not in r.stderr
+
+
+def test_usage_and_unknown_command(tmp_path):
+    r = run(tmp_path, [], clean_env(tmp_path))
+    assert r.returncode == 2 and "serve" in r.stdout and "generate-config" in r.stdout
+    r = run(tmp_path, ["--help"], clean_env(tmp_path))
+    assert r.returncode == 0 and "status" in r.stdout
+    r = run(tmp_path, ["frobnicate"], full_env(tmp_path))
+    assert r.returncode == 2 and "frobnicate" in r.stderr
+
+
+def test_generate_config_lists_every_option_with_help(tmp_path):
+    from broker.app import BrokerApp
+
+    r = run(tmp_path, ["generate-config"], full_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    # help texts are wrapped over "#  " comment lines: compare with whitespace collapsed
+    flat = re.sub(r"\s+", " ", re.sub(r"\n#+ ", " ", text))
+    own = BrokerApp.class_own_traits(config=True)
+    assert {"api_token", "proxy_auth_token", "hub_api_url", "ssh_port", "api_port", "state_dir", "log_level"} <= set(own)
+    for name, trait in own.items():
+        assert f"c.BrokerApp.{name} =" in text, name
+        assert trait.help, f"{name} has no help"
+        assert re.sub(r"\s+", " ", trait.help) in flat, name
+    # the environment's secrets never end up in a generated config file
+    assert TOKEN not in text and "chp-token" not in text
+    # -o writes the same text to a file
+    out = tmp_path / "generated.py"
+    r = run(tmp_path, ["generate-config", "-o", str(out)], full_env(tmp_path))
+    assert r.returncode == 0 and out.read_text().strip() == text.strip()
+    # and the generated file is a valid config file that changes nothing
+    r = run(tmp_path, ["serve", f"--config-file={out}", "--BrokerApp.proxy_api_url=bad"], full_env(tmp_path))
+    assert r.returncode == 2 and "BrokerApp.proxy_api_url" in r.stderr
+
+
+# -- serve / status -----------------------------------------------------------------------------
+
+class Served:
+    def __init__(self, tmp_path, state_dir):
+        self.tmp_path = tmp_path
+        self.state_dir = state_dir
+        self.env = full_env(tmp_path)
+        self.args = ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0",
+                     f"--BrokerApp.state_dir={state_dir}",
+                     f"--BrokerApp.proxy_api_url=http://127.0.0.1:{free_port()}",
+                     "--BrokerApp.reconcile_interval=60"]
+        self.proc: subprocess.Popen | None = None
+        self.api_url = ""
+
+    def start(self) -> "Served":
+        url_file = os.path.join(self.state_dir, "api_url")
+        if os.path.exists(url_file):
+            os.unlink(url_file)
+        self.errf = open(self.tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
+        self.proc = subprocess.Popen([PY, "-m", "broker.app", *self.args], cwd=self.tmp_path, env=self.env,
+                                     stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker serve exited {self.proc.returncode}: {self.output()}")
+            if os.path.exists(url_file):
+                self.api_url = open(url_file).read().strip()
+                return self
+            time.sleep(0.05)
+        raise AssertionError("broker serve did not write api_url in time: " + self.output())
+
+    def output(self) -> str:
+        self.errf.seek(0)
+        return self.errf.read()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("broker serve ignored SIGTERM")
+        return self.proc.returncode
+
+    def api(self, method, path, body=None):
+        req = urllib.request.Request(self.api_url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def status(self, *extra):
+        return run(self.tmp_path, ["status", *extra, f"--BrokerApp.state_dir={self.state_dir}",
+                                   "--BrokerApp.api_port=0"], clean_env(self.tmp_path, BROKER_API_TOKEN=TOKEN))
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path, str(tmp_path / "state"))
+    yield s
+    if s.proc is not None and s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def test_serve_status_sigterm_and_host_key_reuse(served):
+    served.start()
+    assert served.api_url.startswith("http://127.0.0.1:")
+    assert stat.S_IMODE(os.stat(served.state_dir).st_mode) == 0o700
+    key_path = os.path.join(served.state_dir, "ssh_host_ed25519_key")
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    key_bytes = open(key_path, "rb").read()
+    ssh_port = int(open(os.path.join(served.state_dir, "ssh_port")).read())
+    assert ssh_port > 0
+
+    # status --json: empty list first
+    r = served.status("--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+    r = served.status()
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"USER\s+SERVER\s+JOB\s+NODE\s+PORT\s+STATE", r.stdout)
+
+    # a session created over the REST API shows up
+    created = served.api("POST", "/api/sessions", {"user": "秀樹", "server_name": "gpu", "routespec": "/user/秀樹/gpu/"})
+    assert created["ssh"]["port"] == ssh_port
+    served.api("PATCH", f"/api/sessions/{created['id']}", {"job_id": "31337", "node": "cn07"})
+    r = served.status("--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert [s["id"] for s in listed] == [created["id"]]
+    s = listed[0]
+    assert (s["user"], s["server_name"], s["port"], s["state"], s["job_id"], s["node"]) == (
+        "秀樹", "gpu", created["port"], "registered", "31337", "cn07")
+    assert "secret" not in s and "secret_hash" not in s and "agent_key" not in s
+
+    r = served.status()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = lines[0].split()
+    assert header[:6] == ["USER", "SERVER", "JOB", "NODE", "PORT", "STATE"]
+    row = lines[1].split()
+    assert row[:6] == ["秀樹", "gpu", "31337", "cn07", str(created["port"]), "registered"]
+    assert created["secret"] not in r.stdout
+
+    # status with a wrong token fails cleanly
+    r = run(served.tmp_path, ["status", f"--BrokerApp.state_dir={served.state_dir}", "--BrokerApp.api_port=0"],
+            clean_env(served.tmp_path, BROKER_API_TOKEN="wrong-token-0123456789"))
+    assert r.returncode == 1 and "401" in r.stderr
+
+    # SIGTERM: graceful stop, exit 0
+    assert served.stop() == 0, served.output()
+    out = served.output()
+    assert "Traceback" not in out
+    assert created["secret"] not in out and TOKEN not in out
+
+    # restart: same host key, same fingerprint, same session port
+    served.start()
+    assert open(key_path, "rb").read() == key_bytes
+    again = served.api("POST", "/api/sessions", {"user": "zoe", "routespec": "/user/zoe/"})
+    assert again["ssh"]["fingerprint"] == created["ssh"]["fingerprint"]
+    assert again["ssh"]["host_key"] == created["ssh"]["host_key"]
+    old = served.api("GET", f"/api/sessions/{created['id']}")
+    assert old["port"] == created["port"] and old["state"] == "registered"
+    assert served.stop() == 0, served.output()
+
+
+def test_status_without_broker_fails_cleanly(tmp_path):
+    r = run(tmp_path, ["status", f"--BrokerApp.api_url=http://127.0.0.1:{free_port()}"],
+            clean_env(tmp_path, BROKER_API_TOKEN=TOKEN))
+    assert r.returncode == 1
+    assert "broker status:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_host_key_readable_by_others_refused(tmp_path):
+    state = tmp_path / "state"
+    s = Served(tmp_path, str(state))
+    s.start()
+    assert s.stop() == 0
+    os.chmod(state / "ssh_host_ed25519_key", 0o644)
+    s2 = Served(tmp_path, str(state))
+    with pytest.raises(AssertionError, match="readable by others"):
+        s2.start()
+    # refused like every other configuration problem: exit 2, the option named, no traceback
+    out = s2.output()
+    assert s2.proc.returncode == 2, out
+    assert "BrokerApp.host_key_path" in out
+    assert "Traceback" not in out
