@@ -18,6 +18,8 @@ Routes::
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -70,11 +72,17 @@ def _auth_middleware(token_hash: str) -> Any:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(400, f"request body over {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(400, f"request body over {MAX_BODY} bytes")
+    # StreamReader.read(n) returns what is buffered (maybe one chunk), not n bytes: read to EOF
+    raw = bytearray()
+    while True:
+        chunk = await request.content.read(MAX_BODY + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(400, f"request body over {MAX_BODY} bytes")
     try:
-        data = json.loads(raw.decode("utf-8")) if raw else {}
+        data = json.loads(bytes(raw).decode("utf-8")) if raw else {}
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8") from None
     except ValueError:
@@ -88,7 +96,7 @@ def _name(data: dict[str, Any], key: str, *, required: bool = True) -> str:
     value = data.get(key, "" if not required else None)
     if not isinstance(value, str) or (required and not value):
         raise ApiError(400, f"{key}: a non-empty string is required")
-    if len(value) > MAX_NAME or any(ord(c) < 32 or c == "\x7f" for c in value):
+    if len(value) > MAX_NAME or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
         raise ApiError(400, f"{key}: too long or contains control characters")
     return value
 
@@ -150,7 +158,10 @@ class BrokerAPI:
     async def wait(self, request: web.Request) -> web.Response:
         states = set(request.query.get("state", "ready").split(","))
         try:
-            timeout = min(float(request.query.get("timeout", "30")), MAX_WAIT)
+            timeout = float(request.query.get("timeout", "30"))
+            if math.isnan(timeout):
+                raise ValueError(timeout)
+            timeout = min(timeout, MAX_WAIT)
         except ValueError:
             raise ApiError(400, "timeout: must be a number of seconds") from None
         s = await self.broker.wait_for(request.match_info["id"], states, max(timeout, 0.0))

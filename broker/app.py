@@ -138,8 +138,11 @@ async def serve(app: BrokerApp) -> None:
     broker_log.configure(app.log_level, app.log_json)
     log = broker_log.get_logger(component="app")
     os.makedirs(app.state_dir, mode=0o700, exist_ok=True)
+    try:
+        key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
+    except (OSError, ValueError) as e:  # mode too open, unreadable, or not a key
+        raise ConfigError(f"BrokerApp.host_key_path: {e}") from None
     store = SessionStore(app.path(app.db_path, "broker.sqlite"))
-    key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
     public_host = app.ssh_public_host or (app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename)
     broker = Broker(
         store=store, host_key=key, hub_api=hub_api, chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
@@ -232,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in rest if a != "--json"]
     rest = [a.replace("--config=", "--BrokerApp.config_file=").replace("--config-file=", "--BrokerApp.config_file=") for a in rest]
     try:
-        app.load(rest)
+        try:
+            app.load(rest)
+        except SystemExit as e:  # traitlets exits after --help (0) or a bad value (1, message printed)
+            if not e.code:
+                return 0
+            raise ConfigError("invalid option value (see the message above)") from None
+        except SyntaxError as e:
+            raise ConfigError(f"{app.config_file}: syntax error at line {e.lineno}: {e.msg}") from None
         if cmd == "serve":
             asyncio.run(serve(app))
             return 0
