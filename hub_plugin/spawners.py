@@ -26,6 +26,7 @@ from batchspawner import (
 
 from .local import LocalBatchSpawner
 from .mixin import BrokerSpawnerMixin
+from .slurm import SlurmBrokerSpawner  # noqa: F401  (shared squeue poller, login-node runner)
 
 
 class LocalBrokerSpawner(BrokerSpawnerMixin, LocalBatchSpawner):
@@ -38,10 +39,6 @@ class LocalBrokerSpawner(BrokerSpawnerMixin, LocalBatchSpawner):
                 return "".join(f.readlines()[-max_lines:])
         except OSError:
             return ""
-
-
-class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
-    """Slurm through the broker."""
 
 
 class MultiSlurmBrokerSpawner(BrokerSpawnerMixin, MultiSlurmSpawner):

@@ -2,7 +2,7 @@
 
 * Slurm: the project's single-node cluster. If ``squeue`` does not answer, the session fixture
   runs ``scripts/slurm.sh start`` (which apt-installs Slurm if needed) and stops it afterwards.
-* sshd: a private OpenSSH server on 127.0.0.1 (free port, own config, host key and
+* sshd (tests/sshd.py): a private OpenSSH server on 127.0.0.1 (free port, own config, host key and
   authorized_keys, UsePAM no, LogLevel DEBUG3 into a log file we inspect). openssh-server is
   apt-installed if missing. It plays the cluster's login node (same machine, same Slurm).
 
@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -28,6 +27,7 @@ import pytest_asyncio
 
 from hub_plugin.remote import LocalRunner, LoginNodeRunner, RunnerError
 from hub_plugin.slurm_poller import GONE, SlurmJobPoller, SlurmQueryError
+from sshd import sshd  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.asyncio
 slurm = pytest.mark.slurm
@@ -51,13 +51,6 @@ def _squeue_answers() -> bool:
         return _sh("squeue", "-h", "-o", "%i", check=False, timeout=10).returncode == 0
     except subprocess.TimeoutExpired:
         return False
-
-
-def _apt_install(*pkgs: str) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-y", "-qq"]
-    subprocess.run(apt + ["update"], check=True, env=env, capture_output=True)
-    subprocess.run(apt + ["install", "--no-install-recommends", *pkgs], check=True, env=env, capture_output=True)
 
 
 # -- Slurm -------------------------------------------------------------------------------------
@@ -102,120 +95,7 @@ def jobs(slurm_cluster, tmp_path):
         _sh("scancel", *j.ids, check=False)
 
 
-# -- sshd ----------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(d.name))
-    return out
-
-
-class SSHD:
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.log = root / "sshd.log"
-        self.host_key = root / "ssh_host_ed25519_key"
-        self.client_key = root / "client_key"
-        self.known_hosts = root / "known_hosts"
-        self.proc: subprocess.Popen | None = None
-
-    def accepted(self) -> int:
-        return self.log.read_text(errors="replace").count("Accepted publickey")
-
-    def kill_sessions(self) -> int:
-        """Kill sshd's per-connection processes: every client connection drops."""
-        assert self.proc is not None
-        kids = _children(self.proc.pid)
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return len(kids)
-
-    def runner(self, **kw) -> LoginNodeRunner:
-        kw.setdefault("known_hosts", str(self.known_hosts))
-        return LoginNodeRunner(
-            "127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw
-        )
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    if not Path("/usr/sbin/sshd").exists():
-        if os.geteuid() != 0:
-            pytest.skip("openssh-server missing and installing it needs root")
-        _apt_install("openssh-server")
-    root = tmp_path_factory.mktemp("sshd")
-    d = SSHD(root)
-    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d.host_key))
-    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d.client_key))
-    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
-    pub = (root / "ssh_host_ed25519_key.pub").read_text().split()
-    d.known_hosts.write_text(f"[127.0.0.1]:{d.port} {pub[0]} {pub[1]}\n")
-    d.host_pub = f"{pub[0]} {pub[1]}"
-    conf = root / "sshd_config"
-    conf.write_text(
-        "\n".join(
-            [
-                f"Port {d.port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {d.host_key}",
-                f"AuthorizedKeysFile {root}/authorized_keys",
-                f"PidFile {root}/sshd.pid",
-                "UsePAM no",
-                "PermitRootLogin prohibit-password",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "StrictModes no",
-                # the most verbose level: if anything logged the secret, it would be here
-                "LogLevel DEBUG3",
-                "MaxStartups 100",
-                "",
-            ]
-        )
-    )
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    d.proc = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(d.log)],
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", d.port), timeout=0.5).close()
-            break
-        except OSError:
-            assert d.proc.poll() is None, d.log.read_text(errors="replace")
-            time.sleep(0.05)
-    else:
-        pytest.fail("sshd did not start listening")
-    yield d
-    d.kill_sessions()
-    d.proc.terminate()
-    try:
-        d.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        d.proc.kill()
-        d.proc.wait()
+# -- sshd: tests/sshd.py (shared with test_e2e_slurm.py) --------------------------------------
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,150 @@
+"""A private OpenSSH server on 127.0.0.1 for tests: plays the cluster's login node.
+
+Free port, own config, host key and authorized_keys, UsePAM no, LogLevel DEBUG3 into a log file
+the tests inspect (``accepted()`` counts "Accepted publickey" lines = SSH connections).
+openssh-server is apt-installed if missing. Shared by test_slurm_infra.py and test_e2e_slurm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hub_plugin.remote import LoginNodeRunner
+
+
+def _sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def apt_install(*pkgs: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-y", "-qq"]
+    subprocess.run(apt + ["update"], check=True, env=env, capture_output=True)
+    subprocess.run(apt + ["install", "--no-install-recommends", *pkgs], check=True, env=env, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+class SSHD:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.log = root / "sshd.log"
+        self.host_key = root / "ssh_host_ed25519_key"
+        self.client_key = root / "client_key"
+        self.known_hosts = root / "known_hosts"
+        self.host_pub = ""
+        self.proc: subprocess.Popen | None = None
+
+    def accepted(self) -> int:
+        return self.log.read_text(errors="replace").count("Accepted publickey")
+
+    def kill_sessions(self) -> int:
+        """Kill sshd's per-connection processes: every client connection drops."""
+        assert self.proc is not None
+        kids = children(self.proc.pid)
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(kids)
+
+    def runner(self, **kw) -> LoginNodeRunner:
+        kw.setdefault("known_hosts", str(self.known_hosts))
+        return LoginNodeRunner(
+            "127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw
+        )
+
+    def start(self) -> "SSHD":
+        root = self.root
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key))
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
+        (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+        pub = (root / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        self.host_pub = f"{pub[0]} {pub[1]}"
+        conf = root / "sshd_config"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.host_key}",
+                    f"AuthorizedKeysFile {root}/authorized_keys",
+                    f"PidFile {root}/sshd.pid",
+                    "UsePAM no",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PubkeyAuthentication yes",
+                    "StrictModes no",
+                    # the most verbose level: if anything logged a secret, it would be here
+                    "LogLevel DEBUG3",
+                    "MaxStartups 100",
+                    "",
+                ]
+            )
+        )
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(self.log)],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text(errors="replace")
+                time.sleep(0.05)
+        pytest.fail("sshd did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.kill_sessions()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not Path("/usr/sbin/sshd").exists():
+        if os.geteuid() != 0:
+            pytest.skip("openssh-server missing and installing it needs root")
+        apt_install("openssh-server")
+    d = SSHD(tmp_path_factory.mktemp("sshd")).start()
+    yield d
+    d.stop()
