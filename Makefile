@@ -35,3 +35,8 @@ test: venv chp sysdeps
 
 clean:
 	rm -rf $(VENV) $(NODE_PREFIX) demo-state
+
+## Benchmarks: tunnel vs OpenSSH vs direct (each also behind CHP), spawn-to-ready, scale (docs/benchmarks.md)
+BENCH_ARGS ?=
+bench: venv chp
+	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m bench $(BENCH_ARGS)

@@ -1,0 +1,207 @@
+"""``python -m bench`` (``make bench``): tunnel, spawn-to-ready and scale figures in one run.
+
+Writes bench/results/summary.json and summary.md. Options::
+
+    --full            1 GiB transfers instead of 256 MiB
+    --scale N         simulated agents for the scale part (default 1000; 0 skips it)
+    --spawns N        spawns per spawner (default 5; 0 skips the spawn part)
+    --skip-tunnel     skip the tunnel part
+    --out DIR         results directory (default bench/results)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from . import client
+from .procs import Procs, chp_binary
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATHS = ["direct", "tunnel", "openssh", "chp_direct", "chp_tunnel", "chp_openssh"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (r.stdout.strip() or r.stderr.strip()).splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "n/a"
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1])
+    versions = {p: version(p) for p in ("asyncssh", "aiohttp", "jupyterhub", "jupyter_server", "cryptography")}
+    return {
+        "nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem / 1024 / 1024, 1),
+        "kernel": platform.release(), "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": platform.python_version(), **versions,
+        "openssh": _cmd(["ssh", "-V"]), "node": _cmd(["node", "--version"]),
+        "configurable_http_proxy": _cmd([chp_binary(), "--version"]),
+        "wrk": _cmd(["wrk", "--version"]) if shutil.which("wrk") else "not installed (asyncio client used)",
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    t = res.get("tunnel")
+    if t:
+        for p in PATHS:
+            for k in ("download_mb_s", "upload_mb_s", "keepalive_p50_ms", "keepalive_p99_ms", "newconn_p50_ms", "rps_32"):
+                s[f"{p}_{k}"] = t[p][k]
+        d, o, u = t["direct"], t["openssh"], t["tunnel"]
+        s["tunnel_download_ratio_vs_openssh"] = _ratio(u["download_mb_s"], o["download_mb_s"])
+        s["tunnel_upload_ratio_vs_openssh"] = _ratio(u["upload_mb_s"], o["upload_mb_s"])
+        s["tunnel_latency_added_ratio_vs_openssh"] = _ratio(u["keepalive_p50_ms"] - d["keepalive_p50_ms"],
+                                                            o["keepalive_p50_ms"] - d["keepalive_p50_ms"])
+        s["tunnel_newconn_added_ratio_vs_openssh"] = _ratio(u["newconn_p50_ms"] - d["newconn_p50_ms"],
+                                                            o["newconn_p50_ms"] - d["newconn_p50_ms"])
+        s["tunnel_rps_ratio_vs_openssh"] = _ratio(u["rps_32"], o["rps_32"])
+        ct, co = t["chp_tunnel"], t["chp_openssh"]
+        s["chp_tunnel_download_ratio_vs_chp_openssh"] = _ratio(ct["download_mb_s"], co["download_mb_s"])
+        s["chp_tunnel_rps_ratio_vs_chp_openssh"] = _ratio(ct["rps_32"], co["rps_32"])
+    sp = res.get("spawn")
+    if sp:
+        s["spawn_to_ready_local_median_s"] = sp["broker_local"]["median_s"]
+        s["spawn_to_ready_localprocess_median_s"] = sp["localprocess"]["median_s"]
+        s["spawn_to_ready_ratio_vs_localprocess"] = _ratio(sp["broker_local"]["median_s"], sp["localprocess"]["median_s"])
+    sc = res.get("scale")
+    if sc:
+        tag = "1k" if sc["n"] == 1000 else f"{sc['n'] // 1000}k" if sc["n"] % 1000 == 0 else str(sc["n"])
+        s[f"broker_rss_mib_{tag}"] = sc["broker_rss_mib"]
+        s[f"reconnect_storm_{tag}_s"] = sc["reconnect_storm_s"]
+        s[f"establish_{tag}_s"] = sc["establish_s"]
+    return s
+
+
+def markdown(out: dict[str, Any]) -> str:
+    m, res, s = out["machine"], out["results"], out["summary"]
+    lines = [f"# Benchmark results ({out['date']})", "",
+             f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['mem_gib']} GiB RAM; {m['os']}, Linux {m['kernel']}; "
+             f"Python {m['python']}, asyncssh {m['asyncssh']}, aiohttp {m['aiohttp']}, JupyterHub {m['jupyterhub']}, "
+             f"jupyter_server {m['jupyter_server']}; {m['openssh']}; CHP {m['configurable_http_proxy']} on node {m['node']}; "
+             f"load generator: {m['wrk']}.", "",
+             f"Run: {out['args']['transfer_mib']} MiB transfers (best of {out['args']['rounds']}), "
+             f"{out['args']['keepalive_n']} keep-alive GETs, {out['args']['newconn_n']} new-connection GETs, "
+             f"{out['args']['rps_seconds']} s at 32 connections; wall time {out['wall_s']:.0f} s.", ""]
+    t = res.get("tunnel")
+    if t:
+        lines += ["## Tunnel (loopback)", "",
+                  "| path | download MB/s | upload MB/s | keep-alive GET p50 / p99 ms | new-conn GET p50 ms | req/s (32 conns) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for p in PATHS:
+            r = t[p]
+            lines.append(f"| {p} | {r['download_mb_s']:.0f} | {r['upload_mb_s']:.0f} | {r['keepalive_p50_ms']:.2f} / "
+                         f"{r['keepalive_p99_ms']:.2f} | {r['newconn_p50_ms']:.2f} | {r['rps_32']:.0f} |")
+        lines += ["", "| ratio (tunnel vs OpenSSH `ssh -R`) | value |", "|---|---:|"]
+        for k in ("tunnel_download_ratio_vs_openssh", "tunnel_upload_ratio_vs_openssh", "tunnel_latency_added_ratio_vs_openssh",
+                  "tunnel_newconn_added_ratio_vs_openssh", "tunnel_rps_ratio_vs_openssh",
+                  "chp_tunnel_download_ratio_vs_chp_openssh", "chp_tunnel_rps_ratio_vs_chp_openssh"):
+            lines.append(f"| {k} | {s[k]} |")
+        lines.append("")
+    sp = res.get("spawn")
+    if sp:
+        lines += ["## Spawn to ready (local backend)", "", "| spawner | median s | min s | max s | runs |", "|---|---:|---:|---:|---|"]
+        for name, key in (("broker (LocalBrokerSpawner + node agent)", "broker_local"), ("JupyterHub LocalProcessSpawner", "localprocess")):
+            r = sp[key]
+            lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
+        lines += ["", f"spawn_to_ready_ratio_vs_localprocess: {s['spawn_to_ready_ratio_vs_localprocess']}", ""]
+    sc = res.get("scale")
+    if sc:
+        lines += [f"## Scale ({sc['n']} simulated agents, one broker)", "", "| figure | value |", "|---|---:|",
+                  f"| sessions created through REST | {sc['sessions_create_s']} s |",
+                  f"| all agents enrolled + forward granted (concurrency {sc['connect_concurrency']}) | {sc['establish_s']} s |",
+                  f"| broker RSS idle → with {sc['n']} agents | {sc['broker_rss_idle_mib']} → {sc['broker_rss_mib']} MiB ({sc['rss_per_agent_kib']} KiB each) |",
+                  f"| reconnect storm: broker restart → all agent_connected | {sc['reconnect_storm_s']} s ({sc['reconnect_storm_from_kill_s']} s from kill -9) |",
+                  f"| broker RSS after the storm | {sc['broker_rss_after_storm_mib']} MiB |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--full", action="store_true", help="1 GiB transfers")
+    ap.add_argument("--scale", type=int, default=1000)
+    ap.add_argument("--spawns", type=int, default=5)
+    ap.add_argument("--skip-tunnel", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    nbytes = (1 << 30) if args.full else (256 << 20)
+    params = {"transfer_mib": nbytes >> 20, "rounds": args.rounds, "keepalive_n": 1000, "newconn_n": 300,
+              "rps_seconds": 5, "scale": args.scale, "spawns": args.spawns, "rps_client": "wrk" if client.have_wrk() else "asyncio"}
+    # children find our packages and the venv's commands
+    root = os.path.dirname(HERE)
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    t_start = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    procs = Procs(os.path.join(tmp, "logs"))
+    results: dict[str, Any] = {}
+    try:
+        info = machine()
+        log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, {info['mem_gib']} GiB; logs in {tmp}/logs")
+        if not args.skip_tunnel:
+            from .tunnel import TunnelBench
+
+            log("tunnel: starting direct server, CHP, broker + node agent, sshd + ssh -R")
+            tb = TunnelBench(tmp, procs, log)
+            tb.setup()
+            results["tunnel"] = tb.run(nbytes, params["keepalive_n"], params["newconn_n"], params["rps_seconds"], args.rounds)
+            procs.stop_all()
+        if args.spawns > 0:
+            from . import spawn
+
+            results["spawn"] = spawn.run(tmp, args.spawns, log)
+        if args.scale > 0:
+            from . import scale
+
+            log(f"scale: {args.scale} simulated agents")
+            results["scale"] = scale.run(tmp, args.scale, procs, log)
+            procs.stop_all()
+    finally:
+        procs.stop_all()
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "args": params, "results": results,
+           "summary": summarize(results), "wall_s": round(time.monotonic() - t_start, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    md = markdown(out)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
