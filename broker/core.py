@@ -312,6 +312,14 @@ class Broker:
         while True:
             await asyncio.sleep(self.counters_flush_interval)
             self._flush_counters()
+            await self._expire_unenrolled()
+
+    async def _expire_unenrolled(self) -> None:
+        """Close sessions whose agent never enrolled before the secret expired (their port is freed)."""
+        now = time.time()
+        for s in self.store.list():
+            if s.state == "registered" and s.secret_expires is not None and now > s.secret_expires:
+                await self.close_session(s.id, "enrolment secret expired before the agent connected")
 
 
 def load_or_create_host_key(path: str) -> asyncssh.SSHKey:

@@ -88,6 +88,7 @@ class Agent:
         self.sock_path = ""
         self.hub_relay = SessionListener("hub-api", wait_timeout=30.0)
         self._lost = asyncio.Event()
+        self._watchers: set[asyncio.Task[None]] = set()  # owned; cancelled at exit
 
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:
@@ -129,7 +130,9 @@ class Agent:
             self.control.send({"type": "ready"})
         log("connected to broker", hub_port=listener.get_port())
         self._lost.clear()
-        asyncio.get_running_loop().create_task(self._watch(conn))
+        watcher = asyncio.get_running_loop().create_task(self._watch(conn))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
 
     async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
         await conn.wait_closed()
@@ -224,6 +227,9 @@ class Agent:
         if self.conn is not None:
             self.conn.close()
         await self.hub_relay.close()
+        for w in list(self._watchers):
+            w.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         return status if status >= 0 else 128 - status
 

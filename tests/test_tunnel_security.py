@@ -346,3 +346,14 @@ async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
             s.close()
         echo.close()
         proxy.stop()
+
+
+async def test_unenrolled_session_expires_and_frees_its_port(harness):
+    harness.broker.enrol_ttl = 0.1
+    session, _ = await harness.session()
+    await asyncio.sleep(0.2)
+    await harness.broker._expire_unenrolled()
+    closed = harness.broker.get(session.id)
+    assert closed.state == "closed" and "expired" in closed.end_reason
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", session.port)
