@@ -16,13 +16,14 @@ import sys
 import time
 from urllib.parse import urlparse
 
-from traitlets import Bool, Float, Integer, Unicode, default, validate
+from traitlets import Bool, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application, TraitError
 
 from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
+from .limits import AdmissionControl
 from .proxy import ChpClient
 from .status import render_table
 from .store import SessionStore
@@ -63,6 +64,14 @@ class BrokerApp(Application):
     keepalive_interval = Float(15.0, help="Seconds between SSH keepalives to agents (0 disables).").tag(config=True)
     keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
     login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate.").tag(config=True)
+    max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections allowed at once from one source address (0: no cap); more are closed before the banner.").tag(config=True)
+    max_preauth_total = Integer(512, help="Unauthenticated SSH connections allowed at once in total (0: no cap).").tag(config=True)
+    penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is refused new connections (0: no penalties).").tag(config=True)
+    penalty_window = Float(60.0, help="Seconds over which failed authentications from one source are counted.").tag(config=True)
+    penalty_base = Float(10.0, help="Seconds a penalised source is refused; doubles for each further penalty.").tag(config=True)
+    penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
+    penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor capped per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
+    max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
 
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
@@ -85,6 +94,17 @@ class BrokerApp(Application):
         if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise TraitError(f"BrokerApp.log_level: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}")
         return v
+
+    @validate("penalty_exempt")
+    def _valid_networks(self, proposal: dict) -> list:
+        import ipaddress
+
+        for net in proposal["value"]:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise TraitError(f"BrokerApp.penalty_exempt: not a network: {net!r}") from None
+        return proposal["value"]
 
     @validate("ssh_port", "api_port")
     def _valid_port(self, proposal: dict) -> int:
@@ -150,6 +170,11 @@ async def serve(app: BrokerApp) -> None:
         tunnel_wait_timeout=app.tunnel_wait_timeout, reconcile_interval=app.reconcile_interval,
         keepalive_interval=app.keepalive_interval, keepalive_count_max=app.keepalive_count_max,
         login_timeout=app.login_timeout,
+        admission=AdmissionControl(
+            max_preauth_per_source=app.max_preauth_per_source, max_preauth_total=app.max_preauth_total,
+            penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
+            penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
+        max_hub_api_channels=app.max_hub_api_channels,
     )
     await broker.start()
     from aiohttp import web

@@ -20,9 +20,11 @@ from typing import Any, Awaitable
 import asyncssh
 
 from .log import get_logger
+from .metrics import BrokerMetrics
 from .proxy import ChpClient, RoutePublisher
 from .secrets import hash_secret, new_id, new_secret
 from .store import LIVE_STATES, Session, SessionStore
+from .limits import AdmissionControl
 from .tunnel import SessionListener
 
 #: Agent → broker messages the control channel understands.
@@ -54,6 +56,8 @@ class Broker:
         keepalive_count_max: int = 3,
         login_timeout: float = 30.0,
         counters_flush_interval: float = 5.0,
+        admission: AdmissionControl | None = None,
+        max_hub_api_channels: int = 64,
     ):
         self.store = store
         self.host_key = host_key
@@ -75,6 +79,11 @@ class Broker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ssh_server: asyncssh.SSHAcceptor | None = None
         self.auth_failures = 0
+        self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
+        # SSH admission control (pre-auth caps, per-source penalties) and per-connection
+        # channel cap: see broker/limits.py and broker/ssh_server.py
+        self.admission = admission if admission is not None else AdmissionControl()
+        self.max_hub_api_channels = max_hub_api_channels
 
     # -- task ownership ------------------------------------------------------------------
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -97,7 +106,7 @@ class Broker:
             self.store.update(s.id, agent_connected=0)
             await self._open_listener(s.id, s.port)
         self._ssh_server = await asyncssh.create_server(
-            lambda: AgentSSHServer(self),
+            self._counted_server_factory(AgentSSHServer),
             self.ssh_listen[0],
             self.ssh_listen[1],
             server_host_keys=[self.host_key],
@@ -169,6 +178,7 @@ class Broker:
             await listener.close()
             raise
         self.listeners[sid] = listener
+        self.metrics.on_created()
         self.log.info("session registered", session=sid, user=user, server=server_name, port=port)
         return session, secret
 
@@ -192,6 +202,7 @@ class Broker:
         self._flush_counters()
         self.store.update(session_id, state="closed", closed_at=time.time(), end_reason=reason[:200],
                           agent_connected=0, exit_status=exit_status)
+        self.metrics.on_closed()
         agent = self.agents.pop(session_id, None)
         if agent is not None and agent.conn is not None:
             agent.conn.close()
@@ -227,6 +238,8 @@ class Broker:
     # -- agents (SSH side) ---------------------------------------------------------------
     def auth_failed(self, agent: Any, username: str, reason: str) -> None:
         self.auth_failures += 1
+        self.metrics.on_auth_failure(reason)
+        agent._metrics_auth_failed = True
         agent.log.warning("agent authentication failed", session=username, reason=reason)
 
     def agent_authenticated(self, agent: Any) -> None:
@@ -240,6 +253,9 @@ class Broker:
         fields: dict[str, Any] = {"agent_connected": 1, "last_heartbeat": time.time()}
         if s.state == "registered":
             fields.update(state="connected", connected_at=time.time())
+            self.metrics.on_connected(s.created, fields["connected_at"])
+        else:
+            self.metrics.on_reconnect()
         self.store.update(sid, **fields)
         agent.log.info("agent connected", user=s.user)
         self.spawn(self._notify())
@@ -273,6 +289,7 @@ class Broker:
             first = s.state != "ready"
             if first:
                 self.store.update(sid, state="ready", ready_at=now, last_heartbeat=now)
+                self.metrics.on_ready(s.created, s.connected_at, now)
             if self.routes is not None:
                 await self.routes.publish(s.routespec, s.target, self.route_data(s))
             if first:
@@ -287,6 +304,23 @@ class Broker:
         else:
             agent.log.info("unknown control message ignored", kind=kind)
         await self._notify()
+
+    def _counted_server_factory(self, server_class: Any) -> Any:
+        """The SSH server factory, counting connections that end before they authenticate."""
+        broker = self
+
+        class CountedAgentServer(server_class):  # type: ignore[misc, valid-type]
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not self.authenticated:
+                    # admission control (broker/limits.py) refused it before the banner
+                    refused = getattr(broker, "admission", None) is not None and getattr(self, "_preauth", True) is False
+                    if refused:
+                        broker.metrics.on_connect_failure(None, False, refused=True)
+                    else:
+                        broker.metrics.on_connect_failure(exc, getattr(self, "_metrics_auth_failed", False))
+                super().connection_lost(exc)
+
+        return lambda: CountedAgentServer(self)
 
     # -- routes --------------------------------------------------------------------------
     @staticmethod
@@ -307,6 +341,7 @@ class Broker:
                 counts.append((sid, i, o))
         if counts:
             self.store.add_bytes(counts)
+            self.metrics.on_bytes(sum(c[1] for c in counts), sum(c[2] for c in counts))
 
     async def _flush_counters_loop(self) -> None:
         while True:

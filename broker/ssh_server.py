@@ -10,6 +10,13 @@ Authentication (username = session id):
 
 Everything after login is decided by :mod:`broker.policy`; anything not explicitly allowed
 (shells, exec, subsystems, agent/X11 forwarding, unix sockets, other ports/hosts) is refused.
+
+Denial-of-service limits (see :mod:`broker.limits`): a connection is admitted in
+:meth:`AgentSSHServer.connection_made` — before the broker sends its banner — only if its source
+is not penalised and the pre-auth caps (per source, total) have room; otherwise it is aborted at
+once. Failed authentication attempts count towards the source's penalty, and a connection is
+closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
+``Broker.max_hub_api_channels`` open direct channels to the hub API.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ if TYPE_CHECKING:
     from .core import Broker
 
 MAX_CONTROL_LINE = 16 * 1024
+#: Failed authentication attempts on one connection before it is closed (OpenSSH MaxAuthTries).
+MAX_AUTH_TRIES = 6
 ENROL_PREFIX = "enrol "
 
 
@@ -93,18 +102,48 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.tunnel: Tunnel | None = None
         self.control: ControlSession | None = None
         self.peer = "?"
+        self.source = "?"
         self.log = broker.log.bind(component="ssh")
+        self.admission = getattr(broker, "admission", None)
+        self._preauth = False  # counted in the admission control's pre-auth totals
+        self._auth_failures = 0
+        self.hub_api_channels = 0
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
+        self.source = str(peer[0])
         self.peer = f"{peer[0]}:{peer[1]}"
         self.log = self.log.bind(conn=self.peer)
+        if self.admission is not None:
+            why = self.admission.admit(self.source)
+            if why is not None:
+                if self.admission.should_log(self.source):
+                    self.log.warning("connection refused", reason=why, refused_total=self.admission.refused_total)
+                conn.abort()  # before the banner: asyncssh sends nothing on an aborted transport
+                return
+            self._preauth = True
+
+    def _leave_preauth(self) -> None:
+        if self._preauth and self.admission is not None:
+            self._preauth = False
+            self.admission.left_preauth(self.source)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_preauth()
         if self.authenticated:
             self.broker.agent_disconnected(self, exc)
+
+    def _auth_failed(self, username: str, reason: str) -> None:
+        """One failed attempt: log it, count it against the source, close after MAX_AUTH_TRIES."""
+        self.broker.auth_failed(self, username, reason)
+        self._auth_failures += 1
+        if self.admission is not None and self.admission.auth_failed(self.source):
+            self.log.warning("source penalised", source=self.source,
+                             seconds=round(self.admission.penalty_left(self.source), 1))
+        if self._auth_failures >= MAX_AUTH_TRIES and self.conn is not None:
+            self.conn.close()
 
     def reject(self, why: str, sample: bytes = b"") -> None:
         """Hostile or broken input: log once (capped) and close only this connection."""
@@ -122,31 +161,31 @@ class AgentSSHServer(asyncssh.SSHServer):
 
     def validate_password(self, username: str, password: str) -> bool:
         if not password.startswith(ENROL_PREFIX):
-            self.broker.auth_failed(self, username, "not an enrolment")
+            self._auth_failed(username, "not an enrolment")
             return False
         parts = password[len(ENROL_PREFIX):].split(" ", 1)
         if len(parts) != 2:
-            self.broker.auth_failed(self, username, "malformed enrolment")
+            self._auth_failed(username, "malformed enrolment")
             return False
         secret, key_text = parts
         key = normalise_public_key(key_text)
         session = self.broker.store.get(username)
         ok = verify_secret(secret, session.secret_hash if session else None)
         if session is None or not session.live:
-            self.broker.auth_failed(self, username, "unknown or closed session")
+            self._auth_failed(username, "unknown or closed session")
             return False
         if not ok:
             reason = "secret already spent" if session.secret_spent_at else "wrong secret"
-            self.broker.auth_failed(self, username, reason)
+            self._auth_failed(username, reason)
             return False
         if session.secret_expires is not None and time.time() > session.secret_expires:
-            self.broker.auth_failed(self, username, "secret expired")
+            self._auth_failed(username, "secret expired")
             return False
         if key is None:
-            self.broker.auth_failed(self, username, "enrolment without a valid public key")
+            self._auth_failed(username, "enrolment without a valid public key")
             return False
         if not self.broker.store.spend_secret(username, key):
-            self.broker.auth_failed(self, username, "secret already spent")
+            self._auth_failed(username, "secret already spent")
             return False
         self.session_id = username
         self.log.info("agent enrolled", session=username)
@@ -158,14 +197,17 @@ class AgentSSHServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         session = self.broker.store.get(username)
         if session is None or not session.live or not session.agent_key:
+            self._auth_failed(username, "public key for an unknown, closed or unenrolled session")
             return False
         offered = " ".join(key.export_public_key("openssh").decode().split()[:2])
         if offered != session.agent_key:
+            self._auth_failed(username, "public key not bound to this session")
             return False
         self.session_id = username
         return True
 
     def auth_completed(self) -> None:
+        self._leave_preauth()
         self.authenticated = True
         self.log = self.log.bind(session=self.session_id)
         self.broker.agent_authenticated(self)
@@ -197,7 +239,21 @@ class AgentSSHServer(asyncssh.SSHServer):
         if dest_host == policy.CONTROL_HOST:
             self.control = ControlSession(self)
             return self.control
-        return True
+        cap = getattr(self.broker, "max_hub_api_channels", 0)
+        if cap and self.hub_api_channels >= cap:
+            self.log.warning("direct channel refused", reason=f"{cap} hub API channels already open")
+            return False
+        assert self.conn is not None
+        chan = self.conn.create_tcp_channel()
+        self.hub_api_channels += 1
+        self.broker.spawn(self._count_channel(chan))
+        return chan, self.conn.forward_connection(dest_host, dest_port)
+
+    async def _count_channel(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        try:
+            await chan.wait_closed()
+        finally:
+            self.hub_api_channels -= 1
 
     def unix_server_requested(self, listen_path: str) -> bool:
         self.log.warning("unix forward refused")
