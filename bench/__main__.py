@@ -63,7 +63,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(), **versions,
         "openssh": _cmd(["ssh", "-V"]), "node": _cmd(["node", "--version"]),
         "configurable_http_proxy": _cmd([chp_binary(), "--version"]),
-        "wrk": _cmd(["wrk", "--version"]) if shutil.which("wrk") else "not installed (asyncio client used)",
+        "wrk": ("wrk " + (re.findall(r"\d+\.\d+\.\d+", _cmd(["wrk", "--version"])) or ["?"])[0]) if shutil.which("wrk") else "not installed (asyncio client used)",
     }
 
 
