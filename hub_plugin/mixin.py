@@ -52,6 +52,7 @@ class BrokerSpawnerMixin(LoggingConfigurable):
     ).tag(config=True)
 
     session_id = Unicode("")
+    last_session: dict[str, Any] = {}
 
     @default("broker_url")
     def _broker_url_default(self) -> str:
@@ -133,11 +134,15 @@ class BrokerSpawnerMixin(LoggingConfigurable):
         }
         try:
             self._event("Submitting the batch job", 10)
-            job_id = await self.submit_batch_script()
+            try:
+                job_id = await self.submit_batch_script()
+            except Exception as e:
+                # e.g. sbatch: "Requested node configuration is not available": the user's request
+                raise RuntimeError(f"The batch system refused the job: {str(e).strip()[:1500]}") from None
             if not job_id:
                 raise RuntimeError("The batch system did not return a job id")
             await self.broker.update_session(self.session_id, job_id=job_id)
-            self._event(f"Job {job_id} submitted", 20)
+            self._event(f"Job {job_id} submitted to the queue", 20)
         except Exception:
             await self._close_session("submit failed")
             raise
@@ -146,50 +151,78 @@ class BrokerSpawnerMixin(LoggingConfigurable):
         return await self._wait_ready()
 
     async def _wait_ready(self) -> str:
-        seen_running = seen_connected = False
+        """Wait for the broker's ready event; progress stages are reported in this order, each
+        once, with rising percentages: queued (30, with the scheduler's reason when known),
+        running on NODE (50), tunnel connected (70), server ready (100)."""
+        seen: set[str] = set()
         started = time.monotonic()
+
+        def stage(name: str, message: str, progress: int) -> None:
+            if name not in seen:
+                seen.add(name)
+                self._event(message, progress)
+
+        def running(node: str = "") -> None:
+            if "running" in seen:
+                return
+            host = ""
+            try:
+                host = self.state_gethost() or ""
+            except Exception:
+                pass
+            host = host or node
+            stage("running", f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
+            self.note_job_started()
+
         while True:
             s = await self.broker.wait_session(self.session_id, "ready", self.broker_wait_interval)
+            if s["state"] == "closed":
+                raise RuntimeError(await self.job_failure_message(
+                    f"The session ended before the server was ready ({s.get('end_reason') or 'no reason given'})."))
+            if s["state"] in ("connected", "ready"):
+                running(s.get("node") or "")
+                stage("connected", f"Tunnel connected from {s.get('node') or 'the node'}; starting Jupyter", 70)
             if s["state"] == "ready":
                 self._event(f"Server ready after {time.monotonic() - started:.1f}s", 100)
                 return s["target"]
-            if s["state"] == "closed":
-                raise RuntimeError(f"The session ended before the server was ready: {s.get('end_reason')}")
-            if s["state"] == "connected" and not seen_connected:
-                seen_connected = True
-                self._event(f"Tunnel connected from {s.get('node') or 'the node'}; starting Jupyter", 70)
+            n_events = len(self._progress_events)
             status = await self.query_job_status()
             if status == JobStatus.PENDING:
-                pass
+                # a backend may have reported its own pending event (reason, estimated start)
+                if len(self._progress_events) == n_events:
+                    stage("queued", f"Job {self.job_id} queued; waiting for resources", 30)
+                else:
+                    seen.add("queued")
             elif status == JobStatus.RUNNING:
-                if not seen_running:
-                    seen_running = True
-                    host = ""
-                    try:
-                        host = self.state_gethost() or ""
-                    except Exception:
-                        pass
-                    self._event(f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
+                running()
             elif status != JobStatus.UNKNOWN:
                 await self._close_session("job ended before the server was ready")
                 raise RuntimeError(await self.job_failure_message())
+
+    def note_job_started(self) -> None:
+        """Hook: called once when the job is first seen running (walltime bookkeeping)."""
 
     async def job_output_tail(self, max_lines: int = 20) -> str:
         """The last lines of the job's output, if this backend can read them (else "")."""
         return ""
 
-    async def job_failure_message(self) -> str:
+    async def job_failure_message(self, headline: str = "") -> str:
         """A message for the user when the job ended before the server was ready.
 
         A maintenance notice from ``node-agent launch`` is passed on as it is; otherwise the
-        job's last output lines are shown (these never contain secrets: the agent and the
-        launcher do not print environments).
+        job's final state (and the scheduler's reason, when known) and its last output lines
+        are shown (these never contain secrets: the agent and the launcher do not print
+        environments).
         """
         tail = await self.job_output_tail()
         for line in tail.splitlines():
             if line.startswith(MAINTENANCE_PREFIX):
                 return line[len(MAINTENANCE_PREFIX):].strip() or "The cluster is in maintenance."
-        msg = f"Job {self.job_id} ended before the server was ready."
+        state = str(getattr(self, "job_status", "") or "").strip()
+        info = getattr(self, "job_info", None)
+        reason = str(getattr(info, "reason", "") or "").strip()
+        detail = ", ".join(x for x in (state, reason if reason and reason != "None" else "") if x)
+        msg = headline or f"Job {self.job_id} ended before the server was ready{f' ({detail})' if detail else ''}."
         if tail.strip():
             msg += " Last lines of the job's output:\n" + tail.strip()[-1500:]
         return msg
@@ -216,6 +249,7 @@ class BrokerSpawnerMixin(LoggingConfigurable):
                     s = {"state": "unknown"}
                 else:
                     s = {"state": "closed", "exit_status": None}
+            self.last_session = s  # e.g. the walltime warning, for the options mixin
             if s["state"] == "closed":
                 if self.job_id:
                     status = await self.query_job_status()

@@ -26,11 +26,16 @@ from batchspawner import (
 
 from .local import LocalBatchSpawner
 from .mixin import BrokerSpawnerMixin
+from .options import ResourceOptionsMixin
 from .slurm import SlurmBrokerSpawner  # noqa: F401  (shared squeue poller, login-node runner)
 
 
-class LocalBrokerSpawner(BrokerSpawnerMixin, LocalBatchSpawner):
-    """Runs the job script as a local process (the embedded default; demo and tests)."""
+class LocalBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, LocalBatchSpawner):
+    """Runs the job script as a local process (the embedded default; demo and tests).
+
+    The options form (:mod:`hub_plugin.options`) offers this machine's CPUs and memory; the
+    hub stops the server when its walltime is over (no scheduler does it here).
+    """
 
     async def job_output_tail(self, max_lines: int = 20) -> str:
         path = os.path.join(self.spool_path(), str(self.job_id), "output.log")
