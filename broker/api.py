@@ -13,6 +13,10 @@ Routes::
     GET    /api/sessions/{id}/wait       ?state=ready&timeout=30 -> session (long-poll)
     DELETE /api/sessions/{id}            ?reason=... -> session (closed)
     GET    /api/health                   -> {"ok": true, ...}
+    GET    /metrics                      -> Prometheus text format (see broker/metrics.py)
+
+``/metrics`` takes the API token, or the optional read-only ``metrics_token``
+(``BrokerApp.metrics_token``), which is valid for ``GET /metrics`` and nothing else.
 """
 
 from __future__ import annotations
@@ -57,12 +61,15 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         raise
 
 
-def _auth_middleware(token_hash: str) -> Any:
+def _auth_middleware(token_hash: str, metrics_token_hash: str | None = None) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() not in ("bearer", "token") or not verify_secret(token.strip(), token_hash):
+        ok = scheme.lower() in ("bearer", "token") and verify_secret(token.strip(), token_hash)
+        if not ok and metrics_token_hash and request.method == "GET" and request.path == "/metrics":
+            ok = scheme.lower() in ("bearer", "token") and verify_secret(token.strip(), metrics_token_hash)
+        if not ok:
             return _json({"error": "authentication required"}, 401)
         return await handler(request)
 
@@ -104,12 +111,13 @@ def _name(data: dict[str, Any], key: str, *, required: bool = True) -> str:
 class BrokerAPI:
     """Builds the aiohttp application around a :class:`Broker`."""
 
-    def __init__(self, broker: Broker, api_token: str, ssh_public_host: str):
+    def __init__(self, broker: Broker, api_token: str, ssh_public_host: str, metrics_token: str = ""):
         if not api_token:
             raise ValueError("an API token is required")
         self.broker = broker
         self.ssh_public_host = ssh_public_host
-        self.app = web.Application(middlewares=[_errors, _auth_middleware(hash_secret(api_token))],
+        metrics_hash = hash_secret(metrics_token) if metrics_token else None
+        self.app = web.Application(middlewares=[_errors, _auth_middleware(hash_secret(api_token), metrics_hash)],
                                    client_max_size=MAX_BODY)
         r = self.app.router
         r.add_post("/api/sessions", self.create)
@@ -119,6 +127,7 @@ class BrokerAPI:
         r.add_get("/api/sessions/{id}/wait", self.wait)
         r.add_delete("/api/sessions/{id}", self.delete)
         r.add_get("/api/health", self.health)
+        r.add_get("/metrics", self.metrics)
 
     async def create(self, request: web.Request) -> web.Response:
         data = await _body(request)
@@ -175,3 +184,9 @@ class BrokerAPI:
     async def health(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "live_sessions": len(self.broker.listeners),
                       "connected_agents": len(self.broker.agents)})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from .metrics import CONTENT_TYPE
+
+        body = self.broker.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -53,6 +53,8 @@ class BrokerApp(Application):
     api_socket = Unicode("", help="Serve the REST API on this unix socket (in a 0700 directory) instead of TCP.").tag(config=True)
     api_url = Unicode("", help="URL of the REST API for `broker status` (default: derived from api_socket/api_host/api_port).").tag(config=True)
     api_token = Unicode(help="Bearer token for the REST API (env BROKER_API_TOKEN). Required.").tag(config=True)
+    metrics_token = Unicode(help="Optional read-only token for GET /metrics only, e.g. for Prometheus (env BROKER_METRICS_TOKEN). The API token works for /metrics too; without either, /metrics answers 401.").tag(config=True)
+    accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; use that when job ids are not Slurm's).").tag(config=True)
 
     proxy_api_url = Unicode("http://127.0.0.1:8001", help="configurable-http-proxy's REST API URL.").tag(config=True)
     proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required.").tag(config=True)
@@ -79,6 +81,10 @@ class BrokerApp(Application):
     @default("api_token")
     def _api_token_default(self) -> str:
         return os.environ.get("BROKER_API_TOKEN", "")
+
+    @default("metrics_token")
+    def _metrics_token_default(self) -> str:
+        return os.environ.get("BROKER_METRICS_TOKEN", "")
 
     @default("proxy_auth_token")
     def _proxy_token_default(self) -> str:
@@ -133,6 +139,8 @@ class BrokerApp(Application):
             raise ConfigError("BrokerApp.api_token: not set (set it in broker_config.py or BROKER_API_TOKEN)")
         if len(self.api_token) < 16:
             raise ConfigError("BrokerApp.api_token: too short (use at least 16 random characters)")
+        if self.metrics_token and len(self.metrics_token) < 16:
+            raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
         if not self.proxy_auth_token:
             raise ConfigError("BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it")
         if not self.hub_api_url:
@@ -179,7 +187,7 @@ async def serve(app: BrokerApp) -> None:
     await broker.start()
     from aiohttp import web
 
-    api = BrokerAPI(broker, app.api_token, public_host)
+    api = BrokerAPI(broker, app.api_token, public_host, metrics_token=app.metrics_token)
     runner = web.AppRunner(api.app, access_log=None, handle_signals=False)
     await runner.setup()
     if app.api_socket:
@@ -228,10 +236,71 @@ async def status(app: BrokerApp, as_json: bool) -> int:
     return 0
 
 
+async def status_watch(app: BrokerApp, interval: float) -> int:
+    """Redraw the status table every *interval* seconds until Ctrl-C (an unreachable broker is shown, not fatal)."""
+    client = BrokerClient(app.resolved_api_url(), app.api_token, timeout=max(5.0, interval))
+    out = sys.stdout
+    try:
+        while True:
+            now = time.time()
+            try:
+                body = render_table(await client.list_sessions(), now)
+            except BrokerError as e:
+                if e.status in (401, 403):
+                    print(f"broker status: {e}", file=sys.stderr)
+                    return 1
+                body = f"broker status: {e} (retrying)"
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            # home + clear screen, then the frame; Ctrl-C to stop
+            out.write(f"\x1b[H\x1b[2J{stamp}  every {interval:g}s  (Ctrl-C to stop)\n\n{body}\n")
+            out.flush()
+            await asyncio.sleep(interval)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0
+    finally:
+        await client.close()
+
+
+def accounting(app: BrokerApp, rest: list[str]) -> int:
+    import argparse
+
+    from . import accounting as acct
+
+    p = argparse.ArgumentParser(prog="broker accounting", description="Per-user usage report from the session store.")
+    p.add_argument("--since", help="start of the period (YYYY-MM-DD, local midnight, or ISO date-time); default: everything")
+    p.add_argument("--until", help="end of the period, exclusive; default: now")
+    p.add_argument("--user", help="only this user")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--no-sacct", action="store_true", help="do not query Slurm's sacct for CPU/GPU time")
+    args = p.parse_args(rest)
+    now = time.time()
+    try:
+        since = acct.parse_when(args.since) if args.since else 0.0
+        until = acct.parse_when(args.until) if args.until else now + 1
+        rep = acct.report(app.path(app.db_path, "broker.sqlite"), since=since, until=until, user=args.user,
+                          sacct="" if args.no_sacct else app.accounting_sacct, now=now)
+    except acct.AccountingError as e:
+        print(f"broker accounting: {e}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(acct.render_json(rep))
+    elif args.format == "csv":
+        if not rep["sacct"]["available"]:
+            print(f"broker accounting: CPU/GPU columns empty: {rep['sacct']['note']}", file=sys.stderr)
+        sys.stdout.write(acct.render_csv(rep))
+    else:
+        print(acct.render_table(rep))
+    return 0
+
+
 USAGE = """usage: broker {serve,status,generate-config} [options]
 
   serve             run the broker (SSH server for agents, REST API, route publisher)
   status [--json]   list live sessions (user, server, job, node, port, state, bytes, heartbeat)
+  status --watch [--interval S]   redraw that table every S seconds (default 2) until Ctrl-C
+  accounting [--since DATE] [--until DATE] [--user U] [--format table|csv|json] [--no-sacct]
+                    per-user sessions, hours, bytes and (from sacct) CPU/GPU hours; reads the
+                    session database read-only (see docs/admin.md)
   generate-config   write a commented broker_config.py to stdout (or -o FILE)
 
 Any option as --BrokerApp.<name>=<value>; --config-file=FILE (default broker_config.py).
@@ -258,6 +327,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     as_json = "--json" in rest
     rest = [a for a in rest if a != "--json"]
+    watch, interval, own = False, 2.0, []
+    if cmd == "status":
+        i = 0
+        while i < len(rest):
+            a = rest[i]
+            if a == "--watch":
+                watch = True
+            elif a == "--interval" or a.startswith("--interval="):
+                value = a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
+                i += 0 if "=" in a else 1
+                try:
+                    interval = float(value)
+                    if not 0.1 <= interval <= 3600:
+                        raise ValueError
+                except ValueError:
+                    print(f"broker status: --interval: a number of seconds (0.1..3600), got {value!r}", file=sys.stderr)
+                    return 2
+            else:
+                own.append(a)
+            i += 1
+        rest = own
+    elif cmd == "accounting":  # its own options; --BrokerApp.* and --config-file go to the app
+        own = [a for a in rest if not a.startswith(("--BrokerApp.", "--config=", "--config-file="))]
+        rest = [a for a in rest if a not in own]
     rest = [a.replace("--config=", "--BrokerApp.config_file=").replace("--config-file=", "--BrokerApp.config_file=") for a in rest]
     try:
         try:
@@ -272,7 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(serve(app))
             return 0
         if cmd == "status":
+            if watch:
+                try:
+                    return asyncio.run(status_watch(app, interval))
+                except KeyboardInterrupt:
+                    return 0
             return asyncio.run(status(app, as_json))
+        if cmd == "accounting":
+            return accounting(app, own)
     except (ConfigError, TraitError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
