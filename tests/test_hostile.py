@@ -1,0 +1,479 @@
+"""Hostile input against the broker's SSH port (component layer, in-process broker).
+
+- a forward-policy matrix: credential kind x request kind, checked against EXPECTED (the same
+  table is rendered in docs/reliability.md, and this test checks the two agree);
+- garbage bytes, oversized version lines and oversized SSH packets on raw TCP;
+- slowloris (idle pre-auth connections) from one source while another source enrols;
+- repeated authentication failures penalised per source (growing penalty);
+- a per-connection cap on hub-API channels;
+- hostile usernames (long, RTL marks, emoji, newlines, escapes) escaped in the broker's log.
+
+Attackers use 127.0.0.2 as their source address, honest agents 127.0.0.1: Linux routes all of
+127/8 to lo, so they are distinct sources to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import struct
+import sys
+import time
+
+import asyncssh
+import pytest
+import pytest_asyncio
+
+from broker import log as broker_log
+from broker.core import Broker
+from broker.limits import AdmissionControl
+from broker.policy import CONTROL_HOST, CONTROL_PORT
+from broker.store import SessionStore
+from jupyterhub.utils import url_escape_path
+
+from reliability import record, rss_kib, size
+from test_tunnel_security import Harness, _echo_server, _http_get
+
+pytestmark = pytest.mark.asyncio
+
+ATTACKER = "127.0.0.2"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def _hold_server() -> asyncio.base_events.Server:
+    """A 'hub API' that keeps each connection open until the client closes it."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(1024):
+                writer.write(b"ok")
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+class HostileHarness(Harness):
+    async def connect_from(self, source: str, **kw):
+        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), **self._opts(**kw))
+
+
+@pytest_asyncio.fixture
+async def make_broker(tmp_path):
+    """Factory: an in-process broker with the given admission settings (torn down afterwards)."""
+    made = []
+
+    async def make(hub_server=None, **admission_kw) -> HostileHarness:
+        hub = hub_server or await _echo_server()
+        store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
+        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
+                        hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]), chp=None,
+                        keepalive_interval=0, login_timeout=admission_kw.pop("login_timeout", 10),
+                        max_hub_api_channels=admission_kw.pop("max_hub_api_channels", 64),
+                        admission=AdmissionControl(**admission_kw))
+        await broker.start()
+        h = HostileHarness(broker, str(tmp_path))
+        h.servers = []
+        h.hub_api_port = hub.sockets[0].getsockname()[1]
+        made.append((h, hub, store))
+        return h
+
+    yield make
+    for h, hub, store in made:
+        await h.broker.stop()
+        for s in h.servers:
+            s.close()
+        hub.close()
+        store.close()
+
+
+# -- the forward-policy matrix ---------------------------------------------------------------
+CREDENTIALS = ["valid", "expired", "other session's", "revoked", "replayed"]
+REQUESTS = ["remote forward 127.0.0.1:0", "remote forward fixed port", "remote forward 0.0.0.0",
+            "direct to hub API", "direct elsewhere", "unix-socket forward", "exec", "shell", "subsystem"]
+LOGIN_REFUSED = "login refused"
+EXPECTED: dict[str, dict[str, str]] = {
+    "valid": {
+        "remote forward 127.0.0.1:0": "allowed (session's port)",
+        "remote forward fixed port": "refused",
+        "remote forward 0.0.0.0": "refused",
+        "direct to hub API": "allowed",
+        "direct elsewhere": "refused",
+        "unix-socket forward": "refused",
+        "exec": "refused",
+        "shell": "refused",
+        "subsystem": "refused",
+    },
+    # a credential that does not authenticate gets no further than the login
+    **{c: {r: LOGIN_REFUSED for r in REQUESTS} for c in CREDENTIALS[1:]},
+}
+CREDENTIAL_HOW = {
+    "valid": "the session's own enrolled key",
+    "expired": "unspent enrolment secret past its expiry",
+    "other session's": "session B's enrolled key, logging in as session A",
+    "revoked": "the enrolled key of a closed session",
+    "replayed": "the already spent enrolment secret, with a fresh key",
+}
+
+
+def render_matrix() -> str:
+    """The EXPECTED table as markdown (what docs/reliability.md carries)."""
+    head = "| credential | " + " | ".join(REQUESTS) + " |"
+    sep = "|---" * (len(REQUESTS) + 1) + "|"
+    rows = [f"| {c} | " + " | ".join(EXPECTED[c][r] for r in REQUESTS) + " |" for c in CREDENTIALS]
+    return "\n".join([head, sep, *rows])
+
+
+async def _try_request(h: HostileHarness, conn: asyncssh.SSHClientConnection, session, request: str) -> str:
+    try:
+        if request == "remote forward 127.0.0.1:0":
+            listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
+            got = listener.get_port()
+            listener.close()
+            return "allowed (session's port)" if got == session.port else f"allowed (port {got}!)"
+        if request == "remote forward fixed port":
+            await conn.forward_remote_port("127.0.0.1", session.port + 1, "127.0.0.1", 9)
+        elif request == "remote forward 0.0.0.0":
+            await conn.forward_remote_port("0.0.0.0", 0, "127.0.0.1", 9)
+        elif request == "direct to hub API":
+            reader, writer = await conn.open_connection("127.0.0.1", h.hub_api_port)
+            writer.write(b"x")
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"hub-api:")
+            writer.close()
+        elif request == "direct elsewhere":
+            await conn.open_connection("127.0.0.1", h.broker.ssh_port)
+        elif request == "unix-socket forward":
+            await conn.forward_remote_path(os.path.join(h.tmp, "evil.sock"), "/tmp/x.sock")
+        elif request == "exec":
+            await conn.run("id", check=False)
+        elif request == "shell":
+            await conn.create_process()
+        elif request == "subsystem":
+            await conn.start_sftp_client()
+        return "allowed"
+    except (asyncssh.ChannelOpenError, asyncssh.ChannelListenError):
+        return "refused"
+
+
+async def _login(h: HostileHarness, kind: str, a, secret_a: str, key_a, b_key):
+    if kind == "valid":
+        return await h.reconnect(a.id, key_a)
+    if kind == "other session's":
+        return await h.reconnect(a.id, b_key)
+    if kind == "revoked":
+        return await h.reconnect(a.id, key_a)
+    if kind in ("expired", "replayed"):
+        return (await h.enrol(a.id, secret_a))[0]
+    raise AssertionError(kind)
+
+
+async def test_forward_policy_matrix(make_broker):
+    h = await make_broker(penalty_threshold=0)
+    actual: dict[str, dict[str, str]] = {}
+    b, secret_b = await h.session("bob")
+    conn_b, key_b = await h.enrol(b.id, secret_b)
+    for kind in CREDENTIALS:
+        a, secret_a = await h.session(f"alice-{kind.split()[0].strip(chr(39))}")
+        key_a = None
+        if kind == "expired":
+            h.broker.store.update(a.id, secret_expires=time.time() - 1)
+        elif kind in ("valid", "revoked", "replayed", "other session's"):
+            first, key_a = await h.enrol(a.id, secret_a)  # spends the secret, binds key_a
+            first.close()
+            await first.wait_closed()
+            if kind == "revoked":
+                await h.broker.close_session(a.id, "revoked by test")
+        try:
+            conn = await _login(h, kind, a, secret_a, key_a, key_b)
+        except asyncssh.PermissionDenied:
+            actual[kind] = {r: LOGIN_REFUSED for r in REQUESTS}
+            continue
+        actual[kind] = {}
+        for request in REQUESTS:
+            actual[kind][request] = await _try_request(h, conn, a, request)
+        conn.close()
+    conn_b.close()
+    assert actual == EXPECTED
+    with open(os.path.join(REPO, "docs", "reliability.md")) as f:
+        assert render_matrix() in f.read(), "docs/reliability.md: update the policy matrix (render_matrix())"
+
+
+# -- raw bytes on the SSH port ---------------------------------------------------------------
+def _raw(port: int, payload: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send *payload* from the attacker address; return what came back and seconds until EOF."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(ATTACKER, 0)) as s:
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            return b"", time.monotonic() - t0
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return got, time.monotonic() - t0
+
+
+GARBAGE = {
+    "random bytes": os.urandom(4096),
+    "HTTP request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "version line of 64 KiB, no newline": b"SSH-2.0-" + b"A" * 65536,
+    "NUL flood": b"\0" * 100_000,
+    "oversized packet (length 2 GiB)": b"SSH-2.0-evil\r\n" + struct.pack(">IB", 0x7FFFFFFF, 4) + os.urandom(1024),
+    "oversized packet (length 1 MiB, body sent)": b"SSH-2.0-evil\r\n" + struct.pack(">IB", 1 << 20, 4) + b"\0" * (1 << 20),
+}
+
+
+@pytest.mark.parametrize("what", list(GARBAGE))
+async def test_garbage_on_the_ssh_port_closes_only_that_connection(make_broker, what):
+    h = await make_broker(penalty_threshold=0)
+    session, secret = await h.session()
+    honest, _ = await h.enrol(session.id, secret)
+    loop = asyncio.get_running_loop()
+    _, seconds = await loop.run_in_executor(None, _raw, h.broker.ssh_port, GARBAGE[what])
+    assert seconds < 10, "the broker must close a connection that sends garbage"
+    # the honest agent's connection is untouched and new agents still get in
+    reader, writer = await honest.open_connection("127.0.0.1", h.hub_api_port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:ping"
+    s2, secret2 = await h.session("other")
+    c2, _ = await h.enrol(s2.id, secret2)
+    c2.close()
+    honest.close()
+
+
+async def test_garbage_storm_keeps_memory_steady(make_broker):
+    h = await make_broker(penalty_threshold=0, max_preauth_per_source=0)
+    loop = asyncio.get_running_loop()
+    rounds = size(60, 300)
+    payloads = list(GARBAGE.values())
+
+    async def storm(n: int) -> None:
+        await asyncio.gather(*[loop.run_in_executor(None, _raw, h.broker.ssh_port, payloads[i % len(payloads)])
+                               for i in range(n)])
+
+    await storm(rounds // 3)  # warm-up: allocator and caches settle
+    before = rss_kib()
+    await storm(rounds)
+    await asyncio.sleep(0.5)
+    after = rss_kib()
+    record("garbage storm", connections=rounds, rss_before_kib=before, rss_after_kib=after)
+    assert after - before < 30 * 1024, f"RSS grew {after - before} KiB over {rounds} garbage connections"
+    assert h.broker.admission.preauth_total == 0, "every garbage connection left the pre-auth count"
+
+
+# -- slowloris, caps, login timeout ----------------------------------------------------------
+async def _idle_connections(n: int, port: int, source: str = ATTACKER) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    conns = []
+    for _ in range(n):
+        conns.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))
+    return conns
+
+
+async def _closed_soon(reader: asyncio.StreamReader, timeout: float) -> bool:
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(4096), timeout)
+            if not chunk:
+                return True
+    except asyncio.TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_slowloris_from_one_source_does_not_block_another(make_broker):
+    n, per_source, login_timeout = 200, 32, 4.0
+    h = await make_broker(max_preauth_per_source=per_source, max_preauth_total=0, login_timeout=login_timeout)
+    idle = await _idle_connections(n, h.broker.ssh_port)
+    closed = await asyncio.gather(*[_closed_soon(r, 1.0) for r, _ in idle])
+    # the first `per_source` are held (pre-auth, waiting for login_timeout); the rest closed at once
+    assert sum(closed) == n - per_source
+    assert h.broker.admission.preauth_total == per_source
+    # an honest agent from another source enrols at once
+    t0 = time.monotonic()
+    session, secret = await h.session()
+    conn, _ = await h.enrol(session.id, secret)
+    enrol_s = time.monotonic() - t0
+    assert enrol_s < 5
+    assert h.broker.get(session.id).state == "connected"
+    # the held ones are dropped by the login timeout
+    held = [r for (r, _), c in zip(idle, closed) if not c]
+    t0 = time.monotonic()
+    closed_later = await asyncio.gather(*[_closed_soon(r, login_timeout + 3) for r in held])
+    assert all(closed_later)
+    record("slowloris", idle_connections=n, held=per_source, refused_at_once=n - per_source,
+           honest_enrol_s=round(enrol_s, 3), held_dropped_after_s=round(time.monotonic() - t0, 2))
+    for _, w in idle:
+        w.close()
+    conn.close()
+
+
+async def test_refused_connection_gets_no_banner(make_broker):
+    h = await make_broker(max_preauth_per_source=1, max_preauth_total=0)
+    (r1, w1), = await _idle_connections(1, h.broker.ssh_port)
+    assert (await asyncio.wait_for(r1.readline(), 5)).startswith(b"SSH-2.0-")  # admitted: banner
+    (r2, w2), = await _idle_connections(1, h.broker.ssh_port)
+    assert await asyncio.wait_for(r2.read(), 5) == b""  # refused before the banner: nothing at all
+    for w in (w1, w2):
+        w.close()
+
+
+async def test_total_preauth_cap(make_broker):
+    h = await make_broker(max_preauth_per_source=0, max_preauth_total=20)
+    conns = []
+    for i in range(4):
+        conns += await _idle_connections(10, h.broker.ssh_port, source=f"127.0.1.{i + 1}")
+    closed = await asyncio.gather(*[_closed_soon(r, 1.0) for r, _ in conns])
+    assert sum(closed) == 20
+    for _, w in conns:
+        w.close()
+    # once they are gone there is room again
+    await asyncio.sleep(0.3)
+    session, secret = await h.session()
+    conn, _ = await h.enrol(session.id, secret)
+    conn.close()
+
+
+# -- penalties -------------------------------------------------------------------------------
+async def _fail_login(h: HostileHarness, source: str, session_id: str) -> str:
+    try:
+        conn = await h.connect_from(source, username=session_id, password="enrol wrong-secret ssh-ed25519 AAAA",
+                                    client_keys=None, preferred_auth="password")
+        conn.close()
+        return "logged in?!"
+    except asyncssh.PermissionDenied:
+        return "denied"
+    except (asyncssh.Error, OSError):
+        return "refused"  # closed before or during the handshake
+
+
+async def test_repeated_auth_failures_are_penalised_per_source(make_broker):
+    h = await make_broker(penalty_threshold=5, penalty_window=30, penalty_base=1.5, penalty_max=10)
+    session, secret = await h.session()
+    results = [await _fail_login(h, ATTACKER, session.id) for _ in range(5)]
+    assert results == ["denied"] * 5
+    assert await _fail_login(h, ATTACKER, session.id) == "refused"  # penalised now
+    assert h.broker.admission.penalty_left(ATTACKER) > 0
+    # another source is not affected: the honest agent enrols (from 127.0.0.1)
+    conn, _ = await h.enrol(session.id, secret)
+    conn.close()
+    # after the penalty the source may try again; the next penalty is twice as long
+    await asyncio.sleep(1.7)
+    for _ in range(5):
+        assert await _fail_login(h, ATTACKER, session.id) == "denied"
+    left = h.broker.admission.penalty_left(ATTACKER)
+    assert 2.0 < left <= 3.0, left
+    record("penalties", threshold=5, first_penalty_s=1.5, second_penalty_s=round(left, 2))
+
+
+async def test_many_attempts_on_one_connection_are_cut_off(make_broker):
+    h = await make_broker(penalty_threshold=0)
+    session, _ = await h.session()
+    attempts = 0
+
+    class Client(asyncssh.SSHClient):
+        def password_auth_requested(self):
+            nonlocal attempts
+            attempts += 1
+            return f"enrol wrong{attempts} ssh-ed25519 AAAA" if attempts < 50 else None
+
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.ConnectionLost, asyncssh.DisconnectError)):
+        await asyncssh.connect("127.0.0.1", h.broker.ssh_port, username=session.id, client_factory=Client,
+                               client_keys=None, preferred_auth="password", **h._opts())
+    assert attempts <= 7
+
+
+# -- channel cap -----------------------------------------------------------------------------
+async def test_hub_api_channels_capped_per_connection(make_broker):
+    hold = await _hold_server()
+    h = await make_broker(hub_server=hold, penalty_threshold=0, max_hub_api_channels=64)
+    session, secret = await h.session()
+    conn, _ = await h.enrol(session.id, secret)
+    streams = [await conn.open_connection("127.0.0.1", h.hub_api_port) for _ in range(64)]
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_connection("127.0.0.1", h.hub_api_port)
+    # the control channel is not a hub-API channel and still opens
+    await conn.open_connection(CONTROL_HOST, CONTROL_PORT)
+    _, w = streams.pop()
+    w.close()
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        try:
+            streams.append(await conn.open_connection("127.0.0.1", h.hub_api_port))
+            break
+        except asyncssh.ChannelOpenError:
+            continue
+    else:
+        raise AssertionError("a closed channel did not free its slot")
+    conn.close()
+
+
+# -- log injection ---------------------------------------------------------------------------
+HOSTILE_NAMES = [
+    "a" * 255,
+    "rtl\u202etxt.exe",
+    "emoji😀user",
+    "evil\n2030-01-01 [critical ] FORGED broker line",
+    "cr\rFORGED",
+    "esc\x1b[31mred\x1b[0m",
+    "nul\x00byte",
+]
+
+
+async def _login_with_raw_username(h: HostileHarness, name: str) -> str:
+    """Send *name* as the SSH user name as is (asyncssh's client would SASLprep it first)."""
+
+    class RawName(asyncssh.SSHClient):
+        def connection_made(self, conn):
+            conn._username = name  # what goes on the wire in USERAUTH_REQUEST
+
+    try:
+        conn = await h.connect_from(ATTACKER, username="placeholder", client_factory=RawName,
+                                    password="enrol x ssh-ed25519 AAAA", client_keys=None, preferred_auth="password")
+        conn.close()
+        return "logged in?!"
+    except asyncssh.PermissionDenied:
+        return "denied"  # reached the broker's check, which refused it
+    except asyncssh.IllegalUserName:
+        return "illegal user name"  # refused by the SSH layer (SASLprep) before the broker's code
+    except (asyncssh.Error, OSError) as exc:
+        return f"closed ({type(exc).__name__})"
+
+
+async def test_hostile_usernames_are_escaped_in_broker_logs(make_broker):
+    buf = io.StringIO()
+    broker_log.configure("INFO", stream=buf)
+    outcomes = {}
+    try:
+        h = await make_broker(penalty_threshold=0)
+        for name in HOSTILE_NAMES:
+            outcomes[name] = await _login_with_raw_username(h, name)
+            # a session for that user too: the REST side logs the user name
+            session, _ = await h.broker.create_session(name, "", f"/user/{url_escape_path(name)}/")
+            await h.broker.close_session(session.id, "test")
+    finally:
+        broker_log.configure("INFO", stream=sys.stderr)
+    assert outcomes["a" * 255] == "denied"
+    assert not [n for n, o in outcomes.items() if o == "logged in?!"]
+    # control characters and bidi overrides never reach broker code over SSH
+    for name in HOSTILE_NAMES[1:]:
+        assert outcomes[name] in ("illegal user name", "denied") or outcomes[name].startswith("closed"), outcomes
+    text = buf.getvalue()
+    lines = text.splitlines()
+    assert len(lines) >= 2 * len(HOSTILE_NAMES), "expected the registrations and closes to be logged"
+    assert not [ln for ln in lines if "FORGED" in ln and "session" not in ln], "a forged line"
+    for ln in lines:
+        assert ln.isprintable(), repr(ln)
+    for bad in ("\u202e", "\x1b", "\x00", "\r"):
+        assert bad.encode().decode("unicode_escape") not in text
+    assert "a" * 256 not in text  # fields are capped
+    assert "emoji😀user" in text  # printable Unicode is kept readable
+    record("log injection", outcomes={repr(n)[:40]: o for n, o in outcomes.items()})
