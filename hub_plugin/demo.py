@@ -44,6 +44,8 @@ c.Authenticator.allow_all = True
 c.JupyterHub.services = [{{"name": "stack-admin", "api_token": os.environ["STACK_ADMIN_TOKEN"]}}]
 c.JupyterHub.load_roles = [{{"name": "admin", "services": ["stack-admin"]}}]
 c.JupyterHub.spawner_class = {spawner_class!r}
+import hub_plugin.options
+c.JupyterHub.template_paths = [hub_plugin.options.TEMPLATE_DIR]  # home page: walltime left
 c.BrokerSpawnerMixin.broker_url = {broker_url!r}
 c.LocalBrokerSpawner.spool_dir = {spool!r}
 c.LocalBrokerSpawner.cancel_grace = 3.0
