@@ -1,0 +1,159 @@
+"""Log in users from a header set by a trusted front end, e.g. a Shibboleth SP (see
+docs/shibboleth.md).
+
+The front end (Apache/nginx with the Shibboleth SP module) authenticates the browser and
+forwards each request with the identity in a header (``REMOTE_USER``, ``X-Remote-User``, or the
+eppn attribute). :class:`RemoteUserAuthenticator` believes that header only when the request
+comes from an address in ``trusted_proxies``, maps the value to a JupyterHub user name with
+``identity_regex`` (``alice@uni.example`` -> ``alice``; values that do not match are refused),
+and logs the user in at ``/hub/login`` without a form.
+
+Source address: JupyterHub runs behind configurable-http-proxy, which appends the address it
+received the connection from to ``X-Forwarded-For``. The source is therefore the **last**
+``X-Forwarded-For`` entry (earlier entries and ``X-Real-Ip`` are client-controlled and ignored)
+- or the hub's direct TCP peer when the header is absent - and the hub's direct peer must be
+trusted too (``trusted_hub_peers``, default loopback: CHP). Keep the hub's own port unreachable
+from anything but the proxy (``c.JupyterHub.hub_ip = "127.0.0.1"``).
+
+    c.JupyterHub.authenticator_class = "hub_plugin.auth_header.RemoteUserAuthenticator"
+    c.RemoteUserAuthenticator.header_name = "X-Remote-User"
+    c.RemoteUserAuthenticator.trusted_proxies = ["10.0.0.5/32"]      # the SP host(s)
+    c.RemoteUserAuthenticator.identity_regex = r"(?P<username>[a-z0-9._-]+)@uni\\.example"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from jupyterhub.auth import Authenticator
+from jupyterhub.handlers import BaseHandler
+from tornado import web
+from traitlets import List, Unicode, default, validate
+
+MAX_HEADER_LEN = 256
+
+
+def _networks(values: list[str], name: str) -> list[ipaddress._BaseNetwork]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError as e:
+            raise ValueError(f"RemoteUserAuthenticator.{name}: {v!r} is not an address or "
+                             f"CIDR network ({e})") from None
+    return out
+
+
+def _in(addr: str, nets: list[ipaddress._BaseNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.strip().strip("[]"))
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in n for n in nets)
+
+
+class RemoteUserLoginHandler(BaseHandler):
+    """``GET /hub/login``: log in from the header, then go to ``next`` (or the user's home)."""
+
+    async def get(self):
+        user = await self.login_user()
+        if user is None:  # authenticate() raised for the clear cases; this is e.g. not allowed
+            raise web.HTTPError(403, "user is not allowed to use this hub")
+        self.redirect(self.get_next_url(user))
+
+    post = get
+
+
+class RemoteUserAuthenticator(Authenticator):
+    """Trust a user-name header from configured front-end addresses (Shibboleth SP, ...)."""
+
+    header_name = Unicode(
+        "REMOTE_USER",
+        help="Request header that carries the authenticated identity. With Apache + mod_shib, "
+        "forward it with `RequestHeader set X-Remote-User %{REMOTE_USER}e` (and use "
+        "'X-Remote-User' here); never let a client-supplied copy through.",
+    ).tag(config=True)
+
+    trusted_proxies = List(
+        Unicode(),
+        ["127.0.0.1/32", "::1/128"],
+        help="Addresses/CIDR networks of the front ends allowed to assert the header (the host "
+        "running the Shibboleth SP). Requests from anywhere else are refused (403), header or not.",
+    ).tag(config=True)
+
+    trusted_hub_peers = List(
+        Unicode(),
+        ["127.0.0.1/32", "::1/128"],
+        help="Addresses that may connect to the hub itself (configurable-http-proxy).",
+    ).tag(config=True)
+
+    identity_regex = Unicode(
+        r"(?P<username>.+)",
+        help="Regular expression that must match the WHOLE header value; its group "
+        "'username' is the JupyterHub user name. E.g. r'(?P<username>[a-z0-9._-]+)@uni\\.example' "
+        "maps the eppn 'alice@uni.example' to 'alice' and refuses other scopes. The default "
+        "keeps the value unchanged.",
+    ).tag(config=True)
+
+    @validate("identity_regex")
+    def _check_regex(self, proposal):
+        try:
+            rx = re.compile(proposal.value)
+        except re.error as e:
+            raise ValueError(f"RemoteUserAuthenticator.identity_regex: not a valid regular "
+                             f"expression ({e})") from None
+        if "username" not in rx.groupindex:
+            raise ValueError("RemoteUserAuthenticator.identity_regex: needs a group named "
+                             "'username', e.g. (?P<username>[^@]+)@uni\\.example")
+        return proposal.value
+
+    @validate("trusted_proxies", "trusted_hub_peers")
+    def _check_nets(self, proposal):
+        _networks(proposal.value, proposal.trait.name)
+        return proposal.value
+
+    @default("auto_login")
+    def _auto_login_default(self):
+        return True
+
+    def source_address(self, handler) -> tuple[str, str]:
+        """(hub's direct TCP peer, the address that sent the request to the proxy)."""
+        req = handler.request
+        peer = getattr(req.connection.context, "_orig_remote_ip", None) or req.remote_ip or ""
+        xff = req.headers.get("X-Forwarded-For", "")
+        source = xff.split(",")[-1].strip() if xff.strip() else peer
+        return peer, source
+
+    def identity_from(self, handler) -> str:
+        """Check the source and the header; return the mapped user name or raise HTTPError."""
+        peer, source = self.source_address(handler)
+        if not _in(peer, _networks(self.trusted_hub_peers, "trusted_hub_peers")):
+            self.log.warning("remote-user login refused: hub peer %.64r is not trusted", peer)
+            raise web.HTTPError(403, "request did not come through the trusted proxy")
+        if not _in(source, _networks(self.trusted_proxies, "trusted_proxies")):
+            self.log.warning("remote-user login refused: source %.64r is not in trusted_proxies",
+                             source)
+            raise web.HTTPError(403, "login is only possible through the institution's "
+                                     "single sign-on front end")
+        value = handler.request.headers.get(self.header_name, "")
+        if not value:
+            raise web.HTTPError(401, f"no identity from the single sign-on front end "
+                                     f"(header {self.header_name} missing)")
+        if len(value) > MAX_HEADER_LEN or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            self.log.warning("remote-user login refused: malformed %s header", self.header_name)
+            raise web.HTTPError(403, "malformed identity header")
+        m = re.fullmatch(self.identity_regex, value)
+        if not m or not m.group("username"):
+            self.log.warning("remote-user login refused: %.64r does not match identity_regex",
+                             value)
+            raise web.HTTPError(403, "this identity is not accepted here")
+        return m.group("username")
+
+    async def authenticate(self, handler, data=None):
+        return self.identity_from(handler)
+
+    def get_handlers(self, app):
+        return [("/login", RemoteUserLoginHandler)]
