@@ -34,7 +34,8 @@ What differs from batchspawner's ``SlurmSpawner``:
   environment travels over the channel's stdin, never on the remote command line.
 * **Identity**: ``submit_as = "service"`` (default) submits every job as the account the hub
   (or the login-node SSH user) runs as, with each user's home at ``home_root/<name>``;
-  ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>``
+  ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>
+  --gid=<primary group>``
   (needs root or Slurm's SlurmUser on the submit host).
 """
 
@@ -63,8 +64,7 @@ _RUNNING_LIKE = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "R
 DEFAULT_BATCH_SCRIPT = """#!/bin/bash
 #SBATCH --job-name={{job_name}}
 #SBATCH --output={{output_file}}
-{% if homedir %}#SBATCH --chdir={{homedir}}
-{% endif %}{% if partition %}#SBATCH --partition={{partition}}
+{% if partition %}#SBATCH --partition={{partition}}
 {% endif %}{% if account %}#SBATCH --account={{account}}
 {% endif %}{% if qos %}#SBATCH --qos={{qos}}
 {% endif %}{% if reservation %}#SBATCH --reservation={{reservation}}
@@ -80,11 +80,34 @@ DEFAULT_BATCH_SCRIPT = """#!/bin/bash
 # sbatch --export: they are never written into this script.
 set -eu
 export PATH={{path}}"${PATH:+:$PATH}"
-{{prologue}}
+{% if homedir %}# the user's home (created on first use: a service account's homes live under home_root)
+mkdir -p -m 0700 {{homedir}}
+export HOME={{homedir}}
+cd {{homedir}}
+{% endif %}{{prologue}}
 {% if srun %}{{srun}} {{cmd}}
 {% else %}exec {{cmd}}
 {% endif %}{{epilogue}}
 """
+
+
+class _LimitedRunner:
+    """A runner that lets at most ``limit`` commands run at once (one SSH channel each)."""
+
+    def __init__(self, runner: LoginNodeRunner, limit: int):
+        self.inner = runner
+        self._sem = asyncio.Semaphore(limit)
+
+    @property
+    def _closed(self) -> bool:
+        return self.inner._closed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def run(self, argv, input=None, env=None, timeout=None):
+        async with self._sem:
+            return await self.inner.run(argv, input=input, env=env, timeout=timeout)
 
 
 class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
@@ -186,6 +209,12 @@ class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
     login_node_port = Integer(22, help="SSH port of the login node.").tag(config=True)
     login_node_user = Unicode("", help="SSH user on the login node (the submitting account).").tag(config=True)
     login_node_key_file = Unicode("", help="Private key file for the login node.").tag(config=True)
+    login_node_max_sessions = Integer(
+        8,
+        help="Most commands run at once over the shared login-node connection (each is one SSH "
+        "session channel). Keep it below the login node's sshd MaxSessions (OpenSSH default 10): "
+        "sshd refuses channels beyond it, and the runner then reconnects, losing commands in flight.",
+    ).tag(config=True)
     login_node_known_hosts = Unicode(
         "", help="known_hosts file holding the login node's host key (required: keys are always verified)."
     ).tag(config=True)
@@ -216,10 +245,10 @@ class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
                     raise RuntimeError("SlurmBrokerSpawner.login_node_key_file must be set with login_node_host")
                 if not self.login_node_known_hosts:
                     raise RuntimeError("SlurmBrokerSpawner.login_node_known_hosts must be set with login_node_host")
-                runner = LoginNodeRunner(
+                runner = _LimitedRunner(LoginNodeRunner(
                     self.login_node_host, port=self.login_node_port, username=self.login_node_user or None,
                     client_keys=[self.login_node_key_file], known_hosts=self.login_node_known_hosts, log=self.log,
-                )
+                ), max(1, self.login_node_max_sessions))
             self._runners[key] = runner
         return runner
 
@@ -285,6 +314,7 @@ class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
         safe_user = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.user.name)[:64]
         subvars["output_file"] = os.path.join(out_dir, f"jupyterhub-{safe_user}-%j.log")
         subvars["path"] = shlex.quote(self.req_path) if self.req_path else '""'
+        subvars["homedir"] = shlex.quote(self.req_homedir) if self.req_homedir else ""
         return subvars
 
     user_options_allowed = Unicode(
@@ -320,6 +350,11 @@ class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
         extra = f" --export={','.join(names)}"
         if self.submit_as == "user":
             extra += f" --uid={shlex.quote(self.user.name)}"
+            # without --gid the job keeps the submitter's group (root's!)
+            try:
+                extra += f" --gid={pwd.getpwnam(self.user.name).pw_gid}"
+            except KeyError:
+                extra += f" --gid={shlex.quote(self.user.name)}"  # user private group on the cluster
         saved = self.batch_submit_cmd
         # the traitlet is per instance: add the options for this submit only
         self.batch_submit_cmd = saved + extra

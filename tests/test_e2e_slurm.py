@@ -1,0 +1,451 @@
+"""End to end on a REAL single-node Slurm: JupyterHub + CHP + broker + SlurmBrokerSpawner, the
+node agent in a real Slurm job, and a real jupyterhub-singleuser.
+
+* Slurm: if ``squeue`` does not answer, the module fixture runs ``scripts/slurm.sh start``
+  (idempotent; apt-installs Slurm when missing). Every job gets the per-run job name
+  ``JOB_TAG``; a fixture scancels leftovers after each test.
+* ``squeue`` calls are counted by a wrapper ``squeue`` first on the hub's PATH that appends one
+  line per invocation to a log file and execs the real one.
+* Remote submission uses a private sshd on 127.0.0.1 (tests/sshd.py) as the "login node".
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from hub_plugin.demo import Stack
+
+from conftest import ARTIFACTS, tool_path, wait_until
+from e2e import Hub
+from sshd import sshd  # noqa: F401  (module fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM_SH = REPO / "scripts" / "slurm.sh"
+JOB_TAG = f"e2e-slurm-{uuid.uuid4().hex[:8]}"
+SLURM_POLL_INTERVAL = 1.0
+TIMINGS: dict[str, list[float]] = {}
+
+
+def _real(cmd: str) -> str:
+    for d in ("/usr/bin", "/usr/local/bin", "/bin"):
+        if os.access(os.path.join(d, cmd), os.X_OK):
+            return os.path.join(d, cmd)
+    found = shutil.which(cmd)
+    if not found:
+        pytest.skip(f"{cmd} not installed")
+    return found
+
+
+def _sh(*argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def _squeue_answers() -> bool:
+    try:
+        return _sh(_real("squeue"), "-h", "-o", "%i", timeout=10).returncode == 0
+    except (subprocess.TimeoutExpired, OSError, pytest.skip.Exception):
+        return False
+
+
+def _job_state(job_id: str) -> str:
+    """Slurm's state of the job ('' once it is purged)."""
+    out = _sh(_real("squeue"), "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
+    return out
+
+
+def _live_jobs() -> list[str]:
+    out = _sh(_real("squeue"), "-h", "-n", JOB_TAG, "-t", "PENDING,RUNNING,CONFIGURING,COMPLETING", "-o", "%i").stdout
+    return out.split()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if not _squeue_answers():
+        if os.geteuid() != 0:
+            pytest.skip("Slurm is not running and starting it needs root")
+        r = subprocess.run(["bash", str(SLURM_SH), "start"], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"slurm.sh start failed:\n{r.stdout}\n{r.stderr}"
+    assert _squeue_answers()
+    yield
+    _sh(_real("scancel"), "-n", JOB_TAG)
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs(slurm_cluster):
+    yield
+    _sh(_real("scancel"), "-n", JOB_TAG)
+
+
+def _hub_config(workdir: str, extra: str = "", out_dir: str = "") -> str:
+    out_dir = out_dir or os.path.join(workdir, "slurm-out")
+    os.makedirs(out_dir, exist_ok=True)
+    os.chmod(out_dir, 0o1777)  # the job's user writes its output here
+    return "\n".join([
+        f"c.SlurmBrokerSpawner.req_job_name = {JOB_TAG!r}",
+        f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}",
+        'c.SlurmBrokerSpawner.req_runtime = "30"',
+        "c.SlurmBrokerSpawner.req_walltime_warning = 120",
+        f"c.SlurmBrokerSpawner.slurm_poll_interval = {SLURM_POLL_INTERVAL}",
+        extra,
+    ])
+
+
+def _collect_logs(stack: Stack, name: str) -> None:
+    dest = os.path.join(ARTIFACTS, name)
+    os.makedirs(dest, exist_ok=True)
+    for log in glob.glob(os.path.join(stack.logs, "*.log")) + glob.glob(os.path.join(stack.workdir, "slurm-out", "*.log")):
+        subprocess.run(["cp", log, dest])
+
+
+@pytest.fixture(scope="module")
+def squeue_log(tmp_path_factory):
+    """A wrapper squeue first on PATH (for the hub started by this module) logging each call."""
+    bindir = tmp_path_factory.mktemp("squeue-wrapper")
+    log = bindir / "calls.log"
+    log.write_text("")
+    wrapper = bindir / "squeue"
+    wrapper.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {log}\nexec {_real("squeue")} "$@"\n')
+    wrapper.chmod(0o755)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{tool_path()}"
+    yield log
+    os.environ["PATH"] = old
+
+
+def _calls(log: Path) -> list[float]:
+    return [float(line.split()[0]) for line in log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def stack(slurm_cluster, squeue_log, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("slurm-stack"))
+    s = Stack(workdir, poll_interval=1, reconcile_interval=1.0,
+              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        _collect_logs(s, "e2e-slurm-logs")
+        spawns = TIMINGS.get("spawn", [])
+        if spawns:
+            print(f"\n[slurm] single spawns to ready: median {statistics.median(spawns):.1f} s over {len(spawns)}: "
+                  + ", ".join(f"{t:.1f}" for t in spawns))
+
+
+@pytest.fixture(scope="module")
+def hub(stack):
+    return Hub(stack)
+
+
+def _spawn_timed(hub: Hub, user: str, timeout: float = 180) -> float:
+    t = hub.spawn(user, timeout=timeout)
+    TIMINGS.setdefault("spawn", []).append(t)
+    return t
+
+
+# -- the basic path ----------------------------------------------------------------------------
+
+
+def test_spawn_status_kernel_stop_on_slurm(hub, stack):
+    user = "ada"
+    t = _spawn_timed(hub, user)
+    print(f"\n[slurm] spawn to ready: {t:.1f} s")
+    status, body = hub.through_proxy(user, "api/status")
+    assert status == 200, body
+    _, result = hub.run_code(user, "1+1")
+    assert result == "2"
+
+    session = hub.session_of(user)
+    job_id = session["job_id"]
+    assert session["state"] == "ready" and job_id
+    assert _job_state(job_id) == "RUNNING"
+    assert hub.proxy_routes()[f"/user/{user}"]["target"] == session["target"]
+    # the job was given only the spawner's variables, by name; the batch script holds no values
+    script = _sh("scontrol", "write", "batch_script", job_id, "-").stdout
+    assert "exec node-agent run --" in script and "--signal=B:USR1@120" in script
+    assert "BROKER_ENROL_SECRET" not in script and "JUPYTERHUB_API_TOKEN" not in script
+    show = _sh("scontrol", "show", "job", job_id).stdout
+    assert "BROKER_ENROL_SECRET=" not in show and "JUPYTERHUB_API_TOKEN=" not in show
+
+    # Slurm's walltime warning (simulated at once with scancel --signal): the agent reports it
+    _sh("scancel", "--batch", "--signal=USR1", job_id, check=True)
+    wait_until(lambda: hub.broker(f"/api/sessions/{session['id']}")[1].get("walltime_warning"), 15,
+               what="walltime warning in the broker's session")
+
+    hub.stop(user)
+    assert f"/user/{user}" not in hub.proxy_routes()
+    wait_until(lambda: _job_state(job_id) in ("", "CANCELLED", "COMPLETED"), 20, what="job to leave squeue")
+    assert job_id not in _live_jobs()
+    assert hub.broker(f"/api/sessions/{session['id']}")[1]["state"] == "closed"
+
+
+def _progress_messages(stack: Stack, user: str, want: str, timeout: float) -> list[str]:
+    """Read the hub's progress event stream until a message containing ``want`` arrives."""
+    url = f"{stack.hub_api_url}/users/{user}/server/progress"
+    req = urllib.request.Request(url, headers={"Authorization": f"token {stack.admin_token}"})
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        while time.monotonic() < deadline:
+            line = r.readline().decode()
+            if not line:
+                break
+            if line.startswith("data:"):
+                msg = json.loads(line[5:]).get("message", "")
+                messages.append(msg)
+                if want in msg:
+                    return messages
+    raise AssertionError(f"no progress message with {want!r}; got {messages}")
+
+
+def test_pending_job_shows_reason_and_is_cancelled_on_stop(hub, stack):
+    user = "pat"
+    hub.api(hub.user_path(user), "POST")
+    # a job that cannot start for an hour: the user option goes into "#SBATCH {{options}}"
+    status, body = hub.api(hub.user_path(user) + "/server", "POST", {"options": "--begin=now+1hour"})
+    assert status == 202, (status, body)
+    messages = _progress_messages(stack, user, "pending", 30)
+    pending = [m for m in messages if "pending" in m][0]
+    assert "BeginTime" in pending and "estimated start" in pending, pending
+    job_id = pending.split()[1]
+    assert _job_state(job_id) == "PENDING"
+
+    t0 = time.monotonic()
+    hub.stop(user)
+    wait_until(lambda: _job_state(job_id) in ("", "CANCELLED"), 15, what="pending job cancelled")
+    print(f"\n[slurm] stop of a pending job: cancelled after {time.monotonic() - t0:.1f} s")
+    assert hub.session_of(user)["state"] == "closed"
+
+
+def test_external_scancel_is_noticed_and_route_removed(hub, stack):
+    user = "sam"
+    _spawn_timed(hub, user)
+    job_id = hub.session_of(user)["job_id"]
+    key = f"/user/{user}"
+    assert key in hub.proxy_routes()
+    t0 = time.monotonic()
+    _sh("scancel", job_id, check=True)
+
+    def gone() -> bool:
+        _, info = hub.api(hub.user_path(user))
+        return not info.get("servers") and key not in hub.proxy_routes()
+
+    wait_until(gone, 30, interval=0.2, what="hub to notice the cancelled job and drop the route")
+    print(f"\n[slurm] external scancel -> server gone and route removed in {time.monotonic() - t0:.1f} s")
+    assert hub.session_of(user)["state"] == "closed"
+    assert hub.through_proxy(user, "api/status")[0] != 200
+
+
+def test_hub_restart_keeps_running_server(hub, stack):
+    user = "hal"
+    _spawn_timed(hub, user)
+    kernel_id, _ = hub.run_code(user, "x = 6 * 7\nx")
+    session = hub.session_of(user)
+
+    stack.stop_service("hub")
+    stack.start_hub()
+    wait_until(lambda: hub.through_proxy(user, "api/status")[0] == 200, 30, interval=0.5,
+               what="server usable through CHP after the hub restart")
+    _, info = hub.api(hub.user_path(user))
+    assert info["servers"][""]["ready"]
+    state = info["servers"][""].get("state") or {}
+    if state:  # admin view includes the spawner state
+        assert state.get("job_id") == session["job_id"] and state.get("session_id") == session["id"]
+    after = hub.session_of(user)
+    assert after["id"] == session["id"] and after["state"] == "ready"
+    assert _job_state(session["job_id"]) == "RUNNING"
+    _, result = hub.run_code(user, "x", kernel_id=kernel_id)
+    assert result == "42"
+    hub.stop(user)
+    wait_until(lambda: _job_state(session["job_id"]) in ("", "CANCELLED"), 20, what="job cancelled after stop")
+
+
+def test_twenty_sessions_one_squeue_per_interval(hub, stack, squeue_log):
+    """20 concurrent real jupyterhub-singleuser servers in Slurm jobs for a minute.
+
+    The hub polls every spawner each second (Stack poll_interval=1): stock batchspawner would
+    run ~20 squeue per second; the shared poller runs at most one per slurm_poll_interval.
+    """
+    users = [f"u{i:02d}" for i in range(20)]
+    calls_before = len(_calls(squeue_log))
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(users)) as pool:
+        times = list(pool.map(lambda u: hub.spawn(u, timeout=300), users))
+    spawn_wall = time.monotonic() - t0
+    spawn_calls = len(_calls(squeue_log)) - calls_before
+    for u in users:
+        assert hub.through_proxy(u, "api/status")[0] == 200, u
+
+    window = 60.0
+    start = time.time()
+    time.sleep(window)
+    end = time.time()
+    in_window = [c for c in _calls(squeue_log) if start <= c <= end]
+    allowed = window / SLURM_POLL_INTERVAL + 1
+    print(f"\n[slurm] 20 concurrent spawns: wall {spawn_wall:.1f} s, per spawn median "
+          f"{statistics.median(times):.1f} s (max {max(times):.1f}); squeue calls during spawning: {spawn_calls}; "
+          f"steady {window:.0f} s: {len(in_window)} squeue calls (allowed <= {allowed:.0f}; "
+          f"stock batchspawner would need ~{20 * window:.0f})")
+    assert len(in_window) <= allowed
+    assert len(in_window) >= window / SLURM_POLL_INTERVAL / 2  # it does poll
+    live = _live_jobs()
+    assert len(live) == 20
+    for u in users:
+        assert hub.through_proxy(u, "api/status")[0] == 200, u
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        list(pool.map(hub.stop, users))
+    wait_until(lambda: not _live_jobs(), 30, what="all 20 jobs gone from squeue")
+
+
+# -- remote submission through a login node -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def remote_stack(slurm_cluster, sshd, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("slurm-remote-stack"))
+    extra = "\n".join([
+        'c.SlurmBrokerSpawner.login_node_host = "127.0.0.1"',
+        f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
+        'c.SlurmBrokerSpawner.login_node_user = "root"',
+        f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
+        f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
+    ])
+    s = Stack(workdir, poll_interval=2, reconcile_interval=1.0,
+              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir, extra))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        _collect_logs(s, "e2e-slurm-remote-logs")
+
+
+def test_remote_submission_ten_spawns_one_ssh_connection(remote_stack, sshd):
+    hub = Hub(remote_stack)
+    accepted0 = sshd.accepted()
+    users = [f"r{i}" for i in range(10)]
+    with ThreadPoolExecutor(len(users)) as pool:
+        times = list(pool.map(lambda u: hub.spawn(u, timeout=240), users))
+    print(f"\n[slurm] 10 spawns via login node: median {statistics.median(times):.1f} s, max {max(times):.1f} s")
+    for u in users:
+        assert hub.through_proxy(u, "api/status")[0] == 200, u
+        assert _job_state(hub.session_of(u)["job_id"]) == "RUNNING"
+    with ThreadPoolExecutor(len(users)) as pool:
+        list(pool.map(hub.stop, users))
+    wait_until(lambda: not _live_jobs(), 30, what="all jobs cancelled over SSH")
+    time.sleep(0.3)
+    # sbatch x10, squeue, scancel x10: all over ONE SSH connection
+    assert sshd.accepted() - accepted0 == 1, sshd.accepted() - accepted0
+    # the job environment went over the channel: no secret in sshd's DEBUG3 log
+    log = sshd.log.read_text(errors="replace")
+    assert "BROKER_ENROL_SECRET=" not in log and "JUPYTERHUB_API_TOKEN=" not in log
+
+
+
+
+# -- identity models ---------------------------------------------------------------------------
+
+
+def _identity_stack(tmp_path_factory, name: str, extra: str) -> Stack:
+    workdir = str(tmp_path_factory.mktemp(name))
+    # outside pytest's 0700 tmp tree: the job's (non-root) user must write its output here
+    out_dir = f"/tmp/{JOB_TAG}-{name}-out"
+    os.makedirs(out_dir, exist_ok=True)
+    # the Stack's notebook_dir is inside its 0700 work dir: serve the job's cwd (the home) instead
+    extra += '\nc.Spawner.notebook_dir = ""'
+    return Stack(workdir, poll_interval=2, reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+                 extra_hub_config=_hub_config(workdir, extra, out_dir=out_dir))
+
+
+@pytest.fixture(scope="module")
+def unix_user():
+    """A real Unix account (useradd), removed afterwards."""
+    import pwd
+
+    import sys
+
+    name = "jh" + uuid.uuid4().hex[:8]
+    _sh("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
+    # On these machines the venv's python links into /root/.pyenv and /root is 0700: a real
+    # user's job could not start node-agent. Grant traversal (o+x, no listing) on /root for the
+    # test's duration only, and restore the mode afterwards.
+    restore = None
+    if _sh("runuser", "-u", name, "--", sys.executable, "-c", "1").returncode != 0:
+        mode = os.stat("/root").st_mode & 0o7777
+        if not mode & 0o001:
+            os.chmod("/root", mode | 0o001)
+            restore = mode
+    try:
+        if _sh("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub").returncode != 0:
+            pytest.fail(f"{sys.executable} cannot be run by a normal user here")
+        yield pwd.getpwnam(name)
+    finally:
+        if restore is not None:
+            os.chmod("/root", restore)
+        _sh("pkill", "-KILL", "-u", name)
+        time.sleep(0.5)
+        _sh("userdel", "-r", name)
+
+
+def test_per_user_accounts_jobs_run_as_the_user(slurm_cluster, unix_user, tmp_path_factory):
+    """submit_as='user': sbatch --uid=<name>; the job, the agent and the kernel run as that uid."""
+    stack = _identity_stack(tmp_path_factory, "per-user", 'c.SlurmBrokerSpawner.submit_as = "user"')
+    try:
+        stack.start()
+        hub = Hub(stack)
+        user = unix_user.pw_name
+        hub.spawn(user, timeout=180)
+        job_id = hub.session_of(user)["job_id"]
+        assert _sh(_real("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == user
+        _, result = hub.run_code(user, "import os; (os.getuid(), os.getgid(), os.environ['HOME'], os.getcwd())")
+        assert result == repr((unix_user.pw_uid, unix_user.pw_gid, unix_user.pw_dir, unix_user.pw_dir))
+        assert os.path.exists(f"/tmp/{JOB_TAG}-per-user-out/jupyterhub-{user}-{job_id}.log")
+        hub.stop(user)
+        wait_until(lambda: _job_state(job_id) in ("", "CANCELLED"), 20, what="job cancelled")
+    finally:
+        stack.stop()
+        _collect_logs(stack, "e2e-slurm-per-user-logs")
+
+
+def test_shared_service_account_homes_under_root(slurm_cluster, tmp_path_factory):
+    """submit_as='service' + home_root: every job runs as the hub's account, each user in
+    home_root/<name> (created 0700 by the job on first use)."""
+    home_root = f"/tmp/{JOB_TAG}-homes"
+    os.makedirs(home_root, exist_ok=True)
+    stack = _identity_stack(tmp_path_factory, "service", f"c.SlurmBrokerSpawner.home_root = {home_root!r}")
+    try:
+        stack.start()
+        hub = Hub(stack)
+        users = ["svc-a", "svc-b"]
+        for u in users:
+            hub.spawn(u, timeout=180)
+        me = _sh("id", "-un").stdout.strip()
+        for u in users:
+            job_id = hub.session_of(u)["job_id"]
+            assert _sh(_real("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == me
+            _, result = hub.run_code(u, "import os; (os.environ['HOME'], os.getcwd())")
+            home = os.path.join(home_root, u)
+            assert result == repr((home, home))
+            assert os.stat(home).st_mode & 0o777 == 0o700
+        for u in users:
+            hub.stop(u)
+    finally:
+        stack.stop()
+        _collect_logs(stack, "e2e-slurm-service-logs")
+        shutil.rmtree(home_root, ignore_errors=True)
