@@ -1,0 +1,232 @@
+"""The user's path in a real browser (Debian's chromium, headless, driven by playwright):
+log in through the shared-password form, choose resources in the options form, watch the
+progress messages on the pending page, get JupyterLab, run ``1+1`` in a notebook, see the
+walltime on the home page, stop the server from the hub's control panel. And: an invalid
+choice in the form comes back as a message in the form.
+
+Screenshots go to ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hub_plugin.demo import Stack
+
+from conftest import ARTIFACTS, tool_path, wait_until
+from e2e import Hub
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = os.path.join(ARTIFACTS, "browser")
+
+PROFILES = [{"name": "small", "display_name": "Small", "description": "1 CPU, 1 GB, 30 minutes",
+             "req_nprocs": "1", "req_memory": "1G", "req_runtime": "0:30:00"}]
+
+# Records every progress event the pending page receives (the page shows each one), across
+# navigations, through a binding the test exposes.
+RECORD_PROGRESS = """
+(() => {
+  const Orig = window.EventSource;
+  if (!Orig || Orig.__recorded) return;
+  function Recorded(url, opts) {
+    const es = new Orig(url, opts);
+    es.addEventListener("message", (e) => { try { window.recordProgress(e.data); } catch (err) {} });
+    return es;
+  }
+  Recorded.prototype = Orig.prototype;
+  Recorded.__recorded = true;
+  window.EventSource = Recorded;
+})();
+"""
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium (installed with apt if missing) and PyPI's playwright."""
+    if not os.path.exists(CHROMIUM):
+        if os.geteuid() != 0:
+            pytest.fail(f"{CHROMIUM} is missing and installing it needs root: apt-get install chromium")
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium"], check=True,
+                       stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], check=True)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    os.environ["PATH"] = tool_path()
+    os.makedirs(SHOTS, exist_ok=True)
+    for old in glob.glob(os.path.join(SHOTS, "*.png")):
+        os.unlink(old)
+    s = Stack(str(tmp_path_factory.mktemp("browser")), poll_interval=2, extra_hub_config=(
+        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
+        # always show the pending page (a fast spawn would otherwise skip it)
+        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
+        f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
+        # so that the home page's warning shows for a 45-minute session
+        "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"))
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        dest = os.path.join(ARTIFACTS, "browser-logs")
+        os.makedirs(dest, exist_ok=True)
+        for log in glob.glob(os.path.join(s.logs, "*.log")):
+            shutil.copy(log, dest)
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+def login(context, stack, user: str):
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(stack.public_url + "/hub/login")
+    page.fill("#username_input", user)
+    page.fill("#password_input", stack.password)
+    shot(page, f"{user}-01-login")
+    page.click("#login_submit")
+    page.wait_for_load_state()
+    return page
+
+
+def test_login_options_progress_lab_and_stop(chromium, stack):
+    hub = Hub(stack)
+    user = "alice"
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    events: list[dict] = []
+    context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
+    context.add_init_script(RECORD_PROGRESS)
+    try:
+        page = login(context, stack, user)
+        page.goto(stack.public_url + "/hub/spawn")
+        # the form generated from this machine, with the admin's profile
+        page.wait_for_selector("#hpc-partition")
+        assert page.locator("#hpc-partition option").first.get_attribute("value") == "local"
+        assert "Small" in page.inner_text("form#spawn_form")
+        assert "CPUs" in page.inner_text("#hpc-limits")
+        page.check("#hpc-profile-custom")
+        page.fill("#hpc-nprocs", "1")
+        page.fill("#hpc-memory", "1")
+        page.fill("#hpc-ngpus", "0")
+        page.fill("#hpc-runtime", "0:45")
+        page.select_option("#hpc-image", "compute")
+        shot(page, f"{user}-02-options")
+        page.click("#spawn_form button[type=submit]")
+
+        # the pending page shows the progress messages
+        page.wait_for_url("**/hub/spawn-pending/**")
+        page.wait_for_function("document.querySelectorAll('#progress-log .progress-log-event').length > 0")
+        page.evaluate("document.getElementById('progress-details').open = true")
+        shot(page, f"{user}-03-pending")
+        page.wait_for_url(f"**/user/{user}/lab**", timeout=120_000)
+
+        messages = [e.get("message", "") for e in events]
+        expected = ["Registering the session", "Submitting the batch job", "submitted to the queue",
+                    "running on", "Tunnel connected", "Server ready after", "Server ready at"]
+        positions = []
+        for want in expected:
+            idx = next((i for i, m in enumerate(messages) if want in m), None)
+            assert idx is not None, f"{want!r} not among the progress messages: {messages}"
+            positions.append(idx)
+        assert positions == sorted(positions), f"progress out of order: {messages}"
+        progress = [e["progress"] for e in events if "progress" in e]
+        assert progress == sorted(progress) and progress[-1] == 100, events
+        assert not any(e.get("failed") for e in events), events
+        with open(os.path.join(SHOTS, f"{user}-progress.json"), "w") as f:
+            json.dump(events, f, indent=1)
+
+        # the options reached the job
+        session = hub.session_of(user)
+        script = open(os.path.join(hub.job_dir(session["job_id"]), "script")).read()
+        assert "JUPYTERHUB_WALLTIME_END" in script and "+ 2700" in script, script
+        _, env = hub.run_code(user, "import os; (os.environ.get('JUPYTERHUB_IMAGE'), "
+                                    "os.environ.get('JUPYTERHUB_WALLTIME_SECONDS'), "
+                                    "bool(os.environ.get('JUPYTERHUB_WALLTIME_END')))")
+        assert env == "('compute', '2700', True)", env
+
+        # JupyterLab: a new notebook, 1+1 -> 2
+        page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
+        shot(page, f"{user}-04-lab")
+        page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
+        cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+        cell.wait_for(timeout=60_000)
+        cell.click()
+        page.keyboard.type("1+1")
+        page.keyboard.press("Shift+Enter")
+        out = page.locator(".jp-OutputArea-output").first
+        out.wait_for(timeout=90_000)
+        wait_until(lambda: out.inner_text().strip() == "2", 30, what="cell output 2")
+        shot(page, f"{user}-05-notebook")
+
+        # the hub's home page: time left and the warning; stop from there
+        page.goto(stack.public_url + "/hub/home")
+        page.wait_for_selector("#walltime")
+        text = page.inner_text("#walltime")
+        assert "Time left:" in text and "min" in text, text
+        assert page.is_visible("#walltime-warning"), text
+        shot(page, f"{user}-06-home")
+        page.click("#stop")
+        wait_until(lambda: not hub.api(hub.user_path(user))[1].get("servers"), 60, interval=0.5,
+                   what="server to stop")
+        assert f"/user/{user}" not in hub.proxy_routes()
+        page.wait_for_selector("#stop", state="hidden", timeout=30_000)
+        page.reload()
+        assert not page.is_visible("#walltime")
+        assert "Start My Server" in page.inner_text("#start")
+        shot(page, f"{user}-07-stopped")
+        assert hub.broker(f"/api/sessions/{session['id']}")[1]["state"] == "closed"
+    finally:
+        context.close()
+
+
+def test_invalid_choice_is_shown_in_the_form(chromium, stack):
+    hub = Hub(stack)
+    user = "bob"
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = login(context, stack, user)
+        page.goto(stack.public_url + "/hub/spawn")
+        page.check("#hpc-profile-custom")
+        page.fill("#hpc-runtime", "99")  # hours; the local backend allows 24
+        page.click("#spawn_form button[type=submit]")
+        err = page.wait_for_selector(".spawn-error-msg")
+        text = err.inner_text()
+        assert "Walltime" in text and "at most 24 h" in text, text
+        assert "Traceback" not in page.content()
+        shot(page, f"{user}-01-invalid-walltime")
+        # the form is shown again, usable
+        page.check("#hpc-profile-custom")
+        page.fill("#hpc-runtime", "1")
+        page.select_option("#hpc-image", "gpu")  # this machine offers no GPUs
+        page.click("#spawn_form button[type=submit]")
+        text = page.wait_for_selector(".spawn-error-msg").inner_text()
+        assert "GPU image needs at least one GPU" in text, text
+        shot(page, f"{user}-02-invalid-gpu")
+        _, info = hub.api(hub.user_path(user))
+        assert not info.get("servers"), info  # nothing was started
+    finally:
+        context.close()
