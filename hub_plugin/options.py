@@ -516,7 +516,7 @@ def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] |
         nprocs=esc(str(cur.get("nprocs") or d.nprocs)), memory=esc(mem), ngpus=esc(str(cur.get("ngpus", d.ngpus) or 0)),
         runtime=esc(str(runtime)), image_options=iopts,
         limits=esc(f"{sel_part.name}: {sel_part.summary()}" if sel_part else ""),
-        limits_json=json.dumps(limits).replace("</", "<\\/"), custom=CUSTOM)
+        limits_json=json.dumps(limits).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"), custom=CUSTOM)
 
 
 # -- the spawner mixin -------------------------------------------------------------------------
