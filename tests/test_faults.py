@@ -267,7 +267,7 @@ def test_broker_sigterm_during_large_transfer_is_graceful(hub, stack):
     rc = proc.wait(20)
     stop_s = time.monotonic() - t0
     stack.procs.pop("broker")
-    t.join(30)
+    t.join(5)  # the client sees the stream cut (or a read timeout); it is not what we test
     log = stack.log_text("broker")
     assert rc == 0, log[-3000:]
     for bad in ("Task was destroyed", "Traceback", "Exception in callback", "was never awaited"):
