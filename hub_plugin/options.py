@@ -35,7 +35,7 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from traitlets import Bool, Dict, Float, List, Unicode, default

@@ -3,9 +3,7 @@ walltime bookkeeping, and the order of the spawn progress stages (with a scripte
 
 from __future__ import annotations
 
-import asyncio
 import time
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
