@@ -156,3 +156,33 @@ def test_slow_reader_does_not_grow_broker_memory(hub, stack):
     os.unlink(big)
     # the session is healthy afterwards
     assert hub.through_proxy(user, "api/status")[0] == 200
+
+
+def test_real_agent_enrols_during_slowloris(hub, stack):
+    """200 idle pre-auth connections from 127.0.0.2 while a real job's agent (127.0.0.1) enrols."""
+    idle = []
+    refused_at_once = 0
+    try:
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", stack.ssh_port), timeout=5, source_address=("127.0.0.2", 0))
+            idle.append(c)
+        time.sleep(0.5)
+        for c in idle:  # which ones did the broker drop straight away (over the per-source cap)?
+            c.setblocking(False)
+            try:
+                refused_at_once += c.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                refused_at_once += 1
+        t0 = time.monotonic()
+        hub.spawn("during-slowloris")
+        spawn_s = time.monotonic() - t0
+    finally:
+        for c in idle:
+            c.close()
+    assert refused_at_once >= 200 - 64, "the default per-source cap (64) should have dropped the rest"
+    assert hub.through_proxy("during-slowloris", "api/status")[0] == 200
+    record("slowloris vs real agent", idle_connections=200, refused_at_once=refused_at_once,
+           spawn_to_ready_s=round(spawn_s, 2))
+    hub.stop("during-slowloris")
