@@ -425,6 +425,7 @@ def test_per_user_accounts_jobs_run_as_the_user(slurm_cluster, unix_user, tmp_pa
     finally:
         stack.stop()
         _collect_logs(stack, "e2e-slurm-per-user-logs")
+        shutil.rmtree(f"/tmp/{JOB_TAG}-per-user-out", ignore_errors=True)
 
 
 def test_shared_service_account_homes_under_root(slurm_cluster, tmp_path_factory):
@@ -453,3 +454,4 @@ def test_shared_service_account_homes_under_root(slurm_cluster, tmp_path_factory
         stack.stop()
         _collect_logs(stack, "e2e-slurm-service-logs")
         shutil.rmtree(home_root, ignore_errors=True)
+        shutil.rmtree(f"/tmp/{JOB_TAG}-service-out", ignore_errors=True)
