@@ -384,7 +384,13 @@ class LoginNodeRunner:
                     conn.create_process(_REMOTE_WRAPPER, encoding="utf-8", errors="replace"),
                     self.connect_timeout,
                 )
-            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError, asyncio.TimeoutError) as e:
+            except asyncssh.ChannelOpenError as e:
+                # sshd refused this channel (e.g. MaxSessions): the connection is fine, keep it
+                if attempt:
+                    raise RunnerError(f"cannot open a session on {self.host}: {_describe(e)}") from None
+                await asyncio.sleep(0.2)
+                continue
+            except (asyncssh.ConnectionLost, OSError, asyncio.TimeoutError) as e:
                 # the command has not started: safe to retry once on a fresh connection
                 if conn is self._conn:
                     self.drop_connection()
