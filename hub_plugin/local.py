@@ -175,9 +175,9 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
                 format_template(self.batch_submit_cmd, **subvars),
             )
         ).strip()
-        subvars["cmd"] = self.cmd_formatted_for_batch()
-        if hasattr(self, "user_options"):
-            subvars.update(self.user_options)
+        subvars.update({k: str(v) for k, v in (getattr(self, "user_options", None) or {}).items()
+                        if k not in ("cmd", "prologue", "epilogue")})
+        subvars["cmd"] = self.cmd_formatted_for_batch()  # never overridable by user options
         script = await self._get_batch_script(**subvars)
         env = self.get_env()
         self.log.info("Spawner submitting command: %s", cmd)

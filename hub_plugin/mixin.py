@@ -88,6 +88,27 @@ class BrokerSpawnerMixin(LoggingConfigurable):
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
 
+    user_options_allowed = Unicode(
+        "partition,account,qos,reservation,runtime,memory,nprocs,ngpus,gres,profile,image",
+        help="Comma-separated user_options keys that may fill batch-script template values "
+        "(from an options form or the REST API body). Others are ignored, and values must be "
+        "single lines, so users cannot replace the command or add script lines.",
+    ).tag(config=True)
+
+    def _checked_user_options(self) -> dict[str, str]:
+        """The user's options that may reach the batch script (deny by default)."""
+        allowed = {k.strip() for k in self.user_options_allowed.split(",") if k.strip()}
+        out: dict[str, str] = {}
+        for key, value in (getattr(self, "user_options", None) or {}).items():
+            if key not in allowed:
+                self.log.warning("%s: ignoring user option %r (not in user_options_allowed)", self._log_name, str(key)[:40])
+                continue
+            value = str(value)
+            if "\n" in value or "\r" in value or len(value) > 500:
+                raise ValueError(f"user option {key!r} must be one line of at most 500 characters")
+            out[key] = value
+        return out
+
     # -- batch script --------------------------------------------------------------------
     def cmd_formatted_for_batch(self) -> str:
         """The agent followed by the server command, each word shell-quoted."""
@@ -104,9 +125,8 @@ class BrokerSpawnerMixin(LoggingConfigurable):
         """Submit like batchspawner does, minus its logging of the environment and script."""
         subvars = self.get_req_subvars()
         cmd = " ".join((format_template(self.exec_prefix, **subvars), format_template(self.batch_submit_cmd, **subvars)))
-        subvars["cmd"] = self.cmd_formatted_for_batch()
-        if getattr(self, "user_options", None):
-            subvars.update(self.user_options)
+        subvars.update(self._checked_user_options())
+        subvars["cmd"] = self.cmd_formatted_for_batch()  # after the options: never overridable
         script = await self._get_batch_script(**subvars)
         self.log.info("%s: submitting job: %s", self._log_name, cmd)
         out = await self.run_command(cmd, input=script, env=self.get_env())

@@ -51,7 +51,7 @@ IMAGES = {"compute": "Compute (CPU)", "gpu": "GPU"}
 FIELDS = ("partition", "nprocs", "memory", "ngpus", "runtime", "image")
 #: Profile keys: display fields plus the req_* overrides (and image).
 PROFILE_KEYS = {"name", "display_name", "description", "req_partition", "req_nprocs", "req_memory",
-                "req_ngpus", "req_runtime", "image"}
+                "req_ngpus", "req_runtime", "req_options", "image"}
 CUSTOM = "custom"
 
 
@@ -716,6 +716,15 @@ class ResourceOptionsMixin(LoggingConfigurable):
             err = web.HTTPError(400, str(e))
             err.jupyterhub_message = str(e)
             raise err from None
+        # extra batch options come only from the admin's profile, never from the request
+        if not hasattr(self, "_configured_req_options"):
+            self._configured_req_options = getattr(self, "req_options", "")
+        extra = self._configured_req_options
+        prof = next((p for p in check_profiles(self.profiles) if p["name"] == opts.get("profile")), None)
+        if prof is not None and prof.get("req_options"):
+            extra = " ".join(str(prof["req_options"]).split())
+        if hasattr(self, "req_options"):
+            self.req_options = extra
         self.req_partition = opts["partition"]
         self.req_nprocs = opts["nprocs"]
         self.req_memory = opts["memory"]

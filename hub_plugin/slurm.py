@@ -53,6 +53,7 @@ from batchspawner.batchspawner import JobStatus
 from traitlets import Enum, Float, Integer, Unicode, default
 
 from .mixin import BrokerSpawnerMixin
+from .options import ResourceOptionsMixin
 from .remote import LocalRunner, LoginNodeRunner, RunnerError
 from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
 
@@ -110,7 +111,7 @@ class _LimitedRunner:
             return await self.inner.run(argv, input=input, env=env, timeout=timeout)
 
 
-class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
+class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner):
     """Slurm through the broker (see the module docstring).
 
     Resource options (each ``req_xyz`` is ``{{xyz}}`` in ``batch_script``):
@@ -316,26 +317,6 @@ class SlurmBrokerSpawner(BrokerSpawnerMixin, SlurmSpawner):
         subvars["path"] = shlex.quote(self.req_path) if self.req_path else '""'
         subvars["homedir"] = shlex.quote(self.req_homedir) if self.req_homedir else ""
         return subvars
-
-    user_options_allowed = Unicode(
-        "partition,account,qos,reservation,runtime,memory,nprocs,ngpus,gres,options",
-        help="Comma-separated user_options keys that may override req_* values in the batch "
-        "script (e.g. from an options form or the REST API body). Others are ignored, and "
-        "values must be single lines, so users cannot replace the command or add script lines.",
-    ).tag(config=True)
-
-    def _checked_user_options(self) -> Dict[str, str]:
-        allowed = {k.strip() for k in self.user_options_allowed.split(",") if k.strip()}
-        out: Dict[str, str] = {}
-        for key, value in (getattr(self, "user_options", None) or {}).items():
-            if key not in allowed:
-                self.log.warning("%s: ignoring user option %r (not in user_options_allowed)", self._log_name, str(key)[:40])
-                continue
-            value = str(value)
-            if "\n" in value or "\r" in value or len(value) > 500:
-                raise ValueError(f"user option {key!r} must be one line of at most 500 characters")
-            out[key] = value
-        return out
 
     async def submit_batch_script(self) -> str:
         saved_options = getattr(self, "user_options", None)

