@@ -17,6 +17,7 @@ Sequence (DESIGN.md steps 4-5):
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import asyncssh
+from asyncssh.forward import SSHForwarder
 
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.tunnel import SessionListener, Tunnel  # asyncssh-only module
@@ -118,7 +120,7 @@ class Agent:
             self.s.enrol_secret = ""  # spent: forget it
         self.conn = conn
         try:
-            listener = await conn.forward_remote_port_to_path("127.0.0.1", 0, self.sock_path)
+            listener = await conn.create_server(lambda _h, _p: self._to_server(), "127.0.0.1", 0)
             _, self.control = await conn.create_connection(_Control, CONTROL_HOST, CONTROL_PORT)
         except (asyncssh.Error, OSError) as exc:
             conn.close()
@@ -133,6 +135,26 @@ class Agent:
         watcher = asyncio.get_running_loop().create_task(self._watch(conn))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
+
+    async def _to_server(self) -> Any:
+        """Connect one hub-side channel to the server's unix socket.
+
+        A unix socket whose listen backlog is full refuses at once (EAGAIN, which asyncio reports
+        as EINVAL) instead of queueing the connection like TCP does, so a burst of new
+        connections (e.g. 1,000 clients) would fail some channels; retry those briefly.
+        """
+        loop = asyncio.get_running_loop()
+        delay = 0.01
+        for attempt in range(9):  # about 2.5 s in all
+            try:
+                _, peer = await loop.create_unix_connection(SSHForwarder, self.sock_path)
+                return SSHForwarder(peer)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EINVAL) or attempt == 8:
+                    raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
 
     async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
         await conn.wait_closed()

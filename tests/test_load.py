@@ -186,3 +186,41 @@ def test_real_agent_enrols_during_slowloris(hub, stack):
     record("slowloris vs real agent", idle_connections=200, refused_at_once=refused_at_once,
            spawn_to_ready_s=round(spawn_s, 2))
     hub.stop("during-slowloris")
+
+
+def test_agent_retries_unix_connect_while_the_server_backlog_is_full(tmp_path):
+    """A burst larger than the server's listen backlog: unix sockets refuse at once (no queueing
+    like TCP); the agent retries briefly instead of failing the channel (a 503 through CHP)."""
+    from node_agent.agent import Agent
+
+    path = str(tmp_path / "s.sock")
+
+    async def main() -> int:
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen(2)
+        srv.setblocking(False)
+        agent = Agent.__new__(Agent)
+        agent.sock_path = path
+
+        async def accept_slowly() -> None:  # a busy server: accepts a few per 50 ms
+            loop = asyncio.get_running_loop()
+            accepted = []
+            while len(accepted) < 40:
+                await asyncio.sleep(0.05)
+                for _ in range(4):
+                    try:
+                        accepted.append(srv.accept()[0])
+                    except BlockingIOError:
+                        break
+            del loop
+            for c in accepted:
+                c.close()
+
+        acceptor = asyncio.ensure_future(accept_slowly())
+        results = await asyncio.gather(*[agent._to_server() for _ in range(40)], return_exceptions=True)
+        acceptor.cancel()
+        srv.close()
+        return sum(not isinstance(r, BaseException) for r in results)
+
+    assert asyncio.run(main()) == 40
