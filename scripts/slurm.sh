@@ -18,6 +18,11 @@
 #                    hierarchies are mounted. linuxproc cannot clean up processes that double-fork.
 #   SLURM_OVERSUBSCRIBE  jobs allowed to share one core (default 32). Slurm gives each job whole
 #                    cores, so without this a 2-core machine runs only 2 jobs at a time.
+#   SLURM_ACCOUNTING=1  also install and start MariaDB (private datadir $SLURM_BASE/db, unix socket
+#                    only) and slurmdbd, so that `sacct` works (job accounting via jobacct_gather/linux).
+#                    Default 0: no accounting storage (`sacct` says "accounting storage is disabled").
+#                    Switching a running cluster needs `restart`. tests/test_accounting.py uses it
+#                    inside a private mount+network namespace (its own cluster, next to the shared one).
 set -euo pipefail
 
 BASE=${SLURM_BASE:-/tmp/slurm-dev}
@@ -35,6 +40,9 @@ if [ -z "${SLURM_PROCTRACK:-}" ]; then
 fi
 if [ "$SLURM_PROCTRACK" = cgroup ]; then TASKPLUGIN=task/cgroup; else TASKPLUGIN=task/none; fi
 PKGS=(munge slurmctld slurmd slurm-client)
+ACCT=${SLURM_ACCOUNTING:-0}
+MYSOCK=/run/mysqld/mysqld.sock
+if [ "$ACCT" = 1 ]; then PKGS+=(slurmdbd mariadb-server); fi
 
 log() { echo "[slurm.sh] $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -88,6 +96,12 @@ start_munge() {
 }
 
 write_conf() {
+    local ACCT_LINES
+    if [ "$ACCT" = 1 ]; then
+        ACCT_LINES=$'JobAcctGatherType=jobacct_gather/linux\nAccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=localhost\nAccountingStoragePort=6819'
+    else
+        ACCT_LINES=$'JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none'
+    fi
     mkdir -p "$BASE"/{state,spool,log}
     chmod 0755 "$BASE" "$BASE"/{state,spool,log}
     local tmp="$BASE/slurm.conf.new"
@@ -108,8 +122,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 # Run the main scheduler every second (default 60 s) so new jobs start within ~1 s.
 SchedulerParameters=sched_interval=1
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+$ACCT_LINES
 JobCompType=jobcomp/none
 ReturnToService=2
 SlurmctldPort=6817
@@ -157,6 +170,43 @@ wait_ready() {
     fi
 }
 
+start_accounting() {
+    # MariaDB (private datadir under $BASE, unix socket only, no networking) + slurmdbd
+    install -d -o mysql -g mysql "$BASE/dblog" /run/mysqld
+    if [ ! -d "$BASE/db/mysql" ]; then
+        install -d -o mysql -g mysql "$BASE/db"
+        mysql_install_db --user=mysql --datadir="$BASE/db" --auth-root-authentication-method=socket \
+            >"$BASE/dblog/install_db.log" 2>&1 || { cat "$BASE/dblog/install_db.log" >&2; die "mysql_install_db failed"; }
+    fi
+    if ! alive "$BASE/dblog/mariadbd.pid"; then
+        # mariadbd does not daemonize by itself
+        setsid mariadbd --user=mysql --datadir="$BASE/db" --socket=$MYSOCK --skip-networking \
+            --pid-file="$BASE/dblog/mariadbd.pid" --log-error="$BASE/dblog/mariadb.err" </dev/null >/dev/null 2>&1 &
+    fi
+    for _ in $(seq 1 150); do mysqladmin --socket=$MYSOCK ping >/dev/null 2>&1 && break; sleep 0.2; done
+    mysql --socket=$MYSOCK -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+        CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmpw';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';" || die "MariaDB did not come up; see $BASE/dblog"
+    cat >/etc/slurm/slurmdbd.conf <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdPort=6819
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageLoc=slurm_acct_db
+StorageUser=slurm
+StoragePass=slurmpw
+LogFile=$BASE/dblog/slurmdbd.log
+PidFile=$BASE/dblog/slurmdbd.pid
+DebugLevel=info
+EOF
+    chmod 0600 /etc/slurm/slurmdbd.conf   # slurmdbd refuses a world-readable config with a password
+    alive "$BASE/dblog/slurmdbd.pid" || slurmdbd
+    for _ in $(seq 1 150); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.2; done
+    sacctmgr -n list cluster format=cluster | grep -qw dev || sacctmgr -i add cluster dev >/dev/null
+}
+
 start() {
     need_root
     local t0
@@ -169,6 +219,7 @@ start() {
         return 0
     fi
     write_conf
+    if [ "$ACCT" = 1 ]; then start_accounting; fi
     alive "$BASE/slurmctld.pid" || slurmctld -f /etc/slurm/slurm.conf        # daemonizes
     alive "$BASE/slurmd.pid" || slurmd -f /etc/slurm/slurm.conf -N "$NODE"   # daemonizes
     wait_ready
@@ -201,8 +252,10 @@ stop() {
     fi
     stop_pid slurmd "$BASE/slurmd.pid"
     stop_pid slurmctld "$BASE/slurmctld.pid"
+    stop_pid slurmdbd "$BASE/dblog/slurmdbd.pid"   # SLURM_ACCOUNTING=1 only; no-op otherwise
+    stop_pid mariadbd "$BASE/dblog/mariadbd.pid"
     stop_pid munged /run/munge/munged.pid
-    if [ "${1:-}" = --clean ]; then rm -rf "$BASE"/{state,spool,log}; fi
+    if [ "${1:-}" = --clean ]; then rm -rf "$BASE"/{state,spool,log,db,dblog}; fi
     log "stopped"
 }
 
