@@ -160,9 +160,9 @@ def test_broker_kill9_with_several_sessions(hub, stack):
         assert delays[u], f"{u}: agent did not log its retries:\n{tail}"
         assert max(delays[u]) <= 4.0 + 1e-6, "delay above the configured cap"
     # jitter: the agents did not retry in lock-step
-    firsts = [d[0] for d in delays.values()]
-    seconds = [d[1] for d in delays.values() if len(d) > 1]
-    assert len(set(firsts)) == len(firsts) and (len(set(seconds)) == len(seconds)), delays
+    # (delays are logged to 0.01 s, so two agents may share one value by chance, not a sequence)
+    sequences = [tuple(d[:3]) for d in delays.values()]
+    assert len(set(sequences)) == len(sequences) and len({d[0] for d in delays.values()}) > 1, delays
     record("broker kill -9", sessions=len(users), down_s=down, all_routes_back_s=round(back_after, 2),
            retry_delays={u: d[:6] for u, d in delays.items()})
     for u in users:
