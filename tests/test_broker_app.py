@@ -167,7 +167,7 @@ class Served:
         self.errf = open(self.tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
         self.proc = subprocess.Popen([PY, "-m", "broker.app", *self.args], cwd=self.tmp_path, env=self.env,
                                      stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # generous: CI machines are busy
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"broker serve exited {self.proc.returncode}: {self.output()}")
