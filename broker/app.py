@@ -201,18 +201,20 @@ async def serve(app: BrokerApp) -> None:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         api_url = f"http://{app.api_host}:{port}"
-    with open(os.path.join(app.state_dir, "api_url.tmp"), "w") as f:
-        f.write(api_url + "\n")
-    os.replace(os.path.join(app.state_dir, "api_url.tmp"), os.path.join(app.state_dir, "api_url"))
-    with open(os.path.join(app.state_dir, "ssh_port.tmp"), "w") as f:
-        f.write(f"{broker.ssh_port}\n")
-    os.replace(os.path.join(app.state_dir, "ssh_port.tmp"), os.path.join(app.state_dir, "ssh_port"))
-    log.info("serving", api=api_url, ssh=f"{app.ssh_host}:{broker.ssh_port}", fingerprint=broker.fingerprint)
-
+    # signals become a graceful stop from here on (before anyone is told we are ready)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # ssh_port first: api_url is the "ready" signal readers wait for
+    with open(os.path.join(app.state_dir, "ssh_port.tmp"), "w") as f:
+        f.write(f"{broker.ssh_port}\n")
+    os.replace(os.path.join(app.state_dir, "ssh_port.tmp"), os.path.join(app.state_dir, "ssh_port"))
+    with open(os.path.join(app.state_dir, "api_url.tmp"), "w") as f:
+        f.write(api_url + "\n")
+    os.replace(os.path.join(app.state_dir, "api_url.tmp"), os.path.join(app.state_dir, "api_url"))
+    log.info("serving", api=api_url, ssh=f"{app.ssh_host}:{broker.ssh_port}", fingerprint=broker.fingerprint)
+
     await stop.wait()
     log.info("stopping on signal")
     await runner.cleanup()

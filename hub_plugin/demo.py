@@ -68,6 +68,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortReservations:
+    """Loopback ports held by bound (not listening) sockets until the service that needs them
+    starts, so that nothing else (e.g. the broker's own port-0 binds) takes them meanwhile."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, socket.socket] = {}
+
+    def take(self) -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        self._held[port] = s
+        return port
+
+    def release(self, *ports: int) -> None:
+        for port in ports:
+            s = self._held.pop(port, None)
+            if s is not None:
+                s.close()
+
+    def release_all(self) -> None:
+        self.release(*list(self._held))
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,12 +116,16 @@ class Stack:
                  extra_hub_config: str = "", broker_ssh_host: str = "127.0.0.1"):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
-        self.public_port = public_port or free_port()
-        self.proxy_api_port = free_port()
-        self.hub_port = free_port()
+        self._fixed_public_port = bool(public_port)
+        self.ports = PortReservations()
+        self.public_port = public_port or self.ports.take()
+        self.proxy_api_port = self.ports.take()
+        self.hub_port = self.ports.take()
         # fixed for the stack's life: agents and the hub reconnect to them after a broker restart
-        self.ssh_port = free_port()
-        self.broker_api_port = free_port()
+        # 0 on the first start (the broker binds a free port and reports it); the same ports on
+        # restarts, so agents and the hub find the broker again
+        self.ssh_port = 0
+        self.broker_api_port = 0
         self.password = password or secrets.token_urlsafe(12)
         self.proxy_token = secrets.token_hex(32)
         self.broker_token = secrets.token_hex(32)
@@ -146,14 +174,31 @@ class Stack:
 
     # -- services ------------------------------------------------------------------------
     def start_proxy(self) -> None:
+        """Start CHP; on its first start, retry on fresh ports if a picked port was taken meanwhile."""
+        for attempt in range(3):
+            try:
+                return self._start_proxy_once()
+            except RuntimeError:
+                if self.procs.get("proxy") is not None or attempt == 2 or getattr(self, "_proxy_started", False):
+                    raise
+                self.public_port = self.ports.take() if not self._fixed_public_port else self.public_port
+                self.proxy_api_port = self.ports.take()
+
+    def _start_proxy_once(self) -> None:
         chp = shutil.which("configurable-http-proxy", path=self.env()["PATH"])
         if not chp:
             raise RuntimeError("configurable-http-proxy not found on PATH (make chp installs it into .node/)")
+        self.ports.release(self.public_port, self.proxy_api_port)
         proc = self._spawn("proxy", [chp, "--ip", "127.0.0.1", "--port", str(self.public_port),
                                      "--api-ip", "127.0.0.1", "--api-port", str(self.proxy_api_port),
                                      "--default-target", f"http://127.0.0.1:{self.hub_port}",
                                      "--error-target", f"http://127.0.0.1:{self.hub_port}/hub/error"])
-        wait_http(self.proxy_api_url + "/api/routes", 30, proc, "configurable-http-proxy")
+        try:
+            wait_http(self.proxy_api_url + "/api/routes", 30, proc, "configurable-http-proxy")
+        except RuntimeError:
+            self.procs.pop("proxy", None)
+            raise
+        self._proxy_started = True
 
     def start_broker(self) -> None:
         url_file = os.path.join(self.broker_state, "api_url")
@@ -173,6 +218,9 @@ class Stack:
                 raise TimeoutError("broker did not start within 30s")
             time.sleep(0.05)
         self.broker_url = open(url_file).read().strip()
+        self.broker_api_port = int(self.broker_url.rsplit(":", 1)[1])
+        with open(os.path.join(self.broker_state, "ssh_port")) as f:
+            self.ssh_port = int(f.read().strip())
 
     def write_hub_config(self) -> str:
         path = os.path.join(self.workdir, "jupyterhub_config.py")
@@ -190,6 +238,7 @@ class Stack:
 
     def start_hub(self) -> None:
         config = self.write_hub_config()
+        self.ports.release(self.hub_port)
         proc = self._spawn("hub", [sys.executable, "-m", "jupyterhub", "-f", config])
         wait_http(self.hub_api_url, 60, proc, "jupyterhub")
         wait_http(self.public_url + "/hub/api", 30, proc, "jupyterhub through the proxy")
@@ -212,6 +261,7 @@ class Stack:
             proc.wait(5)
 
     def stop(self) -> None:
+        self.ports.release_all()
         for name in ("hub", "broker", "proxy"):
             self.stop_service(name)
         # jobs of the local backend are their own sessions: cancel any that remain

@@ -51,7 +51,7 @@ RECORD_PROGRESS = """
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not session: playwright's sync API keeps an event loop running while open
 def chromium():
     """Debian's chromium (installed with apt if missing) and PyPI's playwright."""
     if not os.path.exists(CHROMIUM):

@@ -79,6 +79,22 @@ def python_binds() -> list[str]:
     return out
 
 
+def tmp_bind_workdir(workdir: Path) -> list[str]:
+    """With --contain, the container's /tmp and /var/tmp are private and empty, so a checkout or
+    venv that lives under them (a CI clone in /tmp, say) cannot be bound at its own path. Give
+    Apptainer a --workdir whose tmp/ and var_tmp/ hold empty mount points for those binds; the
+    container's /tmp stays private to the job."""
+    needed = [b.split(":")[0] for b in python_binds()]
+    under_tmp = [p for p in needed if p.startswith(("/tmp/", "/var/tmp/"))]
+    if not under_tmp:
+        return []
+    for p in under_tmp:
+        sub = "tmp" if p.startswith("/tmp/") else "var_tmp"
+        rel = p[len("/tmp/"):] if sub == "tmp" else p[len("/var/tmp/"):]
+        (workdir / sub / rel).mkdir(parents=True, exist_ok=True)
+    return ["--workdir", str(workdir)]
+
+
 def _system_libs_of_prefixes(prefixes: list[str]) -> list[str]:
     """Shared libraries outside the prefixes that their extension modules (and python) need."""
     files = []
@@ -134,7 +150,7 @@ image = "{image}"
 contain = "contain-pid"
 home = "/home/jovyan"
 binds = {binds}
-extra_args = ["--env", "PATH={bindir}:/usr/local/bin:/usr/bin:/bin"]
+extra_args = ["--env", "PATH={bindir}:/usr/local/bin:/usr/bin:/bin"{workdir}]
 inner_command = ["{bindir}/node-agent", "run"]
 """
 
@@ -153,7 +169,8 @@ def apptainer_stack(tmp_path_factory):
     config = work / "hpc-config.toml"
     binds = "[" + ", ".join(f'"{b}"' for b in python_binds()) + "]"
     config.write_text(HPC_CONFIG.format(scratch=scratch, image=image, binds=binds,
-                                        bindir=os.path.dirname(sys.executable)))
+                                        bindir=os.path.dirname(sys.executable),
+                                        workdir="".join(f', "{a}"' for a in tmp_bind_workdir(work / "container-workdir"))))
     s = Stack(str(work / "stack"), extra_hub_config=(
         f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
         "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"

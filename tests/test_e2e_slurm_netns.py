@@ -68,13 +68,13 @@ def test_spawn_from_an_outbound_only_node(node_net, tmp_path_factory, slurm_clus
                   spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
                   extra_hub_config=_hub_config(workdir, "c.SlurmBrokerSpawner.agent_command = "
                                                + repr(" ".join(net.prefix()) + " node-agent run --")))
-    _firewall(net, stack.ssh_port)
     # a listener on the hub-side address that is NOT the broker: the node must not reach it
     decoy = socket.socket()
     decoy.bind((net.hub_ip, free_port()))
     decoy.listen()
     try:
         stack.start()
+        _firewall(net, stack.ssh_port)  # the broker's SSH port is known once it has bound it
         assert not _node_can_connect(net, net.hub_ip, decoy.getsockname()[1])
         assert not _node_can_connect(net, "127.0.0.1", stack.hub_port)  # the hub API is not reachable
         assert _node_can_connect(net, net.hub_ip, stack.ssh_port)  # only the broker's SSH port

@@ -35,7 +35,7 @@ import pytest
 from node_agent import hpc_config as hc
 from node_agent import launch as la
 
-from test_e2e_apptainer import REPO, build_image, ensure_apptainer, python_binds
+from test_e2e_apptainer import REPO, build_image, ensure_apptainer, python_binds, tmp_bind_workdir
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(400)]
 
@@ -77,6 +77,7 @@ def make_config(tmp_path: Path, image: Path, extra_binds: list[str] = (), env: d
     extra_env = ["--env", f"PATH={os.path.dirname(sys.executable)}:/usr/bin:/bin"]
     for k, v in (env or {}).items():
         extra_env += ["--env", f"{k}={v}"]
+    extra_env += tmp_bind_workdir(tmp_path / "container-workdir")
     cfg = hc.config_from_dict({
         "storage": {"scratch_dir": str(scratch)},
         "overlay": {"enabled": False},
