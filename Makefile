@@ -36,7 +36,7 @@ test: venv chp sysdeps
 clean:
 	rm -rf $(VENV) $(NODE_PREFIX) demo-state
 
-## Benchmarks: tunnel vs OpenSSH vs direct (each also behind CHP), spawn-to-ready, scale (docs/benchmarks.md)
+## Benchmarks: tunnel vs OpenSSH vs direct (each also behind CHP), spawn-to-ready (local; Slurm vs batchspawner), squeue load, scale 10k (docs/benchmarks.md)
 BENCH_ARGS ?=
 bench: venv chp
 	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m bench $(BENCH_ARGS)

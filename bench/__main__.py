@@ -1,12 +1,17 @@
-"""``python -m bench`` (``make bench``): tunnel, spawn-to-ready and scale figures in one run.
+"""``python -m bench`` (``make bench``): every benchmark in one run (~12-15 min on 2 cores).
 
+Parts: tunnel vs OpenSSH, spawn-to-ready (local backend), spawn-to-ready on real Slurm vs stock
+batchspawner, scheduler load (squeue calls/min with 100 sessions), scale (10k agents).
 Writes bench/results/summary.json and summary.md. Options::
 
-    --full            1 GiB transfers instead of 256 MiB
-    --scale N         simulated agents for the scale part (default 1000; 0 skips it)
-    --spawns N        spawns per spawner (default 5; 0 skips the spawn part)
-    --skip-tunnel     skip the tunnel part
-    --out DIR         results directory (default bench/results)
+    --full              1 GiB transfers instead of 256 MiB
+    --scale N[,N...]    simulated agents for the scale part, one run per N (default 1000,10000; 0 skips)
+    --spawns N          spawns per spawner, local backend (default 5; 0 skips)
+    --slurm-spawns N    spawns per spawner on Slurm (default 5; 0 skips)
+    --skip-squeue       skip the scheduler-load part (100 held Slurm jobs, 60 s)
+    --skip-slurm        skip both Slurm parts
+    --skip-tunnel       skip the tunnel part
+    --out DIR           results directory (default bench/results)
 """
 
 from __future__ import annotations
@@ -94,12 +99,29 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         s["spawn_to_ready_local_median_s"] = sp["broker_local"]["median_s"]
         s["spawn_to_ready_localprocess_median_s"] = sp["localprocess"]["median_s"]
         s["spawn_to_ready_ratio_vs_localprocess"] = _ratio(sp["broker_local"]["median_s"], sp["localprocess"]["median_s"])
-    sc = res.get("scale")
-    if sc:
+    ss = res.get("spawn_slurm")
+    if ss and "skipped" not in ss:
+        s["spawn_to_ready_slurm_median_s"] = ss["broker_slurm"]["median_s"]
+        s["spawn_to_ready_batchspawner_median_s"] = ss["batchspawner"]["median_s"]
+        s["spawn_ratio_vs_batchspawner"] = _ratio(ss["broker_slurm"]["median_s"], ss["batchspawner"]["median_s"])
+    elif ss:
+        s["spawn_ratio_vs_batchspawner"] = None
+        s["spawn_slurm_skipped"] = ss["skipped"]
+    sq = res.get("squeue_load")
+    if sq and "skipped" not in sq:
+        s["squeue_calls_per_min_100_sessions"] = sq["ours_per_min"]
+        s["squeue_calls_per_min_100_sessions_batchspawner"] = sq["batchspawner_per_min"]
+    elif sq:
+        s["squeue_calls_per_min_100_sessions"] = s["squeue_calls_per_min_100_sessions_batchspawner"] = None
+        s["squeue_load_skipped"] = sq["skipped"]
+    for sc in res.get("scale_runs") or ([res["scale"]] if res.get("scale") else []):
         tag = "1k" if sc["n"] == 1000 else f"{sc['n'] // 1000}k" if sc["n"] % 1000 == 0 else str(sc["n"])
         s[f"broker_rss_mib_{tag}"] = sc["broker_rss_mib"]
         s[f"reconnect_storm_{tag}_s"] = sc["reconnect_storm_s"]
         s[f"establish_{tag}_s"] = sc["establish_s"]
+        if "extrapolated_from" in sc:
+            s[f"scale_{tag}_measured_n"] = sc["extrapolated_from"]["n"]
+            s[f"scale_{tag}_note"] = "extrapolated linearly from the measured N: " + sc["why"]
     return s
 
 
@@ -112,7 +134,8 @@ def markdown(out: dict[str, Any]) -> str:
              f"load generator: {m['wrk']}.", "",
              f"Run: {out['args']['transfer_mib']} MiB transfers (best of {out['args']['rounds']}), "
              f"{out['args']['keepalive_n']} keep-alive GETs, {out['args']['newconn_n']} new-connection GETs, "
-             f"{out['args']['rps_seconds']} s at 32 connections; wall time {out['wall_s']:.0f} s.", ""]
+             f"{out['args']['rps_seconds']} s at 32 connections; wall time {out['wall_s']:.0f} s; "
+             f"load average (1/5/15 min) {out.get('loadavg_start')} at start, {out.get('loadavg_end')} at the end.", ""]
     t = res.get("tunnel")
     if t:
         lines += ["## Tunnel (loopback)", "",
@@ -135,8 +158,35 @@ def markdown(out: dict[str, Any]) -> str:
             r = sp[key]
             lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
         lines += ["", f"spawn_to_ready_ratio_vs_localprocess: {s['spawn_to_ready_ratio_vs_localprocess']}", ""]
-    sc = res.get("scale")
-    if sc:
+    ss = res.get("spawn_slurm")
+    if ss and "skipped" not in ss:
+        lines += ["## Spawn to ready on Slurm (single-node, real)", "", "| spawner | median s | min s | max s | runs |", "|---|---:|---:|---:|---|"]
+        for name, key in (("SlurmBrokerSpawner (ours)", "broker_slurm"), ("batchspawner.SlurmSpawner (stock)", "batchspawner")):
+            r = ss[key]
+            lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
+        lines += ["", f"spawn_ratio_vs_batchspawner: {s['spawn_ratio_vs_batchspawner']}", ""]
+    elif ss:
+        lines += ["## Spawn to ready on Slurm", "", f"skipped: {ss['skipped']}", ""]
+    sq = res.get("squeue_load")
+    if sq and "skipped" not in sq:
+        lines += [f"## Scheduler load ({sq['n_sessions']} sessions = held Slurm jobs, {sq['window_s']} s window)", "",
+                  "| model | squeue calls | per minute |", "|---|---:|---:|",
+                  f"| ours: one shared SlurmJobPoller, every {sq['ours_interval_s']} s | {sq['ours_squeue_calls']} | {sq['ours_per_min']} |",
+                  f"| batchspawner: 100 × SlurmSpawner.poll(), every {sq['batchspawner_poll_interval_s']} s each | {sq['batchspawner_squeue_calls']} | {sq['batchspawner_per_min']} |", ""]
+    elif sq:
+        lines += ["## Scheduler load", "", f"skipped: {sq['skipped']}", ""]
+    for sc in res.get("scale_runs") or ([res["scale"]] if res.get("scale") else []):
+        if "extrapolated_from" in sc:
+            e = sc["extrapolated_from"]
+            lines += [f"## Scale: measured {e['n']} simulated agents, one broker", "", "| figure | value |", "|---|---:|",
+                      f"| sessions created through REST | {e['sessions_create_s']} s |",
+                      f"| all agents enrolled + forward granted ({e['client_processes']} client processes, concurrency {e['connect_concurrency']}) | {e['establish_s']} s |",
+                      f"| broker RSS idle → with {e['n']} agents | {e['broker_rss_idle_mib']} → {e['broker_rss_mib']} MiB ({e['rss_per_agent_kib']} KiB each; {e['broker_fds']} fds) |",
+                      f"| reconnect storm: broker restart → all agent_connected | {e['reconnect_storm_s']} s ({e['reconnect_storm_from_kill_s']} s from kill -9); {e['reconnected']}/{e['n']} back |",
+                      f"| broker RSS after the storm | {e['broker_rss_after_storm_mib']} MiB |", "",
+                      f"**Extrapolated to {sc['n']} (linear in N; {sc['why']}):** broker RSS {sc['broker_rss_mib']} MiB, "
+                      f"reconnect storm {sc['reconnect_storm_s']} s, establish {sc['establish_s']} s.", ""]
+            continue
         lines += [f"## Scale ({sc['n']} simulated agents, one broker)", "", "| figure | value |", "|---|---:|",
                   f"| sessions created through REST | {sc['sessions_create_s']} s |",
                   f"| all agents enrolled + forward granted (concurrency {sc['connect_concurrency']}) | {sc['establish_s']} s |",
@@ -149,20 +199,26 @@ def markdown(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--full", action="store_true", help="1 GiB transfers")
-    ap.add_argument("--scale", type=int, default=1000)
+    ap.add_argument("--scale", default="1000,10000", help="comma-separated agent counts (0 skips)")
+    ap.add_argument("--slurm-spawns", type=int, default=5)
+    ap.add_argument("--skip-squeue", action="store_true")
+    ap.add_argument("--skip-slurm", action="store_true")
     ap.add_argument("--spawns", type=int, default=5)
     ap.add_argument("--skip-tunnel", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    scales = sorted({int(x) for x in str(args.scale).split(",") if x.strip() and int(x) > 0})
     nbytes = (1 << 30) if args.full else (256 << 20)
     params = {"transfer_mib": nbytes >> 20, "rounds": args.rounds, "keepalive_n": 1000, "newconn_n": 300,
-              "rps_seconds": 5, "scale": args.scale, "spawns": args.spawns, "rps_client": "wrk" if client.have_wrk() else "asyncio"}
+              "rps_seconds": 5, "scale": scales, "spawns": args.spawns,
+              "slurm_spawns": 0 if args.skip_slurm else args.slurm_spawns, "squeue_load": not (args.skip_slurm or args.skip_squeue), "rps_client": "wrk" if client.have_wrk() else "asyncio"}
     # children find our packages and the venv's commands
     root = os.path.dirname(HERE)
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     t_start = time.monotonic()
+    load_start = [round(x, 1) for x in os.getloadavg()]
     tmp = tempfile.mkdtemp(prefix="bench-")
     procs = Procs(os.path.join(tmp, "logs"))
     results: dict[str, Any] = {}
@@ -181,16 +237,26 @@ def main(argv: list[str] | None = None) -> int:
             from . import spawn
 
             results["spawn"] = spawn.run(tmp, args.spawns, log)
-        if args.scale > 0:
+        if args.slurm_spawns > 0 and not args.skip_slurm:
+            from . import spawn_slurm
+
+            results["spawn_slurm"] = spawn_slurm.run(tmp, args.slurm_spawns, log)
+        if not (args.skip_slurm or args.skip_squeue):
+            from . import squeue_load
+
+            results["squeue_load"] = squeue_load.run(tmp, log)
+        for n in scales:
             from . import scale
 
-            log(f"scale: {args.scale} simulated agents")
-            results["scale"] = scale.run(tmp, args.scale, procs, log)
+            log(f"scale: {n} simulated agents")
+            results.setdefault("scale_runs", []).append(scale.run(os.path.join(tmp, f"scale-{n}"), n, procs, log))
+            results["scale"] = results["scale_runs"][-1]
             procs.stop_all()
     finally:
         procs.stop_all()
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "args": params, "results": results,
-           "summary": summarize(results), "wall_s": round(time.monotonic() - t_start, 1)}
+           "summary": summarize(results), "wall_s": round(time.monotonic() - t_start, 1),
+           "loadavg_start": load_start, "loadavg_end": [round(x, 1) for x in os.getloadavg()]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)
