@@ -26,8 +26,10 @@ sysdeps:
 	bash scripts/install-sysdeps.sh
 
 ## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
+## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
+BACKEND ?= local
 demo: venv chp
-	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
+	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
 
 ## Full test suite against real components
 test: venv chp sysdeps

@@ -277,11 +277,39 @@ class Stack:
             return f.read()
 
 
+DEMO_SLURM_JOB_NAME = "jupyterhub-demo"
+
+
+def slurm_demo_settings(workdir: str) -> dict[str, Any] | None:
+    """Bring up the project's single-node Slurm (scripts/slurm.sh start) and configure the hub for it."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm.sh")
+    print("Starting the single-node Slurm (scripts/slurm.sh start; installs it with apt if needed) ...", flush=True)
+    r = subprocess.run(["bash", script, "start"])
+    if r.returncode != 0:
+        print("demo: scripts/slurm.sh start failed (it needs root on Debian/Ubuntu)", file=sys.stderr)
+        return None
+    out_dir = os.path.join(os.path.abspath(workdir), "slurm-out")
+    os.makedirs(out_dir, exist_ok=True)
+    os.chmod(out_dir, 0o1777)
+    return {"spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner",
+            "extra_hub_config": f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}\n"
+                                f"c.SlurmBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n"}
+
+
 def main() -> int:
     workdir = os.environ.get("DEMO_STATE", "demo-state")
     password = os.environ.get("DEMO_PASSWORD") or secrets.token_urlsafe(9)
     port = int(os.environ.get("DEMO_PORT", "8000"))
-    stack = Stack(workdir, public_port=port, password=password)
+    backend = os.environ.get("BACKEND", "local") or "local"
+    if backend not in ("local", "slurm"):
+        print(f"demo: BACKEND must be 'local' or 'slurm', got {backend!r}", file=sys.stderr)
+        return 2
+    kwargs: dict[str, Any] = {}
+    if backend == "slurm":
+        kwargs = slurm_demo_settings(workdir)
+        if kwargs is None:
+            return 1
+    stack = Stack(workdir, public_port=port, password=password, **kwargs)
     print(f"Starting the demo in {stack.workdir} (logs in {stack.logs}) ...", flush=True)
     try:
         stack.start()
@@ -292,7 +320,7 @@ def main() -> int:
     print(textwrap.dedent(f"""
         JupyterHub is up: {stack.public_url}/
           log in with any user name and the password: {password}
-          press Start: the notebook runs as a local batch job behind the broker's tunnel.
+          press Start: the notebook runs as a {"Slurm" if stack.spawner_class.endswith("SlurmBrokerSpawner") else "local batch"} job behind the broker's tunnel.
           live tunnels:  BROKER_API_TOKEN={stack.broker_token} {os.path.join(os.path.dirname(sys.executable), "broker")} status --BrokerApp.api_url={stack.broker_url}
         Ctrl-C stops everything.
         """), flush=True)
@@ -313,6 +341,8 @@ def main() -> int:
     finally:
         print("Stopping ...", flush=True)
         stack.stop()
+        if backend == "slurm":  # the demo's notebooks end with it
+            subprocess.run(["scancel", "--name", DEMO_SLURM_JOB_NAME], capture_output=True)
     return 0
 
 
