@@ -292,7 +292,17 @@ SCHEMA: tuple[Option, ...] = (
            "Where the share appears in the container; empty = `<container.home>/WebDAV`."),
     Option("webdav", "required", "bool", False,
            "Fail the launch when the mount fails (otherwise log and continue without it)."),
-    Option("webdav", "timeout", "int", 60, "Seconds the mount command may take.", minimum=1),
+    Option("webdav", "unmount_command", "argv", ["umount", "{mount_point}"],
+           "Unmount command (argv template, no shell; placeholders {mount_point}, {user}, "
+           "{home}). When launch mounted the share it runs the container command as a child "
+           "(passing on SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2), runs this after the child "
+           "exits and exits with the child's status. For rclone or other FUSE mounts made as "
+           "a normal user: `[\"fusermount\", \"-u\", \"{mount_point}\"]` (or "
+           "`fusermount3`). Empty = never unmount (launch execs the container command, the "
+           "share outlives the job).",
+           placeholders=("mount_point", "user", "home")),
+    Option("webdav", "timeout", "int", 60,
+           "Seconds the mount command (and the unmount command) may take.", minimum=1),
 )
 
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(o.section for o in SCHEMA))
@@ -378,6 +388,7 @@ class WebdavConfig:
     mount_point: str = "{home}/WebDAV"
     container_mount_point: str = ""
     required: bool = False
+    unmount_command: list[str] = field(default_factory=lambda: ["umount", "{mount_point}"])
     timeout: int = 60
 
 
@@ -700,6 +711,10 @@ def config_from_dict(data: dict, source: str | None = None) -> HpcConfig:
                                "item 0 (the program) must not contain a placeholder"))
             if not any("mount_point" in template_fields(a) for a in argv):
                 errors.append(("webdav.mount_command", "must use the {mount_point} placeholder"))
+        uargv = get("webdav.unmount_command")
+        if uargv and template_fields(uargv[0]):
+            errors.append(("webdav.unmount_command",
+                           "item 0 (the program) must not contain a placeholder"))
         if get("webdav.url"):
             try:
                 validate_webdav_url(get("webdav.url"))

@@ -9,7 +9,10 @@ Run by the batch script, outside any container. In order:
 5. create the user's home and overlay (race-free, see overlay.py);
 6. optionally mount WebDAV (argv template, no shell, URL validated, credentials from env);
 7. build the container command (``build_container_argv``) and exec it; in no-container mode
-   exec ``inner_command -- CMD...`` directly.
+   exec ``inner_command -- CMD...`` directly. When step 6 made a mount (and
+   ``webdav.unmount_command`` is set), run the command as a child instead (``run_supervised``):
+   SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 are passed on, and after it exits the share is
+   unmounted and launch exits with the child's status (128+N for signal N).
 
 The environment is passed through unchanged (secrets live there, never on argv). With
 ``container.contain = "containall"`` (clean environment inside) the variables matching
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -247,13 +251,18 @@ def run_load_command(config: hc.HpcConfig, env: dict[str, str]) -> None:
     log.info("container.load_command ran; %d environment variables changed", changed)
 
 
-def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str]) -> bool:
-    """Mount the share if configured; True when it is mounted and should be bound."""
+MOUNTED = "mounted"    # mount_webdav: launch mounted the share (and should unmount it)
+EXISTING = "existing"  # mount_webdav: already mounted by someone else (leave it alone)
+
+
+def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str]) -> str:
+    """Mount the share if configured. Returns ``MOUNTED`` (we mounted it), ``EXISTING``
+    (it was mounted already) or ``""`` (no share: nothing to bind)."""
     w = config.webdav
     url = env.get(w.url_env) or w.url
     if not url:
         log.info("webdav: no URL configured or in $%s; skipping", w.url_env)
-        return False
+        return ""
     try:
         argv = build_webdav_argv(config, paths, url)
     except ValueError as e:
@@ -261,7 +270,7 @@ def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, st
     mp = paths.webdav_mount_point
     if os.path.ismount(mp):
         log.info("webdav: %s is already mounted", mp)
-        return True
+        return EXISTING
     os.makedirs(mp, mode=0o700, exist_ok=True)
     menv = dict(env)
     for target, source in w.credential_env.items():
@@ -280,12 +289,104 @@ def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, st
         ok, detail = False, f"timed out after {w.timeout}s"
     if ok:
         log.info("webdav: mounted on %s", mp)
-        return True
+        return MOUNTED
     msg = f"webdav: mount command failed ({detail.replace(chr(10), ' ')})"
     if w.required:
         raise LaunchError(msg, EX_UNAVAILABLE)
     log.warning("%s; continuing without the share", msg)
+    return ""
+
+
+def build_unmount_argv(config: hc.HpcConfig, paths: hc.UserPaths) -> list[str]:
+    """``webdav.unmount_command`` with placeholders filled in (each one stays one argument)."""
+    values = dict(mount_point=paths.webdav_mount_point, user=paths.safe_user, home=paths.home)
+    return [hc.render_template(a, **values) for a in config.webdav.unmount_command]
+
+
+def unmount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str]) -> bool:
+    """Run ``webdav.unmount_command`` (no shell, stdin /dev/null). Failures are logged with
+    the exit status and the command's output - never the environment. True on success."""
+    argv = build_unmount_argv(config, paths)
+    mp = paths.webdav_mount_point
+    timeout = config.webdav.timeout
+    try:
+        r = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+        ok, detail = r.returncode == 0, f"exit {r.returncode}: " + \
+            r.stdout.decode("utf-8", "replace").strip()[-300:]
+    except FileNotFoundError:
+        ok, detail = False, f"program {argv[0]!r} not found"
+    except subprocess.TimeoutExpired:
+        ok, detail = False, f"timed out after {timeout}s"
+    except OSError as e:
+        ok, detail = False, f"cannot run {argv[0]!r}: {e.strerror}"
+    if ok:
+        log.info("webdav: unmounted %s", mp)
+        return True
+    log.error("webdav: unmount command failed for %s (%s); the share may still be mounted",
+              mp, detail.replace(chr(10), " "))
     return False
+
+
+FORWARD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def exit_status(returncode: int) -> int:
+    """A Popen return code as a shell would report it: 128+N when killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_supervised(argv: list[str], env: Mapping[str, str], after: Callable[[], object], *,
+                   pass_fds: tuple[int, ...] = ()) -> int:
+    """Run ``argv`` as a child, pass ``FORWARD_SIGNALS`` on to it, wait, call ``after()``
+    (the unmount), and return the child's exit status (128+N if it died by signal N).
+
+    Signals this process ignores (SIG_IGN, e.g. SIGINT for a background job) stay ignored, so
+    the child inherits them exactly as it would through exec. Signals arriving after the child
+    exited (during the unmount) are swallowed: the unmount must finish.
+    """
+    state: dict[str, object] = {"child": None, "done": False, "pending": []}
+
+    def forward(signum, _frame):
+        child = state["child"]
+        if state["done"]:
+            return
+        if child is None:
+            state["pending"].append(signum)  # type: ignore[union-attr]
+            return
+        try:
+            child.send_signal(signum)  # type: ignore[union-attr]
+        except OSError:
+            pass
+
+    previous = {}
+    for sig in FORWARD_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        try:
+            child = subprocess.Popen(argv, env=dict(env), pass_fds=pass_fds)
+        except OSError as e:
+            print(f"node-agent launch: cannot execute {argv[0]}: {e.strerror}", file=sys.stderr)
+            log.error("cannot execute %s: %s", os.path.basename(argv[0]), e.strerror)
+            status = 127 if isinstance(e, FileNotFoundError) else 126
+        else:
+            state["child"] = child
+            log.info("started %s as pid %d (supervised: the WebDAV share is unmounted when it "
+                     "exits)", os.path.basename(argv[0]), child.pid)
+            for sig in state["pending"]:  # type: ignore[union-attr]
+                forward(sig, None)
+            status = exit_status(child.wait())
+            log.info("%s exited with status %d", os.path.basename(argv[0]), status)
+        state["done"] = True
+        try:
+            after()
+        except Exception:  # noqa: BLE001 - the child's status must still be returned
+            log.exception("webdav: unmount step failed")
+        return status
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _prepare(config: hc.HpcConfig, paths: hc.UserPaths, env: dict[str, str]):
@@ -432,7 +533,7 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     home, overlay, ro, lock = _prepare(config, paths, env)
 
     c = config.container
-    webdav = False
+    webdav = ""
     if c.enabled:
         if c.load_command:
             run_load_command(config, env)
@@ -450,7 +551,7 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
         webdav = mount_webdav(config, paths, env)
 
     argv = build_container_argv(config, raw_user, gpu, cmd, overlay=overlay,
-                                overlay_readonly=ro, home_source=home, webdav=webdav,
+                                overlay_readonly=ro, home_source=home, webdav=bool(webdav),
                                 path_exists=os.path.exists)
     if c.enabled:
         argv[0] = runtime
@@ -468,6 +569,11 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     log.debug("argv: %s", json.dumps(argv))
     if lock is not None:
         lock.keep_across_exec()
+    if webdav == MOUNTED and config.webdav.unmount_command:
+        # exec would leave the mount (and its daemon) behind after the job: stay as parent
+        fds = (lock.fd,) if lock is not None and lock.fd is not None else ()
+        return run_supervised(argv, run_env, lambda: unmount_webdav(config, paths, env),
+                              pass_fds=fds)
     _close_handlers()
     try:
         os.execvpe(argv[0], argv, run_env)
