@@ -22,6 +22,11 @@ from typing import Any
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+# SSH channel parameters of the forwarded-tcpip channels the broker opens (what the broker
+# advertises for receiving, i.e. the agent -> hub direction). asyncssh's defaults.
+CHANNEL_WINDOW = 2 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 32768
+
 
 @dataclasses.dataclass(eq=False)
 class Tunnel:
@@ -52,7 +57,8 @@ class _HubSideConnection(SSHForwarder):
             return
         try:
             await tunnel.conn.create_connection(
-                lambda: SSHForwarder(self), tunnel.remote_host, tunnel.remote_port, orig_host, orig_port
+                lambda: SSHForwarder(self), tunnel.remote_host, tunnel.remote_port, orig_host, orig_port,
+                window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
             )
         except (asyncssh.Error, OSError):
             self.close()

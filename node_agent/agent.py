@@ -42,6 +42,11 @@ ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20
 #: Environment variables the notebook server must not inherit.
 PRIVATE_VARS = ("BROKER_ENROL_SECRET", "BROKER_HOST_KEY", "BROKER_SESSION_ID", "BROKER_SSH_HOST", "BROKER_SSH_PORT")
 
+# SSH channel parameters the agent advertises for the forwarded-tcpip channels it accepts
+# (the hub -> notebook direction). asyncssh's defaults.
+CHANNEL_WINDOW = 2 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 32768
+
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_REFUSED = 77  # EX_NOPERM: the broker refused us (spent/closed session)
 
@@ -120,7 +125,8 @@ class Agent:
             self.s.enrol_secret = ""  # spent: forget it
         self.conn = conn
         try:
-            listener = await conn.create_server(lambda _h, _p: self._to_server(), "127.0.0.1", 0)
+            listener = await conn.create_server(lambda _h, _p: self._to_server(), "127.0.0.1", 0,
+                                               window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
             _, self.control = await conn.create_connection(_Control, CONTROL_HOST, CONTROL_PORT)
         except (asyncssh.Error, OSError) as exc:
             conn.close()
