@@ -112,22 +112,7 @@ class TunnelBench:
             time.sleep(0.05)
 
         # (c) OpenSSH: sshd (hub side) + ssh -R from the node side to a unix socket server
-        sshd_port, d = _start_sshd(self.procs, self.tmp)
-        sock = os.path.join(d, "ossh-server.sock")
-        self.procs.start("server-openssh", [py, "-m", "bench.nodeserver", f"--ServerApp.sock={sock}"])
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline:
-                raise RuntimeError("openssh-side server did not start")
-            time.sleep(0.02)
-        fwd_port = free_port()
-        user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-        ssh = self.procs.start("ssh-R", [
-            "ssh", "-N", "-F", "/dev/null", "-i", os.path.join(d, "client_key"), "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-            "-o", f"Ciphers={CIPHER}", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
-            "-p", str(sshd_port), "-R", f"127.0.0.1:{fwd_port}:{sock}", f"{user}@127.0.0.1"])
-        wait_port(fwd_port, 15, ssh, "ssh -R")
+        fwd_port = start_openssh(self.procs, self.tmp)
         self.paths["openssh"] = (fwd_port, "/")
 
         # (d) each behind CHP
@@ -169,3 +154,25 @@ class TunnelBench:
                 runs = res[name][f"{metric}_runs_mb_s"]
                 res[name][f"{metric}_mb_s"] = max(runs)
         return res
+
+
+def start_openssh(procs: Procs, tmp: str) -> int:
+    """sshd on loopback (hub side) and ``ssh -R`` from the "node" to a unix-socket server with the
+    same cipher as ours; returns the forwarded port once it accepts connections."""
+    sshd_port, d = _start_sshd(procs, tmp)
+    sock = os.path.join(d, "ossh-server.sock")
+    procs.start("server-openssh", [sys.executable, "-m", "bench.nodeserver", f"--ServerApp.sock={sock}"])
+    deadline = time.monotonic() + 15
+    while not os.path.exists(sock):
+        if time.monotonic() > deadline:
+            raise RuntimeError("openssh-side server did not start")
+        time.sleep(0.02)
+    fwd_port = free_port()
+    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+    ssh = procs.start("ssh-R", [
+        "ssh", "-N", "-F", "/dev/null", "-i", os.path.join(d, "client_key"), "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+        "-o", f"Ciphers={CIPHER}", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
+        "-p", str(sshd_port), "-R", f"127.0.0.1:{fwd_port}:{sock}", f"{user}@127.0.0.1"])
+    wait_port(fwd_port, 15, ssh, "ssh -R")
+    return fwd_port

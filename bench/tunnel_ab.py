@@ -40,8 +40,8 @@ import time
 from typing import Any
 
 from . import client
-from .procs import BrokerProc, ChpProc, Procs, bin_path, free_port, wait_port
-from .tunnel import CIPHER, _start_sshd
+from .procs import BrokerProc, ChpProc, Procs, bin_path
+from .tunnel import start_openssh as start_openssh_forward
 
 SITECUSTOMIZE = r'''
 import json, os
@@ -102,22 +102,7 @@ class Pair:
 
 
 def start_openssh(procs: Procs, tmp: str) -> int:
-    sshd_port, d = _start_sshd(procs, tmp)
-    sock = os.path.join(d, "ossh-server.sock")
-    procs.start("server-openssh", [sys.executable, "-m", "bench.nodeserver", f"--ServerApp.sock={sock}"])
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline:
-            raise RuntimeError("openssh-side server did not start")
-        time.sleep(0.02)
-    fwd_port = free_port()
-    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-    ssh = procs.start("ssh-R", [
-        "ssh", "-N", "-F", "/dev/null", "-i", os.path.join(d, "client_key"), "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-        "-o", f"Ciphers={CIPHER}", "-o", "ExitOnForwardFailure=yes",
-        "-p", str(sshd_port), "-R", f"127.0.0.1:{fwd_port}:{sock}", f"{user}@127.0.0.1"])
-    wait_port(fwd_port, 15, ssh, "ssh -R")
+    fwd_port = start_openssh_forward(procs, tmp)
     client.keepalive_latency(fwd_port, "/", 5)
     return fwd_port
 
