@@ -9,8 +9,9 @@ with its production defaults (64 pre-auth connections per source, 512 in total),
 
 Measured: time to establish all of them (bounded concurrency), the broker's RSS from /proc
 before and after, and a reconnect storm: kill -9 the broker, start it again on the same state
-and ports, and time until the REST API shows every session ``agent_connected`` again (clients
-reconnect with their key, jittered backoff capped at 2 s).
+and ports, and time until every agent is connected again (polled every 0.5 s from the ``broker_agents_connected``
+gauge of ``/metrics``, then confirmed with ``GET /api/sessions``; clients reconnect with their key,
+jittered backoff capped at 2 s).
 
 The broker needs two file descriptors per session (its hub-side listener and the agent's SSH
 connection). When RLIMIT_NOFILE's hard limit (which an unprivileged-in-effect root cannot raise
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import aiohttp
 
 from .procs import BrokerProc, ChpProc, Procs, rss_mib
+from .tunnel_ab import _pyspy, _stop_pyspy, summarize_raw
 
 AGENTS_PER_WORKER = 2500
 CONCURRENCY = 100  # in all, split over the workers
@@ -56,13 +58,34 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def _count_connected_gauge(session: aiohttp.ClientSession, broker: BrokerProc) -> int:
+    """``broker_agents_connected`` from /metrics: cheap to poll every 0.5 s while 10k reconnect
+    (listing 10k sessions that often would itself load the broker)."""
+    async with session.get(broker.url + "/metrics", headers={"Authorization": f"Bearer {broker.token}"}) as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith("broker_agents_connected "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("broker_agents_connected missing from /metrics")
+
+
 async def _count_connected(session: aiohttp.ClientSession, broker: BrokerProc) -> int:
     async with session.get(broker.url + "/api/sessions", headers={"Authorization": f"Bearer {broker.token}"}) as r:
         body = await r.json()
     return sum(1 for s in body["sessions"] if s.get("agent_connected"))
 
 
-async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm_deadline: float) -> dict[str, Any]:
+def _write_profile(raw: str, md: str, title: str) -> None:
+    s = summarize_raw(raw, top=25)
+    lines = [f"# {title}", "", f"py-spy record --idle, event-loop thread, {s['samples']} samples; idle in epoll {s['idle_pct']}%", "",
+             "| self % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["self"]]
+    lines += ["", "| inclusive % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["inclusive"]]
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm_deadline: float,
+               profile_dir: str = "") -> dict[str, Any]:
     chp = ChpProc(procs, "chp-scale")
     chp.start()
     broker = BrokerProc(procs, os.path.join(tmp, "broker-scale"), chp.api_url, chp.token, name="broker-scale")
@@ -138,18 +161,24 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
                 await p.stdin.drain()
             broker.start()
             t_up = time.monotonic()
+            spy = _pyspy(broker.proc.pid, os.path.join(profile_dir, "broker-storm.txt"), 100) if profile_dir else None
             deadline = t_up + storm_deadline
             n_ok = 0
             while time.monotonic() < deadline:
                 try:
-                    n_ok = await _count_connected(http, broker)
+                    n_ok = await _count_connected_gauge(http, broker)
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     n_ok = 0
                 if n_ok >= n:
                     break
                 await asyncio.sleep(0.5)
             t_all = time.monotonic()
+            n_ok = await _count_connected(http, broker)  # what the REST API (the hub's view) shows
             storm_cpu = cpu_s(broker.proc.pid)
+            if spy is not None:
+                _stop_pyspy(spy)
+                _write_profile(os.path.join(profile_dir, "broker-storm.txt"), os.path.join(profile_dir, "storm.md"),
+                               f"broker during a reconnect storm of {n} agents ({t_all - t_up:.1f} s)")
             rec = await asyncio.gather(*(event(p) for p in workers))
             rss2 = rss_mib(broker.proc.pid)
             log(f"  storm: {n_ok}/{n} agent_connected {t_all - t_up:.1f} s after restart ({t_all - t_kill:.1f} s after kill -9); RSS {rss2:.0f} MiB; broker CPU {storm_cpu:.0f} s")
@@ -178,7 +207,7 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
             "workers_established": est, "workers_reconnected": rec}
 
 
-def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None]) -> dict[str, Any]:
+def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], profile_dir: str = "") -> dict[str, Any]:
     os.makedirs(tmp, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the broker inherits it
@@ -188,7 +217,9 @@ def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None]) -> dict[str,
     if m < n:
         log(f"  RLIMIT_NOFILE hard limit {hard} (cannot be raised here) fits {m} agents (2 fds each): measuring N={m}, "
             f"figures for {n} extrapolated linearly")
-    res = asyncio.run(_run(tmp, m, procs, log, storm_deadline))
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+    res = asyncio.run(_run(tmp, m, procs, log, storm_deadline, profile_dir))
     if m < n:
         measured = dict(res)
         res = {"n": n, "extrapolated_from": measured,
@@ -204,3 +235,28 @@ def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None]) -> dict[str,
                "broker_rss_after_storm_mib": round(measured["broker_rss_idle_mib"] + (measured["broker_rss_after_storm_mib"] - measured["broker_rss_idle_mib"]) * n / m, 1),
                "connected": measured["connected"], "reconnected": measured["reconnected"]}
     return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.scale N [--profile DIR]``: this part alone (figures printed as JSON)."""
+    import argparse
+    import shutil
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m bench.scale")
+    ap.add_argument("n", type=int)
+    ap.add_argument("--profile", default="", help="py-spy the restarted broker during the storm; write DIR/storm.md")
+    args = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    procs = Procs(os.path.join(tmp, "logs"))
+    try:
+        res = run(tmp, args.n, procs, lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), args.profile)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({k: v for k, v in res.items() if not k.startswith("workers_")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,8 +83,7 @@ class _LiveCollector:
 
         by_state = GaugeMetricFamily("broker_sessions", "Live sessions by state.", labels=["state"])
         counts = dict.fromkeys(LIVE_STATES, 0)
-        for s in self.broker.store.list(live_only=True):
-            counts[s.state] = counts.get(s.state, 0) + 1
+        counts.update(self.broker.store.count_by_state())
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state

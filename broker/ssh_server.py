@@ -30,6 +30,7 @@ import asyncssh
 from . import policy
 from .secrets import verify_secret
 from .tunnel import Tunnel, TunnelAttachment
+from .wire import coalesce_writes
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -124,6 +125,7 @@ class AgentSSHServer(asyncssh.SSHServer):
                 conn.abort()  # before the banner: asyncssh sends nothing on an aborted transport
                 return
             self._preauth = True
+        coalesce_writes(conn)  # one send() per loop iteration instead of two per SSH packet
 
     def _leave_preauth(self) -> None:
         if self._preauth and self.admission is not None:

@@ -89,9 +89,7 @@ class Session:
 
     def public(self) -> dict[str, Any]:
         """The session as shown over the API and in ``broker status``: no credential material."""
-        d = dataclasses.asdict(self)
-        for k in ("secret_hash", "secret_expires", "secret_spent_at", "agent_key"):
-            d.pop(k)
+        d = {k: getattr(self, k) for k in _PUBLIC_FIELDS}  # flat scalars: no asdict() deep copy
         d["agent_enrolled"] = self.agent_key is not None
         d["agent_connected"] = bool(self.agent_connected)
         d["target"] = self.target
@@ -99,6 +97,8 @@ class Session:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(Session)]
+_COLUMNS = ", ".join(_FIELDS)
+_PUBLIC_FIELDS = [f for f in _FIELDS if f not in ("secret_hash", "secret_expires", "secret_spent_at", "agent_key")]
 
 
 class SessionStore:
@@ -112,7 +112,6 @@ class SessionStore:
         self._db = sqlite3.connect(path, isolation_level=None)
         if path != ":memory:":
             os.chmod(path, 0o600)
-        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -122,15 +121,19 @@ class SessionStore:
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, session_id: str) -> Session | None:
-        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-        return self._row(row) if row else None
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return Session(*row) if row else None
 
     def list(self, *, live_only: bool = True) -> list[Session]:
-        q = "SELECT * FROM sessions"
+        q = f"SELECT {_COLUMNS} FROM sessions"
         if live_only:
             q += " WHERE state != 'closed'"
         q += " ORDER BY created"
-        return [self._row(r) for r in self._db.execute(q)]
+        return [Session(*r) for r in self._db.execute(q)]
+
+    def count_by_state(self) -> dict[str, int]:
+        """Live sessions per state (one aggregate query; for metrics)."""
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM sessions WHERE state != 'closed' GROUP BY state"))
 
     def live_ports(self) -> set[int]:
         return {r[0] for r in self._db.execute("SELECT port FROM sessions WHERE state != 'closed'")}
@@ -173,6 +176,3 @@ class SessionStore:
                 [(i, o, sid) for sid, i, o in counts],
             )
 
-    @staticmethod
-    def _row(row: sqlite3.Row) -> Session:
-        return Session(**{k: row[k] for k in row.keys()})

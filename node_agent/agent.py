@@ -33,6 +33,7 @@ from asyncssh.forward import SSHForwarder
 
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.tunnel import SessionListener, Tunnel  # asyncssh-only module
+from broker.wire import coalesce_writes  # stdlib-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
@@ -47,6 +48,9 @@ PRIVATE_VARS = ("BROKER_ENROL_SECRET", "BROKER_HOST_KEY", "BROKER_SESSION_ID", "
 CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 32768
 
+#: After the server exits, how long the agent still tries to reach the broker to report it.
+EXIT_REPORT_S = 30.0
+
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_REFUSED = 77  # EX_NOPERM: the broker refused us (spent/closed session)
 
@@ -59,6 +63,11 @@ def log(msg: str, **fields: Any) -> None:
 
 class Refused(Exception):
     """The broker refused this agent for good (not a transient error)."""
+
+
+class _AgentClient(asyncssh.SSHClient):
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        coalesce_writes(conn)  # one send() per loop iteration instead of two per SSH packet
 
 
 class _Control(asyncssh.SSHTCPSession[bytes]):
@@ -107,7 +116,7 @@ class Agent:
         opts: dict[str, Any] = dict(
             username=self.s.session_id, known_hosts=([host_key], [], []), encryption_algs=ENCRYPTION_ALGS,
             keepalive_interval=self.s.keepalive, keepalive_count_max=3, agent_path=None, config=None,
-            connect_timeout=30,
+            connect_timeout=30, client_factory=_AgentClient,
         )
         if self.enrolled:
             opts.update(client_keys=[self.key], preferred_auth="publickey", password=None)
@@ -215,11 +224,18 @@ class Agent:
             if status is not None and status < 500:
                 return True
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.5, 0.1)  # one HTTP request over a local unix socket: cheap to repeat
         return False
 
     # -- main ----------------------------------------------------------------------------
     async def run(self) -> int:
+        """Connect to the broker and start the server *concurrently* (the server's first hub-API
+        calls wait in the hub relay until the tunnel is up), report ready, supervise, report exit.
+
+        If the server exits before the first connection succeeds, connecting goes on for at most
+        ``EXIT_REPORT_S`` so the broker (and the user's spawn page) still learns the exit status.
+        If the broker refuses us for good, the server is stopped and the exit status is 77.
+        """
         os.makedirs(self.s.runtime_dir, exist_ok=True)
         self.sock_dir = tempfile.mkdtemp(prefix="node-agent-", dir=self.s.runtime_dir)
         os.chmod(self.sock_dir, 0o700)
@@ -227,16 +243,27 @@ class Agent:
         await self.hub_relay.start(0)
         loop = asyncio.get_running_loop()
         backoff = Backoff(cap=self.s.reconnect_cap)
-        try:
-            await self.connect_with_retry(backoff)
-        except Refused as exc:
-            log(f"giving up: {exc}")
-            return EXIT_REFUSED
         await self.start_server()
         assert self.proc is not None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._forward_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, self._walltime_warning)
+        connecting = loop.create_task(self.connect_with_retry(backoff))
+        server_exit = loop.create_task(self.proc.wait())
+        await asyncio.wait({connecting, server_exit}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            log("server exited before the broker connection was up; still trying to report it", seconds=EXIT_REPORT_S)
+            await asyncio.wait({connecting}, timeout=EXIT_REPORT_S)
+            connecting.cancel()
+        try:
+            await connecting
+        except Refused as exc:
+            log(f"giving up: {exc}")
+            await self._stop_server()
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            return EXIT_REFUSED
+        except asyncio.CancelledError:
+            pass  # the server is gone and the broker unreachable: nothing to report to
         if await self.wait_server_ready():
             self.ready = True
             if self.control is not None:
@@ -277,6 +304,17 @@ class Agent:
                 log(f"broker refused reconnect, stopping server: {exc}")
                 self._forward_signal(signal.SIGTERM)
                 return
+
+    async def _stop_server(self) -> None:
+        """SIGTERM the server; SIGKILL after 10 s."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
 
     def _forward_signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
