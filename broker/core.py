@@ -24,6 +24,7 @@ from .metrics import BrokerMetrics
 from .proxy import ChpClient, RoutePublisher
 from .secrets import hash_secret, new_id, new_secret
 from .store import LIVE_STATES, Session, SessionStore
+from .acceptor import AgentAcceptor, server_options
 from .limits import AdmissionControl
 from .tunnel import SessionListener
 
@@ -77,7 +78,7 @@ class Broker:
         self.routes = RoutePublisher(chp, self._desired_routes, reconcile_interval) if chp else None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ssh_server: asyncssh.SSHAcceptor | None = None
+        self._ssh_server: AgentAcceptor | None = None
         self.auth_failures = 0
         self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
         # SSH admission control (pre-auth caps, per-source penalties) and per-connection
@@ -105,10 +106,8 @@ class Broker:
         for s in self.store.list(live_only=True):
             self.store.update(s.id, agent_connected=0)
             await self._open_listener(s.id, s.port)
-        self._ssh_server = await asyncssh.create_server(
-            self._counted_server_factory(AgentSSHServer),
-            self.ssh_listen[0],
-            self.ssh_listen[1],
+        options = await server_options(
+            server_factory=self._counted_server_factory(AgentSSHServer),
             server_host_keys=[self.host_key],
             encryption_algs=ENCRYPTION_ALGS,
             login_timeout=self.login_timeout,
@@ -119,7 +118,10 @@ class Broker:
             allow_scp=False,
             allow_pty=False,
         )
-        self.ssh_port = self._ssh_server.sockets[0].getsockname()[1]
+        self._ssh_server = AgentAcceptor(self.admission, options, self.log,
+                                         on_refused=lambda: self.metrics.on_connect_failure(None, False, refused=True))
+        await self._ssh_server.start(self.ssh_listen[0], self.ssh_listen[1])
+        self.ssh_port = self._ssh_server.port
         if self.routes is not None:
             self.spawn(self.routes.run())
         self.spawn(self._flush_counters_loop())
@@ -311,13 +313,8 @@ class Broker:
 
         class CountedAgentServer(server_class):  # type: ignore[misc, valid-type]
             def connection_lost(self, exc: Exception | None) -> None:
-                if not self.authenticated:
-                    # admission control (broker/limits.py) refused it before the banner
-                    refused = getattr(broker, "admission", None) is not None and getattr(self, "_preauth", True) is False
-                    if refused:
-                        broker.metrics.on_connect_failure(None, False, refused=True)
-                    else:
-                        broker.metrics.on_connect_failure(exc, getattr(self, "_metrics_auth_failed", False))
+                if not self.authenticated:  # (refusals by admission control are counted by the acceptor)
+                    broker.metrics.on_connect_failure(exc, getattr(self, "_metrics_auth_failed", False))
                 super().connection_lost(exc)
 
         return lambda: CountedAgentServer(self)

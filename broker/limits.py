@@ -3,10 +3,13 @@
 Modelled on OpenSSH's ``MaxStartups`` / ``PerSourceMaxStartups`` and ``PerSourcePenalties``:
 
 - **Pre-auth caps.** A connection counts as *pre-auth* from TCP accept until it authenticates
-  (or closes). At most ``max_preauth_per_source`` such connections per source address and
-  ``max_preauth_total`` in all; an excess connection is aborted at once, before the broker
-  sends its SSH banner (no key exchange, no CPU spent). Together with ``login_timeout`` this
-  bounds what idle or slow clients (slowloris) can hold, and one source cannot starve others.
+  (or closes). At most ``max_preauth_per_source`` such connections per source address: an
+  excess one is closed at once, before the broker sends its SSH banner (no key exchange, no CPU
+  spent). At most ``max_preauth_total`` in all: at that point the broker's accept loop
+  (``broker/acceptor.py``) stops accepting and further connections wait in the kernel's listen
+  queue until a slot frees (:attr:`AdmissionControl.on_room`) — a reconnect storm queues instead
+  of being refused and retrying. Together with ``login_timeout`` this bounds what idle or slow
+  clients (slowloris) can hold, and one source cannot starve others.
 - **Penalties.** Every failed authentication attempt is recorded against its source. After
   ``penalty_threshold`` failures (a window of ``penalty_window`` seconds), the source is refused
   new connections for ``penalty_base`` seconds; each further penalty doubles the time, up to
@@ -63,6 +66,8 @@ class AdmissionControl:
         self.refused_total = 0
         self.penalties_total = 0
         self._sources: dict[str, _Source] = {}
+        #: Called when the pre-auth total drops below ``max_preauth_total`` (the accept loop resumes).
+        self.on_room: Callable[[], None] | None = None
 
     def is_exempt(self, source: str) -> bool:
         try:
@@ -120,6 +125,8 @@ class AdmissionControl:
             s.preauth -= 1
             self.preauth_total = max(0, self.preauth_total - 1)
             self._forget_if_idle(source)
+            if self.on_room is not None and (not self.max_preauth_total or self.preauth_total < self.max_preauth_total):
+                self.on_room()
 
     def auth_failed(self, source: str) -> bool:
         """Record one failed attempt; True if this started a penalty for the source."""

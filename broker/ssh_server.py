@@ -11,10 +11,10 @@ Authentication (username = session id):
 Everything after login is decided by :mod:`broker.policy`; anything not explicitly allowed
 (shells, exec, subsystems, agent/X11 forwarding, unix sockets, other ports/hosts) is refused.
 
-Denial-of-service limits (see :mod:`broker.limits`): a connection is admitted in
-:meth:`AgentSSHServer.connection_made` — before the broker sends its banner — only if its source
-is not penalised and the pre-auth caps (per source, total) have room; otherwise it is aborted at
-once. Failed authentication attempts count towards the source's penalty, and a connection is
+Denial-of-service limits (see :mod:`broker.limits`): a connection reaches this class only if the
+broker's accept loop (:mod:`broker.acceptor`) admitted it — its source not penalised, the
+per-source pre-auth cap not reached — before any SSH state or banner; the total pre-auth cap
+paces accepting. Failed authentication attempts count towards the source's penalty, and a connection is
 closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
 ``Broker.max_hub_api_channels`` open direct channels to the hub API.
 """
@@ -117,14 +117,8 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.source = str(peer[0])
         self.peer = f"{peer[0]}:{peer[1]}"
         self.log = self.log.bind(conn=self.peer)
-        if self.admission is not None:
-            why = self.admission.admit(self.source)
-            if why is not None:
-                if self.admission.should_log(self.source):
-                    self.log.warning("connection refused", reason=why, refused_total=self.admission.refused_total)
-                conn.abort()  # before the banner: asyncssh sends nothing on an aborted transport
-                return
-            self._preauth = True
+        # admitted by the accept loop (broker/acceptor.py), which counted it as pre-auth
+        self._preauth = self.admission is not None
         coalesce_writes(conn)  # one send() per loop iteration instead of two per SSH packet
 
     def _leave_preauth(self) -> None:

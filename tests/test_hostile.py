@@ -326,16 +326,35 @@ async def test_refused_connection_gets_no_banner(make_broker):
         w.close()
 
 
-async def test_total_preauth_cap(make_broker):
+async def _banner_soon(reader: asyncio.StreamReader, timeout: float) -> bool:
+    try:
+        return (await asyncio.wait_for(reader.readline(), timeout)).startswith(b"SSH-2.0-")
+    except (asyncio.TimeoutError, ConnectionError):
+        return False
+
+
+async def test_total_preauth_cap_queues_instead_of_refusing(make_broker):
+    """At the total pre-auth cap the broker stops accepting: the excess connections wait in the
+    kernel's listen queue (no banner, not closed) and are served, in turn, once slots free."""
     h = await make_broker(max_preauth_per_source=0, max_preauth_total=20)
     conns = []
     for i in range(4):
         conns += await _idle_connections(10, h.broker.ssh_port, source=f"127.0.1.{i + 1}")
-    closed = await asyncio.gather(*[_closed_soon(r, 1.0) for r, _ in conns])
-    assert sum(closed) == 20
-    for _, w in conns:
+    first = await asyncio.gather(*[_banner_soon(r, 2.0) for r, _ in conns])
+    assert sum(first) == 20, "exactly max_preauth_total connections get a banner"
+    assert h.broker.admission.preauth_total == 20
+    waiting = [(r, w) for (r, w), got in zip(conns, first) if not got]
+    assert not any([await _closed_soon(r, 0.2) for r, _ in waiting]), "the excess waits; it is not refused"
+    assert h.broker.admission.refused_total == 0
+    # the first 20 go away: the waiting 20 are accepted and get their banner
+    for (_, w), got in zip(conns, first):
+        if got:
+            w.close()
+    later = await asyncio.gather(*[_banner_soon(r, 5.0) for r, _ in waiting])
+    assert all(later), "queued connections are served once slots free"
+    for _, w in waiting:
         w.close()
-    # once they are gone there is room again
+    # once they are gone there is room again for an honest agent
     await asyncio.sleep(0.3)
     session, secret = await h.session()
     conn, _ = await h.enrol(session.id, secret)

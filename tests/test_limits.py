@@ -73,3 +73,15 @@ def test_refusal_logging_is_rate_limited():
     assert ac.should_log("1.2.3.4") and not ac.should_log("1.2.3.4")
     clock.t += 10
     assert ac.should_log("1.2.3.4")
+
+
+def test_on_room_fires_when_the_total_drops_below_the_cap():
+    ac = AdmissionControl(max_preauth_per_source=0, max_preauth_total=2, clock=Clock())
+    calls = []
+    ac.on_room = lambda: calls.append(ac.preauth_total)
+    assert ac.admit("10.0.0.1") is None and ac.admit("10.0.0.2") is None
+    assert calls == []
+    ac.left_preauth("10.0.0.1")
+    assert calls == [1]
+    ac.left_preauth("10.0.0.9")  # never admitted: no change, no call
+    assert calls == [1]
