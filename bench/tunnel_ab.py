@@ -9,7 +9,6 @@ agent starts does not inherit it):
 
 - ``{"window": N, "pktsize": N}`` — ``CHANNEL_WINDOW`` / ``CHANNEL_MAX_PKTSIZE`` of
   ``broker.tunnel`` (broker side) and ``node_agent.agent`` (agent side)
-- ``{"coalesce": false}`` — ``broker.wire.ENABLED``: SSH writes coalesced per loop iteration (both ends)
 - ``{"read_size": N}`` — asyncio's per-``recv`` size of socket transports (default 256 KiB)
 - ``{"uvloop": true}`` — uvloop's event loop policy (needs ``uvloop`` installed); ``"broker"`` or
   ``"node-agent"`` for that side only
@@ -56,9 +55,6 @@ if _v.get("window") or _v.get("pktsize"):
             _m.CHANNEL_WINDOW = _v["window"]
         if _v.get("pktsize"):
             _m.CHANNEL_MAX_PKTSIZE = _v["pktsize"]
-if "coalesce" in _v:
-    import broker.wire as _w
-    _w.ENABLED = bool(_v["coalesce"])
 if _v.get("read_size"):
     import asyncio.selector_events as _se
     _se._SelectorSocketTransport.max_size = _v["read_size"]

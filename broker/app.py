@@ -67,7 +67,7 @@ class BrokerApp(Application):
     keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
     login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate.").tag(config=True)
     max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections allowed at once from one source address (0: no cap); more are closed before the banner.").tag(config=True)
-    max_preauth_total = Integer(512, help="Unauthenticated SSH connections allowed at once in total (0: no cap).").tag(config=True)
+    max_preauth_total = Integer(512, help="Unauthenticated SSH connections allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
     penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is refused new connections (0: no penalties).").tag(config=True)
     penalty_window = Float(60.0, help="Seconds over which failed authentications from one source are counted.").tag(config=True)
     penalty_base = Float(10.0, help="Seconds a penalised source is refused; doubles for each further penalty.").tag(config=True)

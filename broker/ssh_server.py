@@ -30,7 +30,6 @@ import asyncssh
 from . import policy
 from .secrets import verify_secret
 from .tunnel import Tunnel, TunnelAttachment
-from .wire import coalesce_writes
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -119,7 +118,6 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.log = self.log.bind(conn=self.peer)
         # admitted by the accept loop (broker/acceptor.py), which counted it as pre-auth
         self._preauth = self.admission is not None
-        coalesce_writes(conn)  # one send() per loop iteration instead of two per SSH packet
 
     def _leave_preauth(self) -> None:
         if self._preauth and self.admission is not None:

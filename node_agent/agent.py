@@ -33,7 +33,6 @@ from asyncssh.forward import SSHForwarder
 
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.tunnel import SessionListener, Tunnel  # asyncssh-only module
-from broker.wire import coalesce_writes  # stdlib-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
@@ -63,11 +62,6 @@ def log(msg: str, **fields: Any) -> None:
 
 class Refused(Exception):
     """The broker refused this agent for good (not a transient error)."""
-
-
-class _AgentClient(asyncssh.SSHClient):
-    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        coalesce_writes(conn)  # one send() per loop iteration instead of two per SSH packet
 
 
 class _Control(asyncssh.SSHTCPSession[bytes]):
@@ -116,7 +110,7 @@ class Agent:
         opts: dict[str, Any] = dict(
             username=self.s.session_id, known_hosts=([host_key], [], []), encryption_algs=ENCRYPTION_ALGS,
             keepalive_interval=self.s.keepalive, keepalive_count_max=3, agent_path=None, config=None,
-            connect_timeout=30, client_factory=_AgentClient,
+            connect_timeout=30,
         )
         if self.enrolled:
             opts.update(client_keys=[self.key], preferred_auth="publickey", password=None)
