@@ -1,10 +1,10 @@
-"""``python -m bench`` (``make bench``): every benchmark in one run (~12-15 min on 2 cores).
+"""``python -m bench`` (``make bench``): every benchmark in one run (~15-18 min on 2 cores).
 
 Parts: tunnel vs OpenSSH, spawn-to-ready (local backend), spawn-to-ready on real Slurm vs stock
 batchspawner, scheduler load (squeue calls/min with 100 sessions), scale (10k agents).
 Writes bench/results/summary.json and summary.md. Options::
 
-    --full              1 GiB transfers instead of 256 MiB
+    --quick             256 MiB transfers instead of 1 GiB (--full: 1 GiB, the default)
     --scale N[,N...]    simulated agents for the scale part, one run per N (default 1000,10000; 0 skips)
     --spawns N          spawns per spawner, local backend (default 5; 0 skips)
     --slurm-spawns N    spawns per spawner on Slurm (default 5; 0 skips)
@@ -198,7 +198,8 @@ def markdown(out: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("--full", action="store_true", help="1 GiB transfers")
+    ap.add_argument("--full", action="store_true", help="1 GiB transfers (the default; kept for old command lines)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB transfers instead of 1 GiB")
     ap.add_argument("--scale", default="1000,10000", help="comma-separated agent counts (0 skips)")
     ap.add_argument("--slurm-spawns", type=int, default=5)
     ap.add_argument("--skip-squeue", action="store_true")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     scales = sorted({int(x) for x in str(args.scale).split(",") if x.strip() and int(x) > 0})
-    nbytes = (1 << 30) if args.full else (256 << 20)
+    nbytes = (256 << 20) if args.quick and not args.full else (1 << 30)
     params = {"transfer_mib": nbytes >> 20, "rounds": args.rounds, "keepalive_n": 1000, "newconn_n": 300,
               "rps_seconds": 5, "scale": scales, "spawns": args.spawns,
               "slurm_spawns": 0 if args.skip_slurm else args.slurm_spawns, "squeue_load": not (args.skip_slurm or args.skip_squeue), "rps_client": "wrk" if client.have_wrk() else "asyncio"}

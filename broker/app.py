@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -161,6 +162,23 @@ class BrokerApp(Application):
             self.parse_command_line(argv)  # the command line wins over the file
 
 
+#: Descriptors the broker needs besides its 2 per session (store, API, CHP client, logs, margin).
+FD_RESERVE = 256
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (each session holds 2 descriptors: its
+    hub-side listener and its agent's SSH connection) and return ``(soft, hard)`` as they are now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 async def serve(app: BrokerApp) -> None:
     hub_api = app.check()
     broker_log.configure(app.log_level, app.log_json)
@@ -184,6 +202,11 @@ async def serve(app: BrokerApp) -> None:
             penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
         max_hub_api_channels=app.max_hub_api_channels,
     )
+    soft, hard = raise_nofile_limit()
+    capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None
+    (log.warning if capacity is not None and capacity < 1000 else log.info)(
+        "file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity,
+        hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256" if capacity is not None and capacity < 1000 else None)
     await broker.start()
     from aiohttp import web
 

@@ -297,3 +297,35 @@ def test_host_key_readable_by_others_refused(tmp_path):
     assert s2.proc.returncode == 2, out
     assert "BrokerApp.host_key_path" in out
     assert "Traceback" not in out
+
+
+def test_serve_raises_its_fd_soft_limit_and_logs_capacity(tmp_path):
+    """Each session holds 2 descriptors: `broker serve` lifts its soft RLIMIT_NOFILE to the hard
+    limit and logs how many live sessions that allows (a warning below 1,000)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 600 if hard == resource.RLIM_INFINITY or hard > 600 else hard
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    code = ("import resource; from broker.app import raise_nofile_limit; "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], raise_nofile_limit()[0])")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=lower,
+                       env=clean_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    before, after = map(int, r.stdout.split())
+    assert before == low
+    assert after == (hard if hard != resource.RLIM_INFINITY else max(low, 1 << 20))
+
+    s = Served(tmp_path, str(tmp_path / "state"))
+    s.start()
+    try:
+        limits = open(f"/proc/{s.proc.pid}/limits").read()
+        m = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits)
+        assert m and m.group(1) == m.group(2), f"soft limit not raised to the hard one: {m and m.group(0)}"
+        assert "file descriptor limit" in s.output()
+        assert "live_sessions_capacity" in s.output()
+    finally:
+        assert s.stop() == 0, s.output()
