@@ -7,7 +7,7 @@ Writes bench/results/summary.json and summary.md. Options::
     --quick             256 MiB transfers instead of 1 GiB (--full: 1 GiB, the default)
     --scale N[,N...]    simulated agents for the scale part, one run per N (default 1000,10000; 0 skips)
     --spawns N          spawns per spawner, local backend (default 5; 0 skips)
-    --slurm-spawns N    spawns per spawner on Slurm (default 5; 0 skips)
+    --slurm-spawns N    spawns per spawner on Slurm, interleaved (default 7; 0 skips)
     --skip-squeue       skip the scheduler-load part (100 held Slurm jobs, 60 s)
     --skip-slurm        skip both Slurm parts
     --skip-tunnel       skip the tunnel part
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="1 GiB transfers (the default; kept for old command lines)")
     ap.add_argument("--quick", action="store_true", help="256 MiB transfers instead of 1 GiB")
     ap.add_argument("--scale", default="1000,10000", help="comma-separated agent counts (0 skips)")
-    ap.add_argument("--slurm-spawns", type=int, default=5)
+    ap.add_argument("--slurm-spawns", type=int, default=7)
     ap.add_argument("--skip-squeue", action="store_true")
     ap.add_argument("--skip-slurm", action="store_true")
     ap.add_argument("--spawns", type=int, default=5)

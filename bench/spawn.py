@@ -57,8 +57,7 @@ def stop_once(stack: Stack, user: str, timeout: float = 60) -> None:
     raise TimeoutError("server did not stop")
 
 
-def bench_spawner(workdir: str, n: int, user: str, log: Callable[[str], None], **stack_kw: Any) -> dict[str, Any]:
-    times: list[float] = []
+def _start_stack(workdir: str, log: Callable[[str], None], **stack_kw: Any) -> Stack:
     for attempt in range(3):  # free_port() races with other processes on a shared machine
         stack = Stack(os.path.join(workdir, f"try{attempt}") if attempt else workdir, **stack_kw)
         try:
@@ -69,6 +68,16 @@ def bench_spawner(workdir: str, n: int, user: str, log: Callable[[str], None], *
             if attempt == 2:
                 raise
             log(f"  stack did not start ({exc}); retrying with new ports")
+    return stack
+
+
+def _figures(times: list[float]) -> dict[str, Any]:
+    return {"runs_s": times, "median_s": round(statistics.median(times), 3), "min_s": min(times), "max_s": max(times)}
+
+
+def bench_spawner(workdir: str, n: int, user: str, log: Callable[[str], None], **stack_kw: Any) -> dict[str, Any]:
+    times: list[float] = []
+    stack = _start_stack(workdir, log, **stack_kw)
     try:
         for i in range(n):
             dt = spawn_once(stack, user)
@@ -77,7 +86,30 @@ def bench_spawner(workdir: str, n: int, user: str, log: Callable[[str], None], *
             stop_once(stack, user)
     finally:
         stack.stop()
-    return {"runs_s": times, "median_s": round(statistics.median(times), 3), "min_s": min(times), "max_s": max(times)}
+    return _figures(times)
+
+
+def bench_interleaved(spawners: dict[str, tuple[str, dict[str, Any]]], n: int, user: str,
+                      log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Both (all) hubs up at once; round r spawns with each in turn, rotating who goes first, so
+    drift in machine load hits every spawner alike. *spawners*: name -> (workdir, Stack kwargs)."""
+    stacks: dict[str, Stack] = {}
+    times: dict[str, list[float]] = {name: [] for name in spawners}
+    try:
+        for name, (workdir, kw) in spawners.items():
+            stacks[name] = _start_stack(workdir, log, **kw)
+        names = list(spawners)
+        for r in range(n):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                dt = spawn_once(stacks[name], user)
+                times[name].append(round(dt, 3))
+                stop_once(stacks[name], user)
+            log(f"  round {r + 1}/{n}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+    return {name: _figures(t) for name, t in times.items()}
 
 
 def run(tmp: str, n: int, log: Callable[[str], None]) -> dict[str, Any]:

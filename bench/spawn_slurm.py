@@ -1,9 +1,10 @@
 """Part 4: spawn-to-ready on the real single-node Slurm: SlurmBrokerSpawner vs stock batchspawner.
 
-Two hubs (:class:`hub_plugin.demo.Stack`: CHP + broker + JupyterHub), one after the other, on the
-same cluster, each doing N sequential spawns through the hub's REST API (the same
-``bench.spawn.spawn_once``: POST /users/NAME/server, user model polled every 0.1 s until
-``ready``; each stopped before the next).
+Two hubs (:class:`hub_plugin.demo.Stack`: CHP + broker + JupyterHub), both up at once on the
+same cluster, spawning in turn — N rounds, each one spawn per hub, rotating which hub goes first —
+through the hub's REST API (the same ``bench.spawn.spawn_once``: POST /users/NAME/server, user model
+polled every 0.1 s until ``ready``; each stopped before the next), so drift in machine load hits
+both alike.
 
 * ours: ``hub_plugin.slurm.SlurmBrokerSpawner`` with its defaults (shared squeue poller every
   5 s, node agent exec'd by the batch shell, tunnel through the broker);
@@ -25,7 +26,7 @@ import sys
 import uuid
 from typing import Any, Callable
 
-from .spawn import bench_spawner
+from .spawn import bench_interleaved
 from .squeue_load import _real, slurm_up
 
 import pwd
@@ -54,10 +55,7 @@ def run(tmp: str, n: int, log: Callable[[str], None]) -> dict[str, Any]:
             'c.SlurmBrokerSpawner.req_runtime = "30"',
             "c.SlurmBrokerSpawner.req_walltime_warning = 120",
         ])
-        log("spawn-to-ready on Slurm: SlurmBrokerSpawner")
-        res["broker_slurm"] = bench_spawner(wd, n, USER, log, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                                            extra_hub_config=ours_cfg)
-
+        ours_wd = wd
         wd = os.path.join(tmp, "stack-batchspawner")
         home = os.path.join(wd, "home")
         os.makedirs(home, exist_ok=True)
@@ -69,9 +67,11 @@ def run(tmp: str, n: int, log: Callable[[str], None]) -> dict[str, Any]:
             f"c.SlurmSpawner.req_options = '--job-name={tag}'",
             'c.SlurmSpawner.req_runtime = "30"',
         ])
-        log("spawn-to-ready on Slurm: batchspawner.SlurmSpawner (stock)")
-        res["batchspawner"] = bench_spawner(wd, n, USER, log, spawner_class="batchspawner.SlurmSpawner",
-                                            extra_hub_config=stock_cfg)
+        log("spawn-to-ready on Slurm: SlurmBrokerSpawner and batchspawner.SlurmSpawner (stock), interleaved")
+        res.update(bench_interleaved({
+            "broker_slurm": (ours_wd, {"spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner", "extra_hub_config": ours_cfg}),
+            "batchspawner": (wd, {"spawner_class": "batchspawner.SlurmSpawner", "extra_hub_config": stock_cfg}),
+        }, n, USER, log))
     finally:
         subprocess.run([_real("scancel"), "-n", tag], capture_output=True, timeout=60)
     return res
