@@ -327,7 +327,7 @@ class Broker:
         return {"user": s.user, "server_name": s.server_name, "jupyterhub": True}
 
     def _desired_routes(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        return {s.routespec: (s.target, self.route_data(s)) for s in self.store.list() if s.state == "ready"}
+        return {s.routespec: (s.target, self.route_data(s)) for s in self.store.list(state="ready")}
 
     # -- byte counters -------------------------------------------------------------------
     def _flush_counters(self) -> None:
@@ -349,8 +349,8 @@ class Broker:
     async def _expire_unenrolled(self) -> None:
         """Close sessions whose agent never enrolled before the secret expired (their port is freed)."""
         now = time.time()
-        for s in self.store.list():
-            if s.state == "registered" and s.secret_expires is not None and now > s.secret_expires:
+        for s in self.store.list(state="registered"):
+            if s.secret_expires is not None and now > s.secret_expires:
                 await self.close_session(s.id, "enrolment secret expired before the agent connected")
 
 

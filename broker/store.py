@@ -124,12 +124,17 @@ class SessionStore:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return Session(*row) if row else None
 
-    def list(self, *, live_only: bool = True) -> list[Session]:
+    def list(self, *, live_only: bool = True, state: str | None = None) -> list[Session]:
+        """Sessions oldest first: live ones (default), all, or those in one *state* (indexed)."""
         q = f"SELECT {_COLUMNS} FROM sessions"
-        if live_only:
+        args: tuple[str, ...] = ()
+        if state is not None:
+            q += " WHERE state = ?"
+            args = (state,)
+        elif live_only:
             q += " WHERE state != 'closed'"
         q += " ORDER BY created"
-        return [Session(*r) for r in self._db.execute(q)]
+        return [Session(*r) for r in self._db.execute(q, args)]
 
     def count_by_state(self) -> dict[str, int]:
         """Live sessions per state (one aggregate query; for metrics)."""

@@ -91,6 +91,19 @@ def test_list_live_only_and_all_ordered_by_created(store):
     assert store.live_ports() == {40001, 40003}
 
 
+def test_list_by_state_and_count_by_state(store):
+    store.create(make("r1", 40011, created=3.0))
+    store.create(make("r2", 40012, created=1.0))
+    store.create(make("ok", 40013, created=2.0))
+    store.create(make("gone", 40014, created=4.0))
+    store.update("ok", state="ready")
+    store.update("gone", state="closed")
+    assert [s.id for s in store.list(state="registered")] == ["r2", "r1"]
+    assert [s.id for s in store.list(state="ready")] == ["ok"]
+    assert [s.id for s in store.list(state="closed")] == ["gone"]
+    assert store.count_by_state() == {"registered": 2, "ready": 1}  # closed ones are not live
+
+
 def test_live_ports_unique(store):
     store.create(make("a", 40001))
     with pytest.raises(sqlite3.IntegrityError):
