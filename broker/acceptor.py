@@ -50,6 +50,7 @@ class AgentAcceptor:
         self.on_refused = on_refused
         self.sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_resource_warning = -1e9
         self._room = asyncio.Event()
         self._room.set()
         admission.on_room = self._room.set
@@ -95,8 +96,11 @@ class AgentAcceptor:
                 conn_sock, addr = await loop.sock_accept(listen_sock)
             except OSError as exc:
                 if exc.errno in _FD_ERRNOS:
-                    self.log.warning("cannot accept agent connections: out of resources; pausing 0.5 s",
-                                     error=exc.strerror)
+                    now = loop.time()
+                    if now - self._last_resource_warning >= 10.0:  # at most one line per 10 s
+                        self._last_resource_warning = now
+                        self.log.warning("cannot accept agent connections: out of resources; pausing 0.5 s",
+                                         error=exc.strerror, hint="raise the broker's file descriptor limit")
                     await asyncio.sleep(0.5)
                     continue
                 if listen_sock.fileno() < 0:

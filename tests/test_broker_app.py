@@ -159,6 +159,7 @@ class Served:
                      "--BrokerApp.reconcile_interval=60"]
         self.proc: subprocess.Popen | None = None
         self.api_url = ""
+        self.preexec_fn = None
 
     def start(self) -> "Served":
         url_file = os.path.join(self.state_dir, "api_url")
@@ -166,7 +167,8 @@ class Served:
             os.unlink(url_file)
         self.errf = open(self.tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
         self.proc = subprocess.Popen([PY, "-m", "broker.app", *self.args], cwd=self.tmp_path, env=self.env,
-                                     stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + 60  # generous: CI machines are busy
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -329,3 +331,54 @@ def test_serve_raises_its_fd_soft_limit_and_logs_capacity(tmp_path):
         assert "live_sessions_capacity" in s.output()
     finally:
         assert s.stop() == 0, s.output()
+
+
+def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path):
+    """With a hard RLIMIT_NOFILE of 128, 200 idle TCP connections to the agents' SSH port exhaust
+    the broker's descriptors: it pauses accepting (logged), keeps serving its REST API, and once
+    the login timeout drops the idle ones, a real agent enrols."""
+    import asyncio
+    import resource
+
+    import asyncssh
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    s = Served(tmp_path, str(tmp_path / "state"))
+    s.args += ["--BrokerApp.login_timeout=3", "--BrokerApp.max_preauth_per_source=0",
+               "--BrokerApp.max_preauth_total=0"]
+    s.preexec_fn = limit
+    s.start()
+    ssh_port = int(open(os.path.join(s.state_dir, "ssh_port")).read())
+    idle = []
+    try:
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", ssh_port), timeout=5)
+            idle.append(c)
+        deadline = time.monotonic() + 15
+        while "out of resources" not in s.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "out of resources" in s.output(), s.output()[-3000:]
+        assert s.proc.poll() is None
+        assert s.api("GET", "/api/sessions") == {"sessions": []}  # the API still answers
+        created = s.api("POST", "/api/sessions", {"user": "ann", "routespec": "/user/ann/"})
+        for c in idle:
+            c.close()
+
+        async def enrol() -> str:
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
+            host_key = asyncssh.import_public_key(created["ssh"]["host_key"])
+            async with asyncssh.connect("127.0.0.1", ssh_port, username=created["id"], known_hosts=([host_key], [], []),
+                                        password=f"enrol {created['secret']} {pub}", client_keys=None,
+                                        preferred_auth="password", agent_path=None, config=None,
+                                        connect_timeout=20) as conn:
+                return conn.get_extra_info("username")
+
+        assert asyncio.run(enrol()) == created["id"]
+        assert s.api("GET", f"/api/sessions/{created['id']}")["state"] == "connected"
+    finally:
+        for c in idle:
+            c.close()
+        assert s.stop() == 0, s.output()[-3000:]
