@@ -33,7 +33,7 @@ from typing import Any, Callable
 import aiohttp
 
 from .procs import BrokerProc, ChpProc, Procs, rss_mib
-from .tunnel_ab import _pyspy, _stop_pyspy, summarize_raw
+from .tunnel_ab import profile_table, pyspy_record, pyspy_stop, summarize_raw
 
 AGENTS_PER_WORKER = 2500
 CONCURRENCY = 100  # in all, split over the workers
@@ -77,9 +77,8 @@ async def _count_connected(session: aiohttp.ClientSession, broker: BrokerProc) -
 
 def _write_profile(raw: str, md: str, title: str) -> None:
     s = summarize_raw(raw, top=25)
-    lines = [f"# {title}", "", f"py-spy record --idle, event-loop thread, {s['samples']} samples; idle in epoll {s['idle_pct']}%", "",
-             "| self % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["self"]]
-    lines += ["", "| inclusive % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["inclusive"]]
+    lines = [f"# {title}", "", f"py-spy record --idle, event-loop thread, {s['samples']} samples; idle in epoll {s['idle_pct']}%", ""]
+    lines += profile_table(s)
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -161,7 +160,7 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
                 await p.stdin.drain()
             broker.start()
             t_up = time.monotonic()
-            spy = _pyspy(broker.proc.pid, os.path.join(profile_dir, "broker-storm.txt"), 100) if profile_dir else None
+            spy = pyspy_record(broker.proc.pid, os.path.join(profile_dir, "broker-storm.txt"), 100) if profile_dir else None
             deadline = t_up + storm_deadline
             n_ok = 0
             while time.monotonic() < deadline:
@@ -176,7 +175,7 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
             n_ok = await _count_connected(http, broker)  # what the REST API (the hub's view) shows
             storm_cpu = cpu_s(broker.proc.pid)
             if spy is not None:
-                _stop_pyspy(spy)
+                pyspy_stop(spy)
                 _write_profile(os.path.join(profile_dir, "broker-storm.txt"), os.path.join(profile_dir, "storm.md"),
                                f"broker during a reconnect storm of {n} agents ({t_all - t_up:.1f} s)")
             rec = await asyncio.gather(*(event(p) for p in workers))

@@ -150,20 +150,27 @@ def summarize_raw(path: str, top: int = 15) -> dict[str, Any]:
             "inclusive": [(k, pct(v)) for k, v in incl_c.most_common() if v < total][:top]}
 
 
-def _pyspy(pid: int, out: str, rate: int) -> subprocess.Popen[Any]:
+def pyspy_record(pid: int, out: str, rate: int) -> subprocess.Popen[Any]:
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--idle", "--nonblocking", "--rate", str(rate),
                              "--format", "raw", "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
 
 
-def _stop_pyspy(p: subprocess.Popen[Any]) -> None:
+def pyspy_stop(p: subprocess.Popen[Any]) -> None:
     p.send_signal(signal.SIGINT)
     try:
         p.wait(30)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+def profile_table(s: dict[str, Any]) -> list[str]:
+    """Markdown tables (self and inclusive %) of one :func:`summarize_raw` result."""
+    lines = ["| self % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["self"]]
+    lines += ["", "| inclusive % | frame |", "|---:|---|"] + [f"| {p} | `{k}` |" for k, p in s["inclusive"]]
+    return lines
 
 
 def profile(pair: Pair, outdir: str, nbytes: int, rate: int) -> dict[str, Any]:
@@ -181,14 +188,14 @@ def profile(pair: Pair, outdir: str, nbytes: int, rate: int) -> dict[str, Any]:
         return {"keepalive_p50_ms": round(ka["p50_ms"], 3), "rps_32": round(r["rps"])}
 
     for phase, fn in (("bulk", bulk), ("requests", requests)):
-        spies = {who: _pyspy(pid, os.path.join(outdir, f"{who}-{phase}.txt"), rate)
+        spies = {who: pyspy_record(pid, os.path.join(outdir, f"{who}-{phase}.txt"), rate)
                  for who, pid in (("broker", pair.broker.proc.pid), ("agent", pair.agent.pid))}  # type: ignore[union-attr]
         time.sleep(1.0)  # let py-spy attach
         t0 = time.monotonic()
         figures = fn()
         wall = time.monotonic() - t0
         for p in spies.values():
-            _stop_pyspy(p)
+            pyspy_stop(p)
         phases[phase] = {"wall_s": round(wall, 1), **figures}
         for who in spies:
             phases[phase][who] = summarize_raw(os.path.join(outdir, f"{who}-{phase}.txt"))
@@ -201,11 +208,8 @@ def profile(pair: Pair, outdir: str, nbytes: int, rate: int) -> dict[str, Any]:
         lines += [f"## {phase}: {figs}", ""]
         for who in ("broker", "agent"):
             s = ph[who]
-            lines += [f"### {who}: {s['samples']} samples, event-loop thread only; idle in epoll {s['idle_pct']}%", "", "| self % | frame |", "|---:|---|"]
-            lines += [f"| {p} | `{k}` |" for k, p in s["self"]]
-            lines += ["", "| inclusive % | frame |", "|---:|---|"]
-            lines += [f"| {p} | `{k}` |" for k, p in s["inclusive"]]
-            lines.append("")
+            lines += [f"### {who}: {s['samples']} samples, event-loop thread only; idle in epoll {s['idle_pct']}%", ""]
+            lines += profile_table(s) + [""]
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return phases

@@ -75,12 +75,13 @@ class AgentAcceptor:
         """Stop accepting (connections already handed to asyncssh are not affected)."""
         if self._task is not None:
             self._task.cancel()
-            self._task = None
         if self.sock is not None:
             self.sock.close()
 
     async def wait_closed(self) -> None:
-        await asyncio.sleep(0)
+        """Return once the accept loop has ended (after :meth:`close`)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -204,9 +204,11 @@ async def serve(app: BrokerApp) -> None:
     )
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None
-    (log.warning if capacity is not None and capacity < 1000 else log.info)(
-        "file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity,
-        hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256" if capacity is not None and capacity < 1000 else None)
+    if capacity is not None and capacity < 1000:
+        log.warning("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity,
+                    hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256")
+    else:
+        log.info("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity)
     await broker.start()
     from aiohttp import web
 

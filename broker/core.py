@@ -103,8 +103,8 @@ class Broker:
         """Rebind listeners of live sessions at their stored ports, then start serving."""
         from .ssh_server import AgentSSHServer
 
+        self.store.mark_all_disconnected()
         for s in self.store.list(live_only=True):
-            self.store.update(s.id, agent_connected=0)
             await self._open_listener(s.id, s.port)
         options = await server_options(
             server_factory=self._counted_server_factory(AgentSSHServer),

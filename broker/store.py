@@ -160,6 +160,10 @@ class SessionStore:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._db.execute(f"UPDATE sessions SET {sets} WHERE id = ?", [*fields.values(), session_id])
 
+    def mark_all_disconnected(self) -> None:
+        """No agent is connected (broker start): one statement for every live session."""
+        self._db.execute("UPDATE sessions SET agent_connected = 0 WHERE state != 'closed' AND agent_connected != 0")
+
     def spend_secret(self, session_id: str, agent_key: str, now: float | None = None) -> bool:
         """Atomically mark the enrolment secret spent and bind *agent_key*.
 

@@ -268,6 +268,22 @@ def _one(value: Any) -> Any:
     return value
 
 
+def _text(values: dict[str, Any], key: str) -> str:
+    """One form field as stripped text ('' when absent)."""
+    return str(_one(values.get(key, "")) or "").strip()
+
+
+def _parsed(values: dict[str, Any], key: str, parse: Any, default: Any, error: str) -> Any:
+    """*parse* of a form field, *default* when it is empty; *error* (with ``{raw}``) when it does not parse."""
+    raw = _text(values, key)
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise OptionsError(error.format(raw=repr(raw[:40]))) from None
+
+
 def _int_field(value: Any, label: str) -> int:
     v = _one(value)
     if isinstance(v, bool):
@@ -343,7 +359,7 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         profile_name = CUSTOM if profiles else ""
 
     # partition
-    pname = str(_one(values.get("partition", "")) or "").strip()
+    pname = _text(values, "partition")
     if not pname:
         pname = d.partition or next((p.name for p in partitions if p.default), partitions[0].name)
     part = by_name.get(pname)
@@ -353,46 +369,34 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         raise OptionsError(f"Partition {pname} is not available right now (down or drained).")
 
     # CPUs
-    nprocs = _int_field(values["nprocs"], "CPUs") if str(_one(values.get("nprocs", "")) or "").strip() else d.nprocs
+    nprocs = _int_field(values["nprocs"], "CPUs") if _text(values, "nprocs") else d.nprocs
     if nprocs < 1:
         raise OptionsError("CPUs: at least 1.")
     if nprocs > part.cpus:
         raise OptionsError(f"CPUs: {nprocs} requested, but partition {part.name} has at most {part.cpus} per node.")
 
     # memory
-    raw_mem = str(_one(values.get("memory", "")) or "").strip()
-    if raw_mem:
-        try:
-            mem_mb = parse_memory_mb(raw_mem)
-        except ValueError:
-            raise OptionsError(f"Memory: {raw_mem[:40]!r} is not a size (use e.g. 4, 4G or 512M).") from None
-    else:
-        mem_mb = d.memory_mb
+    mem_mb = _parsed(values, "memory", parse_memory_mb, d.memory_mb,
+                     "Memory: {raw} is not a size (use e.g. 4, 4G or 512M).")
     if mem_mb and part.memory_known and mem_mb > part.memory_mb:
         raise OptionsError(f"Memory: {format_memory(mem_mb)} requested, but partition {part.name} has at most "
                            f"{part.memory_mb // 1024} GB per node.")
 
     # GPUs
-    ngpus = _int_field(values["ngpus"], "GPUs") if str(_one(values.get("ngpus", "")) or "").strip() else d.ngpus
+    ngpus = _int_field(values["ngpus"], "GPUs") if _text(values, "ngpus") else d.ngpus
     if ngpus > part.gpus:
         have = f"at most {part.gpus}" if part.gpus else "no"
         raise OptionsError(f"GPUs: {ngpus} requested, but partition {part.name} has {have} GPUs per node.")
 
     # walltime
-    raw_rt = str(_one(values.get("runtime", "")) or "").strip()
-    if raw_rt:
-        try:
-            runtime = parse_walltime(raw_rt)
-        except ValueError:
-            raise OptionsError(f"Walltime: {raw_rt[:40]!r} is not a duration (use hours like 2 or 1.5, or H:MM).") from None
-    else:
-        runtime = d.runtime
+    runtime = _parsed(values, "runtime", parse_walltime, d.runtime,
+                      "Walltime: {raw} is not a duration (use hours like 2 or 1.5, or H:MM).")
     if part.max_time and runtime > part.max_time:
         raise OptionsError(f"Walltime: {human_duration(runtime)} requested, but partition {part.name} allows at most "
                            f"{human_duration(part.max_time)}.")
 
     # image
-    image = str(_one(values.get("image", "")) or "").strip() or d.image
+    image = _text(values, "image") or d.image
     if image not in IMAGES:
         raise OptionsError(f"Image: {image[:40]!r} is not one of: {', '.join(IMAGES)}.")
     if image == "gpu" and ngpus < 1:

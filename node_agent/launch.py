@@ -278,15 +278,7 @@ def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, st
             raise LaunchError(f"webdav.credential_env: ${source} (for {target}) is not set in "
                               f"the job environment", EX_USAGE)
         menv[target] = env[source]
-    try:
-        r = subprocess.run(argv, env=menv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=w.timeout)
-        ok, detail = r.returncode == 0, f"exit {r.returncode}: " + \
-            r.stdout.decode("utf-8", "replace").strip()[-300:]
-    except FileNotFoundError:
-        ok, detail = False, f"program {argv[0]!r} not found"
-    except subprocess.TimeoutExpired:
-        ok, detail = False, f"timed out after {w.timeout}s"
+    ok, detail = _run_helper(argv, menv, w.timeout)
     if ok:
         log.info("webdav: mounted on %s", mp)
         return MOUNTED
@@ -295,6 +287,21 @@ def mount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, st
         raise LaunchError(msg, EX_UNAVAILABLE)
     log.warning("%s; continuing without the share", msg)
     return ""
+
+
+def _run_helper(argv: list[str], env: Mapping[str, str], timeout: float) -> tuple[bool, str]:
+    """Run a mount/unmount helper (no shell, stdin /dev/null): (success, what to log) — the exit
+    status and the tail of its output, never the environment."""
+    try:
+        r = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+    except FileNotFoundError:
+        return False, f"program {argv[0]!r} not found"
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout}s"
+    except OSError as e:
+        return False, f"cannot run {argv[0]!r}: {e.strerror}"
+    return r.returncode == 0, f"exit {r.returncode}: " + r.stdout.decode("utf-8", "replace").strip()[-300:]
 
 
 def build_unmount_argv(config: hc.HpcConfig, paths: hc.UserPaths) -> list[str]:
@@ -308,18 +315,7 @@ def unmount_webdav(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, 
     the exit status and the command's output - never the environment. True on success."""
     argv = build_unmount_argv(config, paths)
     mp = paths.webdav_mount_point
-    timeout = config.webdav.timeout
-    try:
-        r = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-        ok, detail = r.returncode == 0, f"exit {r.returncode}: " + \
-            r.stdout.decode("utf-8", "replace").strip()[-300:]
-    except FileNotFoundError:
-        ok, detail = False, f"program {argv[0]!r} not found"
-    except subprocess.TimeoutExpired:
-        ok, detail = False, f"timed out after {timeout}s"
-    except OSError as e:
-        ok, detail = False, f"cannot run {argv[0]!r}: {e.strerror}"
+    ok, detail = _run_helper(argv, env, config.webdav.timeout)
     if ok:
         log.info("webdav: unmounted %s", mp)
         return True

@@ -240,3 +240,13 @@ def test_memory_store():
     st.create(make())
     assert st.get("s1").user == "zoe"
     st.close()
+
+
+def test_mark_all_disconnected_touches_live_sessions_only(store):
+    store.create(make("a", 40021, created=1.0))
+    store.create(make("b", 40022, created=2.0))
+    store.update("a", agent_connected=1)
+    store.update("b", agent_connected=1, state="closed")
+    store.mark_all_disconnected()
+    assert store.get("a").agent_connected == 0
+    assert store.get("b").agent_connected == 1  # a closed session's record is history: left as it was
