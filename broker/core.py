@@ -1,6 +1,6 @@
 """The broker: sessions, their listeners, agent connections and route publishing, in one loop.
 
-Lifecycle of a session (see DESIGN.md, "Spawn, step by step")::
+Lifecycle of a session (see docs/design.md, "A spawn, step by step")::
 
     registered --agent logs in--> connected --agent reports ready--> ready --close--> closed
 

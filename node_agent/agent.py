@@ -1,6 +1,6 @@
 """``node-agent run``: connect out to the broker, supervise the notebook server, carry its traffic.
 
-Sequence (DESIGN.md steps 4-5):
+Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
 
 1. Generate an ephemeral SSH key; connect to the broker with its host key pinned; enrol with
    the one-time secret (spent by the broker) — reconnects authenticate with the key only.
