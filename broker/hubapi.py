@@ -58,7 +58,7 @@ import functools
 import math
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 #: Identity headers a header authenticator (Shibboleth SP, mod_auth_*, oauth2-proxy) may trust;
@@ -82,7 +82,7 @@ MAX_CHUNK_LINE = 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_RATE = 20.0
-DEFAULT_BURST = 100
+DEFAULT_BURST = 200
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/\d\.\d")
@@ -454,9 +454,8 @@ class HubApiExchange:
                 if seen_te or value.lower() != b"chunked" or version == b"HTTP/1.0":
                     raise _Refused(400, "unsupported Transfer-Encoding")
                 seen_te = chunked = True
-            elif key == b"upgrade" or key == b"http2-settings":
-                upgrade = True
-            elif key == b"connection" and b"upgrade" in [t.strip().lower() for t in value.split(b",")]:
+            elif key in (b"upgrade", b"http2-settings") or (
+                    key == b"connection" and b"upgrade" in [t.strip().lower() for t in value.split(b",")]):
                 upgrade = True
             if key in FORWARDING_HEADERS or key.startswith(FORWARDING_PREFIX) or key in self._stripped:
                 continue

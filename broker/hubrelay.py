@@ -16,7 +16,8 @@ is written and this connection alone is closed.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 from asyncssh.forward import SSHForwarder
@@ -118,7 +119,7 @@ async def open_filtered_hub_connection(host: str, port: int, exchange: HubApiExc
 class _FilteredLocalConnection(_FilteringClient, _HubSideConnection):
     """One connection to the agent's node-local relay (transport: the local TCP connection)."""
 
-    def __init__(self, listener: "FilteredRelay"):
+    def __init__(self, listener: FilteredRelay):
         super().__init__(listener)
         self._setup_filter(HubApiExchange(listener.policy, listener.bucket), listener.on_refused)
 

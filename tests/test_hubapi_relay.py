@@ -37,6 +37,9 @@ import pytest
 import pytest_asyncio
 import requests
 from aiohttp import web
+from conftest import ARTIFACTS, tool_path, wait_until
+from e2e import Hub, request
+from test_tunnel_security import Harness
 
 from broker.core import Broker
 from broker.hubapi import HubApiPolicy
@@ -44,10 +47,6 @@ from broker.hubrelay import FilteredRelay
 from broker.store import SessionStore
 from broker.tunnel import Tunnel
 from hub_plugin.demo import Stack
-
-from conftest import ARTIFACTS, tool_path, wait_until
-from e2e import Hub, request
-from test_tunnel_security import Harness
 
 FORGED = {"X-Forwarded-For": "127.0.0.2", "X-Remote-User": "boss@uni.example"}
 SP_ADDR = "127.0.0.2"
@@ -97,7 +96,7 @@ class RecordingHub:
         self.seen.append(seen)
         return web.json_response({**seen, "headers": [h.decode("latin-1") for h in seen["headers"]]})
 
-    async def start(self) -> "RecordingHub":
+    async def start(self) -> RecordingHub:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -155,7 +154,7 @@ FORGED_ALL = {"X-Forwarded-For": "127.0.0.2", "X-Forwarded-Proto": "https", "For
 @pytest.mark.asyncio
 async def test_broker_channel_keep_alive_chunked_and_stripped_headers(relay_env):
     h, hub = await relay_env(rate=0)
-    session, conn, _ = await _enrolled(h)
+    _, conn, _ = await _enrolled(h)
     reader, writer = await conn.open_connection("127.0.0.1", hub.port)
     chunked = (b"POST /hub/api/users/zoe/activity HTTP/1.1\r\nHost: hub\r\nTransfer-Encoding: chunked\r\n"
                b"X-Remote-User: boss\r\n\r\n" + b"4\r\n{\"a\"\r\n" + b"3\r\n:1}\r\n" + b"0\r\n\r\n")
@@ -195,7 +194,7 @@ REFUSED = [
 @pytest.mark.asyncio
 async def test_hostile_agent_skipping_the_relay_gets_the_same_answers(relay_env):
     h, hub = await relay_env()
-    session, conn, _ = await _enrolled(h)
+    _, conn, _ = await _enrolled(h)
     for what, data, code in REFUSED:
         reader, writer = await conn.open_connection("127.0.0.1", hub.port)
         writer.write(data)
@@ -213,7 +212,7 @@ async def test_hostile_agent_skipping_the_relay_gets_the_same_answers(relay_env)
 @pytest.mark.asyncio
 async def test_malformed_input_closes_only_that_channel(relay_env):
     h, hub = await relay_env(rate=0)
-    session, conn, _ = await _enrolled(h)
+    _, conn, _ = await _enrolled(h)
     ok_reader, ok_writer = await conn.open_connection("127.0.0.1", hub.port)
     ok_writer.write(http_request("/hub/api/a"))
     assert (await read_response(ok_reader))[0] == 200
@@ -230,7 +229,7 @@ async def test_malformed_input_closes_only_that_channel(relay_env):
 @pytest.mark.asyncio
 async def test_body_cap(relay_env):
     h, hub = await relay_env(max_body=100_000, rate=0)
-    session, conn, _ = await _enrolled(h)
+    _, conn, _ = await _enrolled(h)
     reader, writer = await conn.open_connection("127.0.0.1", hub.port)
     writer.write(http_request("/hub/api/users", method="POST", body=b"x" * 100_000))
     status, _, body = await read_response(reader)
@@ -267,7 +266,7 @@ async def test_rate_cap_is_per_session_across_channels_and_reconnects(relay_env)
     status, headers, _ = await read_response(reader)
     assert status == 429 and int(headers["retry-after"][0]) >= 1
     assert len(hub.seen) == 4
-    other, other_conn, _ = await _enrolled(h, "50fia")  # another session has its own bucket
+    _, other_conn, _ = await _enrolled(h, "50fia")  # another session has its own bucket
     reader, writer = await other_conn.open_connection("127.0.0.1", hub.port)
     writer.write(http_request("/hub/api/"))
     assert (await read_response(reader))[0] == 200
@@ -344,7 +343,7 @@ def shib_stack(tmp_path_factory):
         dest = os.path.join(ARTIFACTS, "hubapi-relay-logs")
         os.makedirs(dest, exist_ok=True)
         for log in glob.glob(os.path.join(s.logs, "*.log")) + glob.glob(os.path.join(s.workdir, "spool", "*", "output.log")):
-            subprocess.run(["cp", log, os.path.join(dest, log.replace(s.workdir, "").strip("/").replace("/", "_"))])
+            subprocess.run(["cp", log, os.path.join(dest, log.replace(s.workdir, "").strip("/").replace("/", "_"))], check=False)
 
 
 def _server_env(stack: Stack) -> dict[str, str]:
