@@ -41,6 +41,8 @@ Contract of :class:`HubApiExchange` (one instance per client connection / SSH ch
   (responses to requests already forwarded have been passed on), write :meth:`answer` to the
   client and close the connection — only this one. If the refusal came in the middle of a body
   already partly forwarded (``denial.abort``), the caller also drops the hub connection.
+- Checks run in this order: well-formedness (400, 414, 431, 505), the token (429), method,
+  upgrade, target, body size; the first failure decides the answer.
 - :meth:`~HubApiExchange.from_hub` *observes* the hub -> client bytes (the caller passes them on
   untouched) to count completed responses; if the responses cannot be delimited (no length,
   ``101``, garbage) :attr:`~HubApiExchange.tracking` becomes False and a refusal closes the
@@ -394,9 +396,10 @@ class HubApiExchange:
             del buf[:2]
             self._scanned = 0
         start = max(0, self._scanned - 3)
-        if _BARE_LF.search(buf, max(0, start - 1)):
-            raise _Refused(400, "bare LF in the request head")
         end = buf.find(b"\r\n\r\n", start)
+        # only the head: a body in the same piece may contain anything
+        if _BARE_LF.search(buf, max(0, start - 1), end if end >= 0 else len(buf)):
+            raise _Refused(400, "bare LF in the request head")
         if end < 0:
             self._scanned = len(buf)
             first = buf.find(b"\r\n")

@@ -190,6 +190,15 @@ def test_a_request_hidden_in_a_body_is_data_and_the_one_after_it_is_checked():
     assert out == smuggle_te and status_of(ex) == 403
 
 
+def test_bodies_may_contain_anything():
+    body = b'{\n  "a": "\r\n\r\nGET /hub/login HTTP/1.1\n\n",\n  "b": "\x00\xff"\n}\n'
+    a = req("/hub/api/users", "POST", f"Content-Length: {len(body)}\r\n", body)
+    chunked = req("/hub/api/users", "POST", "Transfer-Encoding: chunked\r\n",
+                  f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    ex, out = run(a + chunked + req("/hub/api/user"))
+    assert ex.denial is None and out == a + chunked + req("/hub/api/user") and ex.requests == 3
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
 def test_split_packets_give_the_same_result(size):
     body = b"3\r\nabc\r\n0\r\n\r\n"
