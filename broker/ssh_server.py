@@ -16,8 +16,7 @@ broker's accept loop (:mod:`broker.acceptor`) admitted it — its source not pen
 per-source pre-auth cap not reached — before any SSH state or banner; the total pre-auth cap
 paces accepting. Failed authentication attempts count towards the source's penalty, and a connection is
 closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
-``Broker.max_hub_api_channels`` open direct channels to the hub API; each carries HTTP requests
-to the hub's REST API only (:mod:`broker.hubapi`; anything else is answered 403 by the broker).
+``Broker.max_hub_api_channels`` open direct channels to the hub API.
 """
 
 from __future__ import annotations
