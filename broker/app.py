@@ -24,6 +24,7 @@ from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
+from .hubapi import DEFAULT_BURST, DEFAULT_MAX_BODY, DEFAULT_RATE, DEFAULT_STRIP_HEADERS, HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .proxy import ChpClient
 from .status import render_table
@@ -75,6 +76,10 @@ class BrokerApp(Application):
     penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
     penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor capped per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
+    hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case-insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
+    hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
+    hub_api_rate = Float(DEFAULT_RATE, help="Hub-API requests per second per session, over all its channels (token bucket; more get 429; 0: no cap).").tag(config=True)
+    hub_api_burst = Integer(DEFAULT_BURST, help="Hub-API requests a session may make at once before hub_api_rate applies (the token bucket's size).").tag(config=True)
 
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
@@ -112,6 +117,23 @@ class BrokerApp(Application):
             except ValueError:
                 raise TraitError(f"BrokerApp.penalty_exempt: not a network: {net!r}") from None
         return proposal["value"]
+
+    @validate("hub_api_strip_headers")
+    def _valid_header_names(self, proposal: dict) -> list:
+        import re
+
+        for name in proposal["value"]:
+            if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+                raise TraitError(f"BrokerApp.hub_api_strip_headers: not a header name: {name!r}")
+        return proposal["value"]
+
+    @validate("hub_api_max_body", "hub_api_rate", "hub_api_burst")
+    def _valid_hub_api_limit(self, proposal: dict) -> float:
+        v = proposal["value"]
+        low = 1 if proposal["trait"].name == "hub_api_burst" else 0
+        if v < low:
+            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
+        return v
 
     @validate("ssh_port", "api_port")
     def _valid_port(self, proposal: dict) -> int:
@@ -152,8 +174,17 @@ class BrokerApp(Application):
         p = urlparse(self.proxy_api_url)
         if p.scheme not in ("http", "https") or not p.hostname:
             raise ConfigError(f"BrokerApp.proxy_api_url: not an http(s) URL with a host: {self.proxy_api_url!r}")
+        try:
+            self.hub_api_policy()
+        except ValueError as e:
+            raise ConfigError(f"BrokerApp.hub_api_url: {e}") from None
         port = u.port or (443 if u.scheme == "https" else 80)
         return u.hostname, port
+
+    def hub_api_policy(self) -> HubApiPolicy:
+        """What the hub-API relay lets through: the API prefix from hub_api_url, and the hub_api_* options."""
+        return HubApiPolicy(api_prefix=api_prefix_of(self.hub_api_url), strip_headers=tuple(self.hub_api_strip_headers),
+                            max_body=self.hub_api_max_body, rate=self.hub_api_rate, burst=self.hub_api_burst)
 
     def load(self, argv: list[str]) -> None:
         self.parse_command_line(argv)
@@ -200,7 +231,7 @@ async def serve(app: BrokerApp) -> None:
             max_preauth_per_source=app.max_preauth_per_source, max_preauth_total=app.max_preauth_total,
             penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
             penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
-        max_hub_api_channels=app.max_hub_api_channels,
+        max_hub_api_channels=app.max_hub_api_channels, hub_api_policy=app.hub_api_policy(),
     )
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None

@@ -25,6 +25,7 @@ from .proxy import ChpClient, RoutePublisher
 from .secrets import hash_secret, new_id, new_secret
 from .store import LIVE_STATES, Session, SessionStore
 from .acceptor import AgentAcceptor, server_options
+from .hubapi import HubApiPolicy, SessionRates
 from .limits import AdmissionControl
 from .tunnel import SessionListener
 
@@ -59,6 +60,7 @@ class Broker:
         counters_flush_interval: float = 5.0,
         admission: AdmissionControl | None = None,
         max_hub_api_channels: int = 64,
+        hub_api_policy: HubApiPolicy | None = None,
     ):
         self.store = store
         self.host_key = host_key
@@ -85,6 +87,9 @@ class Broker:
         # channel cap: see broker/limits.py and broker/ssh_server.py
         self.admission = admission if admission is not None else AdmissionControl()
         self.max_hub_api_channels = max_hub_api_channels
+        # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
+        self.hub_api_policy = hub_api_policy or HubApiPolicy()
+        self.hub_api_rates = SessionRates(self.hub_api_policy.rate, self.hub_api_policy.burst)
 
     # -- task ownership ------------------------------------------------------------------
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:

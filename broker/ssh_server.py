@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import policy
+from .hubapi import Denial, HubApiExchange
+from .hubrelay import open_filtered_hub_connection
 from .secrets import verify_secret
 from .tunnel import Tunnel, TunnelAttachment
 
@@ -241,7 +243,14 @@ class AgentSSHServer(asyncssh.SSHServer):
         chan = self.conn.create_tcp_channel()
         self.hub_api_channels += 1
         self.broker.spawn(self._count_channel(chan))
-        return chan, self.conn.forward_connection(dest_host, dest_port)
+        # an HTTP filter, not a byte relay: only the hub's REST API, identity headers stripped,
+        # body and rate capped per session (broker/hubapi.py)
+        exchange = HubApiExchange(self.broker.hub_api_policy, self.broker.hub_api_rates.bucket(self.session_id or ""))
+        return chan, open_filtered_hub_connection(dest_host, dest_port, exchange, self._hub_api_refused)
+
+    def _hub_api_refused(self, denial: Denial) -> None:
+        self.log.warning("hub API request refused", status=denial.status, reason=denial.reason,
+                         sample=repr(denial.sample[:80]))
 
     async def _count_channel(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         try:

@@ -57,7 +57,7 @@ class _HubSideConnection(SSHForwarder):
             return
         try:
             await tunnel.conn.create_connection(
-                lambda: SSHForwarder(self), tunnel.remote_host, tunnel.remote_port, orig_host, orig_port,
+                self._channel_side, tunnel.remote_host, tunnel.remote_port, orig_host, orig_port,
                 window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
             )
         except (asyncssh.Error, OSError):
@@ -69,6 +69,10 @@ class _HubSideConnection(SSHForwarder):
         if self._eof_received and self._peer:
             self._peer.write_eof()
         self._transport.resume_reading()
+
+    def _channel_side(self) -> SSHForwarder:
+        """The protocol of this connection's SSH channel (its peer)."""
+        return SSHForwarder(self)
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         self._listener.bytes_in += len(data)
@@ -97,10 +101,14 @@ class SessionListener:
         """Bind 127.0.0.1:*port* (0 = pick one) and start accepting; returns the port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _HubSideConnection(self), "127.0.0.1", port, reuse_address=True, family=socket.AF_INET
+            self._protocol, "127.0.0.1", port, reuse_address=True, family=socket.AF_INET
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        """The protocol of one accepted hub-side connection."""
+        return _HubSideConnection(self)
 
     @property
     def tunnel(self) -> Tunnel | None:

@@ -15,6 +15,12 @@ received the connection from to ``X-Forwarded-For``. The source is therefore the
 trusted too (``trusted_hub_peers``, default loopback: CHP). Keep the hub's own port unreachable
 from anything but the proxy (``c.JupyterHub.hub_ip = "127.0.0.1"``).
 
+The tunnel broker also connects to the hub, from ``broker_addresses`` (loopback by default), to
+carry the notebooks' hub-API calls. A request arriving that way has the broker as its source, so
+the authenticator refuses to start when ``trusted_proxies`` covers any of ``broker_addresses``
+(unless ``allow_broker_in_trusted_proxies`` is set): otherwise any code in a notebook could log in
+as anyone. (The broker's relay passes only ``/hub/api/`` and strips identity headers too.)
+
     c.JupyterHub.authenticator_class = "hub_plugin.auth_header.RemoteUserAuthenticator"
     c.RemoteUserAuthenticator.header_name = "X-Remote-User"
     c.RemoteUserAuthenticator.trusted_proxies = ["10.0.0.5/32"]      # the SP host(s)
@@ -29,7 +35,7 @@ import re
 from jupyterhub.auth import Authenticator
 from jupyterhub.handlers import BaseHandler
 from tornado import web
-from traitlets import List, Unicode, default, validate
+from traitlets import Bool, List, Unicode, default, validate
 
 MAX_HEADER_LEN = 256
 
@@ -43,6 +49,17 @@ def _networks(values: list[str], name: str) -> list[ipaddress._BaseNetwork]:
             raise ValueError(f"RemoteUserAuthenticator.{name}: {v!r} is not an address or "
                              f"CIDR network ({e})") from None
     return out
+
+
+def _covers(nets: list[ipaddress._BaseNetwork], addr: str) -> bool:
+    """Whether *nets* contain *addr*, also in its IPv4-mapped IPv6 form (``::ffff:a.b.c.d``)."""
+    ip = ipaddress.ip_address(addr)
+    forms = [ip]
+    if ip.version == 4:
+        forms.append(ipaddress.ip_address(f"::ffff:{ip}"))
+    elif ip.ipv4_mapped is not None:
+        forms.append(ip.ipv4_mapped)
+    return any(f in n for f in forms for n in nets if f.version == n.version)
 
 
 def _in(addr: str, nets: list[ipaddress._BaseNetwork]) -> bool:
@@ -79,9 +96,25 @@ class RemoteUserAuthenticator(Authenticator):
 
     trusted_proxies = List(
         Unicode(),
-        ["127.0.0.1/32", "::1/128"],
+        [],
         help="Addresses/CIDR networks of the front ends allowed to assert the header (the host "
-        "running the Shibboleth SP). Requests from anywhere else are refused (403), header or not.",
+        "running the Shibboleth SP). Requests from anywhere else are refused (403), header or not. "
+        "Required; must not cover broker_addresses.",
+    ).tag(config=True)
+
+    broker_addresses = List(
+        Unicode(),
+        ["127.0.0.1", "::1"],
+        help="Addresses the tunnel broker's hub-API connections come from, as the hub sees them "
+        "(loopback when the broker runs on the hub host). Notebooks' requests reach the hub from "
+        "there, so the authenticator refuses to start if trusted_proxies covers one of them.",
+    ).tag(config=True)
+
+    allow_broker_in_trusted_proxies = Bool(
+        False,
+        help="Start even though trusted_proxies covers one of broker_addresses. Anything that "
+        "reaches the hub through the broker then counts as coming from the front end; only the "
+        "broker's hub-API filter (/hub/api/ only, identity headers stripped) stands in the way.",
     ).tag(config=True)
 
     trusted_hub_peers = List(
@@ -114,6 +147,39 @@ class RemoteUserAuthenticator(Authenticator):
     def _check_nets(self, proposal):
         _networks(proposal.value, proposal.trait.name)
         return proposal.value
+
+    @validate("broker_addresses")
+    def _check_addresses(self, proposal):
+        for v in proposal.value:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"RemoteUserAuthenticator.broker_addresses: {v!r} is not an IP "
+                                 "address") from None
+        return proposal.value
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.check_trusted_sources()
+
+    def check_trusted_sources(self) -> None:
+        """Refuse a configuration in which the broker's hub-API connections count as the front end."""
+        if not self.trusted_proxies:
+            raise ValueError("RemoteUserAuthenticator.trusted_proxies: not set; list the address(es) "
+                             "of the single sign-on front end (the Shibboleth SP host), e.g. "
+                             "['10.0.0.5/32']")
+        if self.allow_broker_in_trusted_proxies:
+            return
+        nets = _networks(self.trusted_proxies, "trusted_proxies")
+        for addr in self.broker_addresses:
+            if _covers(nets, addr):
+                raise ValueError(
+                    f"RemoteUserAuthenticator.trusted_proxies covers {addr}, one of "
+                    "RemoteUserAuthenticator.broker_addresses (where the tunnel broker's hub-API "
+                    "connections come from): code in any notebook would count as the single "
+                    "sign-on front end. List only the SP host(s) in trusted_proxies; if the broker "
+                    "connects from elsewhere, set broker_addresses; to accept the risk, set "
+                    "RemoteUserAuthenticator.allow_broker_in_trusted_proxies = True.")
 
     @default("auto_login")
     def _auto_login_default(self):

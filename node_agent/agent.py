@@ -7,7 +7,10 @@ Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
 2. Ask for the one remote forward (``127.0.0.1``, port 0: the broker picks the session's port);
    hub-side connections arrive as channels and are connected to the server's unix socket.
 3. Open a node-local listener on ``127.0.0.1:0`` that relays to the hub API through the tunnel
-   (direct channel), and point ``JUPYTERHUB_API_URL`` at it.
+   (direct channel), and point ``JUPYTERHUB_API_URL`` at it. The relay speaks HTTP: only requests
+   under the path of ``JUPYTERHUB_API_URL`` (``<base_url>hub/api/``) go into the tunnel, with
+   forwarding and identity headers removed; anything else is answered 403 on the node
+   (:mod:`broker.hubapi`; the broker applies the same filter, and the body and rate caps).
 4. Start ``jupyterhub-singleuser`` on a unix socket in a fresh 0700 directory; report ``ready``
    on the control channel only once the server answers HTTP.
 5. Heartbeat; on a lost connection reconnect with capped, jittered backoff while the server
@@ -32,7 +35,9 @@ import asyncssh
 from asyncssh.forward import SSHForwarder
 
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
-from broker.tunnel import SessionListener, Tunnel  # asyncssh-only module
+from broker.hubapi import Denial, HubApiPolicy, api_prefix_of  # stdlib-only module
+from broker.hubrelay import FilteredRelay  # asyncssh-only module
+from broker.tunnel import Tunnel  # asyncssh-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
@@ -96,9 +101,16 @@ class Agent:
         self.ready = False
         self.sock_dir = ""
         self.sock_path = ""
-        self.hub_relay = SessionListener("hub-api", wait_timeout=30.0)
+        # path and header rules as the broker's; the body and rate caps are the broker's (per session)
+        relay_policy = HubApiPolicy(api_prefix=api_prefix_of(settings.hub_api_url), max_body=0, rate=0)
+        self.hub_relay = FilteredRelay("hub-api", relay_policy, self._hub_api_refused, wait_timeout=30.0)
         self._lost = asyncio.Event()
         self._watchers: set[asyncio.Task[None]] = set()  # owned; cancelled at exit
+
+    @staticmethod
+    def _hub_api_refused(denial: Denial) -> None:
+        log("hub API request refused on the node", status=denial.status, reason=denial.reason,
+            sample=denial.sample[:80].decode("latin-1"))
 
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:

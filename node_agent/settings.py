@@ -11,7 +11,9 @@ BROKER_ENROL_SECRET        one-time enrolment secret; removed from the environme
                            as soon as it is read, never passed to the server
 JUPYTERHUB_API_URL         the hub API URL as the broker allows it (the agent
                            reaches it through the tunnel, exposes it on a
-                           node-local ephemeral port, and rewrites this variable)
+                           node-local ephemeral port, and rewrites this variable);
+                           its path must end in /hub/api: the relay passes
+                           only requests under it
 NODE_AGENT_RUNTIME_DIR     where the private socket directory is made
                            (default: $XDG_RUNTIME_DIR, else the temp dir)
 NODE_AGENT_HEARTBEAT       seconds between heartbeats (default 10)
@@ -30,6 +32,8 @@ import os
 import socket
 import tempfile
 from urllib.parse import urlparse
+
+from broker.hubapi import HubApiPolicy, api_prefix_of  # stdlib-only module
 
 SECRET_VARS = ("BROKER_ENROL_SECRET",)
 JOB_ID_VARS = ("NODE_AGENT_JOB_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "LOCALBATCH_JOB_ID")
@@ -88,6 +92,10 @@ class Settings:
         hub = need("JUPYTERHUB_API_URL")
         if urlparse(hub).scheme not in ("http", "https") or not urlparse(hub).hostname:
             raise SettingsError(f"JUPYTERHUB_API_URL: not an http(s) URL: {hub!r}")
+        try:
+            HubApiPolicy(api_prefix=api_prefix_of(hub))  # the relay passes only this prefix
+        except ValueError as e:
+            raise SettingsError(f"JUPYTERHUB_API_URL: {e}") from None
         secret = env.get("BROKER_ENROL_SECRET", "")
         for name in SECRET_VARS:
             env.pop(name, None)

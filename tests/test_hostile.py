@@ -34,7 +34,7 @@ from broker.store import SessionStore
 from jupyterhub.utils import url_escape_path
 
 from reliability import record, rss_kib, size
-from test_tunnel_security import Harness, _echo_server, _http_get
+from test_tunnel_security import HUB_API_PING, Harness, _echo_server, _http_get
 
 pytestmark = pytest.mark.asyncio
 
@@ -139,7 +139,7 @@ async def _try_request(h: HostileHarness, conn: asyncssh.SSHClientConnection, se
             await conn.forward_remote_port("0.0.0.0", 0, "127.0.0.1", 9)
         elif request == "direct to hub API":
             reader, writer = await conn.open_connection("127.0.0.1", h.hub_api_port)
-            writer.write(b"x")
+            writer.write(HUB_API_PING)
             assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"hub-api:")
             writer.close()
         elif request == "direct elsewhere":
@@ -241,8 +241,8 @@ async def test_garbage_on_the_ssh_port_closes_only_that_connection(make_broker, 
     assert seconds < 10, "the broker must close a connection that sends garbage"
     # the honest agent's connection is untouched and new agents still get in
     reader, writer = await honest.open_connection("127.0.0.1", h.hub_api_port)
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:ping"
+    writer.write(HUB_API_PING)
+    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:" + HUB_API_PING
     s2, secret2 = await h.session("other")
     c2, _ = await h.enrol(s2.id, secret2)
     c2.close()

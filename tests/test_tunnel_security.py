@@ -47,6 +47,11 @@ async def _unix_http_server(path: str) -> asyncio.base_events.Server:
     return await asyncio.start_unix_server(handle, path)
 
 
+#: A hub-API request the broker's HTTP filter passes unchanged (broker/hubapi.py); raw bytes that
+#: are not HTTP get 400 from the broker and never reach the hub.
+HUB_API_PING = b"GET /hub/api/ HTTP/1.1\r\nHost: hub\r\n\r\n"
+
+
 async def _echo_server() -> asyncio.base_events.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await reader.read(1024)
@@ -127,8 +132,8 @@ async def test_enrolled_agent_carries_hub_side_traffic_and_hub_api(harness):
     status, body = await _http_get(session.port, "/user/zoe/api")
     assert (status, body) == (200, b"/user/zoe/api")
     reader, writer = await conn.open_connection("127.0.0.1", harness.hub_api_port)
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:ping"
+    writer.write(HUB_API_PING)
+    assert await asyncio.wait_for(reader.read(), 5) == b"hub-api:" + HUB_API_PING
     assert harness.broker.get(session.id).state == "connected"
     conn.close()
 

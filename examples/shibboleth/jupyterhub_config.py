@@ -13,10 +13,16 @@ c.JupyterHub.authenticator_class = "hub_plugin.auth_header.RemoteUserAuthenticat
 # The header Apache sets (RequestHeader set X-Remote-User %{REMOTE_USER}e).
 c.RemoteUserAuthenticator.header_name = "X-Remote-User"
 
-# Addresses of the SP host(s). configurable-http-proxy records the address of whoever connected
-# to it in X-Forwarded-For; only these may assert an identity. Apache on the same host as the
-# proxy: loopback.
-c.RemoteUserAuthenticator.trusted_proxies = ["127.0.0.1/32", "::1/128"]
+# Address(es) of the SP host(s): only requests that reached the proxy from there may assert an
+# identity (configurable-http-proxy records the address of whoever connected to it in
+# X-Forwarded-For). Here Apache runs on its own host, 10.0.0.5.
+# Never trust loopback (or whatever address the tunnel broker connects to the hub from): the
+# broker carries code running in notebooks to the hub API, so its connections would count as the
+# SP. The authenticator refuses to start if trusted_proxies covers
+# RemoteUserAuthenticator.broker_addresses (default: 127.0.0.1 and ::1). With Apache on the hub
+# host itself, give its proxy connections their own source address (nginx: proxy_bind 127.0.0.2)
+# and trust only that one.
+c.RemoteUserAuthenticator.trusted_proxies = ["10.0.0.5/32"]
 
 # Who may connect to the hub itself: the proxy. Keep the hub on loopback.
 c.RemoteUserAuthenticator.trusted_hub_peers = ["127.0.0.1/32", "::1/128"]
@@ -30,8 +36,10 @@ c.RemoteUserAuthenticator.identity_regex = r"(?P<username>[a-z0-9][a-z0-9._-]{0,
 c.Authenticator.allow_all = True
 # c.Authenticator.admin_users = {"alice"}
 
-# Public URL is Apache's; the proxy listens on loopback only.
-c.JupyterHub.bind_url = "http://127.0.0.1:8000/"
+# Public URL is Apache's. The proxy listens on the hub host's address the SP reaches (10.0.0.6
+# here); firewall it to the SP host. Anyone else who connects to it directly is refused at
+# /hub/login, because their address is not the SP's.
+c.JupyterHub.bind_url = "http://10.0.0.6:8000/"
 
 # Logging out of JupyterHub does not end the Shibboleth session (the next request logs the user
 # in again); link users to the SP's /Shibboleth.sso/Logout for that (docs/shibboleth.md).
