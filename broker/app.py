@@ -23,6 +23,7 @@ from traitlets.config import Application, TraitError
 from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
+from .control import ControlLimits
 from .core import Broker, load_or_create_host_key
 from .limits import AdmissionControl
 from .proxy import ChpClient
@@ -75,6 +76,9 @@ class BrokerApp(Application):
     penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
     penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor capped per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
+    control_rate = Float(10.0, help="Control messages per second an agent connection may send on average (0: no rate limit); a connection over the limit is closed. An honest agent sends a few per connection plus one heartbeat every NODE_AGENT_HEARTBEAT seconds.").tag(config=True)
+    control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
+    control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
 
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
@@ -112,6 +116,14 @@ class BrokerApp(Application):
             except ValueError:
                 raise TraitError(f"BrokerApp.penalty_exempt: not a network: {net!r}") from None
         return proposal["value"]
+
+    @validate("control_rate", "control_burst", "control_queue")
+    def _valid_control(self, proposal: dict) -> float:
+        v = proposal["value"]
+        low = 0 if proposal["trait"].name == "control_rate" else 1
+        if not v >= low:  # also refuses NaN
+            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
+        return v
 
     @validate("ssh_port", "api_port")
     def _valid_port(self, proposal: dict) -> int:
@@ -201,6 +213,7 @@ async def serve(app: BrokerApp) -> None:
             penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
             penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
         max_hub_api_channels=app.max_hub_api_channels,
+        control_limits=ControlLimits(rate=app.control_rate, burst=app.control_burst, queue=app.control_queue),
     )
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None
