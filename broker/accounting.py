@@ -190,7 +190,7 @@ def build_report(sessions: list[dict[str, Any]], since: float, until: float, now
         u["bytes_in"] += s["bytes_in"] or 0
         u["bytes_out"] += s["bytes_out"] or 0
         if s["job_id"]:
-            u["jobs"].append(s["job_id"])
+            u["jobs"].append(_safe(s["job_id"]))  # hub-side since schema 1; older rows may hold an agent's claim
         if usage is not None and s["job_id"] in usage:
             u["cpu_hours"] += usage[s["job_id"]]["cpu_seconds"] / 3600.0
             u["gpu_hours"] += usage[s["job_id"]]["gpu_seconds"] / 3600.0
@@ -252,7 +252,7 @@ def render_csv(report: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in report["users"]:
-        w.writerow(["" if r[k] is None else r[k] for k in COLUMNS])
+        w.writerow([_safe(r[k]) if k == "user" else "" if r[k] is None else r[k] for k in COLUMNS])
     return buf.getvalue()
 
 

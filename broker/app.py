@@ -23,6 +23,7 @@ from traitlets.config import Application, TraitError
 from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
+from .control import ControlLimits
 from .core import Broker, load_or_create_host_key
 from .hubapi import DEFAULT_BURST, DEFAULT_MAX_BODY, DEFAULT_RATE, DEFAULT_STRIP_HEADERS, HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
@@ -80,6 +81,9 @@ class BrokerApp(Application):
     hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
     hub_api_rate = Float(DEFAULT_RATE, help="Hub-API requests per second per session, over all its channels (token bucket; more get 429; 0: no cap).").tag(config=True)
     hub_api_burst = Integer(DEFAULT_BURST, help="Hub-API requests a session may make at once before hub_api_rate applies (the token bucket's size).").tag(config=True)
+    control_rate = Float(10.0, help="Control messages per second an agent connection may send on average (0: no rate limit); a connection over the limit is closed. An honest agent sends a few per connection plus one heartbeat every NODE_AGENT_HEARTBEAT seconds.").tag(config=True)
+    control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
+    control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
 
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
@@ -132,6 +136,14 @@ class BrokerApp(Application):
         v = proposal["value"]
         low = 1 if proposal["trait"].name == "hub_api_burst" else 0
         if v < low:
+            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
+        return v
+
+    @validate("control_rate", "control_burst", "control_queue")
+    def _valid_control(self, proposal: dict) -> float:
+        v = proposal["value"]
+        low = 0 if proposal["trait"].name == "control_rate" else 1
+        if not v >= low:  # also refuses NaN
             raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
         return v
 
@@ -232,6 +244,7 @@ async def serve(app: BrokerApp) -> None:
             penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
             penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
         max_hub_api_channels=app.max_hub_api_channels, hub_api_policy=app.hub_api_policy(),
+        control_limits=ControlLimits(rate=app.control_rate, burst=app.control_burst, queue=app.control_queue),
     )
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None

@@ -7,6 +7,12 @@ Lifecycle of a session (see docs/design.md, "A spawn, step by step")::
 ``ready`` survives agent reconnects and broker restarts: the session keeps its port, its
 listener and its route; only ``agent_connected`` flips while the agent is away.
 
+What the agent says is handled in order per connection (see ``ControlSession``) and trusted
+only about itself: ``ready`` has an effect once per session (the first), heartbeats are kept
+in memory and written with the periodic counters flush, the job id comes only from the
+spawner (REST API) and the node name the agent reports is stored as ``node_reported``,
+escaped (:mod:`broker.untrusted`).
+
 Every task started here is owned: :meth:`spawn` keeps it, :meth:`stop` cancels and awaits it.
 """
 
@@ -21,13 +27,15 @@ import asyncssh
 
 from .log import get_logger
 from .metrics import BrokerMetrics
-from .proxy import ChpClient, RoutePublisher
+from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher
 from .secrets import hash_secret, new_id, new_secret
 from .store import LIVE_STATES, Session, SessionStore
 from .acceptor import AgentAcceptor, server_options
 from .hubapi import HubApiPolicy, SessionRates
+from .control import ControlLimits
 from .limits import AdmissionControl
 from .tunnel import SessionListener
+from .untrusted import reported_name
 
 #: Agent → broker messages the control channel understands.
 CONTROL_TYPES = ("hello", "ready", "heartbeat", "walltime", "exit")
@@ -61,6 +69,7 @@ class Broker:
         admission: AdmissionControl | None = None,
         max_hub_api_channels: int = 64,
         hub_api_policy: HubApiPolicy | None = None,
+        control_limits: ControlLimits | None = None,
     ):
         self.store = store
         self.host_key = host_key
@@ -77,7 +86,11 @@ class Broker:
         self.log = get_logger()
         self.listeners: dict[str, SessionListener] = {}
         self.agents: dict[str, Any] = {}  # session id -> AgentSSHServer (current connection)
-        self.routes = RoutePublisher(chp, self._desired_routes, reconcile_interval) if chp else None
+        #: the value of ROUTE_TAG_KEY in the routes this broker publishes (its host key's
+        #: fingerprint: stable across restarts, distinct between brokers sharing one CHP)
+        self.route_tag = self.fingerprint
+        self.routes = (RoutePublisher(chp, self._desired_routes, reconcile_interval, tag=self.route_tag)
+                       if chp else None)
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ssh_server: AgentAcceptor | None = None
@@ -90,6 +103,9 @@ class Broker:
         # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
         self.hub_api_policy = hub_api_policy or HubApiPolicy()
         self.hub_api_rates = SessionRates(self.hub_api_policy.rate, self.hub_api_policy.burst)
+        self.control_limits = control_limits or ControlLimits()
+        # session id -> time of the last heartbeat not yet written to the store
+        self._heartbeats: dict[str, float] = {}
 
     # -- task ownership ------------------------------------------------------------------
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -272,44 +288,77 @@ class Broker:
         if self.agents.get(sid) is agent:
             del self.agents[sid]
             s = self.store.get(sid)
+            fields: dict[str, Any] = {"agent_connected": 0}
+            beat = self._heartbeats.pop(sid, None)
+            if beat is not None:
+                fields["last_heartbeat"] = beat
             if s is not None and s.live:
-                self.store.update(sid, agent_connected=0)
+                self.store.update(sid, **fields)
             agent.log.info("agent disconnected", error=str(exc) if exc else None)
             self.spawn(self._notify())
 
     async def agent_message(self, agent: Any, msg: dict[str, Any]) -> None:
+        """Handle one control message of *agent* (called in order, one at a time, per connection).
+
+        Messages of a connection that a newer one replaced are ignored; those of a connection
+        that just ended are still handled (an ``exit`` sent right before the end counts).
+        A heartbeat costs no store access: it is written with the next counters flush.
+        """
         sid = agent.session_id
         kind = msg["type"]
-        s = self.store.get(sid)
-        if s is None or not s.live or self.agents.get(sid) is not agent:
+        current = self.agents.get(sid)
+        if current is not None and current is not agent:
             return
         now = time.time()
+        if kind == "heartbeat":
+            if current is agent:
+                self._heartbeats[sid] = now
+            return
+        s = self.store.get(sid)
+        if s is None or not s.live:
+            return
         if kind == "hello":
-            self.store.update(sid, node=str(msg.get("node", ""))[:200], job_id=str(msg.get("job_id", "") or s.job_id)[:100],
-                              last_heartbeat=now)
-        elif kind == "heartbeat":
-            self.store.update(sid, last_heartbeat=now)
+            node = reported_name(msg.get("node"))
+            claimed = msg.get("job_id")
+            if s.job_id and claimed not in (None, "") and str(claimed) != s.job_id:
+                # the job id is the spawner's (REST API); the agent's word is never taken. (An
+                # honest agent may say hello before the spawner's PATCH: no job id to differ yet.)
+                agent.log.warning("agent's job id ignored", reported=reported_name(str(claimed), 100),
+                                  job_id=s.job_id)
+            self.store.update(sid, node_reported=node, last_heartbeat=now)
+            self._heartbeats.pop(sid, None)
+            agent.log.info("agent hello", node_reported=node)
         elif kind == "ready":
             if agent.tunnel is None:
-                agent.reject("ready before the tunnel was requested")
+                control = getattr(agent, "control", None)
+                if control is not None:
+                    control.fail("protocol", "ready before the tunnel was requested")
+                else:
+                    agent.reject("ready before the tunnel was requested")
                 return
-            first = s.state != "ready"
-            if first:
-                self.store.update(sid, state="ready", ready_at=now, last_heartbeat=now)
-                self.metrics.on_ready(s.created, s.connected_at, now)
+            if s.state == "ready":
+                # a reconnect of a ready session: its route is the reconciler's to keep
+                if self.routes is not None:
+                    self.routes.wake()
+                return
+            self.store.update(sid, state="ready", ready_at=now, last_heartbeat=now)
+            self.metrics.on_ready(s.created, s.connected_at, now)
+            agent.log.info("session ready", user=s.user, port=s.port)
             if self.routes is not None:
                 await self.routes.publish(s.routespec, s.target, self.route_data(s))
-            if first:
-                agent.log.info("session ready", user=s.user, port=s.port)
+                after = self.store.get(sid)
+                if after is None or after.state != "ready":
+                    # closed while the route was being added: take it back
+                    await self.routes.unpublish(s.routespec, s.target)
         elif kind == "walltime":
             self.store.update(sid, walltime_warning=str(msg.get("message", "walltime ending soon"))[:200])
         elif kind == "exit":
             status = msg.get("status")
-            status = status if isinstance(status, int) else None
+            status = status if isinstance(status, int) and not isinstance(status, bool) else None
             await self.close_session(sid, f"server exited with status {status}", exit_status=status)
             return
         else:
-            agent.log.info("unknown control message ignored", kind=kind)
+            agent.log.info("unknown control message ignored", kind=kind[:40])
         await self._notify()
 
     def _counted_server_factory(self, server_class: Any) -> Any:
@@ -325,17 +374,25 @@ class Broker:
         return lambda: CountedAgentServer(self)
 
     # -- routes --------------------------------------------------------------------------
-    @staticmethod
-    def route_data(s: Session) -> dict[str, Any]:
-        # "jupyterhub": True marks the route as the hub's own, so the hub's check_routes
-        # compares it with what the spawner returned (the same target) and keeps it.
-        return {"user": s.user, "server_name": s.server_name, "jupyterhub": True}
+    def route_data(self, s: Session) -> dict[str, Any]:
+        """The data of *s*'s CHP route.
+
+        ``"jupyterhub": True`` marks the route as the hub's own, so the hub's check_routes
+        compares it with what the spawner returned (the same target) and keeps it.
+        ``ROUTE_TAG_KEY: route_tag`` marks it as this broker's: the reconciler deletes such
+        routes once their session is not ready, and never touches routes without the tag.
+        """
+        return {"user": s.user, "server_name": s.server_name, "jupyterhub": True, ROUTE_TAG_KEY: self.route_tag}
 
     def _desired_routes(self) -> dict[str, tuple[str, dict[str, Any]]]:
         return {s.routespec: (s.target, self.route_data(s)) for s in self.store.list(state="ready")}
 
     # -- byte counters -------------------------------------------------------------------
     def _flush_counters(self) -> None:
+        """Write the coalesced heartbeats and the listeners' byte counts (one transaction each)."""
+        if self._heartbeats:
+            beats, self._heartbeats = self._heartbeats, {}
+            self.store.set_heartbeats(beats.items())
         counts = []
         for sid, listener in self.listeners.items():
             i, o = listener.take_counts()

@@ -21,6 +21,9 @@ Metric names (all prefixed ``broker_``)::
     broker_agent_auth_failures_total{reason}       counter
     broker_agent_connect_failures_total{reason}    counter: SSH connections that ended unauthenticated
     broker_agent_reconnects_total                  counter: logins of an agent already seen before
+    broker_control_closed_total{reason}            counter: agent connections closed for their control
+                                                   channel: rate_limit, queue_full, line_too_long,
+                                                   malformed, protocol (see broker/control.py)
     broker_spawn_stage_seconds{stage}              histogram: registered_to_connected,
                                                    connected_to_ready, total (registered_to_ready)
 """
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .control import CLOSE_REASONS as CONTROL_REASONS
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -108,12 +113,17 @@ class BrokerMetrics:
                                         ["reason"], registry=r)
         self.reconnects = Counter("broker_agent_reconnects", "Agent logins to a session whose agent had connected before.",
                                   registry=r)
+        self.control_closed = Counter("broker_control_closed",
+                                      "Agent connections closed for exceeding a control channel limit or bad "
+                                      "control input, by reason.", ["reason"], registry=r)
         self.spawn_seconds = Histogram("broker_spawn_stage_seconds", "Spawn durations by stage.", ["stage"],
                                        buckets=SPAWN_BUCKETS, registry=r)
         for reason in AUTH_REASONS + ("other",):
             self.auth_failures.labels(reason)
         for reason in CONNECT_REASONS:
             self.connect_failures.labels(reason)
+        for reason in CONTROL_REASONS:
+            self.control_closed.labels(reason)
         for stage in STAGES:
             self.spawn_seconds.labels(stage)
         r.register(_LiveCollector(broker))
@@ -134,6 +144,9 @@ class BrokerMetrics:
 
     def on_connect_failure(self, exc: BaseException | None, auth_failed: bool, *, refused: bool = False) -> None:
         self.connect_failures.labels("refused" if refused else connect_reason(exc, auth_failed)).inc()
+
+    def on_control_closed(self, reason: str) -> None:
+        self.control_closed.labels(reason if reason in CONTROL_REASONS else "protocol").inc()
 
     def on_reconnect(self) -> None:
         self.reconnects.inc()

@@ -6,6 +6,11 @@ hub's ``check_routes`` sees the broker's routes as its own and leaves them alone
 
 Retry policy: connection errors and 5xx are transient (the reconcile loop tries again);
 401/403/4xx are configuration errors and are logged with the reason.
+
+Ownership: the broker's routes carry ``"jupyterhub": True`` (so the hub's ``check_routes``
+treats them as its own) and ``ROUTE_TAG_KEY`` with the broker's tag. The reconciler deletes
+tagged routes that no ready session wants; it never deletes a route without its tag (the hub's,
+services', other brokers', an administrator's).
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import asyncio
 import json
 from typing import Any, Callable
 
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import yarl
 
 from .log import get_logger
+
+
+#: The key in a route's data whose value names the broker that published it.
+ROUTE_TAG_KEY = "broker"
 
 
 class ProxyError(Exception):
@@ -78,6 +87,15 @@ class ChpClient:
     async def delete_route(self, routespec: str) -> None:
         await self._request("DELETE", chp_path(routespec))
 
+    async def delete_key(self, key: str) -> None:
+        """Delete the route CHP lists under *key* (as :meth:`get_routes` returns it; unescaped).
+        A route that is already gone is not an error."""
+        try:
+            await self._request("DELETE", quote(key, safe="/"))
+        except ProxyError as exc:
+            if exc.status != 404:
+                raise
+
     async def get_routes(self) -> dict[str, dict[str, Any]]:
         """All routes as ``{chp_key: {"target": ..., **data}}`` (keys unescaped)."""
         return await self._request("GET", "") or {}
@@ -94,18 +112,21 @@ DesiredRoutes = Callable[[], dict[str, tuple[str, dict[str, Any]]]]
 class RoutePublisher:
     """Keeps CHP's routes equal to what the session table wants.
 
-    ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. The
-    reconcile pass adds missing routes and fixes wrong targets; it deletes only routes that it
-    knows it owned (a closed session's route whose target is still that session's).
+    ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. A reconcile
+    pass adds missing routes, fixes wrong targets, and deletes routes tagged with *tag* (under
+    :data:`ROUTE_TAG_KEY`) that no ready session wants: a stale route of the broker's is gone
+    within one ``interval``. Routes without the tag are never deleted here.
     """
 
-    def __init__(self, chp: ChpClient, desired: DesiredRoutes, interval: float = 5.0):
+    def __init__(self, chp: ChpClient, desired: DesiredRoutes, interval: float = 5.0, tag: str = ""):
         self.chp = chp
         self.desired = desired
         self.interval = interval
+        self.tag = tag
         self.log = get_logger(component="routes")
         self._wake = asyncio.Event()
         self.repairs = 0
+        self.removed = 0
 
     async def publish(self, routespec: str, target: str, data: dict[str, Any]) -> None:
         """Add one route now; on failure the reconcile loop retries."""
@@ -128,11 +149,9 @@ class RoutePublisher:
             self.log.warning("route delete failed", route=routespec, error=str(exc))
 
     async def reconcile_once(self) -> int:
-        """One pass; returns the number of routes repaired."""
-        want = self.desired()
-        if not want:
-            return 0
+        """One pass; returns the number of routes repaired (added, fixed or removed)."""
         have = await self.chp.get_routes()
+        want = self.desired()  # read after CHP answered: a session made ready meanwhile is in it
         repaired = 0
         for routespec, (target, data) in want.items():
             cur = have.get(chp_key(routespec))
@@ -141,6 +160,18 @@ class RoutePublisher:
                 repaired += 1
                 self.log.info("route restored", route=routespec, target=target,
                               was=None if cur is None else cur.get("target"))
+        if self.tag:
+            wanted = {chp_key(r) for r in want}
+            stale = [k for k, r in have.items() if r.get(ROUTE_TAG_KEY) == self.tag and k not in wanted]
+            for key in stale:
+                # asked again before each delete (the awaits above let sessions become ready);
+                # a route re-added in the instant between is restored by the next pass
+                if key in {chp_key(r) for r in self.desired()}:
+                    continue
+                await self.chp.delete_key(key)
+                repaired += 1
+                self.removed += 1
+                self.log.info("stale route removed", route=key, target=have[key].get("target"))
         self.repairs += repaired
         return repaired
 

@@ -16,11 +16,13 @@ broker's accept loop (:mod:`broker.acceptor`) admitted it — its source not pen
 per-source pre-auth cap not reached — before any SSH state or banner; the total pre-auth cap
 paces accepting. Failed authentication attempts count towards the source's penalty, and a connection is
 closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
-``Broker.max_hub_api_channels`` open direct channels to the hub API.
+``Broker.max_hub_api_channels`` open direct channels to the hub API. Its control channel is
+bounded by ``Broker.control_limits`` (:mod:`broker.control`): line length, message rate, queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,13 +32,13 @@ import asyncssh
 from . import policy
 from .hubapi import Denial, HubApiExchange
 from .hubrelay import open_filtered_hub_connection
+from .control import ControlLimits, LineSplitter, LineTooLong, TokenBucket
 from .secrets import verify_secret
 from .tunnel import Tunnel, TunnelAttachment
 
 if TYPE_CHECKING:
     from .core import Broker
 
-MAX_CONTROL_LINE = 16 * 1024
 #: Failed authentication attempts on one connection before it is closed (OpenSSH MaxAuthTries).
 MAX_AUTH_TRIES = 6
 ENROL_PREFIX = "enrol "
@@ -52,35 +54,94 @@ def normalise_public_key(text: str) -> str | None:
 
 
 class ControlSession(asyncssh.SSHTCPSession[bytes]):
-    """The agent's control channel: newline-delimited JSON messages, capped in length."""
+    """The agent's control channel: newline-delimited JSON messages, handled in order.
 
-    def __init__(self, server: "AgentSSHServer"):
+    ``data_received`` only frames lines and admits them: each line costs a token of the
+    connection's :class:`~broker.control.TokenBucket` and takes a place in a bounded queue.
+    One reader task per channel parses and handles the queued messages in order, one at a time,
+    yielding to the event loop after each, so one agent's messages never hold the broker's loop
+    for more than one message's work. ``hello`` and ``ready`` have an effect once per connection;
+    repeats are dropped here, before any store access.
+
+    A line over the length limit, a message over the rate limit, a full queue or a malformed
+    message closes the whole connection (logged once, counted in ``/metrics``); the messages
+    not yet handled are dropped. When the agent closes the channel, the messages it sent before
+    are still handled (an ``exit`` right before the end is not lost).
+    """
+
+    #: Message types that have an effect only the first time on one connection.
+    ONCE_PER_CONNECTION = ("hello", "ready")
+
+    def __init__(self, server: "AgentSSHServer", limits: ControlLimits | None = None):
         self._server = server
-        self._buf = b""
+        self.limits = limits or getattr(server.broker, "control_limits", None) or ControlLimits()
+        self._lines = LineSplitter(self.limits.max_line)
+        self._bucket = TokenBucket(self.limits.rate, self.limits.burst)
+        # bounded by data_received (limits.queue); the end mark (None) always fits
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._seen: set[str] = set()
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.failed = False  # closed by the broker for exceeding a limit or bad input
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
+        self._reader = self._server.broker.spawn(self._read())
 
     def data_received(self, data: bytes, datatype: Any) -> None:
-        self._buf += data
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._handle(line)
-        if len(self._buf) > MAX_CONTROL_LINE:
-            self._server.reject("control message too long", self._buf[:80])
-
-    def _handle(self, line: bytes) -> None:
-        if not line.strip():
+        if self.failed:
             return
         try:
-            msg = json.loads(line.decode("utf-8"))
-            if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                raise ValueError("not an object with a type")
-        except (UnicodeDecodeError, ValueError):
-            self._server.reject("malformed control message", line[:80])
+            lines = self._lines.feed(data)
+        except LineTooLong as exc:
+            self.fail("line_too_long", "control message too long", exc.args[0])
             return
-        self._server.broker.spawn(self._server.on_control(msg))
+        for line in lines:
+            if not self._bucket.take():
+                self.fail("rate_limit", "control messages over the rate limit", line)
+                return
+            if not line.strip():
+                continue
+            if self._queue.qsize() >= self.limits.queue:
+                self.fail("queue_full", "control message queue full", line)
+                return
+            self._queue.put_nowait(line)
+
+    def fail(self, reason: str, why: str, sample: bytes = b"") -> None:
+        """Close the connection for *reason* (one of ``CLOSE_REASONS``): logged and counted once."""
+        if self.failed:
+            return
+        self.failed = True
+        while not self._queue.empty():  # nothing more of this connection is handled
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+        self._server.broker.metrics.on_control_closed(reason)
+        self._server.reject(why, sample)
+
+    async def _read(self) -> None:
+        """Handle queued messages in order until the channel ends or fails."""
+        while True:
+            line = await self._queue.get()
+            if line is None or self.failed:
+                return
+            try:
+                msg = json.loads(line.decode("utf-8"))
+                if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+                    raise ValueError("not an object with a type")
+            except (UnicodeDecodeError, ValueError):
+                self.fail("malformed", "malformed control message", line)
+                return
+            kind = msg["type"]
+            if kind in self.ONCE_PER_CONNECTION and kind in self._seen:
+                pass  # a repeat: no effect, no store access, no ack
+            else:
+                if kind in self.ONCE_PER_CONNECTION:
+                    self._seen.add(kind)
+                try:
+                    await self._server.on_control(msg)
+                except Exception as exc:  # noqa: BLE001 -- one bad message must not end the reader
+                    self._server.log.error("control message failed", kind=kind[:40], error=repr(exc)[:200])
+            await asyncio.sleep(0)  # let others run between two messages of this agent
 
     def send(self, msg: dict[str, Any]) -> None:
         if self._chan is not None:
@@ -91,6 +152,8 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._chan = None
+        if not self.failed:
+            self._queue.put_nowait(None)  # handle what was sent before, then end
 
 
 class AgentSSHServer(asyncssh.SSHServer):

@@ -1,4 +1,10 @@
-"""``broker status``: the live sessions as a table (or JSON)."""
+"""``broker status``: the live sessions as a table (or JSON).
+
+The NODE column shows the hub-side node when the spawner set one, else the name the agent
+reported, marked ``(reported)``: the agent runs as the user and its word is a claim. Every cell
+is printable text: the broker stores reported names escaped already (``\\u202e``), and any other
+text with a control or format character (a user name, say) is shown escaped here too.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ def _cell(key: str, s: dict[str, Any], now: float) -> str:
         return _fmt_bytes(v or 0)
     if key == "agent_connected":
         return "up" if v else "down"
+    if key == "node" and not v and s.get("node_reported"):
+        v = f"{s['node_reported']} (reported)"
     text = "-" if v in (None, "") else str(v)
     # never let a hostile name break the table
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

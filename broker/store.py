@@ -6,6 +6,14 @@ Contract:
 - Only hashes of secrets are stored. Agent public keys are public material and stored as is.
 - A session's hub-side ``port`` never changes once assigned; live (non-closed) sessions never
   share a port.
+- Hub-side facts and agent claims are kept apart: ``job_id`` and ``node`` are written only
+  through the REST API (the spawner); what the agent reports about its node is stored as
+  ``node_reported``, already reduced to hostname characters (:mod:`broker.untrusted`).
+- ``last_heartbeat`` is written in batches (:meth:`SessionStore.set_heartbeats`, with the
+  periodic counters flush), so it may lag the agent's last heartbeat by one flush interval.
+
+Schema versions (``PRAGMA user_version``): 0, the first; 1 adds ``node_reported`` and moves the
+old ``node`` values (which agents wrote) there, escaped. Opening a store migrates it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 from typing import Any, Iterable
 
 STATES = ("registered", "connected", "ready", "closed")
+SCHEMA_VERSION = 1
 LIVE_STATES = ("registered", "connected", "ready")
 
 _SCHEMA = """
@@ -33,6 +42,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     agent_key        TEXT,
     job_id           TEXT NOT NULL DEFAULT '',
     node             TEXT NOT NULL DEFAULT '',
+    node_reported    TEXT NOT NULL DEFAULT '',
     created          REAL NOT NULL,
     connected_at     REAL,
     ready_at         REAL,
@@ -65,8 +75,9 @@ class Session:
     secret_expires: float | None = None
     secret_spent_at: float | None = None
     agent_key: str | None = None
-    job_id: str = ""
-    node: str = ""
+    job_id: str = ""  # the batch system's job id, from the spawner (REST API) only
+    node: str = ""  # the node, from the hub side (REST API) only
+    node_reported: str = ""  # the node's name as the agent reported it (escaped, see broker.untrusted)
     connected_at: float | None = None
     ready_at: float | None = None
     closed_at: float | None = None
@@ -115,9 +126,28 @@ class SessionStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Bring an older database to :data:`SCHEMA_VERSION` (in one transaction)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        from .untrusted import reported_name
+
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if "node_reported" not in columns:
+                # before version 1 the agent's hello overwrote `node`: it was the agent's claim
+                self._db.execute("ALTER TABLE sessions ADD COLUMN node_reported TEXT NOT NULL DEFAULT ''")
+                rows = self._db.execute("SELECT id, node FROM sessions WHERE node != ''").fetchall()
+                self._db.executemany("UPDATE sessions SET node_reported = ?, node = '' WHERE id = ?",
+                                     [(reported_name(node), sid) for sid, node in rows])
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, session_id: str) -> Session | None:
@@ -176,6 +206,16 @@ class SessionStore:
             (now, agent_key, session_id),
         )
         return cur.rowcount == 1
+
+    def set_heartbeats(self, beats: Iterable[tuple[str, float]]) -> None:
+        """Set (session_id, last_heartbeat) of live sessions in one transaction (never moves back)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE sessions SET last_heartbeat = ? WHERE id = ? AND state != 'closed' "
+                "AND (last_heartbeat IS NULL OR last_heartbeat < ?)",
+                [(ts, sid, ts) for sid, ts in beats],
+            )
 
     def add_bytes(self, counts: Iterable[tuple[str, int, int]]) -> None:
         """Add (session_id, bytes_in, bytes_out) increments in one transaction."""

@@ -200,8 +200,9 @@ class BrokerSpawnerMixin(LoggingConfigurable):
                 raise RuntimeError(await self.job_failure_message(
                     f"The session ended before the server was ready ({s.get('end_reason') or 'no reason given'})."))
             if s["state"] in ("connected", "ready"):
-                running(s.get("node") or "")
-                stage("connected", f"Tunnel connected from {s.get('node') or 'the node'}; starting Jupyter", 70)
+                node = s.get("node") or s.get("node_reported") or ""  # hub-side if known, else the agent's claim (escaped)
+                running(node)
+                stage("connected", f"Tunnel connected from {node or 'the node'}; starting Jupyter", 70)
             if s["state"] == "ready":
                 self._event(f"Server ready after {time.monotonic() - started:.1f}s", 100)
                 return s["target"]

@@ -29,6 +29,8 @@ def free_port() -> int:
 def clean_env(tmp_path, **extra) -> dict:
     env = {"PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin", "HOME": str(tmp_path),
            "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    if os.environ.get("PYTHONPATH"):  # a checkout other than the installed one (e.g. a git worktree)
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update({k: v for k, v in extra.items() if v is not None})
     return env
 
