@@ -77,7 +77,7 @@ class BrokerApp(Application):
     penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
     penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor capped per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
-    hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case-insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
+    hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
     hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
     hub_api_rate = Float(DEFAULT_RATE, help="Hub-API requests per second per session, over all its channels (token bucket; more get 429; 0: no cap).").tag(config=True)
     hub_api_burst = Integer(DEFAULT_BURST, help="Hub-API requests a session may make at once before hub_api_rate applies (the token bucket's size).").tag(config=True)
