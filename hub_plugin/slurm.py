@@ -67,6 +67,9 @@ from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
 
 __all__ = ["SlurmBrokerSpawner"]
 
+#: Tells node-agent launch that this job counts on a container (node_agent/isolation.py).
+EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
+
 # Non-terminal states in which the job's processes exist (or are being torn down).
 _RUNNING_LIKE = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"})
 
@@ -225,7 +228,8 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         "(node-agent launch with the HPC config's container.enabled; launch refuses a "
         "container without its own PID namespace and /tmp under a shared account). None "
         "(default): true when agent_command runs 'node-agent launch'. Set False when the HPC "
-        "config has container.enabled = false.",
+        "config has container.enabled = false: a job that counts on a container tells launch "
+        "so (NODE_AGENT_EXPECT_CONTAINER=1), and launch refuses to run it without one.",
     ).tag(config=True)
 
     slurm_poll_interval = Float(
@@ -316,6 +320,9 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         env["PATH"] = ":".join(p for p in (self.req_path, "/usr/local/bin:/usr/bin:/bin") if p)
         if self.submit_as == "service" and self.home_root:
             env["HOME"] = self.req_homedir
+        if self.submit_as == "service" and self.in_container():
+            # launch refuses to run such a job without a container (no one else keeps users apart)
+            env[EXPECT_CONTAINER_ENV] = "1"
         return env
 
     def user_env(self, env: Dict[str, str]) -> Dict[str, str]:

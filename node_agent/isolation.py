@@ -33,6 +33,10 @@ from . import hpc_config as hc
 #: The job's private /tmp inside the container (a fresh tmpfs per job with --contain).
 PRIVATE_TMP = "/tmp"
 
+#: Set to "1" by the hub (SlurmBrokerSpawner) when it counted on a container to wall the job off
+#: and therefore did not keep other users' jobs off the node.
+EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
+
 #: Environment variables through which Apptainer/Singularity take extra binds or overlays.
 BIND_ENV = ("APPTAINER_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BIND", "SINGULARITY_BINDPATH")
 OVERLAY_ENV = ("APPTAINER_OVERLAY", "SINGULARITY_OVERLAY")
@@ -216,6 +220,21 @@ def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
     return out
 
 
+def no_container_problem(config: hc.HpcConfig, env: Mapping[str, str]) -> Problem | None:
+    """No container under a shared account although the hub expected one (and so did not ask
+    the batch system for a node to itself): nothing would keep other users off this node."""
+    if not (config.isolation.shared_account and not config.container.enabled):
+        return None
+    if env.get(EXPECT_CONTAINER_ENV) != "1":
+        return None
+    return Problem("container.enabled", (
+        "is false, but the hub submitted this job expecting a container (SlurmBrokerSpawner."
+        "jobs_in_container, by default true when agent_command runs node-agent launch), so "
+        "it did not keep other users' jobs off this node; set c.SlurmBrokerSpawner."
+        "jobs_in_container = False on the hub (jobs then get a node to themselves, "
+        "node_exclusivity) or run the server in a container"))
+
+
 def refusal(problems: list[Problem], source: str | None) -> str:
     """The error launch prints when it refuses to start (one line per problem, then the way out)."""
     where = f" ({source})" if source else ""
@@ -226,5 +245,5 @@ def refusal(problems: list[Problem], source: str | None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PRIVATE_TMP", "Problem", "bind_sources", "check", "env_prefix", "exposure",
-           "private_dirs_env", "refusal"]
+__all__ = ["EXPECT_CONTAINER_ENV", "PRIVATE_TMP", "Problem", "bind_sources", "check",
+           "env_prefix", "exposure", "no_container_problem", "private_dirs_env", "refusal"]

@@ -394,17 +394,22 @@ def run_supervised(argv: list[str], env: Mapping[str, str], after: Callable[[], 
 
 def enforce_isolation(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str]) -> None:
     """Refuse (exit 78) a container that does not wall this job off from other users' jobs of
-    the shared account (``isolation.*``, see isolation.py); with ``isolation.allow_weak`` log
-    each problem as a warning instead. In no-container mode under a shared account, warn that
-    only the batch system keeps users apart."""
+    the shared account (``isolation.*``, see isolation.py), and no-container mode when the hub
+    counted on a container; with ``isolation.allow_weak`` log each problem as a warning instead.
+    Otherwise, in no-container mode under a shared account, warn that only the batch system
+    keeps users apart."""
     if not config.isolation.shared_account:
         return
-    if not config.container.enabled:
-        log.warning("no-container mode under a shared account (isolation.shared_account): "
-                    "nothing on this node separates this job from other users' jobs of the "
-                    "account; the hub must keep them off the node (docs/deploy.md)")
-        return
-    problems = iso.check(config, paths, env)
+    if config.container.enabled:
+        problems = iso.check(config, paths, env)
+    else:
+        problem = iso.no_container_problem(config, env)
+        if problem is None:
+            log.warning("no-container mode under a shared account (isolation.shared_account): "
+                        "nothing on this node separates this job from other users' jobs of "
+                        "the account; the hub must keep them off the node (docs/deploy.md)")
+            return
+        problems = [problem]
     if not problems:
         log.info("isolation: shared account; own PID namespace and /tmp (container.contain = "
                  "%s), no other user's home or image bound", config.container.contain)

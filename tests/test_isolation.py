@@ -274,3 +274,23 @@ def test_no_container_shared_account_warns(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no-container mode under a shared account" in r.stderr
     assert "the hub must keep them off the node" in r.stderr
+
+
+def test_no_container_refused_when_the_hub_expected_one(tmp_path):
+    """The hub (SlurmBrokerSpawner) counted on a container and so did not ask for a node to
+    itself; launch configured without one must not start the server next to other users."""
+    conf = tmp_path / "hpc.toml"
+    conf.write_text(f'[storage]\nscratch_dir = "{tmp_path}/scratch"\n[container]\n'
+                    f'enabled = false\ninner_command = []\n')
+    r = run_launch(["--config", str(conf), "--", "true"], tmp_path,
+                   {iso.EXPECT_CONTAINER_ENV: "1"})
+    assert r.returncode == 78, r.stderr
+    assert f"hpc config error ({conf}): container.enabled: is false, but the hub submitted " \
+           f"this job expecting a container" in r.stderr
+    assert "c.SlurmBrokerSpawner.jobs_in_container = False" in r.stderr
+    assert not (tmp_path / "scratch" / "homes" / "alice").exists()
+    conf.write_text(conf.read_text() + "[isolation]\nallow_weak = true\n")
+    r = run_launch(["--config", str(conf), "--", "true"], tmp_path,
+                   {iso.EXPECT_CONTAINER_ENV: "1"})
+    assert r.returncode == 0 and "allow_weak: starting anyway although container.enabled" \
+        in r.stderr, r.stderr

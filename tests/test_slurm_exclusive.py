@@ -147,3 +147,22 @@ async def test_options_form_says_so_when_it_applies():
         assert "hpc-note" not in html and 'name="partition"' in html, kw
     html = await form_spawner(node_exclusivity="mcs").render_options_form()
     assert "shares its node only with your own jobs" in html
+
+
+@pytest.mark.asyncio
+async def test_job_tells_launch_when_the_hub_counts_on_a_container(tmp_path):
+    """The hub's promise reaches `node-agent launch` (which refuses to run such a job without a
+    container: tests/test_isolation.py) under the name launch reads, exported to the job."""
+    from hub_plugin import slurm
+    from node_agent import isolation
+
+    assert slurm.EXPECT_CONTAINER_ENV == isolation.EXPECT_CONTAINER_ENV
+    cmd, record = fake_sbatch(tmp_path)
+    launch = make(agent_command="node-agent launch --config /x --", batch_submit_cmd=cmd)
+    assert launch.get_env()[slurm.EXPECT_CONTAINER_ENV] == "1"
+    await launch.submit_batch_script()
+    export = [a for a in json.loads(record.read_text())["argv"] if a.startswith("--export=")]
+    assert slurm.EXPECT_CONTAINER_ENV in export[0].split("=", 1)[1].split(","), export
+    for sp in (make(), make(agent_command="node-agent launch --config /x --", jobs_in_container=False),
+               make(agent_command="node-agent launch --config /x --", submit_as="user")):
+        assert slurm.EXPECT_CONTAINER_ENV not in sp.get_env()
