@@ -412,7 +412,7 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
 
 FORM_TEMPLATE = """
 <div class="hpc-options">
-{profiles_html}
+{notes_html}{profiles_html}
 <fieldset id="hpc-custom" {custom_disabled}>
   <div class="mb-3">
     <label class="form-label" for="hpc-partition">Partition</label>
@@ -468,8 +468,9 @@ FORM_TEMPLATE = """
 
 def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] | None = None,
                 current: Mapping[str, Any] | None = None, defaults: Defaults | None = None,
-                allow_custom: bool = True) -> str:
-    """The options form's HTML (placed by JupyterHub inside its spawn form)."""
+                allow_custom: bool = True, notes: Iterable[str] = ()) -> str:
+    """The options form's HTML (placed by JupyterHub inside its spawn form); ``notes`` are
+    plain-text remarks shown above the fields (escaped here)."""
     profiles = profiles or []
     d = defaults or Defaults()
     cur = dict(current or {})
@@ -515,8 +516,9 @@ def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] |
     custom_disabled = "" if (allow_custom and selected_profile in ("", CUSTOM)) else "disabled"
     limits = {p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions}
     sel_part = next((p for p in partitions if p.name == part_default), None)
+    notes_html = "".join(f'<p class="alert alert-info hpc-note">{esc(n)}</p>\n' for n in notes)
     return FORM_TEMPLATE.format(
-        profiles_html=prof_html, custom_disabled=custom_disabled, partition_options="".join(popts),
+        notes_html=notes_html, profiles_html=prof_html, custom_disabled=custom_disabled, partition_options="".join(popts),
         nprocs=esc(str(cur.get("nprocs") or d.nprocs)), memory=esc(mem), ngpus=esc(str(cur.get("ngpus", d.ngpus) or 0)),
         runtime=esc(str(runtime)), image_options=iopts,
         limits=esc(f"{sel_part.name}: {sel_part.summary()}" if sel_part else ""),
@@ -677,7 +679,12 @@ class ResourceOptionsMixin(LoggingConfigurable):
         except OptionsError:
             current = {}
         return render_form(parts, profiles=profiles, current=current, defaults=self._defaults(),
-                           allow_custom=self.allow_custom_resources)
+                           allow_custom=self.allow_custom_resources,
+                           notes=self.options_form_notes())
+
+    def options_form_notes(self) -> list[str]:
+        """Plain-text remarks the form shows above its fields (subclasses add theirs)."""
+        return []
 
     @default("options_from_form")
     def _options_from_form_default(self):

@@ -37,20 +37,28 @@ What differs from batchspawner's ``SlurmSpawner``:
   ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>
   --gid=<primary group>``
   (needs root or Slurm's SlurmUser on the submit host).
+* **No shared nodes without a wall**: with ``submit_as = "service"`` every user's job runs as
+  the same account, so unless a container walls each job off (``node-agent launch``, which
+  checks that), another user's notebook on the same node could read this job's environment.
+  Such jobs are submitted with ``--exclusive`` (``node_exclusivity``; ``"mcs"`` shares a node
+  only among one user's jobs, via Slurm's MCS labels), and the options form says so.
+  ``--exclusive=user`` would not help: Slurm's "user" is the shared account.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import pwd
+import re
 import shlex
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from batchspawner import SlurmSpawner
 from batchspawner.batchspawner import JobStatus
-from traitlets import Enum, Float, Integer, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, Unicode, default
 
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
@@ -58,6 +66,9 @@ from .remote import LocalRunner, LoginNodeRunner, RunnerError
 from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
 
 __all__ = ["SlurmBrokerSpawner"]
+
+#: Tells node-agent launch that this job counts on a container (node_agent/isolation.py).
+EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
 
 # Non-terminal states in which the job's processes exist (or are being torn down).
 _RUNNING_LIKE = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"})
@@ -76,6 +87,7 @@ DEFAULT_BATCH_SCRIPT = """#!/bin/bash
 {% elif ngpus %}#SBATCH --gpus={{ngpus}}
 {% endif %}{% if walltime_warning %}#SBATCH --signal={% if not srun %}B:{% endif %}USR1@{{walltime_warning}}
 {% endif %}{% if options %}#SBATCH {{options}}
+{% endif %}{% if node_exclusive %}#SBATCH {{node_exclusive}}
 {% endif %}
 # Secrets (API token, enrolment secret) arrive in the environment, passed by NAME with
 # sbatch --export: they are never written into this script.
@@ -196,6 +208,30 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         "--chdir and HOME). Empty: the user's passwd home, if the account exists.",
     ).tag(config=True)
 
+    node_exclusivity = Enum(
+        ["node", "mcs", "off"],
+        "node",
+        help="With submit_as='service' and no container (see jobs_in_container), how other "
+        "users' jobs are kept off this job's node, where they would run as the same account "
+        "and could read its environment (hub API token), files and sockets. 'node': "
+        "--exclusive (the job gets the whole node). 'mcs': --exclusive=mcs --mcs-label=<label "
+        "of the user> (nodes shared only among one user's jobs; needs MCSPlugin=mcs/label and "
+        "MCSParameters=ondemand,ondemandselect in slurm.conf). 'off': nothing (the cluster "
+        "keeps users apart some other way). --exclusive=user would not help: all these jobs "
+        "have the same Slurm user. Not used with submit_as='user' or in a container.",
+    ).tag(config=True)
+
+    jobs_in_container = Bool(
+        None,
+        allow_none=True,
+        help="Whether each server runs in a container that walls it off from other users' jobs "
+        "(node-agent launch with the HPC config's container.enabled; launch refuses a "
+        "container without its own PID namespace and /tmp under a shared account). None "
+        "(default): true when agent_command runs 'node-agent launch'. Set False when the HPC "
+        "config has container.enabled = false: a job that counts on a container tells launch "
+        "so (NODE_AGENT_EXPECT_CONTAINER=1), and launch refuses to run it without one.",
+    ).tag(config=True)
+
     slurm_poll_interval = Float(
         5.0,
         help="Seconds between the hub-wide squeue queries (ONE squeue per interval for all "
@@ -284,6 +320,9 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         env["PATH"] = ":".join(p for p in (self.req_path, "/usr/local/bin:/usr/bin:/bin") if p)
         if self.submit_as == "service" and self.home_root:
             env["HOME"] = self.req_homedir
+        if self.submit_as == "service" and self.in_container():
+            # launch refuses to run such a job without a container (no one else keeps users apart)
+            env[EXPECT_CONTAINER_ENV] = "1"
         return env
 
     def user_env(self, env: Dict[str, str]) -> Dict[str, str]:
@@ -309,8 +348,48 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         except KeyError:
             return ""
 
+    # -- keeping users apart (service account, no container) ------------------------------------
+    def in_container(self) -> bool:
+        """Whether the job's server runs in a container that walls it off (jobs_in_container)."""
+        if self.jobs_in_container is not None:
+            return bool(self.jobs_in_container)
+        return "launch" in shlex.split(self.agent_command)
+
+    def mcs_label(self) -> str:
+        """The user's MCS label: readable, [A-Za-z0-9._-] only, and distinct for every name."""
+        readable = re.sub(r"[^A-Za-z0-9._-]", "_", self.user.name)[:40]
+        digest = hashlib.sha256(self.user.name.encode("utf-8")).hexdigest()[:10]
+        return f"jupyterhub-{readable}-{digest}"
+
+    def exclusive_options(self) -> str:
+        """sbatch options that keep other users' jobs off this job's node, or ''.
+
+        Only for a shared service account (submit_as='service') without a container: then the
+        jobs of all users run as one Unix account, and nothing else keeps one user's notebook
+        from reading another's /proc/PID/environ, files and sockets on a shared node.
+        """
+        if self.submit_as != "service" or self.in_container() or self.node_exclusivity == "off":
+            return ""
+        if self.node_exclusivity == "mcs":
+            return f"--exclusive=mcs --mcs-label={self.mcs_label()}"
+        return "--exclusive"
+
+    def options_form_notes(self) -> List[str]:
+        notes = list(super().options_form_notes())
+        if self.exclusive_options():
+            if self.node_exclusivity == "mcs":
+                notes.append("Your server shares its node only with your own jobs: all users' "
+                             "notebooks run under one cluster account here, so other users' "
+                             "jobs are kept off the node.")
+            else:
+                notes.append("Your server gets a node to itself: all users' notebooks run under "
+                             "one cluster account here, so no other user's job may share the "
+                             "node. Starting may take longer while the cluster frees a node.")
+        return notes
+
     def get_req_subvars(self) -> Dict[str, Any]:
         subvars = super().get_req_subvars()
+        subvars["node_exclusive"] = self.exclusive_options()
         out_dir = self.req_output_dir or self.req_homedir or "/tmp"
         safe_user = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.user.name)[:64]
         subvars["output_file"] = os.path.join(out_dir, f"jupyterhub-{safe_user}-%j.log")
@@ -320,7 +399,9 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
 
     async def submit_batch_script(self) -> str:
         saved_options = getattr(self, "user_options", None)
-        self.user_options = self._checked_user_options()
+        checked = self._checked_user_options()
+        checked.pop("node_exclusive", None)  # never a user's choice, whatever is allowed
+        self.user_options = checked
         try:
             return await self._submit_with_export()
         finally:
@@ -329,6 +410,9 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     async def _submit_with_export(self) -> str:
         names = sorted(self.get_env())
         extra = f" --export={','.join(names)}"
+        exclusive = self.exclusive_options()
+        if exclusive and "node_exclusive" not in self.batch_script:
+            extra += f" {exclusive}"  # a site's own batch_script without the line
         if self.submit_as == "user":
             extra += f" --uid={shlex.quote(self.user.name)}"
             # without --gid the job keeps the submitter's group (root's!)

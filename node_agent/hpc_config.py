@@ -51,6 +51,8 @@ CONTAIN_MODES = {
 }
 # modes in which the runtime starts from an empty environment (--containall implies --cleanenv)
 CLEANENV_MODES = {"containall"}
+# modes that give each job its own PID namespace and a private /tmp (what a shared account needs)
+ISOLATING_MODES = {"contain-pid", "containall"}
 
 
 class HpcConfigError(Exception):
@@ -245,8 +247,9 @@ SCHEMA: tuple[Option, ...] = (
            "Runtime mounts to disable (`--no-mount`), e.g. `[\"tmp\", \"cwd\", \"/etc/hosts\"]`."),
     Option("container", "contain", "choice", "contain-pid",
            "Isolation: `contain-pid` (`--contain --pid`: private /tmp, /dev and PID namespace; "
-           "the default, needed when all users share one cluster account), `containall` "
-           "(`--containall`, also a clean environment and IPC namespace), `contain`, `none`.",
+           "the default), `containall` (`--containall`, also a clean environment and IPC "
+           "namespace), `contain`, `none`. With `isolation.shared_account` launch accepts only "
+           "`contain-pid` and `containall`.",
            choices=tuple(CONTAIN_MODES)),
     Option("container", "pass_env", "list",
            ["JUPYTERHUB_*", "JPY_*", "NODE_AGENT_*", "BROKER_*", "SLURM_*", "CUDA_VISIBLE_DEVICES",
@@ -303,6 +306,20 @@ SCHEMA: tuple[Option, ...] = (
            placeholders=("mount_point", "user", "home")),
     Option("webdav", "timeout", "int", 60,
            "Seconds the mount command (and the unmount command) may take.", minimum=1),
+    # isolation between users (docs/deploy.md)
+    Option("isolation", "shared_account", "bool", True,
+           "All users' jobs run as ONE cluster account (the hub's service account, "
+           "`submit_as = \"service\"`). The container is then the only wall between users "
+           "who share a node, so launch refuses a container setup without a PID namespace and "
+           "a private /tmp (`container.contain` must be `contain-pid` or `containall`), one that "
+           "binds the home root, another user's home or overlay, or one that shares /tmp "
+           "between jobs (`--workdir`). Set false only when every job runs as the user's own "
+           "Unix account (`submit_as = \"user\"`)."),
+    Option("isolation", "allow_weak", "bool", False,
+           "Start even when the `isolation.shared_account` checks fail (each problem is logged "
+           "as a warning at every launch). Only for single-user machines and tests: another "
+           "user's notebook on the same node can then read this job's environment, including "
+           "its hub API token."),
 )
 
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(o.section for o in SCHEMA))
@@ -393,6 +410,12 @@ class WebdavConfig:
 
 
 @dataclass
+class IsolationConfig:
+    shared_account: bool = True
+    allow_weak: bool = False
+
+
+@dataclass
 class UserPaths:
     """The per-user paths of one launch (all absolute, host side unless named container_*)."""
 
@@ -417,6 +440,7 @@ class HpcConfig:
     container: ContainerConfig = field(default_factory=ContainerConfig)
     nbgrader: NbgraderConfig = field(default_factory=NbgraderConfig)
     webdav: WebdavConfig = field(default_factory=WebdavConfig)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
     source: str | None = None
 
     # ---- helpers used by launch -------------------------------------------------------------
@@ -743,6 +767,7 @@ def config_from_dict(data: dict, source: str | None = None) -> HpcConfig:
         container=section(ContainerConfig, "container"),
         nbgrader=section(NbgraderConfig, "nbgrader"),
         webdav=section(WebdavConfig, "webdav"),
+        isolation=section(IsolationConfig, "isolation"),
         source=source,
     )
 
@@ -886,7 +911,7 @@ def defaults_as_dict() -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "HpcConfig", "HpcConfigError", "UserNameError", "UserPaths", "Option", "SCHEMA", "OPTIONS",
-    "SECTIONS", "CONTAIN_MODES", "CLEANENV_MODES", "config_from_dict", "load_config",
+    "SECTIONS", "CONTAIN_MODES", "CLEANENV_MODES", "ISOLATING_MODES", "config_from_dict", "load_config",
     "find_config", "parse_size", "safe_username", "validate_username", "validate_webdav_url",
     "render_template", "template_fields", "dump_toml", "render_docs_table", "defaults_as_dict",
 ]

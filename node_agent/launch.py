@@ -6,17 +6,23 @@ Run by the batch script, outside any container. In order:
 2. maintenance check (exit 75; stderr line ``NODE-AGENT-MAINTENANCE: <message>``);
 3. validate the user name from ``JUPYTERHUB_USER`` and derive the per-user paths;
 4. logging to ``logging.dir`` (one file per day), never logging environment values;
-5. create the user's home and overlay (race-free, see overlay.py);
-6. optionally mount WebDAV (argv template, no shell, URL validated, credentials from env);
-7. build the container command (``build_container_argv``) and exec it; in no-container mode
-   exec ``inner_command -- CMD...`` directly. When step 6 made a mount (and
+5. ``container.load_command``, find the runtime and the image; then, under a shared account
+   (``isolation.shared_account``), refuse (exit 78) a container that does not wall the job off
+   from other users' jobs: no PID namespace / private /tmp, or a bind of the home root or of
+   another user's home or image (``enforce_isolation``, see isolation.py);
+6. create the user's home and overlay (race-free, see overlay.py);
+7. optionally mount WebDAV (argv template, no shell, URL validated, credentials from env);
+8. build the container command (``build_container_argv``) and exec it from the user's home;
+   in no-container mode exec ``inner_command -- CMD...`` directly. When step 7 made a mount (and
    ``webdav.unmount_command`` is set), run the command as a child instead (``run_supervised``):
    SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 are passed on, and after it exits the share is
    unmounted and launch exits with the child's status (128+N for signal N).
 
 The environment is passed through unchanged (secrets live there, never on argv). With
 ``container.contain = "containall"`` (clean environment inside) the variables matching
-``container.pass_env`` are handed over as ``APPTAINERENV_<NAME>`` environment variables.
+``container.pass_env`` are handed over as ``APPTAINERENV_<NAME>`` environment variables. Under a
+shared account ``NODE_AGENT_RUNTIME_DIR`` (the agent's socket directory) and ``TMPDIR`` are set
+to the container's private /tmp.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import tempfile
 from typing import Callable, Mapping
 
 from . import hpc_config as hc
+from . import isolation as iso
 from . import overlay as ov
 
 log = logging.getLogger("node_agent.launch")
@@ -385,6 +392,34 @@ def run_supervised(argv: list[str], env: Mapping[str, str], after: Callable[[], 
             signal.signal(sig, old)
 
 
+def enforce_isolation(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str]) -> None:
+    """Refuse (exit 78) a container that does not wall this job off from other users' jobs of
+    the shared account (``isolation.*``, see isolation.py), and no-container mode when the hub
+    counted on a container; with ``isolation.allow_weak`` log each problem as a warning instead.
+    Otherwise, in no-container mode under a shared account, warn that only the batch system
+    keeps users apart."""
+    if not config.isolation.shared_account:
+        return
+    if config.container.enabled:
+        problems = iso.check(config, paths, env)
+    else:
+        problem = iso.no_container_problem(config, env)
+        if problem is None:
+            log.warning("no-container mode under a shared account (isolation.shared_account): "
+                        "nothing on this node separates this job from other users' jobs of "
+                        "the account; the hub must keep them off the node (docs/deploy.md)")
+            return
+        problems = [problem]
+    if not problems:
+        log.info("isolation: shared account; own PID namespace and /tmp (container.contain = "
+                 "%s), no other user's home or image bound", config.container.contain)
+        return
+    if not config.isolation.allow_weak:
+        raise LaunchError(iso.refusal(problems, config.source), EX_CONFIG)
+    for p in problems:
+        log.warning("isolation.allow_weak: starting anyway although %s", p)
+
+
 def _prepare(config: hc.HpcConfig, paths: hc.UserPaths, env: dict[str, str]):
     """Home and overlay. Returns (home_source, overlay_path|None, readonly, inuse_lock|None)."""
     try:
@@ -516,6 +551,10 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     gpu = decide_gpu(config, args.gpu, env)
 
     if args.dry_run:
+        problems = iso.check(config, paths, env)
+        if problems and not config.isolation.allow_weak:
+            print(iso.refusal(problems, config.source), file=sys.stderr)
+            return EX_CONFIG
         argv = build_container_argv(config, raw_user, gpu, cmd)
         print(json.dumps({"argv": argv, "user": paths.safe_user, "home": paths.home,
                           "overlay": paths.overlay if config.overlay.enabled else None,
@@ -525,8 +564,6 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     logfile = setup_logging(config, paths)
     log.info("launch start: config=%s gpu=%s container=%s log=%s", path, gpu,
              config.container.enabled, logfile)
-
-    home, overlay, ro, lock = _prepare(config, paths, env)
 
     c = config.container
     webdav = ""
@@ -543,6 +580,10 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
         if not os.path.exists(image):
             opt = "container.gpu_image" if gpu and c.gpu_image else "container.image"
             raise LaunchError(f"{opt}: image {image} does not exist", EX_UNAVAILABLE)
+    enforce_isolation(config, paths, env)
+
+    home, overlay, ro, lock = _prepare(config, paths, env)
+
     if config.webdav.enabled:
         webdav = mount_webdav(config, paths, env)
 
@@ -554,6 +595,11 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
         log.info("starting %s image=%s overlay=%s%s", os.path.basename(runtime),
                  config.image_for(gpu), overlay or "none", " (read-only)" if ro else "")
         run_env = container_env(config, env)
+        run_env.update(iso.private_dirs_env(config))
+        try:  # the runtime's working directory is the user's own home, never a shared one
+            os.chdir(home)
+        except OSError as e:
+            log.warning("cannot change to %s: %s", home, e.strerror)
     else:
         env["HOME"] = home
         try:

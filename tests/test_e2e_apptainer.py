@@ -82,8 +82,10 @@ def python_binds() -> list[str]:
 def tmp_bind_workdir(workdir: Path) -> list[str]:
     """With --contain, the container's /tmp and /var/tmp are private and empty, so a checkout or
     venv that lives under them (a CI clone in /tmp, say) cannot be bound at its own path. Give
-    Apptainer a --workdir whose tmp/ and var_tmp/ hold empty mount points for those binds; the
-    container's /tmp stays private to the job."""
+    Apptainer a --workdir whose tmp/ and var_tmp/ hold empty mount points for those binds. That
+    /tmp is the same for every job, which launch refuses under a shared account unless
+    isolation.allow_weak is set (this test has one user; tests/test_e2e_isolation.py makes one
+    workdir per job instead)."""
     needed = [b.split(":")[0] for b in python_binds()]
     under_tmp = [p for p in needed if p.startswith(("/tmp/", "/var/tmp/"))]
     if not under_tmp:
@@ -152,7 +154,7 @@ home = "/home/jovyan"
 binds = {binds}
 extra_args = ["--env", "PATH={bindir}:/usr/local/bin:/usr/bin:/bin"{workdir}]
 inner_command = ["{bindir}/node-agent", "run"]
-"""
+{isolation}"""
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +170,18 @@ def apptainer_stack(tmp_path_factory):
     scratch.mkdir()
     config = work / "hpc-config.toml"
     binds = "[" + ", ".join(f'"{b}"' for b in python_binds()) + "]"
+    workdir = tmp_bind_workdir(work / "container-workdir")
     config.write_text(HPC_CONFIG.format(scratch=scratch, image=image, binds=binds,
                                         bindir=os.path.dirname(sys.executable),
-                                        workdir="".join(f', "{a}"' for a in tmp_bind_workdir(work / "container-workdir"))))
+                                        workdir="".join(f', "{a}"' for a in workdir),
+                                        isolation="[isolation]\nallow_weak = true\n" if workdir else ""))
     s = Stack(str(work / "stack"), extra_hub_config=(
         f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
         "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
         # the host's notebook dir does not exist in the container: serve the container home
-        "c.Spawner.notebook_dir = '/home/jovyan'\n"))
+        "c.Spawner.notebook_dir = '/home/jovyan'\n"
+        # the job imports the checkout under test (bound below), not only the venv's install
+        f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"))
     s.scratch = str(scratch)
     s.image_build_seconds = build_s
     try:
