@@ -23,20 +23,22 @@ import asyncio
 import os
 import shlex
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from batchspawner.batchspawner import JobStatus, format_template
 from traitlets import Float, Unicode, default
-from traitlets.config import LoggingConfigurable
 
 from broker.client import BrokerClient, BrokerError
+
+from .spawner_api import BatchSpawnerAPI
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
 #: The line ``node-agent launch`` prints when maintenance mode refuses the job.
 MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 
 
-class BrokerSpawnerMixin(LoggingConfigurable):
+class BrokerSpawnerMixin(BatchSpawnerAPI):
     """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
 
     broker_url = Unicode(

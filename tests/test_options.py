@@ -10,7 +10,9 @@ import pytest
 from batchspawner.batchspawner import JobStatus
 from tornado import web
 
-from hub_plugin import options as o
+from hub_plugin import resources
+from hub_plugin.options import ResourceOptionsMixin
+from hub_plugin.options_form import render_form
 from hub_plugin.slurm import SlurmBrokerSpawner
 from hub_plugin.spawners import LocalBrokerSpawner
 
@@ -24,7 +26,7 @@ old|infinite|8|1|(null)|down
 
 
 def parts():
-    return o.parse_sinfo(SINFO)
+    return resources.parse_sinfo(SINFO)
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -34,39 +36,39 @@ def parts():
     ("1-00:00:01", 86401), ("infinite", None), ("UNLIMITED", None), ("", None),
 ])
 def test_parse_slurm_time(text, secs):
-    assert o.parse_slurm_time(text) == secs
+    assert resources.parse_slurm_time(text) == secs
 
 
 @pytest.mark.parametrize("bad", ["abc", "1:2:3:4", "-5", "1h"])
 def test_parse_slurm_time_rejects(bad):
     with pytest.raises(ValueError):
-        o.parse_slurm_time(bad)
+        resources.parse_slurm_time(bad)
 
 
 @pytest.mark.parametrize("text,secs", [("2", 7200), ("1.5", 5400), ("0:45", 2700), ("1:30:00", 5400),
                                        ("1-00:00", 86400)])
 def test_parse_walltime(text, secs):
-    assert o.parse_walltime(text) == secs
+    assert resources.parse_walltime(text) == secs
 
 
 @pytest.mark.parametrize("bad", ["", "0", "0:00", "1:75", "soon", "-1"])
 def test_parse_walltime_rejects(bad):
     with pytest.raises(ValueError):
-        o.parse_walltime(bad)
+        resources.parse_walltime(bad)
 
 
 def test_memory_and_gres():
-    assert o.parse_memory_mb("4") == 4096 and o.parse_memory_mb("512M") == 512
-    assert o.parse_memory_mb("1.5 GB") == 1536 and o.parse_memory_mb("1T") == 1024 * 1024
-    assert o.format_memory(4096) == "4G" and o.format_memory(1536) == "1536M"
+    assert resources.parse_memory_mb("4") == 4096 and resources.parse_memory_mb("512M") == 512
+    assert resources.parse_memory_mb("1.5 GB") == 1536 and resources.parse_memory_mb("1T") == 1024 * 1024
+    assert resources.format_memory(4096) == "4G" and resources.format_memory(1536) == "1536M"
     for bad in ("", "lots", "-1G", "4X"):
         with pytest.raises(ValueError):
-            o.parse_memory_mb(bad)
-    assert o.parse_gres_gpus("(null)") == (0, "")
-    assert o.parse_gres_gpus("gpu:2") == (2, "")
-    assert o.parse_gres_gpus("gpu:a100:4(S:0-1)") == (4, "a100")
-    assert o.parse_gres_gpus("gpu:tesla:2,mps:100") == (2, "tesla")
-    assert o.format_slurm_time(2700) == "00:45:00" and o.format_slurm_time(90000) == "1-01:00:00"
+            resources.parse_memory_mb(bad)
+    assert resources.parse_gres_gpus("(null)") == (0, "")
+    assert resources.parse_gres_gpus("gpu:2") == (2, "")
+    assert resources.parse_gres_gpus("gpu:a100:4(S:0-1)") == (4, "a100")
+    assert resources.parse_gres_gpus("gpu:tesla:2,mps:100") == (2, "tesla")
+    assert resources.format_slurm_time(2700) == "00:45:00" and resources.format_slurm_time(90000) == "1-01:00:00"
 
 
 def test_parse_sinfo_merges_node_groups():
@@ -79,23 +81,23 @@ def test_parse_sinfo_merges_node_groups():
 
 
 def test_local_partition_is_this_machine():
-    p = o.local_partition(3600)
+    p = resources.local_partition(3600)
     assert p.name == "local" and p.cpus >= 1 and p.memory_mb > 0 and p.max_time == 3600
 
 
 # -- validation ------------------------------------------------------------------------------
 
 def test_defaults_and_normalization():
-    out = o.validate_options({}, parts())
+    out = resources.validate_options({}, parts())
     assert out == {"profile": "", "partition": "debug", "nprocs": "1", "memory": "", "ngpus": "",
                    "runtime": "01:00:00", "image": "compute"}
     form = {"partition": ["gpu"], "nprocs": ["8"], "memory": ["16"], "ngpus": ["2"], "runtime": ["12"],
             "image": ["gpu"]}
-    assert o.validate_options(form, parts()) == {
+    assert resources.validate_options(form, parts()) == {
         "profile": "", "partition": "gpu", "nprocs": "8", "memory": "16G", "ngpus": "2",
         "runtime": "12:00:00", "image": "gpu"}
     # REST API bodies use scalars
-    assert o.validate_options({"partition": "long", "nprocs": 2, "runtime": "3-00:00"}, parts())["runtime"] == "3-00:00:00"
+    assert resources.validate_options({"partition": "long", "nprocs": 2, "runtime": "3-00:00"}, parts())["runtime"] == "3-00:00:00"
 
 
 @pytest.mark.parametrize("form,words", [
@@ -114,15 +116,15 @@ def test_defaults_and_normalization():
     ({"image": "gpu"}, ["GPU image needs at least one GPU"]),
 ])
 def test_invalid_choices_have_clear_messages(form, words):
-    with pytest.raises(o.OptionsError) as e:
-        o.validate_options(form, parts())
+    with pytest.raises(resources.OptionsError) as e:
+        resources.validate_options(form, parts())
     for w in words:
         assert w in str(e.value), str(e.value)
     assert e.value.jupyterhub_message == str(e.value)
 
 
 def test_unknown_memory_limit_is_not_enforced():
-    out = o.validate_options({"partition": "old-up", "memory": "64"}, [o.Partition("old-up", memory_mb=1)])
+    out = resources.validate_options({"partition": "old-up", "memory": "64"}, [resources.Partition("old-up", memory_mb=1)])
     assert out["memory"] == "64G"
 
 
@@ -135,31 +137,31 @@ PROFILES = [
 
 
 def test_profiles_override_fields_and_are_checked():
-    out = o.validate_options({"profile": "course", "nprocs": "64"}, parts(), profiles=PROFILES)
+    out = resources.validate_options({"profile": "course", "nprocs": "64"}, parts(), profiles=PROFILES)
     assert (out["profile"], out["partition"], out["nprocs"], out["runtime"]) == ("course", "long", "2", "02:00:00")
-    out = o.validate_options({"profile": "gpu-small"}, parts(), profiles=PROFILES)
+    out = resources.validate_options({"profile": "gpu-small"}, parts(), profiles=PROFILES)
     assert (out["ngpus"], out["image"]) == ("1", "gpu")
-    with pytest.raises(o.OptionsError, match="CPUs: 99"):
-        o.validate_options({"profile": "too-big"}, parts(), profiles=PROFILES)
-    with pytest.raises(o.OptionsError, match="Unknown profile"):
-        o.validate_options({"profile": "x"}, parts(), profiles=PROFILES)
-    assert o.validate_options({"profile": "custom", "nprocs": "3"}, parts(), profiles=PROFILES)["nprocs"] == "3"
-    with pytest.raises(o.OptionsError, match="choose one of the profiles"):
-        o.validate_options({"nprocs": "3"}, parts(), profiles=PROFILES, allow_custom=False)
+    with pytest.raises(resources.OptionsError, match="CPUs: 99"):
+        resources.validate_options({"profile": "too-big"}, parts(), profiles=PROFILES)
+    with pytest.raises(resources.OptionsError, match="Unknown profile"):
+        resources.validate_options({"profile": "x"}, parts(), profiles=PROFILES)
+    assert resources.validate_options({"profile": "custom", "nprocs": "3"}, parts(), profiles=PROFILES)["nprocs"] == "3"
+    with pytest.raises(resources.OptionsError, match="choose one of the profiles"):
+        resources.validate_options({"nprocs": "3"}, parts(), profiles=PROFILES, allow_custom=False)
 
 
 def test_profile_config_errors_name_the_profile():
     with pytest.raises(ValueError, match=r"profiles\[0\]"):
-        o.check_profiles([{"description": "no name"}])
+        resources.check_profiles([{"description": "no name"}])
     with pytest.raises(ValueError, match="unknown keys"):
-        o.check_profiles([{"name": "a", "req_cmd": "rm -rf /"}])
+        resources.check_profiles([{"name": "a", "req_cmd": "rm -rf /"}])
     with pytest.raises(ValueError, match="unique"):
-        o.check_profiles([{"name": "a"}, {"name": "a"}])
+        resources.check_profiles([{"name": "a"}, {"name": "a"}])
 
 
 def test_render_form_escapes_and_preselects():
-    p = parts() + [o.Partition('x"><script>', cpus=1)]
-    html = o.render_form(p, profiles=PROFILES, current={"partition": "gpu", "nprocs": "8", "memory": "16G",
+    p = parts() + [resources.Partition('x"><script>', cpus=1)]
+    html = render_form(p, profiles=PROFILES, current={"partition": "gpu", "nprocs": "8", "memory": "16G",
                                                           "runtime": "02:00:00", "image": "gpu", "profile": "custom"})
     for name in ("partition", "nprocs", "memory", "ngpus", "runtime", "image", "profile"):
         assert f'name="{name}"' in html
@@ -181,7 +183,7 @@ def local_spawner(**kw):
 
 
 OptionsSlurmSpawner = SlurmBrokerSpawner  # it has the options mixin
-assert issubclass(SlurmBrokerSpawner, o.ResourceOptionsMixin)
+assert issubclass(SlurmBrokerSpawner, ResourceOptionsMixin)
 
 
 def slurm_spawner(sinfo=SINFO, **kw):
@@ -197,29 +199,29 @@ async def test_form_from_the_local_machine():
     s = local_spawner()
     html = await s.get_options_form()
     assert '<option value="local" selected>' in html
-    with pytest.raises(o.OptionsError, match="CPUs: 999 requested"):
+    with pytest.raises(resources.OptionsError, match="CPUs: 999 requested"):
         await s.run_options_from_form({"nprocs": ["999"]})
 
 
 @pytest.mark.asyncio
 async def test_slurm_form_uses_sinfo_once_per_cache_period():
-    o.ResourceOptionsMixin._partition_cache.clear()
+    ResourceOptionsMixin._partition_cache.clear()
     s = slurm_spawner()
     html = await s.get_options_form()
     assert "a100" in html and "long" in html
     await s.get_options_form()
     s.run_command.assert_awaited_once_with(s.sinfo_command)
     assert s._resource_kind() == "slurm" and not s.walltime_enforce
-    o.ResourceOptionsMixin._partition_cache.clear()
+    ResourceOptionsMixin._partition_cache.clear()
     broken = slurm_spawner()
     broken.run_command = mock.AsyncMock(side_effect=RuntimeError("slurm_load_partitions: Unable to contact"))
     assert "could not be read" in await broken.get_options_form()
-    o.ResourceOptionsMixin._partition_cache.clear()
+    ResourceOptionsMixin._partition_cache.clear()
 
 
 @pytest.mark.asyncio
 async def test_apply_sets_req_traits_resets_and_sanitizes():
-    o.ResourceOptionsMixin._partition_cache.clear()
+    ResourceOptionsMixin._partition_cache.clear()
     s = slurm_spawner(req_runtime="0:30:00", req_memory="2G")
     await s.apply_user_options(s, {"partition": "gpu", "nprocs": "8", "ngpus": "2", "image": "gpu",
                                    "cmd": "rm -rf ~", "options": "--uid=0"})
@@ -231,7 +233,7 @@ async def test_apply_sets_req_traits_resets_and_sanitizes():
     with pytest.raises(web.HTTPError) as e:
         await s.apply_user_options(s, {"runtime": "3"})
     assert e.value.status_code == 400 and "at most 1 h 00 min" in e.value.jupyterhub_message
-    o.ResourceOptionsMixin._partition_cache.clear()
+    ResourceOptionsMixin._partition_cache.clear()
 
 
 @pytest.mark.asyncio
