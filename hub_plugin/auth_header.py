@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 from jupyterhub.auth import Authenticator
 from jupyterhub.handlers import BaseHandler
@@ -39,9 +40,11 @@ from traitlets import Bool, List, Unicode, default, validate
 
 MAX_HEADER_LEN = 256
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-def _networks(values: list[str], name: str) -> list[ipaddress._BaseNetwork]:
-    out = []
+
+def _networks(values: list[str], name: str) -> list[Network]:
+    out: list[Network] = []
     for v in values:
         try:
             out.append(ipaddress.ip_network(v, strict=False))
@@ -51,7 +54,7 @@ def _networks(values: list[str], name: str) -> list[ipaddress._BaseNetwork]:
     return out
 
 
-def _covers(nets: list[ipaddress._BaseNetwork], addr: str) -> bool:
+def _covers(nets: list[Network], addr: str) -> bool:
     """Whether *nets* contain *addr*, also in its IPv4-mapped IPv6 form (``::ffff:a.b.c.d``)."""
     ip = ipaddress.ip_address(addr)
     forms = [ip]
@@ -62,7 +65,7 @@ def _covers(nets: list[ipaddress._BaseNetwork], addr: str) -> bool:
     return any(f in n for f in forms for n in nets if f.version == n.version)
 
 
-def _in(addr: str, nets: list[ipaddress._BaseNetwork]) -> bool:
+def _in(addr: str, nets: list[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(addr.strip().strip("[]"))
     except ValueError:
@@ -70,6 +73,28 @@ def _in(addr: str, nets: list[ipaddress._BaseNetwork]) -> bool:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in n for n in nets)
+
+
+class AddressList(List[str]):
+    """A configurable list of IP addresses or, with ``networks=True``, of addresses and CIDR
+    networks. An entry that is neither fails the configuration with a message naming the option."""
+
+    def __init__(self, default_value: list[str] | None = None, *, networks: bool = False, help: str):
+        super().__init__(Unicode(), [] if default_value is None else default_value, help=help)
+        self.networks = networks
+        self.tag(config=True)
+
+    def validate(self, obj: Any, value: Any) -> list[str] | None:
+        value = super().validate(obj, value)
+        if self.networks:
+            _networks(value or [], str(self.name))
+            return value
+        for v in value or []:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"RemoteUserAuthenticator.{self.name}: {v!r} is not an IP address") from None
+        return value
 
 
 class RemoteUserLoginHandler(BaseHandler):
@@ -94,21 +119,19 @@ class RemoteUserAuthenticator(Authenticator):
         "'X-Remote-User' here); never let a client-supplied copy through.",
     ).tag(config=True)
 
-    trusted_proxies = List(
-        Unicode(),
-        [],
+    trusted_proxies = AddressList(
+        networks=True,
         help="Addresses/CIDR networks of the front ends allowed to assert the header (the host "
         "running the Shibboleth SP). Requests from anywhere else are refused (403), header or not. "
         "Required; must not cover broker_addresses.",
-    ).tag(config=True)
+    )
 
-    broker_addresses = List(
-        Unicode(),
+    broker_addresses = AddressList(
         ["127.0.0.1", "::1"],
         help="Addresses the tunnel broker's hub-API connections come from, as the hub sees them "
         "(loopback when the broker runs on the hub host). Notebooks' requests reach the hub from "
         "there, so the authenticator refuses to start if trusted_proxies covers one of them.",
-    ).tag(config=True)
+    )
 
     allow_broker_in_trusted_proxies = Bool(
         False,
@@ -117,11 +140,11 @@ class RemoteUserAuthenticator(Authenticator):
         "broker's hub-API filter (/hub/api/ only, identity headers stripped) stands in the way.",
     ).tag(config=True)
 
-    trusted_hub_peers = List(
-        Unicode(),
+    trusted_hub_peers = AddressList(
         ["127.0.0.1/32", "::1/128"],
+        networks=True,
         help="Addresses that may connect to the hub itself (configurable-http-proxy).",
-    ).tag(config=True)
+    )
 
     identity_regex = Unicode(
         r"(?P<username>.+)",
@@ -141,21 +164,6 @@ class RemoteUserAuthenticator(Authenticator):
         if "username" not in rx.groupindex:
             raise ValueError("RemoteUserAuthenticator.identity_regex: needs a group named "
                              "'username', e.g. (?P<username>[^@]+)@uni\\.example")
-        return proposal.value
-
-    @validate("trusted_proxies", "trusted_hub_peers")
-    def _check_nets(self, proposal):
-        _networks(proposal.value, proposal.trait.name)
-        return proposal.value
-
-    @validate("broker_addresses")
-    def _check_addresses(self, proposal):
-        for v in proposal.value:
-            try:
-                ipaddress.ip_address(v)
-            except ValueError:
-                raise ValueError(f"RemoteUserAuthenticator.broker_addresses: {v!r} is not an IP "
-                                 "address") from None
         return proposal.value
 
     def __init__(self, **kwargs):

@@ -145,8 +145,7 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
         if self.inherit_path and "PATH" not in env:
             parts = [os.path.dirname(sys.executable)]
             parts += [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if p]
-            seen: set[str] = set()
-            env["PATH"] = os.pathsep.join(p for p in parts if not (p in seen or seen.add(p)))
+            env["PATH"] = os.pathsep.join(dict.fromkeys(parts))  # without repeats, first one kept
         return env
 
     def parse_job_id(self, output):

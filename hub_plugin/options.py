@@ -55,7 +55,10 @@ from .resources import (
 )
 from .walltime import WalltimeMixin
 
-__all__ = ["TEMPLATE_DIR", "OptionsError", "ResourceOptionsMixin"]
+__all__ = ["REQ_FIELDS", "TEMPLATE_DIR", "OptionsError", "ResourceOptionsMixin"]
+
+#: The checked choices that go onto batchspawner's ``req_<field>`` traits.
+REQ_FIELDS = ("partition", "nprocs", "memory", "ngpus", "runtime")
 
 
 class OptionsHTTPError(web.HTTPError):
@@ -153,8 +156,7 @@ class ResourceOptionsMixin(WalltimeMixin):
 
     def _configured_req(self) -> dict[str, str]:
         if self._configured is None:
-            self._configured = {k: str(getattr(self, f"req_{k}", "") or "")
-                                for k in ("partition", "nprocs", "memory", "ngpus", "runtime")}
+            self._configured = {k: str(getattr(self, f"req_{k}", "") or "") for k in REQ_FIELDS}
         return self._configured
 
     def _defaults(self) -> Defaults:
@@ -261,11 +263,8 @@ class ResourceOptionsMixin(WalltimeMixin):
             extra = " ".join(str(prof["req_options"]).split())
         if hasattr(self, "req_options"):
             self.req_options = extra
-        self.req_partition = opts["partition"]
-        self.req_nprocs = opts["nprocs"]
-        self.req_memory = opts["memory"]
-        self.req_ngpus = opts["ngpus"]
-        self.req_runtime = opts["runtime"]
+        for k in REQ_FIELDS:
+            setattr(self, f"req_{k}", opts[k])
         self.user_options = opts
         self.log.info("%s: options %s", self._log_name,
                       " ".join(f"{k}={v}" for k, v in opts.items() if v not in ("", None)))

@@ -24,13 +24,15 @@ asyncssh client connection to the login node that every spawner in the hub proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import re
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Protocol, Sequence
+from typing import NamedTuple
 
 import asyncssh
 
@@ -60,19 +62,7 @@ class RunnerError(RuntimeError):
     """The command could not be run or its outcome is unknown (not: it ran and failed)."""
 
 
-class CommandRunner(Protocol):
-    """What the poller and the spawners need from a runner."""
-
-    async def run(
-        self,
-        argv: Sequence[str],
-        input: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None,
-        timeout: Optional[float] = None,
-    ) -> CommandResult: ...
-
-
-def _check_argv_env(argv: Sequence[str], env: Optional[Mapping[str, str]]) -> None:
+def _check_argv_env(argv: Sequence[str], env: Mapping[str, str] | None) -> None:
     if isinstance(argv, (str, bytes)) or not argv:
         raise ValueError("argv must be a non-empty list of strings")
     for a in argv:
@@ -85,14 +75,18 @@ def _check_argv_env(argv: Sequence[str], env: Optional[Mapping[str, str]]) -> No
             raise ValueError(f"environment variable {name} must be a string without NUL bytes")
 
 
-class LocalRunner:
-    """Run commands as local subprocesses (the hub runs on a cluster login node).
+class CommandRunner:
+    """What the poller and the spawners need from a runner: :meth:`run`.
 
-    ``env`` is merged over the hub's own environment (``os.environ``) and handed to the child
-    directly (``execve``), so values are never on a command line.
+    Both runners share its front: the argument checks, the default timeout and the debug log
+    line (variable names only, never values); each implements :meth:`_run` and counts
+    ``commands_run``.
     """
 
-    def __init__(self, *, default_timeout: Optional[float] = 60.0, log: Optional[logging.Logger] = None):
+    #: Start of the debug log line for each command.
+    _log_label = "run"
+
+    def __init__(self, *, default_timeout: float | None, log: logging.Logger | None):
         self.default_timeout = default_timeout
         self.log = log or _log
         self.commands_run = 0
@@ -100,18 +94,42 @@ class LocalRunner:
     async def run(
         self,
         argv: Sequence[str],
-        input: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None,
-        timeout: Optional[float] = None,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> CommandResult:
+        """Run ``argv``; see the module docstring for the contract."""
         _check_argv_env(argv, env)
-        timeout = self.default_timeout if timeout is None else timeout
+        self.log.debug("%s: %s (%d args, env names %s)", self._log_label, argv[0], len(argv) - 1, sorted(env or ()))
+        return await self._run(argv, input, env, self.default_timeout if timeout is None else timeout)
+
+    async def _run(
+        self, argv: Sequence[str], input: str | None, env: Mapping[str, str] | None, timeout: float | None
+    ) -> CommandResult:
+        """Run checked arguments with the effective timeout (``None``: no limit)."""
+        raise NotImplementedError
+
+
+class LocalRunner(CommandRunner):
+    """Run commands as local subprocesses (the hub runs on a cluster login node).
+
+    ``env`` is merged over the hub's own environment (``os.environ``) and handed to the child
+    directly (``execve``), so values are never on a command line.
+    """
+
+    _log_label = "local run"
+
+    def __init__(self, *, default_timeout: float | None = 60.0, log: logging.Logger | None = None):
+        super().__init__(default_timeout=default_timeout, log=log)
+
+    async def _run(
+        self, argv: Sequence[str], input: str | None, env: Mapping[str, str] | None, timeout: float | None
+    ) -> CommandResult:
         full_env = None
         if env:
             full_env = dict(os.environ)
             full_env.update(env)
         self.commands_run += 1
-        self.log.debug("local run: %s (%d args, env names %s)", argv[0], len(argv) - 1, sorted(env or ()))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -136,9 +154,8 @@ class LocalRunner:
                 proc.kill()
                 await proc.wait()
             raise
-        return CommandResult(
-            proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-        )
+        exit_status = await proc.wait()  # communicate() has waited already: this is the status
+        return CommandResult(exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 @dataclass
@@ -156,10 +173,10 @@ class Backoff:
 class _ClientWatcher(asyncssh.SSHClient):
     """Notices when the pooled connection drops, so the next call reconnects at once."""
 
-    def __init__(self, owner: "LoginNodeRunner"):
+    def __init__(self, owner: LoginNodeRunner):
         self._owner = owner
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._owner._on_connection_lost(self, exc)
 
 
@@ -173,13 +190,13 @@ class _ClientWatcher(asyncssh.SSHClient):
 _REMOTE_WRAPPER = "exec bash --noprofile --norc -s"
 
 
-def _stdin_script(argv: Sequence[str], env: Optional[Mapping[str, str]]) -> str:
+def _stdin_script(argv: Sequence[str], env: Mapping[str, str] | None) -> str:
     lines = [f"export {name}={shlex.quote(value)}" for name, value in (env or {}).items()]
     lines.append("exec " + shlex.join(argv) + " || exit 127")
     return "\n".join(lines) + "\n"
 
 
-class LoginNodeRunner:
+class LoginNodeRunner(CommandRunner):
     """Run commands on the cluster's login node over ONE shared, pooled SSH connection.
 
     Security and transport contract:
@@ -202,6 +219,8 @@ class LoginNodeRunner:
       opened (nothing ran). If the connection is lost mid-command, ``RunnerError`` is raised:
       the command may or may not have taken effect (an ``sbatch`` may have submitted), and
       re-running it blindly could duplicate a job.
+    * At most ``max_sessions`` commands run at once (each is one session channel); keep it below
+      the login node's sshd ``MaxSessions``, which refuses channels beyond it. ``None``: no limit.
 
     ``connections_opened`` counts successful SSH connections (for tests and metrics).
     """
@@ -211,15 +230,16 @@ class LoginNodeRunner:
         host: str,
         *,
         port: int = 22,
-        username: Optional[str] = None,
+        username: str | None = None,
         client_keys: Sequence[str] | str = (),
-        known_hosts: Optional[str] = None,
+        known_hosts: str | None = None,
         host_keys: Sequence[str] | str = (),
         connect_timeout: float = 15.0,
         keepalive_interval: float = 30.0,
-        default_timeout: Optional[float] = 120.0,
-        backoff: Optional[Backoff] = None,
-        log: Optional[logging.Logger] = None,
+        default_timeout: float | None = 120.0,
+        max_sessions: int | None = None,
+        backoff: Backoff | None = None,
+        log: logging.Logger | None = None,
     ):
         if isinstance(client_keys, str):
             client_keys = [client_keys]
@@ -232,30 +252,30 @@ class LoginNodeRunner:
                 "LoginNodeRunner: set known_hosts (file) or host_keys (pinned public keys); "
                 "host key verification cannot be turned off"
             )
+        super().__init__(default_timeout=default_timeout, log=log)
+        self._log_label = f"remote run on {host}"
         self.host = host
         self.port = port
         self.username = username
         self.client_keys = list(client_keys)
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
-        self.default_timeout = default_timeout
         self.backoff = backoff or Backoff()
-        self.log = log or _log
         if host_keys:
             pinned = [asyncssh.import_public_key(k) for k in host_keys]
             self._known_hosts: object = (pinned, [], [])
         else:
             self._known_hosts = known_hosts
-        self._conn: Optional[asyncssh.SSHClientConnection] = None
-        self._client: Optional[_ClientWatcher] = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._client: _ClientWatcher | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self.connections_opened = 0
-        self.commands_run = 0
+        self._sessions = asyncio.Semaphore(max_sessions) if max_sessions else None
 
     # -- connection pool (of one) ---------------------------------------------------------------
 
-    def _on_connection_lost(self, client: _ClientWatcher, exc: Optional[Exception]) -> None:
+    def _on_connection_lost(self, client: _ClientWatcher, exc: Exception | None) -> None:
         if client is self._client:
             self.log.info(
                 "login node connection to %s:%d closed%s",
@@ -306,7 +326,7 @@ class LoginNodeRunner:
             conn = self._conn
             if conn is not None and not conn.is_closed():
                 return conn
-            last: Optional[BaseException] = None
+            last: BaseException | None = None
             for attempt in range(self.backoff.max_attempts):
                 if attempt:
                     delay = self.backoff.delay(attempt - 1)
@@ -354,7 +374,7 @@ class LoginNodeRunner:
             conn.close()
             await conn.wait_closed()
 
-    async def __aenter__(self) -> "LoginNodeRunner":
+    async def __aenter__(self) -> LoginNodeRunner:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -362,21 +382,17 @@ class LoginNodeRunner:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        input: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None,
-        timeout: Optional[float] = None,
+    async def _run(
+        self, argv: Sequence[str], input: str | None, env: Mapping[str, str] | None, timeout: float | None
     ) -> CommandResult:
         """Run ``argv`` on the login node; see the class docstring for the contract."""
-        _check_argv_env(argv, env)
-        timeout = self.default_timeout if timeout is None else timeout
+        async with self._sessions or contextlib.nullcontext():
+            return await self._run_in_session(argv, input, env, timeout)
+
+    async def _run_in_session(
+        self, argv: Sequence[str], input: str | None, env: Mapping[str, str] | None, timeout: float | None
+    ) -> CommandResult:
         stdin_data = _stdin_script(argv, env) + (input or "")
-        self.log.debug(
-            "remote run on %s: %s (%d args, env names %s)",
-            self.host, argv[0], len(argv) - 1, sorted(env or ()),
-        )
         for attempt in (0, 1):
             conn = await self.connection()
             try:
@@ -433,7 +449,7 @@ def _signal_number(name: str) -> int:
         return 255
 
 
-def _describe(exc: Optional[BaseException]) -> str:
+def _describe(exc: BaseException | None) -> str:
     """Short, single-line description of an exception for logs (length-capped)."""
     if exc is None:
         return "unknown error"

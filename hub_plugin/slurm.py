@@ -54,7 +54,7 @@ import pwd
 import re
 import shlex
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from batchspawner import SlurmSpawner
 from batchspawner.batchspawner import JobStatus
@@ -62,7 +62,7 @@ from traitlets import Bool, Enum, Float, Integer, Unicode, default
 
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
-from .remote import LocalRunner, LoginNodeRunner, RunnerError
+from .remote import CommandRunner, LocalRunner, LoginNodeRunner, RunnerError
 from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
 
 __all__ = ["SlurmBrokerSpawner"]
@@ -102,25 +102,6 @@ cd {{homedir}}
 {% else %}exec {{cmd}}
 {% endif %}{{epilogue}}
 """
-
-
-class _LimitedRunner:
-    """A runner that lets at most ``limit`` commands run at once (one SSH channel each)."""
-
-    def __init__(self, runner: LoginNodeRunner, limit: int):
-        self.inner = runner
-        self._sem = asyncio.Semaphore(limit)
-
-    @property
-    def _closed(self) -> bool:
-        return self.inner._closed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def run(self, argv, input=None, env=None, timeout=None):
-        async with self._sem:
-            return await self.inner.run(argv, input=input, env=env, timeout=timeout)
 
 
 class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner):
@@ -257,16 +238,16 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     ).tag(config=True)
 
     # -- shared runner and poller ------------------------------------------------------------
-    _runners: Dict[Tuple[Any, ...], Any] = {}
+    _runners: dict[tuple[Any, ...], CommandRunner] = {}
 
-    def _runner_key(self) -> Tuple[Any, ...]:
+    def _runner_key(self) -> tuple[Any, ...]:
         if not self.login_node_host:
             return ("local",)
         return ("ssh", self.login_node_host, self.login_node_port, self.login_node_user,
                 self.login_node_key_file, self.login_node_known_hosts)
 
     @property
-    def runner(self):
+    def runner(self) -> CommandRunner:
         """The hub-wide command runner: one LocalRunner, or ONE pooled LoginNodeRunner."""
         try:
             loop_id = id(asyncio.get_running_loop())
@@ -282,10 +263,11 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
                     raise RuntimeError("SlurmBrokerSpawner.login_node_key_file must be set with login_node_host")
                 if not self.login_node_known_hosts:
                     raise RuntimeError("SlurmBrokerSpawner.login_node_known_hosts must be set with login_node_host")
-                runner = _LimitedRunner(LoginNodeRunner(
+                runner = LoginNodeRunner(
                     self.login_node_host, port=self.login_node_port, username=self.login_node_user or None,
                     client_keys=[self.login_node_key_file], known_hosts=self.login_node_known_hosts, log=self.log,
-                ), max(1, self.login_node_max_sessions))
+                    max_sessions=max(1, self.login_node_max_sessions),
+                )
             self._runners[key] = runner
         return runner
 
@@ -297,7 +279,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         )
 
     # -- commands ------------------------------------------------------------------------------
-    async def run_command(self, cmd: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> str:
+    async def run_command(self, cmd: str, input: str | None = None, env: dict[str, str] | None = None) -> str:
         """Run a batchspawner command string through the shared runner (no local shell).
 
         ``env`` goes to the runner's environment mechanism (never the command line); stdout is
@@ -314,7 +296,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             raise RuntimeError(err or f"{argv[0]} exited {result.exit_status}")
         return result.stdout.strip()
 
-    def get_env(self) -> Dict[str, str]:
+    def get_env(self) -> dict[str, str]:
         env = super().get_env()
         # PATH for sbatch on the submit host and a fallback for the job (the script prepends req_path)
         env["PATH"] = ":".join(p for p in (self.req_path, "/usr/local/bin:/usr/bin:/bin") if p)
@@ -325,7 +307,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             env[EXPECT_CONTAINER_ENV] = "1"
         return env
 
-    def user_env(self, env: Dict[str, str]) -> Dict[str, str]:
+    def user_env(self, env: dict[str, str]) -> dict[str, str]:
         """USER/HOME/SHELL like batchspawner, tolerating users without a local account."""
         env["USER"] = self.user.name
         try:
@@ -374,7 +356,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             return f"--exclusive=mcs --mcs-label={self.mcs_label()}"
         return "--exclusive"
 
-    def options_form_notes(self) -> List[str]:
+    def options_form_notes(self) -> list[str]:
         notes = list(super().options_form_notes())
         if self.exclusive_options():
             if self.node_exclusivity == "mcs":
@@ -387,7 +369,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
                              "node. Starting may take longer while the cluster frees a node.")
         return notes
 
-    def get_req_subvars(self) -> Dict[str, Any]:
+    def get_req_subvars(self) -> dict[str, Any]:
         subvars = super().get_req_subvars()
         subvars["node_exclusive"] = self.exclusive_options()
         out_dir = self.req_output_dir or self.req_homedir or "/tmp"
@@ -432,8 +414,8 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     _watching = ""  # job id this spawner has subscribed in the poller
     _fresh_status = False  # stop(): wait for queries that started after the cancel
     _in_start = False
-    _last_pending: Optional[Tuple[Any, ...]] = None
-    job_info: Optional[JobInfo] = None
+    _last_pending: tuple[Any, ...] | None = None
+    job_info: JobInfo | None = None
 
     def _watch(self) -> None:
         if self._watching != self.job_id:
@@ -520,7 +502,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         finally:
             self._fresh_status = False
 
-    def load_state(self, state: Dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.job_info = None
 

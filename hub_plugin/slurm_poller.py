@@ -34,9 +34,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Dict, Iterable, Optional
 
 from .remote import CommandRunner, LocalRunner, RunnerError
 
@@ -73,9 +73,9 @@ class JobInfo:
 
     job_id: str
     state: str
-    reason: Optional[str] = None
-    node: Optional[str] = None
-    start_time: Optional[datetime] = None
+    reason: str | None = None
+    node: str | None = None
+    start_time: datetime | None = None
     seen_at: float = 0.0
 
     @property
@@ -91,7 +91,7 @@ class JobInfo:
         return self.state in TERMINAL_STATES
 
 
-def _parse_time(text: str) -> Optional[datetime]:
+def _parse_time(text: str) -> datetime | None:
     text = text.strip()
     if not text or text in ("N/A", "Unknown", "None"):
         return None
@@ -101,13 +101,13 @@ def _parse_time(text: str) -> Optional[datetime]:
         return None
 
 
-def parse_squeue(output: str, seen_at: float = 0.0) -> Dict[str, JobInfo]:
+def parse_squeue(output: str, seen_at: float = 0.0) -> dict[str, JobInfo]:
     """Parse ``squeue -h -o '%i|%T|%R|%N|%S'`` output into ``{job_id: JobInfo}``.
 
     Lines that do not have five fields are skipped. ``%R`` is ``(Reason)`` for jobs that wait
     and the node list for started jobs; only the former is reported as ``reason``.
     """
-    jobs: Dict[str, JobInfo] = {}
+    jobs: dict[str, JobInfo] = {}
     for line in output.splitlines():
         parts = line.strip().split("|")
         if len(parts) != 5 or not parts[0]:
@@ -140,17 +140,17 @@ class SlurmJobPoller:
     :param timeout: seconds one squeue may take.
     """
 
-    _shared: Dict[object, "SlurmJobPoller"] = {}
+    _shared: dict[object, SlurmJobPoller] = {}
 
     def __init__(
         self,
-        runner: Optional[CommandRunner] = None,
+        runner: CommandRunner | None = None,
         *,
         interval: float = 5.0,
-        user: Optional[str] = None,
+        user: str | None = None,
         squeue: str = "squeue",
         timeout: float = 30.0,
-        log: Optional[logging.Logger] = None,
+        log: logging.Logger | None = None,
     ):
         if interval <= 0:
             raise ValueError("SlurmJobPoller: interval must be > 0")
@@ -163,25 +163,25 @@ class SlurmJobPoller:
         self.squeue_calls = 0
         self._watched: Counter[str] = Counter()
         self._extra: set[str] = set()  # one-off ids for the next query (status() of unwatched ids)
-        self._jobs: Dict[str, JobInfo] = {}
+        self._jobs: dict[str, JobInfo] = {}
         self._queried: set[str] = set()  # ids included in the latest successful query
         self._inflight_ids: frozenset[str] = frozenset()  # ids of the query now running
         self._last_query_at = 0.0
         self._started = 0  # generation of the last query started
         self._done = 0  # generation of the last query finished (ok or failed)
         self._wanted = 0  # highest generation some caller waits for
-        self._last_error: Optional[BaseException] = None
+        self._last_error: BaseException | None = None
         self._error_gen = 0
-        self._wake: Optional[asyncio.Event] = None
-        self._changed: Optional[asyncio.Condition] = None
-        self._task: Optional[asyncio.Task] = None
+        self._wake: asyncio.Event | None = None
+        self._changed: asyncio.Condition | None = None
+        self._task: asyncio.Task | None = None
         self._closed = False
         self._failing = False
 
     # -- sharing -------------------------------------------------------------------------------
 
     @classmethod
-    def shared(cls, key: object = "default", **kwargs) -> "SlurmJobPoller":
+    def shared(cls, key: object = "default", **kwargs) -> SlurmJobPoller:
         """Return the process-wide poller for ``key``, creating it with ``kwargs`` the first time.
 
         Spawners call this so that all of them use one poller (one squeue per interval).
@@ -222,7 +222,7 @@ class SlurmJobPoller:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def cached(self, job_id: str) -> Optional[JobInfo]:
+    def cached(self, job_id: str) -> JobInfo | None:
         """Latest known answer for ``job_id`` without waiting (None if never queried)."""
         return self._jobs.get(str(job_id))
 
@@ -242,14 +242,14 @@ class SlurmJobPoller:
             info = JobInfo(job_id, GONE, seen_at=self._last_query_at)
         return info
 
-    async def refresh(self) -> Dict[str, JobInfo]:
+    async def refresh(self) -> dict[str, JobInfo]:
         """Run a query now (coalesced with concurrent callers); return the answers.
 
         Raises :class:`SlurmQueryError` if that query failed.
         """
         return await self._wait_for(self._started + 1)  # the first query that starts after now
 
-    async def _wait_for(self, target: int) -> Dict[str, JobInfo]:
+    async def _wait_for(self, target: int) -> dict[str, JobInfo]:
         """Wait until query generation ``target`` has finished, requesting it if needed."""
         if self._closed:
             raise SlurmQueryError("poller is closed")
@@ -299,7 +299,7 @@ class SlurmJobPoller:
             if poller is self:
                 del self._shared[key]
 
-    async def __aenter__(self) -> "SlurmJobPoller":
+    async def __aenter__(self) -> SlurmJobPoller:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -57,18 +57,12 @@ if TYPE_CHECKING:
         def clear_state(self) -> None: ...
 
         # -- batchspawner.BatchSpawnerBase ------------------------------------------------------
+        # (the req_* traits the options set by name, see hub_plugin.options.REQ_FIELDS)
         job_id = Unicode()
         job_status = Unicode()
         exec_prefix = Unicode()
-        batch_script = Unicode()
         batch_submit_cmd = Unicode()
-        req_partition = Unicode()
-        req_nprocs = Unicode()
-        req_memory = Unicode()
-        req_ngpus = Unicode()
-        req_runtime = Unicode()
         req_options = Unicode()
-        req_homedir = Unicode()
 
         def get_req_subvars(self) -> dict[str, Any]: ...
 

@@ -20,7 +20,6 @@ from batchspawner import (
     MoabSpawner,
     MultiSlurmSpawner,
     PBSSpawner,
-    SlurmSpawner,
     TorqueSpawner,
 )
 
