@@ -26,7 +26,19 @@ from batchspawner import (
 from .local import LocalBatchSpawner
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
-from .slurm import SlurmBrokerSpawner  # noqa: F401  (shared squeue poller, login-node runner)
+from .slurm import SlurmBrokerSpawner  # shared squeue poller, login-node runner
+
+__all__ = [
+    "CondorBrokerSpawner",
+    "GridEngineBrokerSpawner",
+    "LocalBrokerSpawner",
+    "LsfBrokerSpawner",
+    "MoabBrokerSpawner",
+    "MultiSlurmBrokerSpawner",
+    "PBSBrokerSpawner",
+    "SlurmBrokerSpawner",
+    "TorqueBrokerSpawner",
+]
 
 
 class LocalBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, LocalBatchSpawner):

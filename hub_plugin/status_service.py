@@ -26,6 +26,7 @@ import os
 import secrets
 import sys
 import time
+from typing import Any
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
@@ -91,11 +92,12 @@ class StatusHandler(HubOAuthenticated, web.RequestHandler):
                                 now=time.strftime("%Y-%m-%d %H:%M:%S"), user=html.escape(user.get("name", "?")),
                                 body=body))
 
-    def write_error(self, status_code: int, **kwargs: object) -> None:
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason
-        exc = kwargs.get("exc_info")
-        if exc and isinstance(exc[1], web.HTTPError) and exc[1].log_message:  # type: ignore[index]
-            reason = exc[1].log_message  # type: ignore[index]
+        exc_info = kwargs.get("exc_info")  # (type, value, traceback) when an exception caused it
+        error = exc_info[1] if exc_info else None
+        if isinstance(error, web.HTTPError) and error.log_message:
+            reason = error.log_message
         self.finish(f"<!doctype html><title>{status_code}</title><h1>{status_code}</h1><p>{html.escape(reason)}</p>")
 
 
