@@ -49,8 +49,7 @@ def _networks(values: list[str], name: str) -> list[Network]:
         try:
             out.append(ipaddress.ip_network(v, strict=False))
         except ValueError as e:
-            raise ValueError(f"RemoteUserAuthenticator.{name}: {v!r} is not an address or "
-                             f"CIDR network ({e})") from None
+            raise ValueError(f"RemoteUserAuthenticator.{name}: {v!r} is not an address or CIDR network ({e})") from None
     return out
 
 
@@ -159,11 +158,12 @@ class RemoteUserAuthenticator(Authenticator):
         try:
             rx = re.compile(proposal.value)
         except re.error as e:
-            raise ValueError(f"RemoteUserAuthenticator.identity_regex: not a valid regular "
-                             f"expression ({e})") from None
+            raise ValueError(f"RemoteUserAuthenticator.identity_regex: not a valid regular expression ({e})") from None
         if "username" not in rx.groupindex:
-            raise ValueError("RemoteUserAuthenticator.identity_regex: needs a group named "
-                             "'username', e.g. (?P<username>[^@]+)@uni\\.example")
+            raise ValueError(
+                "RemoteUserAuthenticator.identity_regex: needs a group named "
+                "'username', e.g. (?P<username>[^@]+)@uni\\.example"
+            )
         return proposal.value
 
     def __init__(self, **kwargs):
@@ -173,9 +173,11 @@ class RemoteUserAuthenticator(Authenticator):
     def check_trusted_sources(self) -> None:
         """Refuse a configuration in which the broker's hub-API connections count as the front end."""
         if not self.trusted_proxies:
-            raise ValueError("RemoteUserAuthenticator.trusted_proxies: not set; list the address(es) "
-                             "of the single sign-on front end (the Shibboleth SP host), e.g. "
-                             "['10.0.0.5/32']")
+            raise ValueError(
+                "RemoteUserAuthenticator.trusted_proxies: not set; list the address(es) "
+                "of the single sign-on front end (the Shibboleth SP host), e.g. "
+                "['10.0.0.5/32']"
+            )
         if self.allow_broker_in_trusted_proxies:
             return
         nets = _networks(self.trusted_proxies, "trusted_proxies")
@@ -187,7 +189,8 @@ class RemoteUserAuthenticator(Authenticator):
                     "connections come from): code in any notebook would count as the single "
                     "sign-on front end. List only the SP host(s) in trusted_proxies; if the broker "
                     "connects from elsewhere, set broker_addresses; to accept the risk, set "
-                    "RemoteUserAuthenticator.allow_broker_in_trusted_proxies = True.")
+                    "RemoteUserAuthenticator.allow_broker_in_trusted_proxies = True."
+                )
 
     @default("auto_login")
     def _auto_login_default(self):
@@ -208,21 +211,19 @@ class RemoteUserAuthenticator(Authenticator):
             self.log.warning("remote-user login refused: hub peer %.64r is not trusted", peer)
             raise web.HTTPError(403, "request did not come through the trusted proxy")
         if not _in(source, _networks(self.trusted_proxies, "trusted_proxies")):
-            self.log.warning("remote-user login refused: source %.64r is not in trusted_proxies",
-                             source)
-            raise web.HTTPError(403, "login is only possible through the institution's "
-                                     "single sign-on front end")
+            self.log.warning("remote-user login refused: source %.64r is not in trusted_proxies", source)
+            raise web.HTTPError(403, "login is only possible through the institution's single sign-on front end")
         value = handler.request.headers.get(self.header_name, "")
         if not value:
-            raise web.HTTPError(401, f"no identity from the single sign-on front end "
-                                     f"(header {self.header_name} missing)")
+            raise web.HTTPError(
+                401, f"no identity from the single sign-on front end (header {self.header_name} missing)"
+            )
         if len(value) > MAX_HEADER_LEN or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             self.log.warning("remote-user login refused: malformed %s header", self.header_name)
             raise web.HTTPError(403, "malformed identity header")
         m = re.fullmatch(self.identity_regex, value)
         if not m or not m.group("username"):
-            self.log.warning("remote-user login refused: %.64r does not match identity_regex",
-                             value)
+            self.log.warning("remote-user login refused: %.64r does not match identity_regex", value)
             raise web.HTTPError(403, "this identity is not accepted here")
         return m.group("username")
 

@@ -99,24 +99,13 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
 
     batch_cancel_cmd = Unicode(
         "{localbatch} cancel --spool {spool} --grace {grace} {job_id}",
-        help="Command that cancels the job (SIGTERM to its session, SIGKILL after "
-        "{grace} = cancel_grace seconds).",
+        help="Command that cancels the job (SIGTERM to its session, SIGKILL after {grace} = cancel_grace seconds).",
     ).tag(config=True)
 
-    state_pending_re = Unicode(
-        r"^PENDING\b",
-        help="Regex matching the query output of a job that has not started yet.",
-    ).tag(config=True)
-
-    state_running_re = Unicode(
-        r"^RUNNING\b",
-        help="Regex matching the query output of a running job.",
-    ).tag(config=True)
-
-    state_exechost_re = Unicode(
-        r"^RUNNING\s+(\S+)",
-        help="Regex whose first group is the execution host in the query output.",
-    ).tag(config=True)
+    # how batchspawner reads the state from the `localbatch query` line (hub_plugin.localbatch)
+    state_pending_re = Unicode(r"^PENDING\b", help="Regex for a job not started yet.").tag(config=True)
+    state_running_re = Unicode(r"^RUNNING\b", help="Regex for a running job.").tag(config=True)
+    state_exechost_re = Unicode(r"^RUNNING\s+(\S+)", help="Regex whose first group is the host.").tag(config=True)
 
     # Jobs run as the hub user, who may not exist in the passwd database under the
     # JupyterHub user's name: batchspawner's default (getpwnam) would raise KeyError.
@@ -174,8 +163,13 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
                 format_template(self.batch_submit_cmd, **subvars),
             )
         ).strip()
-        subvars.update({k: str(v) for k, v in (getattr(self, "user_options", None) or {}).items()
-                        if k not in ("cmd", "prologue", "epilogue")})
+        subvars.update(
+            {
+                k: str(v)
+                for k, v in (getattr(self, "user_options", None) or {}).items()
+                if k not in ("cmd", "prologue", "epilogue")
+            }
+        )
         subvars["cmd"] = self.cmd_formatted_for_batch()  # never overridable by user options
         script = await self._get_batch_script(**subvars)
         env = self.get_env()

@@ -103,7 +103,9 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         out: dict[str, str] = {}
         for key, value in (getattr(self, "user_options", None) or {}).items():
             if key not in allowed:
-                self.log.warning("%s: ignoring user option %r (not in user_options_allowed)", self._log_name, str(key)[:40])
+                self.log.warning(
+                    "%s: ignoring user option %r (not in user_options_allowed)", self._log_name, str(key)[:40]
+                )
                 continue
             value = str(value)
             if "\n" in value or "\r" in value or len(value) > 500:
@@ -126,7 +128,9 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
     async def submit_batch_script(self) -> str:
         """Submit like batchspawner does, minus its logging of the environment and script."""
         subvars = self.get_req_subvars()
-        cmd = " ".join((format_template(self.exec_prefix, **subvars), format_template(self.batch_submit_cmd, **subvars)))
+        cmd = " ".join(
+            (format_template(self.exec_prefix, **subvars), format_template(self.batch_submit_cmd, **subvars))
+        )
         subvars.update(self._checked_user_options())
         subvars["cmd"] = self.cmd_formatted_for_batch()  # after the options: never overridable
         script = await self._get_batch_script(**subvars)
@@ -199,10 +203,15 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         while True:
             s = await self.broker.wait_session(self.session_id, "ready", self.broker_wait_interval)
             if s["state"] == "closed":
-                raise RuntimeError(await self.job_failure_message(
-                    f"The session ended before the server was ready ({s.get('end_reason') or 'no reason given'})."))
+                raise RuntimeError(
+                    await self.job_failure_message(
+                        f"The session ended before the server was ready ({s.get('end_reason') or 'no reason given'})."
+                    )
+                )
             if s["state"] in ("connected", "ready"):
-                node = s.get("node") or s.get("node_reported") or ""  # hub-side if known, else the agent's claim (escaped)
+                node = (
+                    s.get("node") or s.get("node_reported") or ""
+                )  # hub-side if known, else the agent's claim (escaped)
                 running(node)
                 stage("connected", f"Tunnel connected from {node or 'the node'}; starting Jupyter", 70)
             if s["state"] == "ready":
@@ -240,7 +249,7 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         tail = await self.job_output_tail()
         for line in tail.splitlines():
             if line.startswith(MAINTENANCE_PREFIX):
-                return line[len(MAINTENANCE_PREFIX):].strip() or "The cluster is in maintenance."
+                return line[len(MAINTENANCE_PREFIX) :].strip() or "The cluster is in maintenance."
         state = str(getattr(self, "job_status", "") or "").strip()
         info = getattr(self, "job_info", None)
         reason = str(getattr(info, "reason", "") or "").strip()

@@ -69,6 +69,7 @@ class OptionsHTTPError(web.HTTPError):
         super().__init__(400, message)
         self.jupyterhub_message = message
 
+
 class ResourceOptionsMixin(WalltimeMixin):
     """Options form + validation + walltime for a broker spawner (put it first in the bases)."""
 
@@ -84,9 +85,9 @@ class ResourceOptionsMixin(WalltimeMixin):
         f"sinfo -h -o '{SINFO_FORMAT}'",
         help="Command listing partitions (run like the submit command: locally or on the login node).",
     ).tag(config=True)
-    partitions_allowed = List(
-        Unicode(), help="Partitions offered in the form (empty: all that sinfo lists)."
-    ).tag(config=True)
+    partitions_allowed = List(Unicode(), help="Partitions offered in the form (empty: all that sinfo lists).").tag(
+        config=True
+    )
     partitions_cache_seconds = Float(60.0, help="How long the sinfo answer is reused.").tag(config=True)
     local_max_runtime = Unicode(
         "24:00:00", help="Longest walltime on the local backend (Slurm time syntax; '' = no limit)."
@@ -120,6 +121,7 @@ class ResourceOptionsMixin(WalltimeMixin):
             return self.resource_source
         try:
             from batchspawner import SlurmSpawner
+
             if isinstance(self, SlurmSpawner):
                 return "slurm"
         except ImportError:  # pragma: no cover
@@ -142,8 +144,9 @@ class ResourceOptionsMixin(WalltimeMixin):
                     out = await self.run_command(self.sinfo_command)
                 except Exception as e:
                     self.log.error("%s: %s failed: %s", self._log_name, self.sinfo_command, str(e)[:300])
-                    raise OptionsError("The cluster's partition list could not be read right now; please try again "
-                                       "in a minute.") from None
+                    raise OptionsError(
+                        "The cluster's partition list could not be read right now; please try again in a minute."
+                    ) from None
                 parts = parse_sinfo(out or "")
                 self._partition_cache[key] = (time.monotonic(), parts)
         if self.partitions_allowed:
@@ -204,13 +207,27 @@ class ResourceOptionsMixin(WalltimeMixin):
         current = self.user_options if isinstance(getattr(self, "user_options", None), dict) else {}
         # only values that still pass are offered again
         try:
-            current = validate_options(current, parts, profiles=profiles, defaults=self._defaults(),
-                                       allow_custom=self.allow_custom_resources) if current else {}
+            current = (
+                validate_options(
+                    current,
+                    parts,
+                    profiles=profiles,
+                    defaults=self._defaults(),
+                    allow_custom=self.allow_custom_resources,
+                )
+                if current
+                else {}
+            )
         except OptionsError:
             current = {}
-        return render_form(parts, profiles=profiles, current=current, defaults=self._defaults(),
-                           allow_custom=self.allow_custom_resources,
-                           notes=self.options_form_notes())
+        return render_form(
+            parts,
+            profiles=profiles,
+            current=current,
+            defaults=self._defaults(),
+            allow_custom=self.allow_custom_resources,
+            notes=self.options_form_notes(),
+        )
 
     def options_form_notes(self) -> list[str]:
         """Plain-text remarks the form shows above its fields (subclasses add theirs)."""
@@ -231,11 +248,14 @@ class ResourceOptionsMixin(WalltimeMixin):
         except ValueError as e:
             self.log.error("%s: bad profiles configuration: %s", self._log_name, e)
             raise OptionsError("The server profiles are misconfigured; please tell the administrators.") from None
-        return validate_options(options or {}, parts, profiles=profiles, defaults=self._defaults(),
-                                allow_custom=self.allow_custom_resources)
+        return validate_options(
+            options or {}, parts, profiles=profiles, defaults=self._defaults(), allow_custom=self.allow_custom_resources
+        )
 
     @default("apply_user_options")
-    def _apply_user_options_default(self) -> Callable[[ResourceOptionsMixin, Mapping[str, Any] | None], Awaitable[None]]:
+    def _apply_user_options_default(
+        self,
+    ) -> Callable[[ResourceOptionsMixin, Mapping[str, Any] | None], Awaitable[None]]:
         async def apply(spawner: ResourceOptionsMixin, user_options: Mapping[str, Any] | None) -> None:
             await spawner.apply_resource_options(user_options)
 
@@ -266,8 +286,9 @@ class ResourceOptionsMixin(WalltimeMixin):
         for k in REQ_FIELDS:
             setattr(self, f"req_{k}", opts[k])
         self.user_options = opts
-        self.log.info("%s: options %s", self._log_name,
-                      " ".join(f"{k}={v}" for k, v in opts.items() if v not in ("", None)))
+        self.log.info(
+            "%s: options %s", self._log_name, " ".join(f"{k}={v}" for k, v in opts.items() if v not in ("", None))
+        )
 
     # -- job environment and script ----------------------------------------------------------
     def _image(self) -> str:

@@ -61,9 +61,15 @@ def _form_runtime(value: Any, default_seconds: int) -> str:
     return f"{secs // 3600}:{(secs % 3600) // 60:02d}" if secs < 86400 else runtime
 
 
-def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] | None = None,
-                current: Mapping[str, Any] | None = None, defaults: Defaults | None = None,
-                allow_custom: bool = True, notes: Iterable[str] = ()) -> str:
+def render_form(
+    partitions: list[Partition],
+    *,
+    profiles: list[dict[str, Any]] | None = None,
+    current: Mapping[str, Any] | None = None,
+    defaults: Defaults | None = None,
+    allow_custom: bool = True,
+    notes: Iterable[str] = (),
+) -> str:
     """The options form's HTML (placed by JupyterHub inside its spawn form).
 
     *current* is a checked choice (:func:`~hub_plugin.resources.validate_options`) to preselect,
@@ -72,9 +78,14 @@ def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] |
     profiles = profiles or []
     d = defaults or Defaults()
     cur = dict(current or {})
-    selected_profile = str(cur.get("profile") or (CUSTOM if allow_custom else (profiles[0]["name"] if profiles else "")))
-    part_default = cur.get("partition") or d.partition or next((p.name for p in partitions if p.default),
-                                                                partitions[0].name if partitions else "")
+    selected_profile = str(
+        cur.get("profile") or (CUSTOM if allow_custom else (profiles[0]["name"] if profiles else ""))
+    )
+    part_default = (
+        cur.get("partition")
+        or d.partition
+        or next((p.name for p in partitions if p.default), partitions[0].name if partitions else "")
+    )
     choices = [(p["name"], p.get("display_name") or p["name"], p.get("description", "")) for p in profiles]
     if profiles and allow_custom:
         choices.append((CUSTOM, "Custom", "Choose partition, CPUs, memory, GPUs and walltime yourself."))
@@ -82,20 +93,28 @@ def render_form(partitions: list[Partition], *, profiles: list[dict[str, Any]] |
     if mem is None:
         mem = format_memory(d.memory_mb) if d.memory_mb else ""
     sel_part = next((p for p in partitions if p.name == part_default), None)
-    return _environment().get_template(FORM_TEMPLATE_NAME).render(
-        notes=list(notes),
-        profiles=[{"name": name, "title": title, "description": desc, "checked": name == selected_profile}
-                  for name, title, desc in choices],
-        custom_disabled=not (allow_custom and selected_profile in ("", CUSTOM)),
-        partitions=[{"name": p.name, "summary": p.summary(), "available": p.available,
-                     "selected": p.name == part_default} for p in partitions],
-        nprocs=cur.get("nprocs") or d.nprocs,
-        memory=_form_memory(mem),
-        ngpus=cur.get("ngpus", d.ngpus) or 0,
-        runtime=_form_runtime(cur.get("runtime") or format_slurm_time(d.runtime), d.runtime),
-        images=list(IMAGES.items()),
-        image=cur.get("image") or d.image,
-        limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
-        limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
-        custom=CUSTOM,
+    return (
+        _environment()
+        .get_template(FORM_TEMPLATE_NAME)
+        .render(
+            notes=list(notes),
+            profiles=[
+                {"name": name, "title": title, "description": desc, "checked": name == selected_profile}
+                for name, title, desc in choices
+            ],
+            custom_disabled=not (allow_custom and selected_profile in ("", CUSTOM)),
+            partitions=[
+                {"name": p.name, "summary": p.summary(), "available": p.available, "selected": p.name == part_default}
+                for p in partitions
+            ],
+            nprocs=cur.get("nprocs") or d.nprocs,
+            memory=_form_memory(mem),
+            ngpus=cur.get("ngpus", d.ngpus) or 0,
+            runtime=_form_runtime(cur.get("runtime") or format_slurm_time(d.runtime), d.runtime),
+            images=list(IMAGES.items()),
+            image=cur.get("image") or d.image,
+            limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
+            limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
+            custom=CUSTOM,
+        )
     )

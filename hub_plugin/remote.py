@@ -32,7 +32,7 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncssh
 
@@ -142,9 +142,7 @@ class LocalRunner(CommandRunner):
             # e.g. command not found: report like a shell would, the command did not run
             return CommandResult(127, "", f"{argv[0]}: {e.strerror}\n")
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(input.encode() if input is not None else None), timeout
-            )
+            out, err = await asyncio.wait_for(proc.communicate(input.encode() if input is not None else None), timeout)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -188,6 +186,26 @@ class _ClientWatcher(asyncssh.SSHClient):
 # stops right after the `exec` line and the command inherits the rest of stdin as its input. A
 # failing exec makes a non-interactive bash exit (127); it never goes on to interpret the input.
 _REMOTE_WRAPPER = "exec bash --noprofile --norc -s"
+
+#: The login-node client's fixed connection options: public-key authentication only (no agent,
+#: password, keyboard-interactive or GSSAPI), no OpenSSH config files, AEAD or CTR ciphers, and
+#: a dead connection noticed after three missed keepalives.
+_CLIENT_POLICY: dict[str, Any] = {
+    "agent_path": None,
+    "password": None,
+    "kbdint_auth": False,
+    "gss_host": None,
+    "preferred_auth": "publickey",
+    "keepalive_count_max": 3,
+    "encryption_algs": [
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+        "aes128-ctr",
+        "aes256-ctr",
+    ],
+    "config": None,
+}
 
 
 def _stdin_script(argv: Sequence[str], env: Mapping[str, str] | None) -> str:
@@ -279,7 +297,9 @@ class LoginNodeRunner(CommandRunner):
         if client is self._client:
             self.log.info(
                 "login node connection to %s:%d closed%s",
-                self.host, self.port, f": {type(exc).__name__}" if exc else "",
+                self.host,
+                self.port,
+                f": {type(exc).__name__}" if exc else "",
             )
             self._conn = None
             self._client = None
@@ -294,21 +314,8 @@ class LoginNodeRunner(CommandRunner):
                 username=self.username,
                 client_keys=self.client_keys,
                 known_hosts=self._known_hosts,
-                agent_path=None,
-                password=None,
-                kbdint_auth=False,
-                gss_host=None,
-                preferred_auth="publickey",
                 keepalive_interval=self.keepalive_interval,
-                keepalive_count_max=3,
-                encryption_algs=[
-                    "aes128-gcm@openssh.com",
-                    "aes256-gcm@openssh.com",
-                    "chacha20-poly1305@openssh.com",
-                    "aes128-ctr",
-                    "aes256-ctr",
-                ],
-                config=None,
+                **_CLIENT_POLICY,
             ),
             self.connect_timeout,
         )
@@ -332,8 +339,12 @@ class LoginNodeRunner(CommandRunner):
                     delay = self.backoff.delay(attempt - 1)
                     self.log.warning(
                         "login node %s:%d unreachable (%s), retry %d/%d in %.1f s",
-                        self.host, self.port, _describe(last), attempt,
-                        self.backoff.max_attempts - 1, delay,
+                        self.host,
+                        self.port,
+                        _describe(last),
+                        attempt,
+                        self.backoff.max_attempts - 1,
+                        delay,
                     )
                     await asyncio.sleep(delay)
                 try:
@@ -351,7 +362,9 @@ class LoginNodeRunner(CommandRunner):
                 self.connections_opened += 1
                 self.log.info(
                     "login node connection %d opened to %s:%d",
-                    self.connections_opened, self.host, self.port,
+                    self.connections_opened,
+                    self.host,
+                    self.port,
                 )
                 return conn
             raise RunnerError(
@@ -423,8 +436,7 @@ class LoginNodeRunner(CommandRunner):
         except (asyncssh.Error, OSError) as e:
             process.close()
             raise RunnerError(
-                f"{argv[0]} on {self.host}: connection lost mid-command ({_describe(e)}); "
-                "outcome unknown"
+                f"{argv[0]} on {self.host}: connection lost mid-command ({_describe(e)}); outcome unknown"
             ) from None
         except BaseException:
             process.close()
@@ -434,9 +446,7 @@ class LoginNodeRunner(CommandRunner):
             if process.exit_signal:
                 status = -_signal_number(process.exit_signal[0])
             else:
-                raise RunnerError(
-                    f"{argv[0]} on {self.host}: no exit status (connection lost?); outcome unknown"
-                )
+                raise RunnerError(f"{argv[0]} on {self.host}: no exit status (connection lost?); outcome unknown")
         return CommandResult(status, stdout or "", stderr or "")
 
 

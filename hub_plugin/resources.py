@@ -53,8 +53,18 @@ SINFO_FORMAT = "%P|%l|%c|%m|%G|%a"
 IMAGES = {"compute": "Compute (CPU)", "gpu": "GPU"}
 FIELDS = ("partition", "nprocs", "memory", "ngpus", "runtime", "image")
 #: Profile keys: display fields plus the req_* overrides (and image).
-PROFILE_KEYS = {"name", "display_name", "description", "req_partition", "req_nprocs", "req_memory",
-                "req_ngpus", "req_runtime", "req_options", "image"}
+PROFILE_KEYS = {
+    "name",
+    "display_name",
+    "description",
+    "req_partition",
+    "req_nprocs",
+    "req_memory",
+    "req_ngpus",
+    "req_runtime",
+    "req_options",
+    "image",
+}
 CUSTOM = "custom"
 
 
@@ -206,7 +216,9 @@ class Partition:
         if self.memory_known:
             bits.append(f"{self.memory_mb // 1024} GB")
         if self.gpus:
-            bits.append(f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}" + (f" ({self.gpu_type})" if self.gpu_type else ""))
+            bits.append(
+                f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}" + (f" ({self.gpu_type})" if self.gpu_type else "")
+            )
         bits.append(f"max {human_duration(self.max_time)}" if self.max_time else "no time limit")
         if not self.available:
             bits.append("unavailable")
@@ -306,6 +318,7 @@ def _int_field(value: Any, label: str) -> int:
 @dataclass
 class Defaults:
     """Configured values used when a field is left out (from the spawner's req_* traits)."""
+
     partition: str = ""
     nprocs: int = 1
     memory_mb: int = 0  # 0 = no --mem (partition default)
@@ -332,9 +345,14 @@ def check_profiles(profiles: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
-                     profiles: list[dict[str, Any]] | None = None, defaults: Defaults | None = None,
-                     allow_custom: bool = True) -> dict[str, Any]:
+def validate_options(
+    options: Mapping[str, Any],
+    partitions: list[Partition],
+    *,
+    profiles: list[dict[str, Any]] | None = None,
+    defaults: Defaults | None = None,
+    allow_custom: bool = True,
+) -> dict[str, Any]:
     """Check the user's choice against the cluster and return the normalized options.
 
     *options* is form data (lists of strings) or a REST body (scalars). Missing fields take
@@ -355,12 +373,14 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         prof = next((p for p in profiles if p["name"] == profile_name), None)
         if prof is None:
             raise OptionsError(f"Unknown profile {profile_name[:64]!r}.")
-        values = {k[4:] if k.startswith("req_") else k: v for k, v in prof.items()
-                  if k.startswith("req_") or k == "image"}
+        values = {
+            k[4:] if k.startswith("req_") else k: v for k, v in prof.items() if k.startswith("req_") or k == "image"
+        }
     elif profiles and not allow_custom:
         if not profile_name and len(profiles) == 1:
-            return validate_options({"profile": profiles[0]["name"]}, partitions, profiles=profiles,
-                                    defaults=d, allow_custom=allow_custom)
+            return validate_options(
+                {"profile": profiles[0]["name"]}, partitions, profiles=profiles, defaults=d, allow_custom=allow_custom
+            )
         raise OptionsError("Please choose one of the profiles.")
     else:
         profile_name = CUSTOM if profiles else ""
@@ -383,11 +403,14 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         raise OptionsError(f"CPUs: {nprocs} requested, but partition {part.name} has at most {part.cpus} per node.")
 
     # memory
-    mem_mb = _parsed(values, "memory", parse_memory_mb, d.memory_mb,
-                     "Memory: {raw} is not a size (use e.g. 4, 4G or 512M).")
+    mem_mb = _parsed(
+        values, "memory", parse_memory_mb, d.memory_mb, "Memory: {raw} is not a size (use e.g. 4, 4G or 512M)."
+    )
     if mem_mb and part.memory_known and mem_mb > part.memory_mb:
-        raise OptionsError(f"Memory: {format_memory(mem_mb)} requested, but partition {part.name} has at most "
-                           f"{part.memory_mb // 1024} GB per node.")
+        raise OptionsError(
+            f"Memory: {format_memory(mem_mb)} requested, but partition {part.name} has at most "
+            f"{part.memory_mb // 1024} GB per node."
+        )
 
     # GPUs
     ngpus = _int_field(values["ngpus"], "GPUs") if _text(values, "ngpus") else d.ngpus
@@ -396,11 +419,18 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         raise OptionsError(f"GPUs: {ngpus} requested, but partition {part.name} has {have} GPUs per node.")
 
     # walltime
-    runtime = _parsed(values, "runtime", parse_walltime, d.runtime,
-                      "Walltime: {raw} is not a duration (use hours like 2 or 1.5, or H:MM).")
+    runtime = _parsed(
+        values,
+        "runtime",
+        parse_walltime,
+        d.runtime,
+        "Walltime: {raw} is not a duration (use hours like 2 or 1.5, or H:MM).",
+    )
     if part.max_time and runtime > part.max_time:
-        raise OptionsError(f"Walltime: {human_duration(runtime)} requested, but partition {part.name} allows at most "
-                           f"{human_duration(part.max_time)}.")
+        raise OptionsError(
+            f"Walltime: {human_duration(runtime)} requested, but partition {part.name} allows at most "
+            f"{human_duration(part.max_time)}."
+        )
 
     # image
     image = _text(values, "image") or d.image
@@ -410,7 +440,12 @@ def validate_options(options: Mapping[str, Any], partitions: list[Partition], *,
         raise OptionsError("Image: the GPU image needs at least one GPU (set GPUs to 1 or more).")
 
     # strings, as the batch script templates see them ("" = option not given)
-    return {"profile": profile_name, "partition": part.name, "nprocs": str(nprocs),
-            "memory": format_memory(mem_mb) if mem_mb else "", "ngpus": str(ngpus) if ngpus else "",
-            "runtime": format_slurm_time(runtime), "image": image}
-
+    return {
+        "profile": profile_name,
+        "partition": part.name,
+        "nprocs": str(nprocs),
+        "memory": format_memory(mem_mb) if mem_mb else "",
+        "ngpus": str(ngpus) if ngpus else "",
+        "runtime": format_slurm_time(runtime),
+        "image": image,
+    }

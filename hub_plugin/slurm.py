@@ -139,8 +139,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
 
     exec_prefix = Unicode(
         "",
-        help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not "
-        "used: see submit_as).",
+        help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).",
     ).tag(config=True)
 
     req_srun = Unicode(
@@ -243,8 +242,14 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     def _runner_key(self) -> tuple[Any, ...]:
         if not self.login_node_host:
             return ("local",)
-        return ("ssh", self.login_node_host, self.login_node_port, self.login_node_user,
-                self.login_node_key_file, self.login_node_known_hosts)
+        return (
+            "ssh",
+            self.login_node_host,
+            self.login_node_port,
+            self.login_node_user,
+            self.login_node_key_file,
+            self.login_node_known_hosts,
+        )
 
     @property
     def runner(self) -> CommandRunner:
@@ -264,8 +269,12 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
                 if not self.login_node_known_hosts:
                     raise RuntimeError("SlurmBrokerSpawner.login_node_known_hosts must be set with login_node_host")
                 runner = LoginNodeRunner(
-                    self.login_node_host, port=self.login_node_port, username=self.login_node_user or None,
-                    client_keys=[self.login_node_key_file], known_hosts=self.login_node_known_hosts, log=self.log,
+                    self.login_node_host,
+                    port=self.login_node_port,
+                    username=self.login_node_user or None,
+                    client_keys=[self.login_node_key_file],
+                    known_hosts=self.login_node_known_hosts,
+                    log=self.log,
                     max_sessions=max(1, self.login_node_max_sessions),
                 )
             self._runners[key] = runner
@@ -275,7 +284,10 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     def poller(self) -> SlurmJobPoller:
         return SlurmJobPoller.shared(
             (*self._runner_key(), self.squeue_command),
-            runner=self.runner, interval=self.slurm_poll_interval, squeue=self.squeue_command, log=self.log,
+            runner=self.runner,
+            interval=self.slurm_poll_interval,
+            squeue=self.squeue_command,
+            log=self.log,
         )
 
     # -- commands ------------------------------------------------------------------------------
@@ -360,13 +372,17 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         notes = list(super().options_form_notes())
         if self.exclusive_options():
             if self.node_exclusivity == "mcs":
-                notes.append("Your server shares its node only with your own jobs: all users' "
-                             "notebooks run under one cluster account here, so other users' "
-                             "jobs are kept off the node.")
+                notes.append(
+                    "Your server shares its node only with your own jobs: all users' "
+                    "notebooks run under one cluster account here, so other users' "
+                    "jobs are kept off the node."
+                )
             else:
-                notes.append("Your server gets a node to itself: all users' notebooks run under "
-                             "one cluster account here, so no other user's job may share the "
-                             "node. Starting may take longer while the cluster frees a node.")
+                notes.append(
+                    "Your server gets a node to itself: all users' notebooks run under "
+                    "one cluster account here, so no other user's job may share the "
+                    "node. Starting may take longer while the cluster frees a node."
+                )
         return notes
 
     def get_req_subvars(self) -> dict[str, Any]:

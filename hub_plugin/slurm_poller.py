@@ -50,8 +50,18 @@ SQUEUE_FORMAT = "%i|%T|%R|%N|%S"
 # Slurm job states after which a job will never run again.
 TERMINAL_STATES = frozenset(
     {
-        "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-        "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT", GONE,
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+        GONE,
     }
 )
 
@@ -379,9 +389,7 @@ class SlurmJobPoller:
             if job_id not in ids and job_id not in live:
                 del self._jobs[job_id]
         self._queried = set(ids)
-        self.log.debug(
-            "squeue #%d: %d ids, %d found", self.squeue_calls, len(ids), len(found)
-        )
+        self.log.debug("squeue #%d: %d ids, %d found", self.squeue_calls, len(ids), len(found))
 
 
 def _check_id(job_id: object) -> str:

@@ -62,8 +62,7 @@ def render_rows(sessions: list[dict]) -> str:
     now = time.time()
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(k, s, now))}</td>" for _, k in COLUMNS) + "</tr>"
-        for s in sessions
+        "<tr>" + "".join(f"<td>{html.escape(_cell(k, s, now))}</td>" for _, k in COLUMNS) + "</tr>" for s in sessions
     )
     if not sessions:
         rows = f'<tr><td colspan="{len(COLUMNS)}">(no live sessions)</td></tr>'
@@ -88,9 +87,15 @@ class StatusHandler(HubOAuthenticated, web.RequestHandler):
             return
         self.set_header("Cache-Control", "no-store")
         body = f'<p class="err">{html.escape(error)}</p>' if error else render_rows(sessions)
-        self.finish(PAGE.format(refresh=int(self.settings["refresh"]), count=len(sessions),
-                                now=time.strftime("%Y-%m-%d %H:%M:%S"), user=html.escape(user.get("name", "?")),
-                                body=body))
+        self.finish(
+            PAGE.format(
+                refresh=int(self.settings["refresh"]),
+                count=len(sessions),
+                now=time.strftime("%Y-%m-%d %H:%M:%S"),
+                user=html.escape(user.get("name", "?")),
+                body=body,
+            )
+        )
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason

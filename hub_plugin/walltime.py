@@ -81,9 +81,14 @@ class WalltimeMixin(_Base):
             return {}
         left = end - time.time()
         warn = left <= self.walltime_warning_minutes * 60 or bool(self.walltime_notice)
-        return {"end": int(end), "left": int(max(0, left)), "text": human_duration(left),
-                "warning": warn, "warning_seconds": int(self.walltime_warning_minutes * 60),
-                "notice": self.walltime_notice}
+        return {
+            "end": int(end),
+            "left": int(max(0, left)),
+            "text": human_duration(left),
+            "warning": warn,
+            "warning_seconds": int(self.walltime_warning_minutes * 60),
+            "notice": self.walltime_notice,
+        }
 
     # -- job environment and script ----------------------------------------------------------
     def get_env(self) -> dict[str, str]:
@@ -120,8 +125,11 @@ class WalltimeMixin(_Base):
                 self.walltime_notice = str(s["walltime_warning"])[:200]
             end = self.walltime_end()
             if self.walltime_enforce and end and time.time() >= end:
-                self.log.info("%s: walltime of %s is over; stopping the server", self._log_name,
-                              human_duration(self.walltime_seconds))
+                self.log.info(
+                    "%s: walltime of %s is over; stopping the server",
+                    self._log_name,
+                    human_duration(self.walltime_seconds),
+                )
                 await self.stop()
                 self.clear_state()
                 return 0
