@@ -93,28 +93,25 @@ def render_form(
     if mem is None:
         mem = format_memory(d.memory_mb) if d.memory_mb else ""
     sel_part = next((p for p in partitions if p.name == part_default), None)
-    return (
-        _environment()
-        .get_template(FORM_TEMPLATE_NAME)
-        .render(
-            notes=list(notes),
-            profiles=[
-                {"name": name, "title": title, "description": desc, "checked": name == selected_profile}
-                for name, title, desc in choices
-            ],
-            custom_disabled=not (allow_custom and selected_profile in ("", CUSTOM)),
-            partitions=[
-                {"name": p.name, "summary": p.summary(), "available": p.available, "selected": p.name == part_default}
-                for p in partitions
-            ],
-            nprocs=cur.get("nprocs") or d.nprocs,
-            memory=_form_memory(mem),
-            ngpus=cur.get("ngpus", d.ngpus) or 0,
-            runtime=_form_runtime(cur.get("runtime") or format_slurm_time(d.runtime), d.runtime),
-            images=list(IMAGES.items()),
-            image=cur.get("image") or d.image,
-            limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
-            limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
-            custom=CUSTOM,
-        )
+    template = _environment().get_template(FORM_TEMPLATE_NAME)
+    return template.render(
+        notes=list(notes),
+        profiles=[
+            {"name": name, "title": title, "description": desc, "checked": name == selected_profile}
+            for name, title, desc in choices
+        ],
+        custom_disabled=not (allow_custom and selected_profile in ("", CUSTOM)),
+        partitions=[
+            {"name": p.name, "summary": p.summary(), "available": p.available, "selected": p.name == part_default}
+            for p in partitions
+        ],
+        nprocs=cur.get("nprocs") or d.nprocs,
+        memory=_form_memory(mem),
+        ngpus=cur.get("ngpus", d.ngpus) or 0,
+        runtime=_form_runtime(cur.get("runtime") or format_slurm_time(d.runtime), d.runtime),
+        images=list(IMAGES.items()),
+        image=cur.get("image") or d.image,
+        limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
+        limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
+        custom=CUSTOM,
     )
