@@ -5,7 +5,7 @@ come from the flags, then from what the wizard finds on the cluster (``sinfo`` p
 GRES, ``apptainer``/``singularity`` on PATH), then from the config schema.
 
 ``--non-interactive`` takes every answer from flags (or the same defaults) and asks nothing.
-The result is validated with :mod:`node_agent.hpc_config` before anything is written; existing
+The result is validated with :mod:`node_agent.hpc_validate` before anything is written; existing
 files are never overwritten without ``--force``.
 """
 
@@ -20,8 +20,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import hpc_config as hc
+from .hpc_schema import CONTAIN_MODES, OPTIONS, SECTIONS
+from .hpc_toml import dump_toml
+from .hpc_validate import HpcConfigError, config_from_dict, parse_size
 
 DEFAULT_OUTPUT = "~/.config/node-agent/hpc-config.toml"
 NONE_WORDS = {"none", "-", "no"}
@@ -49,7 +52,7 @@ def inspect_cluster(timeout: float = 15) -> ClusterInfo:
         return info
     try:
         r = subprocess.run([sinfo, "-h", "-o", "%P|%G|%a"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           capture_output=True, text=True,
                            timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         info.sinfo_error = str(e)
@@ -143,7 +146,7 @@ def _check_abs(v: str) -> None:
 
 
 def _check_size(v: str) -> None:
-    hc.parse_size(v)
+    parse_size(v)
 
 
 def _check_partition(known: list[str]):
@@ -176,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="image for compute nodes (.sif)")
     g.add_argument("--gpu-image", help="image for GPU nodes (.sif)")
     g.add_argument("--container-home", help="home directory inside the container")
-    g.add_argument("--contain", choices=tuple(hc.CONTAIN_MODES), help="isolation mode")
+    g.add_argument("--contain", choices=tuple(CONTAIN_MODES), help="isolation mode")
     g.add_argument("--scratch-dir", help="base directory for homes, overlays and logs")
     g.add_argument("--create-home", dest="create_home", action="store_true", default=None)
     g.add_argument("--no-create-home", dest="create_home", action="store_false")
@@ -194,6 +197,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _nz(v, default):
     return default if v is None else v
+
+
+def _default(key: str) -> Any:
+    """The schema's default of option ``key`` (the wizard's answer when nothing else says)."""
+    return OPTIONS[key].default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             ask.say(f"  Slurm: not available ({info.sinfo_error})")
     ask.say()
 
-    sec: dict[str, dict] = {s: {} for s in hc.SECTIONS}
+    sec: dict[str, dict] = {s: {} for s in SECTIONS}
     # container
     use_container = ask.yes_no("Run notebooks inside an Apptainer/Singularity container?",
-                               _nz(a.container, True))
+                               _nz(a.container, _default("container.enabled")))
     sec["container"]["enabled"] = use_container
     if use_container:
         found = next(iter(info.runtimes), "")
-        runtime = ask.text("Container runtime", a.runtime or found or "apptainer",
+        runtime = ask.text("Container runtime", a.runtime or found or _default("container.runtime"),
                            allow_empty=False)
         sec["container"]["runtime"] = runtime
         load_default = a.load_command if a.load_command is not None else (
@@ -248,22 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         elif gpu_default:
             sec["container"]["gpu_image"] = gpu_default
         sec["container"]["home"] = ask.text("Home directory inside the container",
-                                            a.container_home or "/home/jovyan", allow_empty=False)
+                                            a.container_home or _default("container.home"), allow_empty=False)
         sec["container"]["contain"] = ask.choice(
-            "Isolation (contain-pid is right for shared accounts)", tuple(hc.CONTAIN_MODES),
-            a.contain or "contain-pid")
+            "Isolation (contain-pid is right for shared accounts)", tuple(CONTAIN_MODES),
+            a.contain or _default("container.contain"))
     # storage
     scratch = ask.text("Scratch directory for homes, overlays and logs",
-                       a.scratch_dir or hc.OPTIONS["storage.scratch_dir"].default, _check_abs,
+                       a.scratch_dir or _default("storage.scratch_dir"), _check_abs,
                        allow_empty=False)
     sec["storage"]["scratch_dir"] = scratch
     sec["storage"]["create_home"] = ask.yes_no("Create a home directory per user?",
-                                               _nz(a.create_home, True))
+                                               _nz(a.create_home, _default("storage.create_home")))
     if use_container:
-        ov_on = ask.yes_no("Give each user a persistent overlay image?", _nz(a.overlay, True))
+        ov_on = ask.yes_no("Give each user a persistent overlay image?", _nz(a.overlay, _default("overlay.enabled")))
         sec["overlay"]["enabled"] = ov_on
         if ov_on:
-            sec["overlay"]["size"] = ask.text("Overlay size", a.overlay_size or "2G", _check_size,
+            sec["overlay"]["size"] = ask.text("Overlay size", a.overlay_size or _default("overlay.size"), _check_size,
                                               allow_empty=False)
     else:
         sec["overlay"]["enabled"] = False
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                   _check_abs)
     if nb:
         sec["nbgrader"]["exchange_dir"] = nb
-    sec["logging"]["debug"] = ask.yes_no("Debug logging?", _nz(a.debug, False))
+    sec["logging"]["debug"] = ask.yes_no("Debug logging?", _nz(a.debug, _default("logging.debug")))
     # batch system (hub side)
     check_part = _check_partition(info.partitions)
     partition = ask.text("Slurm partition for notebook jobs",
@@ -288,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {s: v for s, v in sec.items() if v}
     try:
-        hc.config_from_dict(data, out)
-    except hc.HpcConfigError as e:
+        config_from_dict(data, out)
+    except HpcConfigError as e:
         print(str(e), file=sys.stderr)
         print("node-agent wizard: nothing written", file=sys.stderr)
         return 2
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     host = socket.gethostname()
     header = (f"# HPC-side configuration of the node agent (docs/hpc-config.md).\n"
               f"# Written by `node-agent wizard` on {host}, {now}.")
-    text = hc.dump_toml(data, header=header)
+    text = dump_toml(data, header=header)
     snippet_text = render_hub_snippet(out, partition, gpu_partition, runtime_limit, memory, host,
                                       now)
     try:
