@@ -25,10 +25,13 @@ What the container does not separate (the network namespace: loopback ports; wit
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
-from . import hpc_config as hc
+from .container import env_prefix
+from .hpc_model import HpcConfig, UserPaths
+from .hpc_schema import ISOLATING_MODES
+from .templating import render_template
 
 #: The job's private /tmp inside the container (a fresh tmpfs per job with --contain).
 PRIVATE_TMP = "/tmp"
@@ -61,13 +64,7 @@ class Problem:
         return f"{self.option}: {self.reason}"
 
 
-def env_prefix(runtime: str) -> str:
-    """The prefix that sets a variable inside the container (it wins over the host's value)."""
-    return "SINGULARITYENV_" if os.path.basename(runtime).startswith("singularity") \
-        else "APPTAINERENV_"
-
-
-def private_dirs_env(config: hc.HpcConfig) -> dict[str, str]:
+def private_dirs_env(config: HpcConfig) -> dict[str, str]:
     """Variables that put the agent's socket directory (``NODE_AGENT_RUNTIME_DIR``) and
     ``TMPDIR`` in the job's private /tmp inside the container — not in a host directory such
     as ``$XDG_RUNTIME_DIR`` or a site ``TMPDIR`` that other jobs of the account can reach.
@@ -118,20 +115,19 @@ def _overlay_source(value: str) -> str:
     return value.split(":", 1)[0]
 
 
-def bind_sources(config: hc.HpcConfig, paths: hc.UserPaths,
+def bind_sources(config: HpcConfig, paths: UserPaths,
                  env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
     """Every host path the container would see besides its home: ``(option, host path)``."""
-    names = dict(user=paths.safe_user, scratch_dir=paths.scratch_dir, home_root=paths.home_root,
-                 home=paths.home, container_home=paths.container_home)
+    names = paths.template_values()
     c = config.container
     for option, specs in (("container.binds", c.binds), ("container.extra_binds", c.extra_binds)):
         for spec in specs:
-            yield option, hc.render_template(spec, **names).split(":", 1)[0]
+            yield option, render_template(spec, **names).split(":", 1)[0]
     nb = config.nbgrader
     if nb.exchange_dir:
-        yield "nbgrader.exchange_dir", hc.render_template(nb.exchange_dir, **names)
+        yield "nbgrader.exchange_dir", render_template(nb.exchange_dir, **names)
     if nb.config_file:
-        yield "nbgrader.config_file", hc.render_template(nb.config_file, **names)
+        yield "nbgrader.config_file", render_template(nb.config_file, **names)
     if config.webdav.enabled:
         yield "webdav.mount_point", paths.webdav_mount_point
     for v in _flag_values(c.extra_args, _BIND_FLAGS):
@@ -156,7 +152,7 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def exposure(src: str, config: hc.HpcConfig, paths: hc.UserPaths,
+def exposure(src: str, config: HpcConfig, paths: UserPaths,
              realpath: Callable[[str], str] = os.path.realpath) -> str | None:
     """Why binding host path ``src`` would show this job another user's data; None if it does
     not (it is the user's own home or image, or lies outside the per-user directories)."""
@@ -183,7 +179,7 @@ def exposure(src: str, config: hc.HpcConfig, paths: hc.UserPaths,
     return None
 
 
-def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
+def check(config: HpcConfig, paths: UserPaths, env: Mapping[str, str], *,
           realpath: Callable[[str], str] = os.path.realpath) -> list[Problem]:
     """What keeps the container from walling this job off from other users' jobs of the same
     account. Empty when ``isolation.shared_account`` is false or no container is used (in
@@ -192,7 +188,7 @@ def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
     if not (config.isolation.shared_account and c.enabled):
         return []
     out: list[Problem] = []
-    if c.contain not in hc.ISOLATING_MODES:
+    if c.contain not in ISOLATING_MODES:
         lacks = "no PID namespace and no private /tmp" if c.contain == "none" else \
             "no PID namespace"
         out.append(Problem("container.contain", (
@@ -220,7 +216,7 @@ def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
     return out
 
 
-def no_container_problem(config: hc.HpcConfig, env: Mapping[str, str]) -> Problem | None:
+def no_container_problem(config: HpcConfig, env: Mapping[str, str]) -> Problem | None:
     """No container under a shared account although the hub expected one (and so did not ask
     the batch system for a node to itself): nothing would keep other users off this node."""
     if not (config.isolation.shared_account and not config.container.enabled):
@@ -246,4 +242,4 @@ def refusal(problems: list[Problem], source: str | None) -> str:
 
 
 __all__ = ["EXPECT_CONTAINER_ENV", "PRIVATE_TMP", "Problem", "bind_sources", "check",
-           "env_prefix", "exposure", "no_container_problem", "private_dirs_env", "refusal"]
+           "exposure", "no_container_problem", "private_dirs_env", "refusal"]
