@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import re
 import shlex
-from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import asyncssh
+
+from node_agent.backoff import Backoff  # the project's one backoff (stdlib only)
 
 __all__ = [
     "CommandResult",
@@ -141,18 +141,6 @@ class LocalRunner:
         )
 
 
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter: delay n is uniform in [0, min(cap, base*2**n)]."""
-
-    base: float = 0.5
-    cap: float = 30.0
-    max_attempts: int = 6  # connection attempts per run() before giving up
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * (2 ** attempt)))
-
-
 class _ClientWatcher(asyncssh.SSHClient):
     """Notices when the pooled connection drops, so the next call reconnects at once."""
 
@@ -219,6 +207,7 @@ class LoginNodeRunner:
         keepalive_interval: float = 30.0,
         default_timeout: Optional[float] = 120.0,
         backoff: Optional[Backoff] = None,
+        connect_attempts: int = 6,
         log: Optional[logging.Logger] = None,
     ):
         if isinstance(client_keys, str):
@@ -240,6 +229,7 @@ class LoginNodeRunner:
         self.keepalive_interval = keepalive_interval
         self.default_timeout = default_timeout
         self.backoff = backoff or Backoff()
+        self.connect_attempts = connect_attempts  # connection attempts per run() before giving up
         self.log = log or _log
         if host_keys:
             pinned = [asyncssh.import_public_key(k) for k in host_keys]
@@ -307,13 +297,14 @@ class LoginNodeRunner:
             if conn is not None and not conn.is_closed():
                 return conn
             last: Optional[BaseException] = None
-            for attempt in range(self.backoff.max_attempts):
+            self.backoff.reset()
+            for attempt in range(self.connect_attempts):
                 if attempt:
-                    delay = self.backoff.delay(attempt - 1)
+                    delay = self.backoff.next_delay()
                     self.log.warning(
                         "login node %s:%d unreachable (%s), retry %d/%d in %.1f s",
                         self.host, self.port, _describe(last), attempt,
-                        self.backoff.max_attempts - 1, delay,
+                        self.connect_attempts - 1, delay,
                     )
                     await asyncio.sleep(delay)
                 try:
@@ -336,7 +327,7 @@ class LoginNodeRunner:
                 return conn
             raise RunnerError(
                 f"cannot connect to login node {self.host}:{self.port} after "
-                f"{self.backoff.max_attempts} attempts: {_describe(last)}"
+                f"{self.connect_attempts} attempts: {_describe(last)}"
             )
 
     def drop_connection(self) -> None:
