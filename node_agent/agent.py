@@ -111,8 +111,12 @@ class Agent:
 
     @staticmethod
     def _hub_api_refused(denial: Denial) -> None:
-        log("hub API request refused on the node", status=denial.status, reason=denial.reason,
-            sample=denial.sample[:80].decode("latin-1"))
+        log(
+            "hub API request refused on the node",
+            status=denial.status,
+            reason=denial.reason,
+            sample=denial.sample[:80].decode("latin-1"),
+        )
 
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:
@@ -122,8 +126,13 @@ class Agent:
         except (asyncssh.KeyImportError, ValueError):
             raise Refused("BROKER_HOST_KEY: not an OpenSSH public key") from None
         opts: dict[str, Any] = dict(
-            username=self.s.session_id, known_hosts=([host_key], [], []), encryption_algs=ENCRYPTION_ALGS,
-            keepalive_interval=self.s.keepalive, keepalive_count_max=3, agent_path=None, config=None,
+            username=self.s.session_id,
+            known_hosts=([host_key], [], []),
+            encryption_algs=ENCRYPTION_ALGS,
+            keepalive_interval=self.s.keepalive,
+            keepalive_count_max=3,
+            agent_path=None,
+            config=None,
             connect_timeout=30,
         )
         if self.enrolled:
@@ -142,8 +151,9 @@ class Agent:
             self.s.enrol_secret = ""  # spent: forget it
         self.conn = conn
         try:
-            listener = await conn.create_server(lambda _h, _p: self._to_server(), "127.0.0.1", 0,
-                                               window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
+            listener = await conn.create_server(
+                lambda _h, _p: self._to_server(), "127.0.0.1", 0, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+            )
             control = _Control()
             await conn.create_connection(lambda: control, CONTROL_HOST, CONTROL_PORT)
             self.control = control
@@ -206,7 +216,9 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARS}
         env["JUPYTERHUB_API_URL"] = rewrite_url_port(self.s.hub_api_url, "127.0.0.1", self.hub_relay.port)
         if env.get("JUPYTERHUB_ACTIVITY_URL"):
-            env["JUPYTERHUB_ACTIVITY_URL"] = rewrite_url_port(env["JUPYTERHUB_ACTIVITY_URL"], "127.0.0.1", self.hub_relay.port)
+            env["JUPYTERHUB_ACTIVITY_URL"] = rewrite_url_port(
+                env["JUPYTERHUB_ACTIVITY_URL"], "127.0.0.1", self.hub_relay.port
+            )
         if env.get("JUPYTERHUB_SERVICE_URL"):
             # jupyter_server refuses --sock together with a non-default port (see environment notes)
             env["JUPYTERHUB_SERVICE_URL"] = rewrite_url_port(env["JUPYTERHUB_SERVICE_URL"], "127.0.0.1", 8888)

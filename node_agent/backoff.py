@@ -21,7 +21,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Delay before the next attempt: uniform in [0, min(cap, base * 2**attempt)]."""
-        ceiling = min(self.cap, self.base * (2 ** self.attempt))
+        ceiling = min(self.cap, self.base * (2**self.attempt))
         self.attempt += 1
         return self._rng.uniform(0, ceiling)
 

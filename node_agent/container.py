@@ -21,8 +21,7 @@ from .templating import render_template
 log = logging.getLogger(__name__)
 
 #: Variables through which batch systems make GPUs visible to a job.
-GPU_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL",
-           "ROCR_VISIBLE_DEVICES")
+GPU_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES")
 _NO_GPU = ("NoDevFiles", "-1", "none", "None")
 _ENV_PREFIXES = ("APPTAINERENV_", "SINGULARITYENV_")
 
@@ -50,12 +49,12 @@ def decide_gpu(config: HpcConfig, cli_choice: bool | None, env: Mapping[str, str
 
 def env_prefix(runtime: str) -> str:
     """The prefix that sets a variable inside the container (it wins over the host's value)."""
-    return "SINGULARITYENV_" if os.path.basename(runtime).startswith("singularity") \
-        else "APPTAINERENV_"
+    return "SINGULARITYENV_" if os.path.basename(runtime).startswith("singularity") else "APPTAINERENV_"
 
 
-def container_binds(config: HpcConfig, paths: UserPaths, *, webdav: bool = False,
-                    path_exists: Callable[[str], bool] | None = None) -> list[str]:
+def container_binds(
+    config: HpcConfig, paths: UserPaths, *, webdav: bool = False, path_exists: Callable[[str], bool] | None = None
+) -> list[str]:
     """All ``--bind`` specs for this user, in order: fixed, extra, nbgrader, WebDAV.
 
     With ``path_exists``, an extra bind whose source does not exist is skipped (and logged).
@@ -81,10 +80,18 @@ def container_binds(config: HpcConfig, paths: UserPaths, *, webdav: bool = False
 _DEFAULT = object()
 
 
-def build_container_argv(config: HpcConfig, user: str, gpu: bool, inner_argv: list[str], *,
-                         overlay: str | None | object = _DEFAULT, overlay_readonly: bool = False,
-                         home_source: str | None = None, webdav: bool = False,
-                         path_exists: Callable[[str], bool] | None = None) -> list[str]:
+def build_container_argv(
+    config: HpcConfig,
+    user: str,
+    gpu: bool,
+    inner_argv: list[str],
+    *,
+    overlay: str | None | object = _DEFAULT,
+    overlay_readonly: bool = False,
+    home_source: str | None = None,
+    webdav: bool = False,
+    path_exists: Callable[[str], bool] | None = None,
+) -> list[str]:
     """The argv that starts the user's server (pure; no file system access by default).
 
     ``overlay``: the image to use; default = the configured per-user location when
@@ -93,8 +100,7 @@ def build_container_argv(config: HpcConfig, user: str, gpu: bool, inner_argv: li
     ``inner_command -- CMD...`` (or CMD itself when inner_command is empty).
     """
     c = config.container
-    inner = list(c.inner_command) + ["--"] + list(inner_argv) if c.inner_command \
-        else list(inner_argv)
+    inner = list(c.inner_command) + ["--"] + list(inner_argv) if c.inner_command else list(inner_argv)
     if not c.enabled:
         return inner
     paths = config.user_paths(user)
@@ -131,5 +137,12 @@ def container_env(config: HpcConfig, env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["GPU_ENV", "build_container_argv", "container_binds", "container_env",
-           "decide_gpu", "detect_gpu", "env_prefix"]
+__all__ = [
+    "GPU_ENV",
+    "build_container_argv",
+    "container_binds",
+    "container_env",
+    "decide_gpu",
+    "detect_gpu",
+    "env_prefix",
+]

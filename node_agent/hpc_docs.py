@@ -23,9 +23,7 @@ def render_docs_table() -> str:
     """A Markdown table with one row per option: key, type, default and meaning."""
     rows = ["| option | type | default | meaning |", "|---|---|---|---|"]
     for o in SCHEMA:
-        rows.append(
-            f"| `{o.key}` | {o.type_name} | {_md_default(o)} | {o.help.replace('|', chr(92) + '|')} |"
-        )
+        rows.append(f"| `{o.key}` | {o.type_name} | {_md_default(o)} | {o.help.replace('|', chr(92) + '|')} |")
     return "\n".join(rows) + "\n"
 
 

@@ -125,8 +125,13 @@ class UserPaths:
 
     def template_values(self) -> dict[str, str]:
         """The values of the placeholders of binds and nbgrader paths (``{user}`` is escaped)."""
-        return dict(user=self.safe_user, scratch_dir=self.scratch_dir, home_root=self.home_root,
-                    home=self.home, container_home=self.container_home)
+        return dict(
+            user=self.safe_user,
+            scratch_dir=self.scratch_dir,
+            home_root=self.home_root,
+            home=self.home,
+            container_home=self.container_home,
+        )
 
 
 @dataclass
@@ -165,8 +170,7 @@ class HpcConfig:
             overlay=os.path.normpath(render_template(self.overlay.location, **names)),
             log_dir=os.path.normpath(render_template(self.logging.dir, **names)),
             webdav_mount_point=os.path.normpath(render_template(self.webdav.mount_point, **names)),
-            container_webdav_mount_point=self.webdav.container_mount_point
-            or os.path.join(chome, "WebDAV"),
+            container_webdav_mount_point=self.webdav.container_mount_point or os.path.join(chome, "WebDAV"),
         )
 
     def image_for(self, gpu: bool) -> str:
@@ -197,13 +201,21 @@ def build_config(values: Mapping[str, Any], source: str | None) -> HpcConfig:
     sections: dict[str, Any] = {}
     for sec in SECTIONS:
         prefix = sec + "."
-        fields = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+        fields = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
         sections[sec] = _SECTION_TYPES[sec](**fields)
     return HpcConfig(**sections, source=source)
 
 
 __all__ = [
-    "ContainerConfig", "HpcConfig", "IsolationConfig", "LoggingConfig", "MaintenanceConfig",
-    "NbgraderConfig", "OverlayConfig", "StorageConfig", "UserPaths", "WebdavConfig",
+    "ContainerConfig",
+    "HpcConfig",
+    "IsolationConfig",
+    "LoggingConfig",
+    "MaintenanceConfig",
+    "NbgraderConfig",
+    "OverlayConfig",
+    "StorageConfig",
+    "UserPaths",
+    "WebdavConfig",
     "build_config",
 ]

@@ -42,7 +42,6 @@ class HpcConfigError(Exception):
         return "\n".join(f"hpc config error{where}: {opt}: {why}" for opt, why in self.errors)
 
 
-
 def parse_size(value: str) -> int:
     """Bytes of a size like ``2G`` or ``512M`` (at least 4M); raises ValueError(reason)."""
     m = _SIZE_RE.match(value) if isinstance(value, str) else None
@@ -54,10 +53,10 @@ def parse_size(value: str) -> int:
     return n
 
 
-
 def _describe(v: Any) -> str:
-    t = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
-         dict: "table"}.get(type(v), type(v).__name__)
+    t = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
+        type(v), type(v).__name__
+    )
     r = repr(v)
     if len(r) > 60:
         r = r[:57] + "..."
@@ -80,10 +79,7 @@ def _check_abs_template(value: str, allowed: tuple[str, ...]) -> None:
     used = template_fields(value)
     bad = [n for n in used if n not in allowed]
     if bad:
-        raise ValueError(
-            f"unknown placeholder {{{bad[0]}}}; allowed: "
-            + ", ".join("{" + a + "}" for a in allowed)
-        )
+        raise ValueError(f"unknown placeholder {{{bad[0]}}}; allowed: " + ", ".join("{" + a + "}" for a in allowed))
     if not (value.startswith("/") or value.startswith("{")):
         raise ValueError(f"must be an absolute path, got {value!r}")
 
@@ -129,8 +125,7 @@ def _coerce(opt: Option, value: Any) -> Any:
         elif k == "choice" and value not in opt.choices:
             close = difflib.get_close_matches(value, opt.choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"must be one of {', '.join(map(repr, opt.choices))}, got {value!r}{hint}")
+            raise ValueError(f"must be one of {', '.join(map(repr, opt.choices))}, got {value!r}{hint}")
         elif k == "path" and value:
             value = os.path.normpath(_expand_path(value))
             if not os.path.isabs(value):
@@ -154,17 +149,14 @@ def _coerce(opt: Option, value: Any) -> Any:
                 bad = [n for n in used if n not in opt.placeholders]
                 if bad:
                     allowed = ", ".join("{" + a + "}" for a in opt.placeholders) or "none"
-                    raise ValueError(
-                        f"item {i} ({x!r}): unknown placeholder {{{bad[0]}}}; allowed: {allowed}")
+                    raise ValueError(f"item {i} ({x!r}): unknown placeholder {{{bad[0]}}}; allowed: {allowed}")
         if k == "binds":
             value = [_expand_path(x) for x in value]
             for x in value:
                 _check_bind(x, opt.placeholders)
         return list(value)
     if k == "envmap":
-        if not isinstance(value, dict) or not all(
-            isinstance(a, str) and isinstance(b, str) for a, b in value.items()
-        ):
+        if not isinstance(value, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in value.items()):
             raise ValueError(f"must be a table of strings, got {_describe(value)}")
         for a, b in value.items():
             for n in (a, b):
@@ -174,11 +166,9 @@ def _coerce(opt: Option, value: Any) -> Any:
     raise AssertionError(k)  # pragma: no cover
 
 
-
 def _unknown(key: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 
 def _read_values(data: dict, errors: list[tuple[str, str]]) -> dict[str, Any]:
@@ -233,14 +223,20 @@ def _home_mode(get: Callable[[str], Any], errors: list[tuple[str, str]]) -> int:
 def _check_container(get: Callable[[str], Any], errors: list[tuple[str, str]]) -> None:
     if get("container.enabled"):
         if not get("container.image") and "container.image" not in {o for o, _ in errors}:
-            errors.append(("container.image",
-                           "required when container.enabled is true (or set "
-                           "container.enabled = false for no-container mode)"))
+            errors.append(
+                (
+                    "container.image",
+                    "required when container.enabled is true (or set container.enabled = false for no-container mode)",
+                )
+            )
         rt = get("container.runtime")
         if not rt or (os.sep in rt and not os.path.isabs(rt)) or any(c.isspace() for c in rt):
-            errors.append(("container.runtime",
-                           f"must be a program name (apptainer, singularity) or an absolute "
-                           f"path without spaces, got {rt!r}"))
+            errors.append(
+                (
+                    "container.runtime",
+                    f"must be a program name (apptainer, singularity) or an absolute path without spaces, got {rt!r}",
+                )
+            )
         if get("container.load_command") and not get("container.load_shell"):
             errors.append(("container.load_shell", "must not be empty when load_command is set"))
     ch = get("container.home")
@@ -267,8 +263,7 @@ def _check_container(get: Callable[[str], Any], errors: list[tuple[str, str]]) -
 def _check_webdav(get: Callable[[str], Any], errors: list[tuple[str, str]]) -> None:
     cmp = get("webdav.container_mount_point")
     if cmp and (not cmp.startswith("/") or ":" in cmp):
-        errors.append(("webdav.container_mount_point",
-                       f"must be an absolute path without ':', got {cmp!r}"))
+        errors.append(("webdav.container_mount_point", f"must be an absolute path without ':', got {cmp!r}"))
     if not get("webdav.enabled"):
         return
     argv = get("webdav.mount_command")
@@ -276,14 +271,12 @@ def _check_webdav(get: Callable[[str], Any], errors: list[tuple[str, str]]) -> N
         errors.append(("webdav.mount_command", "required when webdav.enabled is true"))
     else:
         if template_fields(argv[0]):
-            errors.append(("webdav.mount_command",
-                           "item 0 (the program) must not contain a placeholder"))
+            errors.append(("webdav.mount_command", "item 0 (the program) must not contain a placeholder"))
         if not any("mount_point" in template_fields(a) for a in argv):
             errors.append(("webdav.mount_command", "must use the {mount_point} placeholder"))
     uargv = get("webdav.unmount_command")
     if uargv and template_fields(uargv[0]):
-        errors.append(("webdav.unmount_command",
-                       "item 0 (the program) must not contain a placeholder"))
+        errors.append(("webdav.unmount_command", "item 0 (the program) must not contain a placeholder"))
     if get("webdav.url"):
         try:
             validate_webdav_url(get("webdav.url"))
@@ -340,5 +333,4 @@ def validate_webdav_url(url: str) -> str:
     return url
 
 
-__all__ = ["HpcConfigError", "MIN_OVERLAY_BYTES", "config_from_dict", "parse_size",
-           "validate_webdav_url"]
+__all__ = ["HpcConfigError", "MIN_OVERLAY_BYTES", "config_from_dict", "parse_size", "validate_webdav_url"]

@@ -88,7 +88,7 @@ def _flag_values(args: list[str], flags: tuple[str, ...]) -> Iterator[str]:
                     i += 1
                 break
             if a.startswith(f + "="):
-                yield a[len(f) + 1:]
+                yield a[len(f) + 1 :]
                 break
             if len(f) == 2 and a.startswith(f) and len(a) > 2:  # short form -B/src
                 yield a[2:]
@@ -115,8 +115,7 @@ def _overlay_source(value: str) -> str:
     return value.split(":", 1)[0]
 
 
-def bind_sources(config: HpcConfig, paths: UserPaths,
-                 env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+def bind_sources(config: HpcConfig, paths: UserPaths, env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
     """Every host path the container would see besides its home: ``(option, host path)``."""
     names = paths.template_values()
     c = config.container
@@ -152,8 +151,9 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def exposure(src: str, config: HpcConfig, paths: UserPaths,
-             realpath: Callable[[str], str] = os.path.realpath) -> str | None:
+def exposure(
+    src: str, config: HpcConfig, paths: UserPaths, realpath: Callable[[str], str] = os.path.realpath
+) -> str | None:
     """Why binding host path ``src`` would show this job another user's data; None if it does
     not (it is the user's own home or image, or lies outside the per-user directories)."""
     s = realpath(src)
@@ -161,8 +161,10 @@ def exposure(src: str, config: HpcConfig, paths: UserPaths,
     if _within(s, own_home):
         return None
     if _within(homes, s):
-        return (f"binds {src}, which holds every user's home ({paths.home_root}); bind only "
-                f"the user's own home ({{home}}) or directories outside {paths.home_root}")
+        return (
+            f"binds {src}, which holds every user's home ({paths.home_root}); bind only "
+            f"the user's own home ({{home}}) or directories outside {paths.home_root}"
+        )
     if _within(s, homes):
         return f"binds {src}, which is inside another user's home under {paths.home_root}"
     if config.overlay.enabled:
@@ -171,16 +173,15 @@ def exposure(src: str, config: HpcConfig, paths: UserPaths,
         if s == own_img:
             return None
         if _within(images, s):
-            return (f"binds {src}, which holds every user's overlay image "
-                    f"({os.path.dirname(paths.overlay)})")
+            return f"binds {src}, which holds every user's overlay image ({os.path.dirname(paths.overlay)})"
         if _within(s, images):
-            return (f"binds {src}, which is inside {os.path.dirname(paths.overlay)} (other "
-                    f"users' overlay images)")
+            return f"binds {src}, which is inside {os.path.dirname(paths.overlay)} (other users' overlay images)"
     return None
 
 
-def check(config: HpcConfig, paths: UserPaths, env: Mapping[str, str], *,
-          realpath: Callable[[str], str] = os.path.realpath) -> list[Problem]:
+def check(
+    config: HpcConfig, paths: UserPaths, env: Mapping[str, str], *, realpath: Callable[[str], str] = os.path.realpath
+) -> list[Problem]:
     """What keeps the container from walling this job off from other users' jobs of the same
     account. Empty when ``isolation.shared_account`` is false or no container is used (in
     no-container mode only the batch system can keep users apart: see docs/deploy.md)."""
@@ -189,26 +190,46 @@ def check(config: HpcConfig, paths: UserPaths, env: Mapping[str, str], *,
         return []
     out: list[Problem] = []
     if c.contain not in ISOLATING_MODES:
-        lacks = "no PID namespace and no private /tmp" if c.contain == "none" else \
-            "no PID namespace"
-        out.append(Problem("container.contain", (
-            f"{c.contain!r} gives the job {lacks}: another user's notebook on the same node "
-            f"runs as the same account and could list this job's processes and read their "
-            f"environment (/proc/PID/environ, with the hub API token); use \"contain-pid\" or "
-            f"\"containall\"")))
+        lacks = "no PID namespace and no private /tmp" if c.contain == "none" else "no PID namespace"
+        out.append(
+            Problem(
+                "container.contain",
+                (
+                    f"{c.contain!r} gives the job {lacks}: another user's notebook on the same node "
+                    f"runs as the same account and could list this job's processes and read their "
+                    f'environment (/proc/PID/environ, with the hub API token); use "contain-pid" or '
+                    f'"containall"'
+                ),
+            )
+        )
     for v in _flag_values(c.extra_args, _WORKDIR_FLAGS):
-        out.append(Problem("container.extra_args", (
-            f"--workdir {v} makes {v}/tmp the /tmp of every job (shared between users); leave "
-            f"it out so that each job gets its own /tmp")))
+        out.append(
+            Problem(
+                "container.extra_args",
+                (
+                    f"--workdir {v} makes {v}/tmp the /tmp of every job (shared between users); leave "
+                    f"it out so that each job gets its own /tmp"
+                ),
+            )
+        )
     for name in WORKDIR_ENV:
         if env.get(name):
-            out.append(Problem(f"${name} (job environment)", (
-                f"{env[name]}/tmp would be the /tmp of every job (shared between users); unset "
-                f"it")))
+            out.append(
+                Problem(
+                    f"${name} (job environment)",
+                    (f"{env[name]}/tmp would be the /tmp of every job (shared between users); unset it"),
+                )
+            )
     for _v in _flag_values(c.extra_args, _HOME_FLAGS):
-        out.append(Problem("container.extra_args", (
-            "--home would replace the user's own home that launch binds; leave it out "
-            "(container.home sets where the home appears)")))
+        out.append(
+            Problem(
+                "container.extra_args",
+                (
+                    "--home would replace the user's own home that launch binds; leave it out "
+                    "(container.home sets where the home appears)"
+                ),
+            )
+        )
     for option, src in bind_sources(config, paths, env):
         why = exposure(src, config, paths, realpath)
         if why:
@@ -223,23 +244,38 @@ def no_container_problem(config: HpcConfig, env: Mapping[str, str]) -> Problem |
         return None
     if env.get(EXPECT_CONTAINER_ENV) != "1":
         return None
-    return Problem("container.enabled", (
-        "is false, but the hub submitted this job expecting a container (SlurmBrokerSpawner."
-        "jobs_in_container, by default true when agent_command runs node-agent launch), so "
-        "it did not keep other users' jobs off this node; set c.SlurmBrokerSpawner."
-        "jobs_in_container = False on the hub (jobs then get a node to themselves, "
-        "node_exclusivity) or run the server in a container"))
+    return Problem(
+        "container.enabled",
+        (
+            "is false, but the hub submitted this job expecting a container (SlurmBrokerSpawner."
+            "jobs_in_container, by default true when agent_command runs node-agent launch), so "
+            "it did not keep other users' jobs off this node; set c.SlurmBrokerSpawner."
+            "jobs_in_container = False on the hub (jobs then get a node to themselves, "
+            "node_exclusivity) or run the server in a container"
+        ),
+    )
 
 
 def refusal(problems: list[Problem], source: str | None) -> str:
     """The error launch prints when it refuses to start (one line per problem, then the way out)."""
     where = f" ({source})" if source else ""
     lines = [f"hpc config error{where}: {p}" for p in problems]
-    lines.append("isolation.shared_account is true (all users' jobs run as one account, so the "
-                 "container is the only wall between them): fix the option(s) above, or set "
-                 "isolation.allow_weak = true to start anyway (docs/deploy.md)")
+    lines.append(
+        "isolation.shared_account is true (all users' jobs run as one account, so the "
+        "container is the only wall between them): fix the option(s) above, or set "
+        "isolation.allow_weak = true to start anyway (docs/deploy.md)"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["EXPECT_CONTAINER_ENV", "PRIVATE_TMP", "Problem", "bind_sources", "check",
-           "exposure", "no_container_problem", "private_dirs_env", "refusal"]
+__all__ = [
+    "EXPECT_CONTAINER_ENV",
+    "PRIVATE_TMP",
+    "Problem",
+    "bind_sources",
+    "check",
+    "exposure",
+    "no_container_problem",
+    "private_dirs_env",
+    "refusal",
+]

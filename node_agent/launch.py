@@ -69,16 +69,19 @@ USER_ENV = "JUPYTERHUB_USER"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="node-agent launch",
-        description="Prepare the user's home/overlay and start CMD in the configured container.")
-    p.add_argument("--config", metavar="PATH",
-                   help=f"HPC config file (default: ${hc.CONFIG_ENV}, then "
-                        + ", ".join(hc.DEFAULT_CONFIG_PATHS) + ")")
+        description="Prepare the user's home/overlay and start CMD in the configured container.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"HPC config file (default: ${hc.CONFIG_ENV}, then " + ", ".join(hc.DEFAULT_CONFIG_PATHS) + ")",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_true", default=None,
-                   help="use the GPU image and the GPU flag")
+    g.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="use the GPU image and the GPU flag")
     g.add_argument("--no-gpu", dest="gpu", action="store_false", help="never use GPUs")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the command as JSON and exit, without creating anything")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the command as JSON and exit, without creating anything"
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     return p
 
@@ -89,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print("node-agent launch: missing command (usage: node-agent launch [--config PATH] "
-              "-- CMD...)", file=sys.stderr)
+        print(
+            "node-agent launch: missing command (usage: node-agent launch [--config PATH] -- CMD...)", file=sys.stderr
+        )
         return EX_USAGE
     try:
         return _launch(args, cmd)
@@ -114,9 +118,15 @@ def _chdir(home: str) -> None:
 def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     path = hc.find_config(args.config)
     if path is None:
-        print("node-agent launch: no HPC config found (looked at $" + hc.CONFIG_ENV + ", "
-              + ", ".join(hc.DEFAULT_CONFIG_PATHS) + "); run `node-agent wizard` or pass "
-              "--config", file=sys.stderr)
+        print(
+            "node-agent launch: no HPC config found (looked at $"
+            + hc.CONFIG_ENV
+            + ", "
+            + ", ".join(hc.DEFAULT_CONFIG_PATHS)
+            + "); run `node-agent wizard` or pass "
+            "--config",
+            file=sys.stderr,
+        )
         return EX_CONFIG
     try:
         config = hc.load_config(path)
@@ -145,14 +155,21 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
             print(iso.refusal(problems, config.source), file=sys.stderr)
             return EX_CONFIG
         argv = build_container_argv(config, raw_user, gpu, cmd)
-        print(json.dumps({"argv": argv, "user": paths.safe_user, "home": paths.home,
-                          "overlay": paths.overlay if config.overlay.enabled else None,
-                          "gpu": gpu}))
+        print(
+            json.dumps(
+                {
+                    "argv": argv,
+                    "user": paths.safe_user,
+                    "home": paths.home,
+                    "overlay": paths.overlay if config.overlay.enabled else None,
+                    "gpu": gpu,
+                }
+            )
+        )
         return EX_OK
 
     logfile = setup_logging(config, paths)
-    log.info("launch start: config=%s gpu=%s container=%s log=%s", path, gpu,
-             config.container.enabled, logfile)
+    log.info("launch start: config=%s gpu=%s container=%s log=%s", path, gpu, config.container.enabled, logfile)
 
     c = config.container
     runtime = ""
@@ -167,13 +184,26 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
 
     webdav = mount_webdav(config, paths, env) if config.webdav.enabled else ""
 
-    argv = build_container_argv(config, raw_user, gpu, cmd, overlay=overlay,
-                                overlay_readonly=ro, home_source=home, webdav=bool(webdav),
-                                path_exists=os.path.exists)
+    argv = build_container_argv(
+        config,
+        raw_user,
+        gpu,
+        cmd,
+        overlay=overlay,
+        overlay_readonly=ro,
+        home_source=home,
+        webdav=bool(webdav),
+        path_exists=os.path.exists,
+    )
     if c.enabled:
         argv[0] = runtime
-        log.info("starting %s image=%s overlay=%s%s", os.path.basename(runtime),
-                 config.image_for(gpu), overlay or "none", " (read-only)" if ro else "")
+        log.info(
+            "starting %s image=%s overlay=%s%s",
+            os.path.basename(runtime),
+            config.image_for(gpu),
+            overlay or "none",
+            " (read-only)" if ro else "",
+        )
         run_env = container_env(config, env)
         run_env.update(iso.private_dirs_env(config))
         _chdir(home)
@@ -188,8 +218,7 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
     if webdav == MOUNTED and config.webdav.unmount_command:
         # exec would leave the mount (and its daemon) behind after the job: stay as parent
         fds = (lock.fd,) if lock is not None and lock.fd is not None else ()
-        return run_supervised(argv, run_env, lambda: unmount_webdav(config, paths, env),
-                              pass_fds=fds)
+        return run_supervised(argv, run_env, lambda: unmount_webdav(config, paths, env), pass_fds=fds)
     close_log_handlers()
     try:
         os.execvpe(argv[0], argv, run_env)
@@ -200,10 +229,27 @@ def _launch(args: argparse.Namespace, cmd: list[str]) -> int:
 
 # The names tests and callers use as ``launch.X``; they live in the step modules.
 __all__ = [
-    "EX_CANTCREAT", "EX_CONFIG", "EX_MAINTENANCE", "EX_NOUSER", "EX_OK", "EX_SOFTWARE",
-    "EX_UNAVAILABLE", "EX_USAGE", "FORWARD_SIGNALS", "MAINTENANCE_PREFIX", "USER_ENV",
-    "LaunchError", "build_container_argv", "build_unmount_argv", "build_webdav_argv",
-    "container_env", "decide_gpu", "detect_gpu", "exit_status", "main", "run_supervised",
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_MAINTENANCE",
+    "EX_NOUSER",
+    "EX_OK",
+    "EX_SOFTWARE",
+    "EX_UNAVAILABLE",
+    "EX_USAGE",
+    "FORWARD_SIGNALS",
+    "MAINTENANCE_PREFIX",
+    "USER_ENV",
+    "LaunchError",
+    "build_container_argv",
+    "build_unmount_argv",
+    "build_webdav_argv",
+    "container_env",
+    "decide_gpu",
+    "detect_gpu",
+    "exit_status",
+    "main",
+    "run_supervised",
 ]
 
 if __name__ == "__main__":  # pragma: no cover

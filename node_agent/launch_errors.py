@@ -22,9 +22,3 @@ class LaunchError(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
-
-
-__all__ = [
-    "EX_CANTCREAT", "EX_CONFIG", "EX_MAINTENANCE", "EX_NOUSER", "EX_OK", "EX_SOFTWARE",
-    "EX_UNAVAILABLE", "EX_USAGE", "LaunchError",
-]

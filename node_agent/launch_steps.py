@@ -48,8 +48,7 @@ def setup_logging(config: HpcConfig, paths: UserPaths | None) -> str | None:
     host = socket.gethostname().split(".")[0]
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or "-"
     who = paths.safe_user if paths else "-"
-    fmt = logging.Formatter(
-        f"%(asctime)s %(levelname)s [launch host={host} job={job[:32]} user={who}] %(message)s")
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s [launch host={host} job={job[:32]} user={who}] %(message)s")
     _add_handler(root, logging.StreamHandler(sys.stderr), fmt, level)
     if not (config.logging.enabled and paths):
         return None
@@ -70,8 +69,7 @@ def setup_logging(config: HpcConfig, paths: UserPaths | None) -> str | None:
     return path
 
 
-def _add_handler(root: logging.Logger, h: logging.Handler, fmt: logging.Formatter,
-                 level: int) -> None:
+def _add_handler(root: logging.Logger, h: logging.Handler, fmt: logging.Formatter, level: int) -> None:
     h.setFormatter(fmt)
     h.setLevel(level)
     h.set_name(_HANDLER_NAME)
@@ -101,16 +99,13 @@ def run_load_command(config: HpcConfig, env: dict[str, str]) -> None:
     c = config.container
     script = f"{c.load_command}\nprintf '%b' '\\0NODE-AGENT-ENV-BEGIN\\0' && env -0"
     try:
-        r = subprocess.run([*c.load_shell, script], env=env, stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=120)
+        r = subprocess.run([*c.load_shell, script], env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise LaunchError(f"container.load_command: could not run it ({e})", EX_UNAVAILABLE) from None
     out = r.stdout.decode("utf-8", "surrogateescape")
     if r.returncode != 0 or _ENV_MARKER not in out:
         tail = r.stderr.decode("utf-8", "replace").strip()[-300:]
-        raise LaunchError(
-            f"container.load_command failed (exit {r.returncode}): {tail or 'no output'}",
-            EX_UNAVAILABLE)
+        raise LaunchError(f"container.load_command failed (exit {r.returncode}): {tail or 'no output'}", EX_UNAVAILABLE)
     new: dict[str, str] = {}
     for item in out.split(_ENV_MARKER, 1)[1].split("\0"):
         if "=" in item:
@@ -135,7 +130,8 @@ def find_runtime(config: HpcConfig, env: Mapping[str, str], gpu: bool) -> str:
         raise LaunchError(
             f"container.runtime: {c.runtime!r} not found on PATH (set "
             f"container.load_command, e.g. 'module load apptainer', or an absolute path)",
-            EX_UNAVAILABLE)
+            EX_UNAVAILABLE,
+        )
     image = config.image_for(gpu)
     if not os.path.exists(image):
         opt = "container.gpu_image" if gpu and c.gpu_image else "container.image"
@@ -160,14 +156,19 @@ def enforce_isolation(config: HpcConfig, paths: UserPaths, env: Mapping[str, str
     else:
         problem = iso.no_container_problem(config, env)
         if problem is None:
-            log.warning("no-container mode under a shared account (isolation.shared_account): "
-                        "nothing on this node separates this job from other users' jobs of "
-                        "the account; the hub must keep them off the node (docs/deploy.md)")
+            log.warning(
+                "no-container mode under a shared account (isolation.shared_account): "
+                "nothing on this node separates this job from other users' jobs of "
+                "the account; the hub must keep them off the node (docs/deploy.md)"
+            )
             return
         problems = [problem]
     if not problems:
-        log.info("isolation: shared account; own PID namespace and /tmp (container.contain = "
-                 "%s), no other user's home or image bound", config.container.contain)
+        log.info(
+            "isolation: shared account; own PID namespace and /tmp (container.contain = "
+            "%s), no other user's home or image bound",
+            config.container.contain,
+        )
         return
     if not config.isolation.allow_weak:
         raise LaunchError(iso.refusal(problems, config.source), EX_CONFIG)
@@ -192,25 +193,28 @@ class Storage:
 def prepare_storage(config: HpcConfig, paths: UserPaths) -> Storage:
     """Create (or find) the user's home and overlay; decide how the overlay is mounted."""
     try:
-        have_home = ov.ensure_home(paths.home, config.storage.home_mode,
-                                   config.storage.create_home)
+        have_home = ov.ensure_home(paths.home, config.storage.home_mode, config.storage.create_home)
     except ov.OverlayError as e:
         raise LaunchError(str(e), EX_CANTCREAT) from None
     home = paths.home
     if not have_home:
         home = tempfile.mkdtemp(prefix=f"node-agent-home-{paths.safe_user}-")
-        log.warning("storage.create_home is false and %s does not exist: using the throw-away "
-                    "home %s (changes are lost when the job ends)", paths.home, home)
+        log.warning(
+            "storage.create_home is false and %s does not exist: using the throw-away "
+            "home %s (changes are lost when the job ends)",
+            paths.home,
+            home,
+        )
     if not (config.container.enabled and config.overlay.enabled):
         return Storage(home, None, False, None)
     o = config.overlay
     lock = ov.InUseLock(paths.overlay)
     try:
-        res = ov.ensure_overlay(paths.overlay, o.size_bytes, create=o.create, check="none",
-                                lock_timeout=o.lock_timeout)
+        res = ov.ensure_overlay(paths.overlay, o.size_bytes, create=o.create, check="none", lock_timeout=o.lock_timeout)
         if res is None:
-            log.warning("overlay %s does not exist and overlay.create is false: running "
-                        "without an overlay", paths.overlay)
+            log.warning(
+                "overlay %s does not exist and overlay.create is false: running without an overlay", paths.overlay
+            )
             return Storage(home, None, False, None)
         if lock.try_acquire():
             # we are the only writer: a full check (fsck) is safe now
@@ -224,17 +228,25 @@ def prepare_storage(config: HpcConfig, paths: UserPaths) -> Storage:
         lock.release()
         raise LaunchError(str(e), EX_CANTCREAT) from None
     if o.when_busy == "readonly":
-        log.warning("overlay %s is in use by another job of this user: mounting it read-only",
-                    paths.overlay)
+        log.warning("overlay %s is in use by another job of this user: mounting it read-only", paths.overlay)
         return Storage(home, paths.overlay, True, None)
     if o.when_busy == "without":
-        log.warning("overlay %s is in use by another job of this user: running without it",
-                    paths.overlay)
+        log.warning("overlay %s is in use by another job of this user: running without it", paths.overlay)
         return Storage(home, None, False, None)
-    raise LaunchError(f"overlay {paths.overlay} is in use by another job of this user "
-                      f"(overlay.when_busy = 'fail'); stop the other server first",
-                      EX_CANTCREAT)
+    raise LaunchError(
+        f"overlay {paths.overlay} is in use by another job of this user "
+        f"(overlay.when_busy = 'fail'); stop the other server first",
+        EX_CANTCREAT,
+    )
 
 
-__all__ = ["Storage", "close_log_handlers", "enforce_isolation", "find_runtime", "log_handlers",
-           "prepare_storage", "run_load_command", "setup_logging"]
+__all__ = [
+    "Storage",
+    "close_log_handlers",
+    "enforce_isolation",
+    "find_runtime",
+    "log_handlers",
+    "prepare_storage",
+    "run_load_command",
+    "setup_logging",
+]

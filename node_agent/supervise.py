@@ -61,8 +61,9 @@ class _Forwarder:
             self(sig, None)
 
 
-def run_supervised(argv: list[str], env: Mapping[str, str], after: Callable[[], object], *,
-                   pass_fds: tuple[int, ...] = ()) -> int:
+def run_supervised(
+    argv: list[str], env: Mapping[str, str], after: Callable[[], object], *, pass_fds: tuple[int, ...] = ()
+) -> int:
     """Run ``argv`` as a child, pass ``FORWARD_SIGNALS`` on to it, wait, call ``after()``
     (the unmount), and return the child's exit status (128+N if it died by signal N).
 
@@ -83,8 +84,11 @@ def run_supervised(argv: list[str], env: Mapping[str, str], after: Callable[[], 
             log.error("cannot execute %s: %s", os.path.basename(argv[0]), e.strerror)
         else:
             forward.started(child)
-            log.info("started %s as pid %d (supervised: the WebDAV share is unmounted when it "
-                     "exits)", os.path.basename(argv[0]), child.pid)
+            log.info(
+                "started %s as pid %d (supervised: the WebDAV share is unmounted when it exits)",
+                os.path.basename(argv[0]),
+                child.pid,
+            )
             status = exit_status(child.wait())
             log.info("%s exited with status %d", os.path.basename(argv[0]), status)
         forward.done = True

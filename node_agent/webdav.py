@@ -23,15 +23,14 @@ from .templating import render_template
 
 log = logging.getLogger(__name__)
 
-MOUNTED = "mounted"    # mount_webdav: launch mounted the share (and should unmount it)
+MOUNTED = "mounted"  # mount_webdav: launch mounted the share (and should unmount it)
 EXISTING = "existing"  # mount_webdav: already mounted by someone else (leave it alone)
 
 
 def build_webdav_argv(config: HpcConfig, paths: UserPaths, url: str) -> list[str]:
     """The mount command for ``url``: each template item stays exactly one argv element."""
     validate_webdav_url(url)
-    values = dict(url=url, mount_point=paths.webdav_mount_point, user=paths.safe_user,
-                  home=paths.home)
+    values = dict(url=url, mount_point=paths.webdav_mount_point, user=paths.safe_user, home=paths.home)
     return [render_template(a, **values) for a in config.webdav.mount_command]
 
 
@@ -65,8 +64,9 @@ def mount_webdav(config: HpcConfig, paths: UserPaths, env: Mapping[str, str]) ->
     menv = dict(env)
     for target, source in w.credential_env.items():
         if source not in env:
-            raise LaunchError(f"webdav.credential_env: ${source} (for {target}) is not set in "
-                              f"the job environment", EX_USAGE)
+            raise LaunchError(
+                f"webdav.credential_env: ${source} (for {target}) is not set in the job environment", EX_USAGE
+            )
         menv[target] = env[source]
     ok, detail = _run_helper(argv, menv, w.timeout)
     if ok:
@@ -88,8 +88,9 @@ def unmount_webdav(config: HpcConfig, paths: UserPaths, env: Mapping[str, str]) 
     if ok:
         log.info("webdav: unmounted %s", mp)
         return True
-    log.error("webdav: unmount command failed for %s (%s); the share may still be mounted",
-              mp, detail.replace(chr(10), " "))
+    log.error(
+        "webdav: unmount command failed for %s (%s); the share may still be mounted", mp, detail.replace(chr(10), " ")
+    )
     return False
 
 
@@ -97,8 +98,14 @@ def _run_helper(argv: list[str], env: Mapping[str, str], timeout: float) -> tupl
     """Run a mount/unmount helper (no shell, stdin /dev/null): (success, what to log) — the exit
     status and the tail of its output, never the environment."""
     try:
-        r = subprocess.run(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
+        r = subprocess.run(
+            argv,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     except FileNotFoundError:
         return False, f"program {argv[0]!r} not found"
     except subprocess.TimeoutExpired:
@@ -108,5 +115,4 @@ def _run_helper(argv: list[str], env: Mapping[str, str], timeout: float) -> tupl
     return r.returncode == 0, f"exit {r.returncode}: " + r.stdout.decode("utf-8", "replace").strip()[-300:]
 
 
-__all__ = ["EXISTING", "MOUNTED", "build_unmount_argv", "build_webdav_argv", "mount_webdav",
-           "unmount_webdav"]
+__all__ = ["EXISTING", "MOUNTED", "build_unmount_argv", "build_webdav_argv", "mount_webdav", "unmount_webdav"]
