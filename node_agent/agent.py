@@ -41,7 +41,7 @@ from broker.tunnel import Tunnel  # asyncssh-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 #: Environment variables the notebook server must not inherit.
@@ -348,8 +348,8 @@ class Agent:
 
 
 def run(cmd: list[str]) -> int:
-    from .settings import SettingsError
-
+    """``node-agent run -- CMD``: the server's exit status (77: refused by the broker, 78: bad
+    settings)."""
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
