@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import asyncssh
+
+from node_agent.backoff import Backoff  # the project's one backoff (stdlib only)
 
 __all__ = [
     "CommandResult",
@@ -156,18 +157,6 @@ class LocalRunner(CommandRunner):
         return CommandResult(exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter: delay n is uniform in [0, min(cap, base*2**n)]."""
-
-    base: float = 0.5
-    cap: float = 30.0
-    max_attempts: int = 6  # connection attempts per run() before giving up
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * (2 ** attempt)))
-
-
 class _ClientWatcher(asyncssh.SSHClient):
     """Notices when the pooled connection drops, so the next call reconnects at once."""
 
@@ -257,6 +246,7 @@ class LoginNodeRunner(CommandRunner):
         default_timeout: float | None = 120.0,
         max_sessions: int | None = None,
         backoff: Backoff | None = None,
+        connect_attempts: int = 6,
         log: logging.Logger | None = None,
     ):
         if isinstance(client_keys, str):
@@ -279,6 +269,7 @@ class LoginNodeRunner(CommandRunner):
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.backoff = backoff or Backoff()
+        self.connect_attempts = connect_attempts  # connection attempts per run() before giving up
         if host_keys:
             pinned = [asyncssh.import_public_key(k) for k in host_keys]
             self._known_hosts: object = (pinned, [], [])
@@ -334,16 +325,17 @@ class LoginNodeRunner(CommandRunner):
             if conn is not None and not conn.is_closed():
                 return conn
             last: BaseException | None = None
-            for attempt in range(self.backoff.max_attempts):
+            self.backoff.reset()
+            for attempt in range(self.connect_attempts):
                 if attempt:
-                    delay = self.backoff.delay(attempt - 1)
+                    delay = self.backoff.next_delay()
                     self.log.warning(
                         "login node %s:%d unreachable (%s), retry %d/%d in %.1f s",
                         self.host,
                         self.port,
                         _describe(last),
                         attempt,
-                        self.backoff.max_attempts - 1,
+                        self.connect_attempts - 1,
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -369,7 +361,7 @@ class LoginNodeRunner(CommandRunner):
                 return conn
             raise RunnerError(
                 f"cannot connect to login node {self.host}:{self.port} after "
-                f"{self.backoff.max_attempts} attempts: {_describe(last)}"
+                f"{self.connect_attempts} attempts: {_describe(last)}"
             )
 
     def drop_connection(self) -> None:

@@ -34,14 +34,14 @@ from urllib.parse import urlparse, urlunparse
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
-from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.hubapi import Denial, HubApiPolicy, api_prefix_of  # stdlib-only module
 from broker.hubrelay import FilteredRelay  # asyncssh-only module
+from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.tunnel import Tunnel  # asyncssh-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 #: Environment variables the notebook server must not inherit.
@@ -70,6 +70,8 @@ class Refused(Exception):
 
 
 class _Control(asyncssh.SSHTCPSession[bytes]):
+    """The agent's end of the control channel: JSON lines out (hello, ready, heartbeat, exit)."""
+
     def __init__(self) -> None:
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
 
@@ -109,8 +111,12 @@ class Agent:
 
     @staticmethod
     def _hub_api_refused(denial: Denial) -> None:
-        log("hub API request refused on the node", status=denial.status, reason=denial.reason,
-            sample=denial.sample[:80].decode("latin-1"))
+        log(
+            "hub API request refused on the node",
+            status=denial.status,
+            reason=denial.reason,
+            sample=denial.sample[:80].decode("latin-1"),
+        )
 
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:
@@ -120,8 +126,13 @@ class Agent:
         except (asyncssh.KeyImportError, ValueError):
             raise Refused("BROKER_HOST_KEY: not an OpenSSH public key") from None
         opts: dict[str, Any] = dict(
-            username=self.s.session_id, known_hosts=([host_key], [], []), encryption_algs=ENCRYPTION_ALGS,
-            keepalive_interval=self.s.keepalive, keepalive_count_max=3, agent_path=None, config=None,
+            username=self.s.session_id,
+            known_hosts=([host_key], [], []),
+            encryption_algs=ENCRYPTION_ALGS,
+            keepalive_interval=self.s.keepalive,
+            keepalive_count_max=3,
+            agent_path=None,
+            config=None,
             connect_timeout=30,
         )
         if self.enrolled:
@@ -140,17 +151,20 @@ class Agent:
             self.s.enrol_secret = ""  # spent: forget it
         self.conn = conn
         try:
-            listener = await conn.create_server(lambda _h, _p: self._to_server(), "127.0.0.1", 0,
-                                               window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
-            _, self.control = await conn.create_connection(_Control, CONTROL_HOST, CONTROL_PORT)
+            listener = await conn.create_server(
+                lambda _h, _p: self._to_server(), "127.0.0.1", 0, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+            )
+            control = _Control()
+            await conn.create_connection(lambda: control, CONTROL_HOST, CONTROL_PORT)
+            self.control = control
         except (asyncssh.Error, OSError) as exc:
             conn.close()
             raise ConnectionError(f"broker refused the tunnel: {exc}") from None
         hub_host, hub_port = self.s.hub_api_address
         self.hub_relay.attach(Tunnel(conn, hub_host, hub_port))  # type: ignore[arg-type]
-        self.control.send({"type": "hello", "node": self.s.node, "job_id": self.s.job_id, "pid": os.getpid()})
+        control.send({"type": "hello", "node": self.s.node, "job_id": self.s.job_id, "pid": os.getpid()})
         if self.ready:
-            self.control.send({"type": "ready"})
+            control.send({"type": "ready"})
         log("connected to broker", hub_port=listener.get_port())
         self._lost.clear()
         watcher = asyncio.get_running_loop().create_task(self._watch(conn))
@@ -200,15 +214,15 @@ class Agent:
     # -- notebook server -----------------------------------------------------------------
     def server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARS}
-        local = f"http://127.0.0.1:{self.hub_relay.port}"
         env["JUPYTERHUB_API_URL"] = rewrite_url_port(self.s.hub_api_url, "127.0.0.1", self.hub_relay.port)
         if env.get("JUPYTERHUB_ACTIVITY_URL"):
-            env["JUPYTERHUB_ACTIVITY_URL"] = rewrite_url_port(env["JUPYTERHUB_ACTIVITY_URL"], "127.0.0.1", self.hub_relay.port)
+            env["JUPYTERHUB_ACTIVITY_URL"] = rewrite_url_port(
+                env["JUPYTERHUB_ACTIVITY_URL"], "127.0.0.1", self.hub_relay.port
+            )
         if env.get("JUPYTERHUB_SERVICE_URL"):
             # jupyter_server refuses --sock together with a non-default port (see environment notes)
             env["JUPYTERHUB_SERVICE_URL"] = rewrite_url_port(env["JUPYTERHUB_SERVICE_URL"], "127.0.0.1", 8888)
         env.setdefault("JUPYTERHUB_SERVICE_PREFIX", "/")
-        del local
         return env
 
     async def start_server(self) -> None:
@@ -334,8 +348,8 @@ class Agent:
 
 
 def run(cmd: list[str]) -> int:
-    from .settings import SettingsError
-
+    """``node-agent run -- CMD``: the server's exit status (77: refused by the broker, 78: bad
+    settings)."""
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:

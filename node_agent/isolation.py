@@ -25,10 +25,13 @@ What the container does not separate (the network namespace: loopback ports; wit
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
-from . import hpc_config as hc
+from .container import env_prefix
+from .hpc_model import HpcConfig, UserPaths
+from .hpc_schema import ISOLATING_MODES
+from .templating import render_template
 
 #: The job's private /tmp inside the container (a fresh tmpfs per job with --contain).
 PRIVATE_TMP = "/tmp"
@@ -61,13 +64,7 @@ class Problem:
         return f"{self.option}: {self.reason}"
 
 
-def env_prefix(runtime: str) -> str:
-    """The prefix that sets a variable inside the container (it wins over the host's value)."""
-    return "SINGULARITYENV_" if os.path.basename(runtime).startswith("singularity") \
-        else "APPTAINERENV_"
-
-
-def private_dirs_env(config: hc.HpcConfig) -> dict[str, str]:
+def private_dirs_env(config: HpcConfig) -> dict[str, str]:
     """Variables that put the agent's socket directory (``NODE_AGENT_RUNTIME_DIR``) and
     ``TMPDIR`` in the job's private /tmp inside the container — not in a host directory such
     as ``$XDG_RUNTIME_DIR`` or a site ``TMPDIR`` that other jobs of the account can reach.
@@ -91,7 +88,7 @@ def _flag_values(args: list[str], flags: tuple[str, ...]) -> Iterator[str]:
                     i += 1
                 break
             if a.startswith(f + "="):
-                yield a[len(f) + 1:]
+                yield a[len(f) + 1 :]
                 break
             if len(f) == 2 and a.startswith(f) and len(a) > 2:  # short form -B/src
                 yield a[2:]
@@ -118,20 +115,18 @@ def _overlay_source(value: str) -> str:
     return value.split(":", 1)[0]
 
 
-def bind_sources(config: hc.HpcConfig, paths: hc.UserPaths,
-                 env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+def bind_sources(config: HpcConfig, paths: UserPaths, env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
     """Every host path the container would see besides its home: ``(option, host path)``."""
-    names = dict(user=paths.safe_user, scratch_dir=paths.scratch_dir, home_root=paths.home_root,
-                 home=paths.home, container_home=paths.container_home)
+    names = paths.template_values()
     c = config.container
     for option, specs in (("container.binds", c.binds), ("container.extra_binds", c.extra_binds)):
         for spec in specs:
-            yield option, hc.render_template(spec, **names).split(":", 1)[0]
+            yield option, render_template(spec, **names).split(":", 1)[0]
     nb = config.nbgrader
     if nb.exchange_dir:
-        yield "nbgrader.exchange_dir", hc.render_template(nb.exchange_dir, **names)
+        yield "nbgrader.exchange_dir", render_template(nb.exchange_dir, **names)
     if nb.config_file:
-        yield "nbgrader.config_file", hc.render_template(nb.config_file, **names)
+        yield "nbgrader.config_file", render_template(nb.config_file, **names)
     if config.webdav.enabled:
         yield "webdav.mount_point", paths.webdav_mount_point
     for v in _flag_values(c.extra_args, _BIND_FLAGS):
@@ -156,8 +151,9 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def exposure(src: str, config: hc.HpcConfig, paths: hc.UserPaths,
-             realpath: Callable[[str], str] = os.path.realpath) -> str | None:
+def exposure(
+    src: str, config: HpcConfig, paths: UserPaths, realpath: Callable[[str], str] = os.path.realpath
+) -> str | None:
     """Why binding host path ``src`` would show this job another user's data; None if it does
     not (it is the user's own home or image, or lies outside the per-user directories)."""
     s = realpath(src)
@@ -165,8 +161,10 @@ def exposure(src: str, config: hc.HpcConfig, paths: hc.UserPaths,
     if _within(s, own_home):
         return None
     if _within(homes, s):
-        return (f"binds {src}, which holds every user's home ({paths.home_root}); bind only "
-                f"the user's own home ({{home}}) or directories outside {paths.home_root}")
+        return (
+            f"binds {src}, which holds every user's home ({paths.home_root}); bind only "
+            f"the user's own home ({{home}}) or directories outside {paths.home_root}"
+        )
     if _within(s, homes):
         return f"binds {src}, which is inside another user's home under {paths.home_root}"
     if config.overlay.enabled:
@@ -175,16 +173,15 @@ def exposure(src: str, config: hc.HpcConfig, paths: hc.UserPaths,
         if s == own_img:
             return None
         if _within(images, s):
-            return (f"binds {src}, which holds every user's overlay image "
-                    f"({os.path.dirname(paths.overlay)})")
+            return f"binds {src}, which holds every user's overlay image ({os.path.dirname(paths.overlay)})"
         if _within(s, images):
-            return (f"binds {src}, which is inside {os.path.dirname(paths.overlay)} (other "
-                    f"users' overlay images)")
+            return f"binds {src}, which is inside {os.path.dirname(paths.overlay)} (other users' overlay images)"
     return None
 
 
-def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
-          realpath: Callable[[str], str] = os.path.realpath) -> list[Problem]:
+def check(
+    config: HpcConfig, paths: UserPaths, env: Mapping[str, str], *, realpath: Callable[[str], str] = os.path.realpath
+) -> list[Problem]:
     """What keeps the container from walling this job off from other users' jobs of the same
     account. Empty when ``isolation.shared_account`` is false or no container is used (in
     no-container mode only the batch system can keep users apart: see docs/deploy.md)."""
@@ -192,27 +189,47 @@ def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
     if not (config.isolation.shared_account and c.enabled):
         return []
     out: list[Problem] = []
-    if c.contain not in hc.ISOLATING_MODES:
-        lacks = "no PID namespace and no private /tmp" if c.contain == "none" else \
-            "no PID namespace"
-        out.append(Problem("container.contain", (
-            f"{c.contain!r} gives the job {lacks}: another user's notebook on the same node "
-            f"runs as the same account and could list this job's processes and read their "
-            f"environment (/proc/PID/environ, with the hub API token); use \"contain-pid\" or "
-            f"\"containall\"")))
+    if c.contain not in ISOLATING_MODES:
+        lacks = "no PID namespace and no private /tmp" if c.contain == "none" else "no PID namespace"
+        out.append(
+            Problem(
+                "container.contain",
+                (
+                    f"{c.contain!r} gives the job {lacks}: another user's notebook on the same node "
+                    f"runs as the same account and could list this job's processes and read their "
+                    f'environment (/proc/PID/environ, with the hub API token); use "contain-pid" or '
+                    f'"containall"'
+                ),
+            )
+        )
     for v in _flag_values(c.extra_args, _WORKDIR_FLAGS):
-        out.append(Problem("container.extra_args", (
-            f"--workdir {v} makes {v}/tmp the /tmp of every job (shared between users); leave "
-            f"it out so that each job gets its own /tmp")))
+        out.append(
+            Problem(
+                "container.extra_args",
+                (
+                    f"--workdir {v} makes {v}/tmp the /tmp of every job (shared between users); leave "
+                    f"it out so that each job gets its own /tmp"
+                ),
+            )
+        )
     for name in WORKDIR_ENV:
         if env.get(name):
-            out.append(Problem(f"${name} (job environment)", (
-                f"{env[name]}/tmp would be the /tmp of every job (shared between users); unset "
-                f"it")))
+            out.append(
+                Problem(
+                    f"${name} (job environment)",
+                    (f"{env[name]}/tmp would be the /tmp of every job (shared between users); unset it"),
+                )
+            )
     for _v in _flag_values(c.extra_args, _HOME_FLAGS):
-        out.append(Problem("container.extra_args", (
-            "--home would replace the user's own home that launch binds; leave it out "
-            "(container.home sets where the home appears)")))
+        out.append(
+            Problem(
+                "container.extra_args",
+                (
+                    "--home would replace the user's own home that launch binds; leave it out "
+                    "(container.home sets where the home appears)"
+                ),
+            )
+        )
     for option, src in bind_sources(config, paths, env):
         why = exposure(src, config, paths, realpath)
         if why:
@@ -220,30 +237,45 @@ def check(config: hc.HpcConfig, paths: hc.UserPaths, env: Mapping[str, str], *,
     return out
 
 
-def no_container_problem(config: hc.HpcConfig, env: Mapping[str, str]) -> Problem | None:
+def no_container_problem(config: HpcConfig, env: Mapping[str, str]) -> Problem | None:
     """No container under a shared account although the hub expected one (and so did not ask
     the batch system for a node to itself): nothing would keep other users off this node."""
     if not (config.isolation.shared_account and not config.container.enabled):
         return None
     if env.get(EXPECT_CONTAINER_ENV) != "1":
         return None
-    return Problem("container.enabled", (
-        "is false, but the hub submitted this job expecting a container (SlurmBrokerSpawner."
-        "jobs_in_container, by default true when agent_command runs node-agent launch), so "
-        "it did not keep other users' jobs off this node; set c.SlurmBrokerSpawner."
-        "jobs_in_container = False on the hub (jobs then get a node to themselves, "
-        "node_exclusivity) or run the server in a container"))
+    return Problem(
+        "container.enabled",
+        (
+            "is false, but the hub submitted this job expecting a container (SlurmBrokerSpawner."
+            "jobs_in_container, by default true when agent_command runs node-agent launch), so "
+            "it did not keep other users' jobs off this node; set c.SlurmBrokerSpawner."
+            "jobs_in_container = False on the hub (jobs then get a node to themselves, "
+            "node_exclusivity) or run the server in a container"
+        ),
+    )
 
 
 def refusal(problems: list[Problem], source: str | None) -> str:
     """The error launch prints when it refuses to start (one line per problem, then the way out)."""
     where = f" ({source})" if source else ""
     lines = [f"hpc config error{where}: {p}" for p in problems]
-    lines.append("isolation.shared_account is true (all users' jobs run as one account, so the "
-                 "container is the only wall between them): fix the option(s) above, or set "
-                 "isolation.allow_weak = true to start anyway (docs/deploy.md)")
+    lines.append(
+        "isolation.shared_account is true (all users' jobs run as one account, so the "
+        "container is the only wall between them): fix the option(s) above, or set "
+        "isolation.allow_weak = true to start anyway (docs/deploy.md)"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["EXPECT_CONTAINER_ENV", "PRIVATE_TMP", "Problem", "bind_sources", "check",
-           "env_prefix", "exposure", "no_container_problem", "private_dirs_env", "refusal"]
+__all__ = [
+    "EXPECT_CONTAINER_ENV",
+    "PRIVATE_TMP",
+    "Problem",
+    "bind_sources",
+    "check",
+    "exposure",
+    "no_container_problem",
+    "private_dirs_env",
+    "refusal",
+]

@@ -113,12 +113,14 @@ def check_overlay(path: str, fsck: bool = False) -> int:
     if n < 1024:
         raise OverlayCorrupt(
             f"overlay {path} is corrupt or incomplete: only {st.st_size} bytes, too small for "
-            f"an ext file system (a creation was probably interrupted). {what_to_do}")
+            f"an ext file system (a creation was probably interrupted). {what_to_do}"
+        )
     magic = struct.unpack_from("<H", sb, 0x38)[0]
     if magic != EXT_MAGIC:
         raise OverlayCorrupt(
             f"overlay {path} is corrupt or incomplete: no ext2/3/4 superblock "
-            f"(magic {magic:#06x}, expected 0xef53). {what_to_do}")
+            f"(magic {magic:#06x}, expected 0xef53). {what_to_do}"
+        )
     blocks_lo = struct.unpack_from("<I", sb, 0x04)[0]
     log_bs = struct.unpack_from("<I", sb, 0x18)[0]
     incompat = struct.unpack_from("<I", sb, 0x60)[0]
@@ -126,24 +128,29 @@ def check_overlay(path: str, fsck: bool = False) -> int:
     if incompat & 0x80:  # 64bit feature
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
     if log_bs > 6:
-        raise OverlayCorrupt(
-            f"overlay {path} is corrupt: impossible block size (log {log_bs}). {what_to_do}")
+        raise OverlayCorrupt(f"overlay {path} is corrupt: impossible block size (log {log_bs}). {what_to_do}")
     need = blocks * (1024 << log_bs)
     if need == 0 or size < need:
         raise OverlayCorrupt(
-            f"overlay {path} is truncated: the file system needs {need} bytes but the file has "
-            f"{size}. {what_to_do}")
+            f"overlay {path} is truncated: the file system needs {need} bytes but the file has {size}. {what_to_do}"
+        )
     if fsck:
         e2fsck = find_tool("e2fsck")
         if e2fsck is None:
             raise OverlayError("overlay.check = 'fsck' but e2fsck was not found on PATH or in /sbin")
-        r = subprocess.run([e2fsck, "-n", "-f", path], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        r = subprocess.run(
+            [e2fsck, "-n", "-f", path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
         if r.returncode not in (0,):
             tail = r.stdout.decode("utf-8", "replace").strip().splitlines()[-3:]
             raise OverlayCorrupt(
                 f"overlay {path} has file system errors (e2fsck -n exit {r.returncode}: "
-                f"{' / '.join(tail)[:300]}). {what_to_do}")
+                f"{' / '.join(tail)[:300]}). {what_to_do}"
+            )
     return size
 
 
@@ -201,8 +208,13 @@ def _make_image(tmp: str, size: int, mkfs: str) -> None:
             os.ftruncate(fd, size)  # sparse: fast even on large sizes
         finally:
             os.close(fd)
-        r = subprocess.run([mkfs, "-q", "-F", "-d", seed, tmp], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        r = subprocess.run(
+            [mkfs, "-q", "-F", "-d", seed, tmp],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
         if r.returncode != 0:
             out = r.stdout.decode("utf-8", "replace").strip()[-400:]
             hint = ""
@@ -231,8 +243,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def ensure_overlay(path: str, size: int, *, create: bool = True, check: str = "quick",
-                   lock_timeout: float = 300) -> OverlayResult | None:
+def ensure_overlay(
+    path: str, size: int, *, create: bool = True, check: str = "quick", lock_timeout: float = 300
+) -> OverlayResult | None:
     """Return the usable overlay at ``path``, creating it once if needed.
 
     Returns None when the image does not exist and ``create`` is false. Raises OverlayCorrupt
@@ -252,8 +265,9 @@ def ensure_overlay(path: str, size: int, *, create: bool = True, check: str = "q
         raise OverlayError(f"cannot create the overlay directory {parent}: {e.strerror}") from None
     mkfs = find_tool("mkfs.ext3")
     if mkfs is None:
-        raise OverlayError("mkfs.ext3 (e2fsprogs) was not found on PATH or in /sbin; it is "
-                           "needed to create overlay images")
+        raise OverlayError(
+            "mkfs.ext3 (e2fsprogs) was not found on PATH or in /sbin; it is needed to create overlay images"
+        )
     lock_path = path + ".lock"
     try:
         lfd = _open_lock(lock_path)

@@ -65,7 +65,7 @@ class Settings:
         return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
 
     @classmethod
-    def from_env(cls, env: "os._Environ[str] | dict[str, str]") -> "Settings":
+    def from_env(cls, env: os._Environ[str] | dict[str, str]) -> Settings:
         """Read settings from *env*, removing the enrolment secret from it."""
 
         def need(name: str) -> str:

@@ -5,7 +5,7 @@ come from the flags, then from what the wizard finds on the cluster (``sinfo`` p
 GRES, ``apptainer``/``singularity`` on PATH), then from the config schema.
 
 ``--non-interactive`` takes every answer from flags (or the same defaults) and asks nothing.
-The result is validated with :mod:`node_agent.hpc_config` before anything is written; existing
+The result is validated with :mod:`node_agent.hpc_validate` before anything is written; existing
 files are never overwritten without ``--force``.
 """
 
@@ -20,8 +20,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import hpc_config as hc
+from .hpc_schema import CONTAIN_MODES, OPTIONS, SECTIONS
+from .hpc_toml import dump_toml
+from .hpc_validate import HpcConfigError, config_from_dict, parse_size
 
 DEFAULT_OUTPUT = "~/.config/node-agent/hpc-config.toml"
 NONE_WORDS = {"none", "-", "no"}
@@ -48,9 +51,9 @@ def inspect_cluster(timeout: float = 15) -> ClusterInfo:
         info.sinfo_error = "sinfo not found"
         return info
     try:
-        r = subprocess.run([sinfo, "-h", "-o", "%P|%G|%a"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sinfo, "-h", "-o", "%P|%G|%a"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         info.sinfo_error = str(e)
         return info
@@ -134,6 +137,7 @@ class Asker:
         def check(v: str) -> None:
             if v not in choices:
                 raise ValueError(f"must be one of {', '.join(choices)}")
+
         return self.text(f"{prompt} ({'/'.join(choices)})", default, check, allow_empty=False)
 
 
@@ -143,7 +147,7 @@ def _check_abs(v: str) -> None:
 
 
 def _check_size(v: str) -> None:
-    hc.parse_size(v)
+    parse_size(v)
 
 
 def _check_partition(known: list[str]):
@@ -152,6 +156,7 @@ def _check_partition(known: list[str]):
             raise ValueError(f"unknown partition; sinfo shows: {', '.join(known)}")
         if v and not all(c.isalnum() or c in "-_.," for c in v):
             raise ValueError("partition names contain only letters, digits, '-', '_', '.'")
+
     return check
 
 
@@ -162,21 +167,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="node-agent wizard", description=__doc__.split("\n\n")[0])
     p.add_argument("--non-interactive", action="store_true", help="ask nothing; use flags/defaults")
     p.add_argument("--output", "-o", default=None, help=f"config file to write ({DEFAULT_OUTPUT})")
-    p.add_argument("--hub-snippet", default=None,
-                   help="where to write the jupyterhub_config.py snippet "
-                        "(default: jupyterhub_config_snippet.py next to --output)")
+    p.add_argument(
+        "--hub-snippet",
+        default=None,
+        help="where to write the jupyterhub_config.py snippet (default: jupyterhub_config_snippet.py next to --output)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--no-inspect", action="store_true", help="do not run sinfo or look for runtimes")
     g = p.add_argument_group("answers")
     g.add_argument("--container", dest="container", action="store_true", default=None)
-    g.add_argument("--no-container", dest="container", action="store_false",
-                   help="no-container mode (run the server directly on the node)")
+    g.add_argument(
+        "--no-container",
+        dest="container",
+        action="store_false",
+        help="no-container mode (run the server directly on the node)",
+    )
     g.add_argument("--runtime", help="apptainer, singularity or an absolute path")
     g.add_argument("--load-command", help="e.g. 'module load apptainer' ('none' for nothing)")
     g.add_argument("--image", help="image for compute nodes (.sif)")
     g.add_argument("--gpu-image", help="image for GPU nodes (.sif)")
     g.add_argument("--container-home", help="home directory inside the container")
-    g.add_argument("--contain", choices=tuple(hc.CONTAIN_MODES), help="isolation mode")
+    g.add_argument("--contain", choices=tuple(CONTAIN_MODES), help="isolation mode")
     g.add_argument("--scratch-dir", help="base directory for homes, overlays and logs")
     g.add_argument("--create-home", dest="create_home", action="store_true", default=None)
     g.add_argument("--no-create-home", dest="create_home", action="store_false")
@@ -196,16 +207,25 @@ def _nz(v, default):
     return default if v is None else v
 
 
+def _default(key: str) -> Any:
+    """The schema's default of option ``key`` (the wizard's answer when nothing else says)."""
+    return OPTIONS[key].default
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     out = os.path.abspath(os.path.expanduser(a.output or DEFAULT_OUTPUT))
-    snippet = os.path.abspath(os.path.expanduser(
-        a.hub_snippet or os.path.join(os.path.dirname(out), "jupyterhub_config_snippet.py")))
+    snippet = os.path.abspath(
+        os.path.expanduser(a.hub_snippet or os.path.join(os.path.dirname(out), "jupyterhub_config_snippet.py"))
+    )
     if not a.force:
         for p in (out, snippet):
             if os.path.exists(p):
-                print(f"node-agent wizard: {p} exists; use --force to overwrite it "
-                      f"(or --output/--hub-snippet for another path)", file=sys.stderr)
+                print(
+                    f"node-agent wizard: {p} exists; use --force to overwrite it "
+                    f"(or --output/--hub-snippet for another path)",
+                    file=sys.stderr,
+                )
                 return 1
     ask = Asker(not a.non_interactive)
     info = ClusterInfo() if a.no_inspect else inspect_cluster()
@@ -215,98 +235,115 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_inspect:
         ask.say(f"  container runtimes found: {', '.join(info.runtimes) or 'none'}")
         if info.partitions:
-            ask.say(f"  Slurm partitions: {', '.join(info.partitions)} "
-                    f"(default {info.default_partition or '?'}); "
-                    f"with GPUs: {', '.join(info.gpu_partitions) or 'none'}")
+            ask.say(
+                f"  Slurm partitions: {', '.join(info.partitions)} "
+                f"(default {info.default_partition or '?'}); "
+                f"with GPUs: {', '.join(info.gpu_partitions) or 'none'}"
+            )
         else:
             ask.say(f"  Slurm: not available ({info.sinfo_error})")
     ask.say()
 
-    sec: dict[str, dict] = {s: {} for s in hc.SECTIONS}
+    sec: dict[str, dict] = {s: {} for s in SECTIONS}
     # container
-    use_container = ask.yes_no("Run notebooks inside an Apptainer/Singularity container?",
-                               _nz(a.container, True))
+    use_container = ask.yes_no(
+        "Run notebooks inside an Apptainer/Singularity container?", _nz(a.container, _default("container.enabled"))
+    )
     sec["container"]["enabled"] = use_container
     if use_container:
         found = next(iter(info.runtimes), "")
-        runtime = ask.text("Container runtime", a.runtime or found or "apptainer",
-                           allow_empty=False)
+        runtime = ask.text("Container runtime", a.runtime or found or _default("container.runtime"), allow_empty=False)
         sec["container"]["runtime"] = runtime
-        load_default = a.load_command if a.load_command is not None else (
-            "" if (runtime in info.runtimes or os.path.isabs(runtime) or a.no_inspect)
-            else f"module load {os.path.basename(runtime)}")
+        load_default = (
+            a.load_command
+            if a.load_command is not None
+            else (
+                ""
+                if (runtime in info.runtimes or os.path.isabs(runtime) or a.no_inspect)
+                else f"module load {os.path.basename(runtime)}"
+            )
+        )
         if load_default.lower() in NONE_WORDS:
             load_default = ""
         sec["container"]["load_command"] = ask.text(
-            "Command that makes the runtime available (e.g. module load apptainer)", load_default)
-        sec["container"]["image"] = ask.text("Image for compute nodes (.sif)", a.image or "",
-                                             _check_abs, allow_empty=False)
+            "Command that makes the runtime available (e.g. module load apptainer)", load_default
+        )
+        sec["container"]["image"] = ask.text(
+            "Image for compute nodes (.sif)", a.image or "", _check_abs, allow_empty=False
+        )
         gpu_default = a.gpu_image or ""
         if info.gpu_partitions or a.gpu_image or a.gpu_partition:
             sec["container"]["gpu_image"] = ask.text(
-                "Image for GPU nodes (.sif; none = same as compute)", gpu_default, _check_abs)
+                "Image for GPU nodes (.sif; none = same as compute)", gpu_default, _check_abs
+            )
         elif gpu_default:
             sec["container"]["gpu_image"] = gpu_default
-        sec["container"]["home"] = ask.text("Home directory inside the container",
-                                            a.container_home or "/home/jovyan", allow_empty=False)
+        sec["container"]["home"] = ask.text(
+            "Home directory inside the container", a.container_home or _default("container.home"), allow_empty=False
+        )
         sec["container"]["contain"] = ask.choice(
-            "Isolation (contain-pid is right for shared accounts)", tuple(hc.CONTAIN_MODES),
-            a.contain or "contain-pid")
+            "Isolation (contain-pid is right for shared accounts)",
+            tuple(CONTAIN_MODES),
+            a.contain or _default("container.contain"),
+        )
     # storage
-    scratch = ask.text("Scratch directory for homes, overlays and logs",
-                       a.scratch_dir or hc.OPTIONS["storage.scratch_dir"].default, _check_abs,
-                       allow_empty=False)
+    scratch = ask.text(
+        "Scratch directory for homes, overlays and logs",
+        a.scratch_dir or _default("storage.scratch_dir"),
+        _check_abs,
+        allow_empty=False,
+    )
     sec["storage"]["scratch_dir"] = scratch
-    sec["storage"]["create_home"] = ask.yes_no("Create a home directory per user?",
-                                               _nz(a.create_home, True))
+    sec["storage"]["create_home"] = ask.yes_no(
+        "Create a home directory per user?", _nz(a.create_home, _default("storage.create_home"))
+    )
     if use_container:
-        ov_on = ask.yes_no("Give each user a persistent overlay image?", _nz(a.overlay, True))
+        ov_on = ask.yes_no("Give each user a persistent overlay image?", _nz(a.overlay, _default("overlay.enabled")))
         sec["overlay"]["enabled"] = ov_on
         if ov_on:
-            sec["overlay"]["size"] = ask.text("Overlay size", a.overlay_size or "2G", _check_size,
-                                              allow_empty=False)
+            sec["overlay"]["size"] = ask.text(
+                "Overlay size", a.overlay_size or _default("overlay.size"), _check_size, allow_empty=False
+            )
     else:
         sec["overlay"]["enabled"] = False
-    nb = ask.text("nbgrader exchange directory (none = no nbgrader)", a.nbgrader_exchange or "",
-                  _check_abs)
+    nb = ask.text("nbgrader exchange directory (none = no nbgrader)", a.nbgrader_exchange or "", _check_abs)
     if nb:
         sec["nbgrader"]["exchange_dir"] = nb
-    sec["logging"]["debug"] = ask.yes_no("Debug logging?", _nz(a.debug, False))
+    sec["logging"]["debug"] = ask.yes_no("Debug logging?", _nz(a.debug, _default("logging.debug")))
     # batch system (hub side)
     check_part = _check_partition(info.partitions)
-    partition = ask.text("Slurm partition for notebook jobs",
-                         a.partition or info.default_partition or
-                         (info.partitions[0] if info.partitions else ""), check_part)
-    gpu_part_default = a.gpu_partition if a.gpu_partition is not None else \
-        next(iter(info.gpu_partitions), "")
+    partition = ask.text(
+        "Slurm partition for notebook jobs",
+        a.partition or info.default_partition or (info.partitions[0] if info.partitions else ""),
+        check_part,
+    )
+    gpu_part_default = a.gpu_partition if a.gpu_partition is not None else next(iter(info.gpu_partitions), "")
     if gpu_part_default.lower() in NONE_WORDS:
         gpu_part_default = ""
-    gpu_partition = ask.text("Slurm partition for GPU jobs (none = no GPU profile)",
-                             gpu_part_default, check_part)
+    gpu_partition = ask.text("Slurm partition for GPU jobs (none = no GPU profile)", gpu_part_default, check_part)
     runtime_limit = ask.text("Job wall time", a.runtime_limit or "8:00:00")
     memory = ask.text("Job memory", a.memory or "4G")
 
     data = {s: v for s, v in sec.items() if v}
     try:
-        hc.config_from_dict(data, out)
-    except hc.HpcConfigError as e:
+        config_from_dict(data, out)
+    except HpcConfigError as e:
         print(str(e), file=sys.stderr)
         print("node-agent wizard: nothing written", file=sys.stderr)
         return 2
     img = sec["container"].get("image")
-    for key, path in (("container.image", img), ("container.gpu_image",
-                                                 sec["container"].get("gpu_image"))):
+    for key, path in (("container.image", img), ("container.gpu_image", sec["container"].get("gpu_image"))):
         if path and not os.path.exists(os.path.expanduser(path)):
-            print(f"note: {key} {path} does not exist yet (build it: see singularity/README.md)",
-                  file=sys.stderr)
+            print(f"note: {key} {path} does not exist yet (build it: see singularity/README.md)", file=sys.stderr)
 
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     host = socket.gethostname()
-    header = (f"# HPC-side configuration of the node agent (docs/hpc-config.md).\n"
-              f"# Written by `node-agent wizard` on {host}, {now}.")
-    text = hc.dump_toml(data, header=header)
-    snippet_text = render_hub_snippet(out, partition, gpu_partition, runtime_limit, memory, host,
-                                      now)
+    header = (
+        f"# HPC-side configuration of the node agent (docs/hpc-config.md).\n"
+        f"# Written by `node-agent wizard` on {host}, {now}."
+    )
+    text = dump_toml(data, header=header)
+    snippet_text = render_hub_snippet(out, partition, gpu_partition, runtime_limit, memory, host, now)
     try:
         _write(out, text, a.force)
         _write(snippet, snippet_text, a.force)
@@ -318,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render_hub_snippet(config_path: str, partition: str, gpu_partition: str, runtime_limit: str,
-                       memory: str, host: str, when: str) -> str:
+def render_hub_snippet(
+    config_path: str, partition: str, gpu_partition: str, runtime_limit: str, memory: str, host: str, when: str
+) -> str:
     agent = f"node-agent launch --config {shlex.quote(config_path)} --"
     lines = [
         f"# jupyterhub_config.py snippet written by `node-agent wizard` on {host}, {when}.",
@@ -339,8 +377,7 @@ def render_hub_snippet(config_path: str, partition: str, gpu_partition: str, run
             "",
             "# GPU jobs: a second profile, e.g. with wrapspawner.ProfilesSpawner:",
             "# c.ProfilesSpawner.profiles = [",
-            f"#     ('CPU', 'cpu', 'hub_plugin.spawners.SlurmBrokerSpawner', "
-            f"{{'req_partition': {partition!r}}}),",
+            f"#     ('CPU', 'cpu', 'hub_plugin.spawners.SlurmBrokerSpawner', {{'req_partition': {partition!r}}}),",
             f"#     ('GPU', 'gpu', 'hub_plugin.spawners.SlurmBrokerSpawner', "
             f"{{'req_partition': {gpu_partition!r}, 'req_options': '--gres=gpu:1', "
             f"'agent_command': {agent.replace(' --config', ' --gpu --config')!r}}}),",
