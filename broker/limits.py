@@ -197,12 +197,8 @@ class AdmissionControl:
                 and now - s.penalised_until > self.penalty_max):  # keep the doubling memory while recent
             del self._sources[source]
 
-    def throttled(self, source: str) -> str | None:
-        """Why *source* is throttled now (rule 2), or None if it is open."""
-        s = self._sources.get(source)
-        return self._why_throttled(s, self.clock()) if s else None
-
     def _why_throttled(self, s: _Source, now: float) -> str | None:
+        """Why the source is throttled now (rule 2), or None if it is open."""
         if s.exempt:
             return None
         if s.penalised_until > now:
@@ -235,7 +231,7 @@ class AdmissionControl:
         state = conn.probe()
         if state in ("garbage", "gone"):
             return self._refuse(s, "not an SSH client" if state == "garbage" else "closed by the client")
-        if len(s.waiting) >= self.max_waiting_per_source and not self._make_room(source, s):
+        if len(s.waiting) >= self.max_waiting_per_source and not self._make_room(s):
             return self._refuse(s, f"{why}; its {self.max_waiting_per_source} waiting connections all identified")
         s.waiting.append(_Wait(conn, now, identified=state == "identified"))
         self._queued.add(source)
@@ -262,7 +258,7 @@ class AdmissionControl:
         w.conn.close(refused=refused)
         self._room()  # the total dropped (the accept loop may resume)
 
-    def _make_room(self, source: str, s: _Source) -> bool:
+    def _make_room(self, s: _Source) -> bool:
         """Free one place in a full waiting room: drop a departed or garbage client, else evict the
         oldest silent one. False if every waiting connection is identified."""
         for w in list(s.waiting):
