@@ -69,13 +69,15 @@ class BrokerApp(Application):
     keepalive_interval = Float(15.0, help="Seconds between SSH keepalives to agents (0 disables).").tag(config=True)
     keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
     login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate.").tag(config=True)
-    max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections allowed at once from one source address (0: no cap); more are closed before the banner.").tag(config=True)
-    max_preauth_total = Integer(512, help="Unauthenticated SSH connections allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
-    penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is refused new connections (0: no penalties).").tag(config=True)
+    max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections admitted at once from one source address (0: no cap). At the cap the source is throttled: newer connections wait (no banner) and each admission replaces its least advanced unauthenticated connection.").tag(config=True)
+    max_preauth_total = Integer(512, help="Unauthenticated SSH connections (admitted or waiting) allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
+    max_waiting_per_source = Integer(32, help="Connections of a throttled source held waiting for their turn (no SSH state); a newcomer to a full room replaces the oldest one that has sent nothing. 0: refuse a throttled source's connections outright.").tag(config=True)
+    throttle_interval = Float(1.0, help="Seconds between admissions of a throttled source (penalised, or at max_preauth_per_source), jittered by ±50%.").tag(config=True)
+    penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is penalised: throttled even below its cap (0: no penalties).").tag(config=True)
     penalty_window = Float(60.0, help="Seconds over which failed authentications from one source are counted.").tag(config=True)
-    penalty_base = Float(10.0, help="Seconds a penalised source is refused; doubles for each further penalty.").tag(config=True)
+    penalty_base = Float(10.0, help="Seconds a penalised source is throttled; doubles for each further penalty.").tag(config=True)
     penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
-    penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor capped per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
+    penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor throttled per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
     hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
     hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
@@ -146,6 +148,12 @@ class BrokerApp(Application):
         if not v >= low:  # also refuses NaN
             raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
         return v
+
+    @validate("throttle_interval")
+    def _positive_interval(self, proposal: dict) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(f"BrokerApp.throttle_interval: must be positive, got {proposal['value']}")
+        return proposal["value"]
 
     @validate("ssh_port", "api_port")
     def _valid_port(self, proposal: dict) -> int:
@@ -241,7 +249,8 @@ async def serve(app: BrokerApp) -> None:
         login_timeout=app.login_timeout,
         admission=AdmissionControl(
             max_preauth_per_source=app.max_preauth_per_source, max_preauth_total=app.max_preauth_total,
-            penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
+            max_waiting_per_source=app.max_waiting_per_source, throttle_interval=app.throttle_interval,
+            max_wait=app.login_timeout, penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
             penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
         max_hub_api_channels=app.max_hub_api_channels, hub_api_policy=app.hub_api_policy(),
         control_limits=ControlLimits(rate=app.control_rate, burst=app.control_burst, queue=app.control_queue),

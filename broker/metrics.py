@@ -14,6 +14,9 @@ Metric names (all prefixed ``broker_``)::
 
     broker_sessions{state}                         gauge: live sessions by state
     broker_agents_connected                        gauge: agent SSH connections authenticated now
+    broker_agent_throttled_total                   counter: SSH connections that waited (throttled source)
+    broker_agent_evicted_total                     counter: pre-auth SSH connections closed to make room
+                                                   for a newer one of the same source (broker/limits.py)
     broker_sessions_created_total                  counter
     broker_sessions_closed_total                   counter
     broker_tunnel_bytes_in_total                   counter: bytes hub -> node (flushed counters)
@@ -33,7 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .control import CLOSE_REASONS as CONTROL_REASONS
@@ -94,6 +97,12 @@ class _LiveCollector:
         yield by_state
         yield GaugeMetricFamily("broker_agents_connected", "Agent SSH connections authenticated now.",
                                 value=len(self.broker.agents))
+        # admission control keeps its own counters (broker/limits.py); exposed as they are
+        ad = self.broker.admission
+        yield CounterMetricFamily("broker_agent_throttled", "SSH connections that had to wait because their source "
+                                  "address was throttled (penalised or at its pre-auth cap).", value=ad.throttled_total)
+        yield CounterMetricFamily("broker_agent_evicted", "Pre-auth SSH connections closed to make room for a newer "
+                                  "connection of the same source address.", value=ad.evicted_total)
 
 
 class BrokerMetrics:

@@ -11,10 +11,12 @@ Authentication (username = session id):
 Everything after login is decided by :mod:`broker.policy`; anything not explicitly allowed
 (shells, exec, subsystems, agent/X11 forwarding, unix sockets, other ports/hosts) is refused.
 
-Denial-of-service limits (see :mod:`broker.limits`): a connection reaches this class only if the
-broker's accept loop (:mod:`broker.acceptor`) admitted it — its source not penalised, the
-per-source pre-auth cap not reached — before any SSH state or banner; the total pre-auth cap
-paces accepting. Failed authentication attempts count towards the source's penalty, and a connection is
+Denial-of-service limits (see :mod:`broker.limits`): a connection reaches this class only once
+the broker's accept loop (:mod:`broker.acceptor`) admitted it — at once, or at its throttled
+source's rate — before any SSH state or banner. Until its credential is verified it may be
+evicted to make room for a newer connection of its source (:meth:`AgentSSHServer.evict`; the least
+progressed first, see :attr:`AgentSSHServer.progress`); once verified it leaves the pre-auth
+accounting. Failed authentication attempts count towards the source's penalty, and a connection is
 closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
 ``Broker.max_hub_api_channels`` open direct channels to the hub API. Its control channel is
 bounded by ``Broker.control_limits`` (:mod:`broker.control`): line length, message rate, queue.
@@ -33,6 +35,7 @@ from . import policy
 from .hubapi import Denial, HubApiExchange
 from .hubrelay import open_filtered_hub_connection
 from .control import ControlLimits, LineSplitter, LineTooLong, TokenBucket
+from .limits import PROGRESS_AUTH, PROGRESS_KEY
 from .secrets import verify_secret
 from .tunnel import Tunnel, TunnelAttachment
 
@@ -171,6 +174,9 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.log = broker.log.bind(component="ssh")
         self.admission = getattr(broker, "admission", None)
         self._preauth = False  # counted in the admission control's pre-auth totals
+        #: How far authentication got (``broker.limits.PROGRESS_*``): the least progressed is evicted first.
+        self.progress = 0
+        self.evicted = False
         self._auth_failures = 0
         self.hub_api_channels = 0
 
@@ -183,11 +189,21 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.log = self.log.bind(conn=self.peer)
         # admitted by the accept loop (broker/acceptor.py), which counted it as pre-auth
         self._preauth = self.admission is not None
+        if self.admission is not None:
+            self.admission.attach(self.source, self)  # evictable from now on
 
     def _leave_preauth(self) -> None:
         if self._preauth and self.admission is not None:
             self._preauth = False
-            self.admission.left_preauth(self.source)
+            self.admission.left_preauth(self.source, self)
+
+    def evict(self) -> None:
+        """Admission control needs this pre-auth slot for a newer connection of the same source
+        (it has already taken this one out of its accounting): close the connection."""
+        self._preauth = False
+        self.evicted = True
+        if self.conn is not None:
+            self.conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_preauth()
@@ -199,8 +215,9 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.broker.auth_failed(self, username, reason)
         self._auth_failures += 1
         if self.admission is not None and self.admission.auth_failed(self.source):
-            self.log.warning("source penalised", source=self.source,
-                             seconds=round(self.admission.penalty_left(self.source), 1))
+            self.log.warning("source penalised: throttled", source=self.source,
+                             seconds=round(self.admission.penalty_left(self.source), 1),
+                             interval=self.admission.throttle_interval)
         if self._auth_failures >= MAX_AUTH_TRIES and self.conn is not None:
             self.conn.close()
 
@@ -213,6 +230,7 @@ class AgentSSHServer(asyncssh.SSHServer):
 
     # -- authentication ------------------------------------------------------------------
     def begin_auth(self, username: str) -> bool:
+        self.progress = max(self.progress, PROGRESS_AUTH)
         return True  # always require authentication
 
     def password_auth_supported(self) -> bool:
@@ -246,6 +264,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         if not self.broker.store.spend_secret(username, key):
             self._auth_failed(username, "secret already spent")
             return False
+        self._leave_preauth()  # verified: no longer counted, never evicted
         self.session_id = username
         self.log.info("agent enrolled", session=username)
         return True
@@ -262,6 +281,9 @@ class AgentSSHServer(asyncssh.SSHServer):
         if offered != session.agent_key:
             self._auth_failed(username, "public key not bound to this session")
             return False
+        # the session's own key: evicted last; it leaves the pre-auth accounting once asyncssh has
+        # verified the signature (auth_completed)
+        self.progress = PROGRESS_KEY
         self.session_id = username
         return True
 

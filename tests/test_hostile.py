@@ -3,8 +3,9 @@
 - a forward-policy matrix: credential kind x request kind, checked against EXPECTED (the same
   table is rendered in docs/reliability.md, and this test checks the two agree);
 - garbage bytes, oversized version lines and oversized SSH packets on raw TCP;
-- slowloris (idle pre-auth connections) from one source while another source enrols;
-- repeated authentication failures penalised per source (growing penalty);
+- slowloris (idle pre-auth connections) from one source while another source enrols: the source is
+  throttled, its waiting connections get no banner, admissions rotate its idle ones out;
+- repeated authentication failures throttle the source (growing penalty), never refuse it;
 - a per-connection cap on hub-API channels;
 - hostile usernames (long, RTL marks, emoji, newlines, escapes) escaped in the broker's log.
 
@@ -270,10 +271,16 @@ async def test_garbage_storm_keeps_memory_steady(make_broker):
 
 
 # -- slowloris, caps, login timeout ----------------------------------------------------------
-async def _idle_connections(n: int, port: int, source: str = ATTACKER) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def _idle_connections(n: int, port: int, source: str = ATTACKER,
+                            ident: bool = False) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """n TCP connections that send nothing (or, with *ident*, only an SSH identification line:
+    the kernel then hands them to the broker at once instead of after TCP_DEFER_ACCEPT)."""
     conns = []
     for _ in range(n):
-        conns.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        if ident:
+            writer.write(b"SSH-2.0-hostile\r\n")
+        conns.append((reader, writer))
     return conns
 
 
@@ -289,41 +296,21 @@ async def _closed_soon(reader: asyncio.StreamReader, timeout: float) -> bool:
         return True
 
 
-async def test_slowloris_from_one_source_does_not_block_another(make_broker):
-    n, per_source, login_timeout = 200, 32, 4.0
-    h = await make_broker(max_preauth_per_source=per_source, max_preauth_total=0, login_timeout=login_timeout)
-    idle = await _idle_connections(n, h.broker.ssh_port)
-    closed = await asyncio.gather(*[_closed_soon(r, 1.0) for r, _ in idle])
-    # the first `per_source` are held (pre-auth, waiting for login_timeout); the rest closed at once
-    assert sum(closed) == n - per_source
-    assert h.broker.admission.preauth_total == per_source
-    # an honest agent from another source enrols at once
-    t0 = time.monotonic()
-    session, secret = await h.session()
-    conn, _ = await h.enrol(session.id, secret)
-    enrol_s = time.monotonic() - t0
-    assert enrol_s < 5
-    assert h.broker.get(session.id).state == "connected"
-    # the held ones are dropped by the login timeout
-    held = [r for (r, _), c in zip(idle, closed) if not c]
-    t0 = time.monotonic()
-    closed_later = await asyncio.gather(*[_closed_soon(r, login_timeout + 3) for r in held])
-    assert all(closed_later)
-    record("slowloris", idle_connections=n, held=per_source, refused_at_once=n - per_source,
-           honest_enrol_s=round(enrol_s, 3), held_dropped_after_s=round(time.monotonic() - t0, 2))
-    for _, w in idle:
-        w.close()
-    conn.close()
-
-
-async def test_refused_connection_gets_no_banner(make_broker):
-    h = await make_broker(max_preauth_per_source=1, max_preauth_total=0)
-    (r1, w1), = await _idle_connections(1, h.broker.ssh_port)
-    assert (await asyncio.wait_for(r1.readline(), 5)).startswith(b"SSH-2.0-")  # admitted: banner
-    (r2, w2), = await _idle_connections(1, h.broker.ssh_port)
-    assert await asyncio.wait_for(r2.read(), 5) == b""  # refused before the banner: nothing at all
-    for w in (w1, w2):
-        w.close()
+async def _observe(reader: asyncio.StreamReader, timeout: float) -> str:
+    """What the client sees within *timeout*: ``banner`` (admitted, still open), ``nothing``
+    (waiting: no banner, not closed), ``closed`` (closed before the banner: refused or evicted
+    while waiting), ``evicted`` (closed after its banner, before authenticating)."""
+    got = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(4096), timeout)
+            if not chunk:
+                return "evicted" if got else "closed"
+            got += chunk
+    except asyncio.TimeoutError:
+        return "banner" if got.startswith(b"SSH-2.0-") else "nothing"
+    except ConnectionError:
+        return "evicted" if got else "closed"
 
 
 async def _banner_soon(reader: asyncio.StreamReader, timeout: float) -> bool:
@@ -333,6 +320,97 @@ async def _banner_soon(reader: asyncio.StreamReader, timeout: float) -> bool:
         return False
 
 
+async def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_slowloris_from_one_source_is_throttled_and_does_not_block_another(make_broker):
+    """200 idle connections from one source, per-source cap 32, waiting room 32: 32 are admitted,
+    32 wait (no banner, not closed), the rest are evicted from the full waiting room; the source
+    then gets about one admission per second, each replacing its oldest idle connection; another
+    source enrols at once; login timeout (also the longest wait) ends the rest."""
+    n, per_source, room, login_timeout = 200, 32, 32, 6.0
+    h = await make_broker(max_preauth_per_source=per_source, max_waiting_per_source=room, max_preauth_total=0,
+                          login_timeout=login_timeout)
+    ad = h.broker.admission
+    idle = await _idle_connections(n, h.broker.ssh_port)
+    # the kernel hands silent connections over after TCP_DEFER_ACCEPT (1 s); wait until all arrived
+    await _until(lambda: ad.stats()["throttled"] >= n - per_source, 10, "all connections to arrive")
+    st = (ad.admitted(ATTACKER), ad.waiting(ATTACKER), ad.stats())
+    assert st[0] == per_source and st[1] == room, st
+    assert ad.preauth_total == per_source + room
+    seen = await asyncio.gather(*[_observe(r, 0.3) for r, _ in idle])
+    assert seen.count("banner") == per_source, "the cap holds"
+    assert seen.count("closed") >= n - per_source - room - 2, "the rest were evicted from the full room"
+    rotated_at_start = seen.count("evicted")
+    assert rotated_at_start <= 2
+    # an honest agent from another source enrols at once
+    t0 = time.monotonic()
+    session, secret = await h.session()
+    conn, _ = await h.enrol(session.id, secret)
+    enrol_s = time.monotonic() - t0
+    assert enrol_s < 2
+    assert h.broker.get(session.id).state == "connected"
+    # throttled: about one admission per second, each replacing the oldest admitted idle one
+    waiting = [r for (r, _), st in zip(idle, seen) if st == "nothing"]
+    admitted = [r for (r, _), st in zip(idle, seen) if st == "banner"]
+    later = await asyncio.gather(*[_observe(r, 2.5) for r in waiting])
+    rotated = later.count("banner") + later.count("evicted")
+    assert 1 <= rotated <= 6, later
+    gone = await asyncio.gather(*[_closed_soon(r, 0.1) for r in admitted])
+    assert sum(gone) >= rotated - 1, "each admission evicted an admitted idle connection"
+    assert ad.admitted(ATTACKER) == per_source  # (none has reached the login timeout yet)
+    # the login timeout (and the same longest wait) ends everything else
+    t0 = time.monotonic()
+    open_ones = [r for (r, _), st in zip(idle, seen) if st in ("banner", "nothing")]
+    assert all(await asyncio.gather(*[_closed_soon(r, login_timeout + 3) for r in open_ones]))
+    record("slowloris", idle_connections=n, admitted=per_source, waiting=room,
+           evicted_at_once=seen.count("closed"), admissions_in_2_5s=rotated, honest_enrol_s=round(enrol_s, 3),
+           all_dropped_after_s=round(time.monotonic() - t0, 2))
+    for _, w in idle:
+        w.close()
+    conn.close()
+
+
+async def test_capped_source_waits_without_banner_and_rotates(make_broker):
+    """Per-source cap 1: a throttled connection gets no banner while it waits, and its admission
+    evicts the older pre-auth connection of its source; garbage from a throttled source is closed
+    before the banner."""
+    h = await make_broker(max_preauth_per_source=1, max_preauth_total=0)
+    (r1, w1), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    assert await _observe(r1, 1.0) == "banner"  # admitted
+    t0 = time.monotonic()
+    (r2, w2), (r3, w3) = await _idle_connections(2, h.broker.ssh_port, ident=True)
+    assert await _observe(r2, 0.3) == "banner"  # the first throttled admission is immediate...
+    assert await _observe(r1, 0.3) == "evicted"  # ...and replaces the oldest pre-auth connection
+    assert await _observe(r3, 0.1) == "nothing"  # the next one waits: no banner, not closed
+    assert await _banner_soon(r3, 2.0)
+    waited = time.monotonic() - t0
+    assert 0.45 <= waited <= 1.8, waited  # one admission per second, jittered x[0.5, 1.5]
+    assert await _observe(r2, 1.0) == "evicted"
+    got, seconds = await asyncio.get_running_loop().run_in_executor(None, _raw, h.broker.ssh_port,
+                                                                     b"GET / HTTP/1.1\r\n\r\n")
+    assert got == b"" and seconds < 2  # garbage while throttled: closed before any banner
+    for w in (w1, w2, w3):
+        w.close()
+
+
+async def test_full_waiting_room_refuses_before_the_banner(make_broker):
+    """Without a waiting room (max_waiting_per_source=0) a throttled source is refused outright,
+    as before: closed at once, no banner."""
+    h = await make_broker(max_preauth_per_source=1, max_waiting_per_source=0, max_preauth_total=0)
+    (r1, w1), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    assert (await asyncio.wait_for(r1.readline(), 5)).startswith(b"SSH-2.0-")  # admitted: banner
+    (r2, w2), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    assert await _observe(r2, 5) == "closed"  # refused before the banner: nothing at all
+    assert h.broker.admission.refused_total == 1
+    for w in (w1, w2):
+        w.close()
+
+
 async def test_total_preauth_cap_queues_instead_of_refusing(make_broker):
     """At the total pre-auth cap the broker stops accepting: the excess connections wait in the
     kernel's listen queue (no banner, not closed) and are served, in turn, once slots free."""
@@ -340,7 +418,7 @@ async def test_total_preauth_cap_queues_instead_of_refusing(make_broker):
     conns = []
     for i in range(4):
         conns += await _idle_connections(10, h.broker.ssh_port, source=f"127.0.1.{i + 1}")
-    first = await asyncio.gather(*[_banner_soon(r, 2.0) for r, _ in conns])
+    first = await asyncio.gather(*[_banner_soon(r, 3.0) for r, _ in conns])  # (silent: deferred ~1 s)
     assert sum(first) == 20, "exactly max_preauth_total connections get a banner"
     assert h.broker.admission.preauth_total == 20
     waiting = [(r, w) for (r, w), got in zip(conns, first) if not got]
@@ -374,23 +452,41 @@ async def _fail_login(h: HostileHarness, source: str, session_id: str) -> str:
         return "refused"  # closed before or during the handshake
 
 
-async def test_repeated_auth_failures_are_penalised_per_source(make_broker):
-    h = await make_broker(penalty_threshold=5, penalty_window=30, penalty_base=1.5, penalty_max=10)
+async def test_repeated_auth_failures_throttle_the_source(make_broker):
+    """After the threshold a source is throttled to about one connection per second (not refused):
+    each of its connections still gets its turn and its answer; other sources are unaffected; a
+    further penalty while penalised doubles."""
+    h = await make_broker(penalty_threshold=5, penalty_window=60, penalty_base=10, penalty_max=30)
     session, secret = await h.session()
+    t0 = time.monotonic()
     results = [await _fail_login(h, ATTACKER, session.id) for _ in range(5)]
+    unthrottled_s = (time.monotonic() - t0) / 5
     assert results == ["denied"] * 5
-    assert await _fail_login(h, ATTACKER, session.id) == "refused"  # penalised now
-    assert h.broker.admission.penalty_left(ATTACKER) > 0
-    # another source is not affected: the honest agent enrols (from 127.0.0.1)
+    assert 9 < h.broker.admission.penalty_left(ATTACKER) <= 10
+    # penalised: 4 attempts at once are served one by one, about a second apart, none refused
+    t0 = time.monotonic()
+
+    async def timed() -> tuple[str, float]:
+        outcome = await _fail_login(h, ATTACKER, session.id)
+        return outcome, time.monotonic() - t0
+
+    done = await asyncio.gather(*[timed() for _ in range(4)])
+    assert [o for o, _ in done] == ["denied"] * 4
+    at = sorted(t for _, t in done)
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert all(g >= 0.4 for g in gaps), at  # throttle interval 1 s jittered x[0.5, 1.5]
+    assert at[-1] <= 3 * 1.5 + 1.5, at
+    # another source is not affected: the honest agent enrols (from 127.0.0.1) at once
+    t1 = time.monotonic()
     conn, _ = await h.enrol(session.id, secret)
+    assert time.monotonic() - t1 < 1.5
     conn.close()
-    # after the penalty the source may try again; the next penalty is twice as long
-    await asyncio.sleep(1.7)
-    for _ in range(5):
-        assert await _fail_login(h, ATTACKER, session.id) == "denied"
+    # a fifth failure in the window while penalised: the next penalty is twice as long
+    assert await _fail_login(h, ATTACKER, session.id) == "denied"
     left = h.broker.admission.penalty_left(ATTACKER)
-    assert 2.0 < left <= 3.0, left
-    record("penalties", threshold=5, first_penalty_s=1.5, second_penalty_s=round(left, 2))
+    assert 18 < left <= 20, left
+    record("penalties", threshold=5, first_penalty_s=10, second_penalty_s=round(left, 2),
+           unthrottled_login_s=round(unthrottled_s, 3), throttled_answers_at_s=[round(t, 2) for t in at])
 
 
 async def test_many_attempts_on_one_connection_are_cut_off(make_broker):

@@ -159,15 +159,16 @@ def test_slow_reader_does_not_grow_broker_memory(hub, stack):
 
 
 def test_real_agent_enrols_during_slowloris(hub, stack):
-    """200 idle pre-auth connections from 127.0.0.2 while a real job's agent (127.0.0.1) enrols."""
+    """200 idle pre-auth connections from 127.0.0.2 while a real job's agent (127.0.0.1) enrols.
+    127.0.0.2 is throttled at its cap (64): 32 more wait, the rest are closed (broker/limits.py)."""
     idle = []
     refused_at_once = 0
     try:
         for _ in range(200):
             c = socket.create_connection(("127.0.0.1", stack.ssh_port), timeout=5, source_address=("127.0.0.2", 0))
             idle.append(c)
-        time.sleep(0.5)
-        for c in idle:  # which ones did the broker drop straight away (over the per-source cap)?
+        time.sleep(2.0)  # (the kernel hands silent connections over after TCP_DEFER_ACCEPT, 1 s)
+        for c in idle:  # which ones did the broker drop straight away (over the cap and waiting room)?
             c.setblocking(False)
             try:
                 refused_at_once += c.recv(1) == b""
@@ -181,7 +182,7 @@ def test_real_agent_enrols_during_slowloris(hub, stack):
     finally:
         for c in idle:
             c.close()
-    assert refused_at_once >= 200 - 64, "the default per-source cap (64) should have dropped the rest"
+    assert refused_at_once >= 200 - 64 - 32 - 3, "beyond the cap (64) and waiting room (32) the rest are closed"
     assert hub.through_proxy("during-slowloris", "api/status")[0] == 200
     record("slowloris vs real agent", idle_connections=200, refused_at_once=refused_at_once,
            spawn_to_ready_s=round(spawn_s, 2))
