@@ -13,6 +13,7 @@ test runs in its own process (tests/flood_agent.py).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -24,11 +25,13 @@ import urllib.request
 
 import aiohttp
 import asyncssh
+
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import accounting as acct
+from broker import log as broker_log
 from broker.control import ControlLimits, LineSplitter, LineTooLong, TokenBucket
 from broker.core import Broker
 from broker.policy import CONTROL_HOST, CONTROL_PORT
@@ -317,22 +320,33 @@ async def test_only_the_first_ready_has_an_effect(env):
     assert h == 1
 
 
+@pytest.fixture
+def broker_log_lines():
+    """The in-process broker's log lines, in a buffer (other test modules may have pointed the
+    process-wide structlog configuration at a stream of their own). Requested before the broker
+    fixture: the broker binds its logger when it is made."""
+    buf = io.StringIO()
+    broker_log.configure("INFO", stream=buf)
+    yield buf
+    broker_log.configure("INFO", stream=sys.stderr)
+
+
 @pytest.mark.parametrize("what, payload, reason", [
     ("rate", b'{"type": "heartbeat"}\n' * 21, "rate_limit"),
     ("line", b"x" * (16 * 1024 + 1), "line_too_long"),
     ("garbage", b"\xff\xfe not json\n", "malformed"),
 ])
 @pytest.mark.asyncio
-async def test_over_the_limits_closes_only_that_connection_logged_once_and_counted(env, capfd, what, payload, reason):
+async def test_over_the_limits_closes_only_that_connection_logged_once_and_counted(broker_log_lines, env, what, payload, reason):
     other, _ = await env.agent("bystander")
     session, agent = await env.agent("noisy")
-    capfd.readouterr()
+    broker_log_lines.truncate(0)
     agent.writer.write(payload)
     await asyncio.wait_for(agent.conn.wait_closed(), 5)
     await asyncio.sleep(0.2)
     assert env.metric("broker_control_closed_total", reason=reason) == 1
-    out, err = capfd.readouterr()
-    assert (out + err).count("closing agent connection") == 1, out + err
+    log = broker_log_lines.getvalue()
+    assert log.count("closing agent connection") == 1, log
     assert (await _http_get(other.port))[0] == 200
     assert env.broker.get(other.id).agent_connected
     assert env.broker.get(session.id).state == "connected"  # the session itself lives on
