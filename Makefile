@@ -6,7 +6,7 @@ CHP    := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv chp sysdeps bench clean
+.PHONY: demo test check lint venv chp sysdeps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ sysdeps:
 BACKEND ?= local
 demo: venv chp
 	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
+
+## The gate (no root, no services, under 2 minutes): lint, format, types, unit tests
+CHECK_MARKERS := not e2e and not slurm and not apptainer and not site
+check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m "$(CHECK_MARKERS)" -p no:cacheprovider $(CHECK_ARGS)
 
 ## Full test suite against real components
 test: venv chp sysdeps
