@@ -257,6 +257,9 @@ class NsCluster:
         # slurmdbd binds with getaddrinfo(AI_ADDRCONFIG): it needs one non-loopback address
         self.ns("ip", "addr", "add", "10.254.0.1/32", "dev", "lo")
         for d in ("/etc/slurm", "/run/munge", "/run/mysqld", "/var/log/munge", "/var/lib/munge"):
+            # a mount point must exist: /run/mysqld does only where MariaDB ran once (the
+            # empty directory left on the host is what MariaDB's own start would create)
+            self.ns("mkdir", "-p", d)
             self.ns("mount", "-t", "tmpfs", "tmpfs", d)
         self.ns("chown", "munge:munge", "/run/munge", "/var/log/munge", "/var/lib/munge")
         self.ns("chmod", "0755", "/run/munge")

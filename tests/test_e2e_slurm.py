@@ -382,6 +382,21 @@ def _identity_stack(tmp_path_factory, name: str, extra: str) -> Stack:
                  extra_hub_config=_hub_config(workdir, extra, out_dir=out_dir))
 
 
+def _ancestors(path: str) -> list[str]:
+    """The existing directories from / down to *path* (or its directory), outermost first."""
+    out = []
+    p = os.path.abspath(path)
+    if not os.path.isdir(p):
+        p = os.path.dirname(p)
+    while True:
+        if os.path.isdir(p):
+            out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            return out[::-1]
+        p = parent
+
+
 @pytest.fixture(scope="module")
 def unix_user():
     """A real Unix account (useradd), removed afterwards."""
@@ -391,22 +406,24 @@ def unix_user():
 
     name = "jh" + uuid.uuid4().hex[:8]
     _sh("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
-    # On these machines the venv's python links into /root/.pyenv and /root is 0700: a real
-    # user's job could not start node-agent. Grant traversal (o+x, no listing) on /root for the
-    # test's duration only, and restore the mode afterwards.
-    restore = None
-    if _sh("runuser", "-u", name, "--", sys.executable, "-c", "1").returncode != 0:
-        mode = os.stat("/root").st_mode & 0o7777
-        if not mode & 0o001:
-            os.chmod("/root", mode | 0o001)
-            restore = mode
+    # The job runs the venv's python and imports the checkout: a normal user needs to traverse
+    # every directory above them. On these machines the venv's python links into /root/.pyenv
+    # (/root is 0700), and a clone may sit in a 0700 directory (mktemp -d). Grant traversal
+    # (o+x: no listing) where it is missing, for the test's duration only, and restore after.
+    restored: list[tuple[str, int]] = []
     try:
-        if _sh("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub").returncode != 0:
+        for target in (os.path.realpath(sys.executable), str(REPO), *sys.path):
+            for parent in _ancestors(target):
+                mode = os.stat(parent).st_mode & 0o7777
+                if not mode & 0o001:
+                    os.chmod(parent, mode | 0o001)
+                    restored.append((parent, mode))
+        if _sh("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode != 0:
             pytest.fail(f"{sys.executable} cannot be run by a normal user here")
         yield pwd.getpwnam(name)
     finally:
-        if restore is not None:
-            os.chmod("/root", restore)
+        for parent, mode in reversed(restored):
+            os.chmod(parent, mode)
         _sh("pkill", "-KILL", "-u", name)
         time.sleep(0.5)
         _sh("userdel", "-r", name)
