@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pexpect
@@ -22,7 +23,8 @@ def test_watch_redraws_until_ctrl_c(served, tmp_path):
     env = clean_env(tmp_path, BROKER_API_TOKEN=TOKEN, TERM="xterm")
     child = pexpect.spawn(sys.executable, ["-m", "broker.app", "status", "--watch", "--interval", "0.3",
                                            f"--BrokerApp.api_url={served.api_url}"],
-                          env=env, cwd=str(tmp_path), encoding="utf-8", timeout=20, dimensions=(40, 250))
+                          env=env, cwd=str(tmp_path), encoding="utf-8", timeout=20, dimensions=(40, 250),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if this run ignores ^C
     try:
         child.expect(r"every 0\.3s")
         child.expect(r"\(no live sessions\)")

@@ -264,7 +264,15 @@ def _launch_bg(conf: Path, env_extra: dict, cmd: list[str]) -> subprocess.Popen:
     env.update(env_extra)
     return subprocess.Popen([sys.executable, "-m", "node_agent.launch", "--config", str(conf),
                              "--", *cmd], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """Give the job the default dispositions a batch job gets, whatever this test run inherited
+    (a run started with ``&`` or ``nohup`` ignores SIGINT or SIGHUP, and launch — like exec —
+    keeps ignored signals ignored)."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
