@@ -17,4 +17,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Single-node Slurm for the slurm-marked tests (apt packages only; idempotent, quiet).
 # The tests start the daemons themselves (scripts/slurm.sh start) when squeue does not answer.
-bash "$(dirname "$0")/slurm.sh" install
+# (with slurmdbd and MariaDB for the accounting test, which runs its cluster in a namespace without network)
+SLURM_ACCOUNTING=1 bash "$(dirname "$0")/slurm.sh" install

@@ -250,6 +250,10 @@ class NsCluster:
         return r
 
     def start(self) -> None:
+        # install slurmdbd and MariaDB first, from the host: the namespace has no network
+        r = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm.sh"), "install"], capture_output=True,
+                           text=True, timeout=600, env=dict(os.environ, SLURM_ACCOUNTING="1"))
+        assert r.returncode == 0, f"slurm.sh install failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
         self.holder = subprocess.Popen(["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
