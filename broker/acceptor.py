@@ -33,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 
 from .limits import AdmissionControl, Probe, classify_first_bytes
+from .tasks import TaskOwner
 
 #: Kernel listen queue for the agents' port (clamped by net.core.somaxconn).
 DEFAULT_BACKLOG = 4096
@@ -89,7 +91,7 @@ class AgentAcceptor:
         self.log = log.bind(component="ssh")
         self.on_refused = on_refused
         self.sock: socket.socket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskOwner(on_error=self._loop_failed)  # the accept loop and the pump
         self._closing = False
         self._last_resource_warning = -1e9
         self._room = asyncio.Event()
@@ -114,28 +116,23 @@ class AgentAcceptor:
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
         self.sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        for coro in (self._accept_loop(), self._pump()):
-            task = loop.create_task(coro)
-            task.add_done_callback(self._loop_ended)
-            self._tasks.append(task)
+        self._tasks.spawn(self._accept_loop())
+        self._tasks.spawn(self._pump())
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("agent accept loop failed; no new agent connections", error=repr(task.exception()))
+    def _loop_failed(self, exc: BaseException) -> None:
+        self.log.error("agent accept loop failed; no new agent connections", error=repr(exc))
 
     def close(self) -> None:
         """Stop accepting and close waiting connections (admitted ones are not affected)."""
         self._closing = True  # (also ends the loops if a cancellation is lost in wait_for, 3.11)
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         if self.sock is not None:
             self.sock.close()
         self.admission.close_waiting()
 
     async def wait_closed(self) -> None:
         """Return once the accept loop has ended (after :meth:`close`)."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def _factory(self) -> asyncssh.SSHServerConnection:
         return asyncssh.SSHServerConnection(asyncio.get_running_loop(), self.options)
