@@ -32,8 +32,11 @@ import re
 import sqlite3
 import subprocess
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote
+
+from .table import format_bytes, printable, render_rows
 
 SACCT_FIELDS = "JobID,CPUTimeRAW,AllocTRES,Elapsed"
 SACCT_CHUNK = 200
@@ -190,7 +193,7 @@ def build_report(sessions: list[dict[str, Any]], since: float, until: float, now
         u["bytes_in"] += s["bytes_in"] or 0
         u["bytes_out"] += s["bytes_out"] or 0
         if s["job_id"]:
-            u["jobs"].append(_safe(s["job_id"]))  # hub-side since schema 1; older rows may hold an agent's claim
+            u["jobs"].append(printable(s["job_id"]))  # hub-side since schema 1; older rows may hold an agent's claim
         if usage is not None and s["job_id"] in usage:
             u["cpu_hours"] += usage[s["job_id"]]["cpu_seconds"] / 3600.0
             u["gpu_hours"] += usage[s["job_id"]]["gpu_seconds"] / 3600.0
@@ -213,35 +216,21 @@ def build_report(sessions: list[dict[str, Any]], since: float, until: float, now
     }
 
 
-def _fmt_bytes(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)}{unit}" if unit == "B" else f"{x:.1f}{unit}"
-        x /= 1024
-    return str(n)
-
-
-def _safe(text: str) -> str:
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def render_table(report: dict[str, Any]) -> str:
     head = ["USER", "SESSIONS", "HOURS", "IN", "OUT", "CPU_HOURS", "GPU_HOURS"]
 
     def row(r: dict[str, Any], name: str) -> list[str]:
         def h(v: Any) -> str:
             return "-" if v is None else f"{v:.2f}"
-        return [name, str(r["sessions"]), f"{r['hours']:.2f}", _fmt_bytes(r["bytes_in"]), _fmt_bytes(r["bytes_out"]),
+        return [name, str(r["sessions"]), f"{r['hours']:.2f}", format_bytes(r["bytes_in"]), format_bytes(r["bytes_out"]),
                 h(r["cpu_hours"]), h(r["gpu_hours"])]
 
-    rows = [head] + [row(r, _safe(r["user"])) for r in report["users"]]
+    rows = [head] + [row(r, printable(r["user"])) for r in report["users"]]
     if report["users"]:
         rows.append(row(report["totals"], "TOTAL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"Sessions registered {report['period']['since']} .. {report['period']['until']}",
              f"CPU/GPU time: {report['sacct']['note']}", ""]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += render_rows(rows)
     if not report["users"]:
         lines.append("(no sessions in this period)")
     return "\n".join(lines)
@@ -252,7 +241,7 @@ def render_csv(report: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in report["users"]:
-        w.writerow([_safe(r[k]) if k == "user" else "" if r[k] is None else r[k] for k in COLUMNS])
+        w.writerow([printable(r[k]) if k == "user" else "" if r[k] is None else r[k] for k in COLUMNS])
     return buf.getvalue()
 
 
