@@ -16,7 +16,7 @@ Routes::
     GET    /metrics                      -> Prometheus text format (see broker/metrics.py)
 
 ``/metrics`` takes the API token, or the optional read-only ``metrics_token``
-(``BrokerApp.metrics_token``), which is valid for ``GET /metrics`` and nothing else.
+(``c.BrokerApp.metrics_token``), which is valid for ``GET /metrics`` and nothing else.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .core import Broker, SessionNotFound
+from .metrics import CONTENT_TYPE
 from .secrets import hash_secret, verify_secret
 
 MAX_BODY = 64 * 1024
@@ -186,7 +188,5 @@ class BrokerAPI:
                       "connected_agents": len(self.broker.agents)})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        from .metrics import CONTENT_TYPE
-
         body = self.broker.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

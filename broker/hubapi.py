@@ -63,6 +63,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from .ratelimit import TokenBucket
+
 #: Identity headers a header authenticator (Shibboleth SP, mod_auth_*, oauth2-proxy) may trust;
 #: stripped by default. Compared with ``_`` = ``-`` and ignoring case.
 DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
@@ -82,6 +84,8 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 MAX_CHUNK_LINE = 1024
 MAX_RESPONSE_HEAD = 64 * 1024
+#: The hub's REST API under the default base URL (``/``).
+DEFAULT_API_PREFIX = "/hub/api/"
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 200
@@ -123,7 +127,7 @@ def api_prefix_of(url: str) -> str:
 class HubApiPolicy:
     """What the relay lets through. ``max_body``/``rate`` of 0 mean no cap."""
 
-    api_prefix: str = "/hub/api/"
+    api_prefix: str = DEFAULT_API_PREFIX
     strip_headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
     max_body: int = DEFAULT_MAX_BODY
     rate: float = DEFAULT_RATE  # requests per second per session (token refill)
@@ -146,37 +150,6 @@ class HubApiPolicy:
 
 
 # -- rate ---------------------------------------------------------------------------------------
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self.tokens = float(burst)
-        self.stamp = clock()
-
-    def _refill(self) -> float:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return now
-
-    def take(self) -> bool:
-        self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def full(self) -> bool:
-        self._refill()
-        return self.tokens >= self.burst
-
-    def retry_after(self) -> float:
-        return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
-
-
 class SessionRates:
     """The token bucket of each session (shared by all its channels and connections).
 

@@ -22,7 +22,8 @@ from typing import Any
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
-from .hubapi import Denial, HubApiExchange, HubApiPolicy, TokenBucket
+from .hubapi import Denial, HubApiExchange, HubApiPolicy
+from .ratelimit import TokenBucket
 from .tunnel import SessionListener, _HubSideConnection
 
 OnRefused = Callable[[Denial], None]

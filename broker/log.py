@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -26,7 +27,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def cap_fields(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def cap_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     """structlog processor: cap and escape every string field."""
     return {k: _clean(v) for k, v in event.items()}
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of the broker, served at ``GET /metrics`` on the REST API.
 
-Every :class:`~broker.core.Broker` owns one :class:`BrokerMetrics` with its own
+Every broker (:class:`~broker.core.Broker`) owns one :class:`BrokerMetrics` with its own
 ``CollectorRegistry`` (not the process-global one), so several brokers in one process (tests)
 never share numbers. Gauges that describe the present (sessions by state, agents connected) are
 computed at scrape time from the store and the broker's tables, so they can never drift; events
@@ -8,7 +8,10 @@ computed at scrape time from the store and the broker's tables, so they can neve
 counted when they happen.
 
 Label values come from small fixed sets only (states, stages, failure reasons chosen in broker
-code), never from user input, so a hostile client cannot blow up the number of series.
+code: :class:`~broker.reasons.AuthFailure`, :data:`CONNECT_REASONS`,
+:data:`broker.control.CLOSE_REASONS`), never from user input, so a hostile client cannot blow up
+the number of series. The broker counts session events; its SSH server counts the failures of
+the connections it serves.
 
 Metric names (all prefixed ``broker_``)::
 
@@ -33,23 +36,18 @@ Metric names (all prefixed ``broker_``)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .control import CLOSE_REASONS as CONTROL_REASONS
+from .limits import AdmissionControl
+from .reasons import AuthFailure
+from .store import LIVE_STATES, SessionStore
 
-if TYPE_CHECKING:
-    from .core import Broker
-
-#: Auth failure reasons the SSH server reports; anything else is counted as "other".
-AUTH_REASONS = (
-    "not an enrolment", "malformed enrolment", "unknown or closed session", "wrong secret",
-    "secret already spent", "secret expired", "enrolment without a valid public key",
-    "public key for an unknown, closed or unenrolled session", "public key not bound to this session",
-)
 #: Why an SSH connection ended before it authenticated.
 #: ``refused``: turned away before the banner by admission control (pre-auth caps, penalties).
 CONNECT_REASONS = ("auth_failed", "login_timeout", "protocol_error", "closed_before_auth", "refused")
@@ -58,10 +56,6 @@ STAGES = ("registered_to_connected", "connected_to_ready", "total")
 SPAWN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, float("inf"))
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-def auth_reason(reason: str) -> str:
-    return reason if reason in AUTH_REASONS else "other"
 
 
 def connect_reason(exc: BaseException | None, auth_failed: bool) -> str:
@@ -77,18 +71,31 @@ def connect_reason(exc: BaseException | None, auth_failed: bool) -> str:
     return "closed_before_auth"
 
 
+class LiveState(Protocol):
+    """What the scrape-time gauges read (the broker)."""
+
+    @property
+    def store(self) -> SessionStore: ...
+
+    @property
+    def agents(self) -> Mapping[str, object]:
+        """The authenticated agent connections, by session id."""
+        ...
+
+    @property
+    def admission(self) -> AdmissionControl: ...
+
+
 class _LiveCollector:
     """Scrape-time gauges from the broker's current state."""
 
-    def __init__(self, broker: "Broker"):
+    def __init__(self, broker: LiveState):
         self.broker = broker
 
     def describe(self) -> list[Any]:  # no describe-time store access
         return []
 
     def collect(self) -> Iterator[Any]:
-        from .store import LIVE_STATES
-
         by_state = GaugeMetricFamily("broker_sessions", "Live sessions by state.", labels=["state"])
         counts = dict.fromkeys(LIVE_STATES, 0)
         counts.update(self.broker.store.count_by_state())
@@ -106,9 +113,10 @@ class _LiveCollector:
 
 
 class BrokerMetrics:
-    """The broker's metrics; :class:`~broker.core.Broker` calls the ``on_*`` hooks."""
+    """The broker's metrics: the broker and its SSH server call the ``on_*`` hooks; the gauges
+    are read from *broker* at scrape time."""
 
-    def __init__(self, broker: "Broker"):
+    def __init__(self, broker: LiveState):
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.sessions_created = Counter("broker_sessions_created", "Sessions registered.", registry=r)
@@ -127,8 +135,8 @@ class BrokerMetrics:
                                       "control input, by reason.", ["reason"], registry=r)
         self.spawn_seconds = Histogram("broker_spawn_stage_seconds", "Spawn durations by stage.", ["stage"],
                                        buckets=SPAWN_BUCKETS, registry=r)
-        for reason in AUTH_REASONS + ("other",):
-            self.auth_failures.labels(reason)
+        for auth_failure in AuthFailure:
+            self.auth_failures.labels(auth_failure.value)
         for reason in CONNECT_REASONS:
             self.connect_failures.labels(reason)
         for reason in CONTROL_REASONS:
@@ -148,8 +156,8 @@ class BrokerMetrics:
         self.bytes_in.inc(bytes_in)
         self.bytes_out.inc(bytes_out)
 
-    def on_auth_failure(self, reason: str) -> None:
-        self.auth_failures.labels(auth_reason(reason)).inc()
+    def on_auth_failure(self, reason: AuthFailure) -> None:
+        self.auth_failures.labels(reason.value).inc()
 
     def on_connect_failure(self, exc: BaseException | None, auth_failed: bool, *, refused: bool = False) -> None:
         self.connect_failures.labels("refused" if refused else connect_reason(exc, auth_failed)).inc()

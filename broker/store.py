@@ -22,7 +22,8 @@ import dataclasses
 import os
 import sqlite3
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 STATES = ("registered", "connected", "ready", "closed")
 SCHEMA_VERSION = 1
