@@ -95,6 +95,8 @@ class BrokerApp(Application):
         "log-level": "BrokerApp.log_level",
     }
     flags: dict[str, Any] = {}
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     config_file = Unicode("broker_config.py", help="The configuration file to load.").tag(config=True)
 
     state_dir = Unicode("broker-state", help="Directory for the session database and SSH host key (created 0700).").tag(config=True)
@@ -120,6 +122,7 @@ class BrokerApp(Application):
     # a name, not the numbers traitlets' Application.log_level also takes
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
+    # fmt: on
 
     def __init__(self, **kwargs: Any):
         self._moved: list[str] = []  # the old spellings met so far (see update_config)
@@ -299,9 +302,12 @@ class StatusCommand(Command):
         "watch": ({"StatusCommand": {"watch": True}}, "Redraw the table every --interval seconds until Ctrl-C."),
     }
 
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     json = Bool(False, help="Print the sessions as JSON.").tag(config=True)
     watch = Bool(False, help="Redraw the table every `interval` seconds until Ctrl-C.").tag(config=True)
     interval = Float(2.0, help="Seconds between redraws of --watch (0.1..3600).").tag(config=True)
+    # fmt: on
 
     @validate("interval")
     def _valid_interval(self, proposal: Proposal) -> float:
@@ -333,11 +339,14 @@ class AccountingCommand(Command):
     }
     flags = {"no-sacct": ({"AccountingCommand": {"no_sacct": True}}, "Do not query Slurm's sacct for CPU/GPU time.")}
 
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     since = Unicode("", help="Start of the period (YYYY-MM-DD, local midnight, or ISO date-time); default: everything.").tag(config=True)
     until = Unicode("", help="End of the period, exclusive; default: now.").tag(config=True)
     user = Unicode("", help="Only this user.").tag(config=True)
     format = Unicode("table", help="table, csv or json.").tag(config=True)
     no_sacct = Bool(False, help="Do not query Slurm's sacct for CPU/GPU time.").tag(config=True)
+    # fmt: on
 
     @validate("format")
     def _valid_format(self, proposal: Proposal) -> str:

@@ -74,6 +74,8 @@ class Broker(Configurable):
     :attr:`hub_api_policy`, :attr:`hub_api_rates` and :attr:`control_limits`.
     """
 
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     # sessions and their agents' SSH connections
     enrol_ttl = Float(86400.0, help="Seconds an enrolment secret stays valid (covers time pending in the queue).").tag(config=True)
     tunnel_wait_timeout = Float(10.0, help="Seconds a hub-side connection waits for a reconnecting agent before it is closed.").tag(config=True)
@@ -97,6 +99,7 @@ class Broker(Configurable):
     _control_limits = minimum({"control_rate": 0, "control_burst": 1, "control_queue": 1})
 
     counters_flush_interval = Float(5.0, help="Seconds between writes of the byte counters and heartbeats to the store (not an option; tests shorten it).")
+    # fmt: on
 
     def __init__(
         self,

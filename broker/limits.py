@@ -141,6 +141,8 @@ class AdmissionControl(Configurable):
     """Admission control of the agents' SSH port: pre-auth caps, throttling, fair waiting and
     penalties per source address (``c.AdmissionControl.<name>``; see the module docstring)."""
 
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     # caps and throttling
     max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections admitted at once from one source address (0: no cap). At the cap the source is throttled: newer connections wait (no banner) and each admission replaces its least advanced unauthenticated connection.").tag(config=True)
     max_preauth_total = Integer(512, help="Unauthenticated SSH connections (admitted or waiting) allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
@@ -156,6 +158,7 @@ class AdmissionControl(Configurable):
     _networks = each(is_network, "a network", "penalty_exempt")
 
     max_wait = Float(0.0, help="Seconds a connection may wait before it is closed (0: no limit). Not an option: the accept loop (broker/acceptor.py) sets it to the broker's login timeout.")
+    # fmt: on
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None, **kwargs: Any):
         """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable; *clock* and

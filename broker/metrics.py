@@ -36,7 +36,7 @@ Metric names (all prefixed ``broker_``)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -123,27 +123,29 @@ class BrokerMetrics:
         self.sessions_closed = Counter("broker_sessions_closed", "Sessions closed.", registry=r)
         self.bytes_in = Counter("broker_tunnel_bytes_in", "Tunnel bytes hub -> node (as flushed from the listeners).", registry=r)
         self.bytes_out = Counter("broker_tunnel_bytes_out", "Tunnel bytes node -> hub (as flushed from the listeners).", registry=r)
-        self.auth_failures = Counter("broker_agent_auth_failures", "Failed agent authentications, by reason.",
-                                     ["reason"], registry=r)
-        self.connect_failures = Counter("broker_agent_connect_failures",
-                                        "Agent SSH connections that ended without authenticating, by reason.",
-                                        ["reason"], registry=r)
+        self.auth_failures = self._by_reason("broker_agent_auth_failures", "Failed agent authentications, by reason.",
+                                             [reason.value for reason in AuthFailure])
+        self.connect_failures = self._by_reason(
+            "broker_agent_connect_failures", "Agent SSH connections that ended without authenticating, by reason.",
+            CONNECT_REASONS)
         self.reconnects = Counter("broker_agent_reconnects", "Agent logins to a session whose agent had connected before.",
                                   registry=r)
-        self.control_closed = Counter("broker_control_closed",
-                                      "Agent connections closed for exceeding a control channel limit or bad "
-                                      "control input, by reason.", ["reason"], registry=r)
+        self.control_closed = self._by_reason(
+            "broker_control_closed",
+            "Agent connections closed for exceeding a control channel limit or bad control input, by reason.",
+            CONTROL_REASONS)
         self.spawn_seconds = Histogram("broker_spawn_stage_seconds", "Spawn durations by stage.", ["stage"],
                                        buckets=SPAWN_BUCKETS, registry=r)
-        for auth_failure in AuthFailure:
-            self.auth_failures.labels(auth_failure.value)
-        for reason in CONNECT_REASONS:
-            self.connect_failures.labels(reason)
-        for reason in CONTROL_REASONS:
-            self.control_closed.labels(reason)
         for stage in STAGES:
             self.spawn_seconds.labels(stage)
         r.register(_LiveCollector(broker))
+
+    def _by_reason(self, name: str, text: str, reasons: Iterable[str]) -> Counter:
+        """A counter labelled by reason, with every reason's series there from the start."""
+        counter = Counter(name, text, ["reason"], registry=self.registry)
+        for reason in reasons:
+            counter.labels(reason)
+        return counter
 
     # -- hooks -----------------------------------------------------------------------------
     def on_created(self) -> None:
