@@ -84,8 +84,13 @@ class _Parked:
 class AgentAcceptor:
     """Listens on the agents' SSH port and hands admitted connections to asyncssh."""
 
-    def __init__(self, admission: AdmissionControl, options: asyncssh.SSHServerConnectionOptions, log: Any,
-                 on_refused: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        admission: AdmissionControl,
+        options: asyncssh.SSHServerConnectionOptions,
+        log: Any,
+        on_refused: Callable[[], None] = lambda: None,
+    ):
         self.admission = admission
         self.options = options
         self.log = log.bind(component="ssh")
@@ -164,8 +169,11 @@ class AgentAcceptor:
                     now = loop.time()
                     if now - self._last_resource_warning >= 10.0:  # at most one line per 10 s
                         self._last_resource_warning = now
-                        self.log.warning("cannot accept agent connections: out of resources; pausing 0.5 s",
-                                         error=exc.strerror, hint="raise the broker's file descriptor limit")
+                        self.log.warning(
+                            "cannot accept agent connections: out of resources; pausing 0.5 s",
+                            error=exc.strerror,
+                            hint="raise the broker's file descriptor limit",
+                        )
                     await asyncio.sleep(0.5)
                     continue
                 if listen_sock.fileno() < 0:
@@ -179,14 +187,20 @@ class AgentAcceptor:
             if verdict == "wait":
                 self._wake.set()
                 if ad.should_log(source):
-                    self.log.warning("source throttled: connection waits", conn=f"{addr[0]}:{addr[1]}", reason=why,
-                                     waiting=ad.waiting(source), evicted_total=ad.evicted_total)
+                    self.log.warning(
+                        "source throttled: connection waits",
+                        conn=f"{addr[0]}:{addr[1]}",
+                        reason=why,
+                        waiting=ad.waiting(source),
+                        evicted_total=ad.evicted_total,
+                    )
             else:
                 conn_sock.close()  # before the banner: the client reads EOF, no SSH state was made
                 self.on_refused()
                 if ad.should_log(source):
-                    self.log.warning("connection refused", conn=f"{addr[0]}:{addr[1]}", reason=why,
-                                     refused_total=ad.refused_total)
+                    self.log.warning(
+                        "connection refused", conn=f"{addr[0]}:{addr[1]}", reason=why, refused_total=ad.refused_total
+                    )
             # sock_accept does not yield while connections are pending: let the pump and the rest
             # of the broker run between the connections of a flood
             await asyncio.sleep(0)

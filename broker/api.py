@@ -50,7 +50,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
@@ -65,7 +67,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 def _auth_middleware(token_hash: str, metrics_token_hash: str | None = None) -> Any:
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def auth(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         ok = scheme.lower() in ("bearer", "token") and verify_secret(token.strip(), token_hash)
@@ -119,8 +123,9 @@ class BrokerAPI:
         self.broker = broker
         self.ssh_public_host = ssh_public_host
         metrics_hash = hash_secret(metrics_token) if metrics_token else None
-        self.app = web.Application(middlewares=[_errors, _auth_middleware(hash_secret(api_token), metrics_hash)],
-                                   client_max_size=MAX_BODY)
+        self.app = web.Application(
+            middlewares=[_errors, _auth_middleware(hash_secret(api_token), metrics_hash)], client_max_size=MAX_BODY
+        )
         r = self.app.router
         r.add_post("/api/sessions", self.create)
         r.add_get("/api/sessions", self.list)
@@ -184,8 +189,9 @@ class BrokerAPI:
         return _json(s.public())
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json({"ok": True, "live_sessions": len(self.broker.listeners),
-                      "connected_agents": len(self.broker.agents)})
+        return _json(
+            {"ok": True, "live_sessions": len(self.broker.listeners), "connected_agents": len(self.broker.agents)}
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.broker.metrics.render()

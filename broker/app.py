@@ -51,15 +51,38 @@ from .store import SessionStore
 
 #: Options that used to be ``BrokerApp`` traits: old name -> ``"<Class>.<name>"`` now.
 MOVED_OPTIONS: dict[str, str] = {
-    **{name: f"Broker.{name}" for name in (
-        "enrol_ttl", "tunnel_wait_timeout", "keepalive_interval", "keepalive_count_max", "login_timeout",
-        "max_hub_api_channels", "hub_api_strip_headers", "hub_api_max_body", "hub_api_rate", "hub_api_burst",
-        "control_rate", "control_burst", "control_queue",
-    )},
-    **{name: f"AdmissionControl.{name}" for name in (
-        "max_preauth_per_source", "max_preauth_total", "max_waiting_per_source", "throttle_interval",
-        "penalty_threshold", "penalty_window", "penalty_base", "penalty_max", "penalty_exempt",
-    )},
+    **{
+        name: f"Broker.{name}"
+        for name in (
+            "enrol_ttl",
+            "tunnel_wait_timeout",
+            "keepalive_interval",
+            "keepalive_count_max",
+            "login_timeout",
+            "max_hub_api_channels",
+            "hub_api_strip_headers",
+            "hub_api_max_body",
+            "hub_api_rate",
+            "hub_api_burst",
+            "control_rate",
+            "control_burst",
+            "control_queue",
+        )
+    },
+    **{
+        name: f"AdmissionControl.{name}"
+        for name in (
+            "max_preauth_per_source",
+            "max_preauth_total",
+            "max_waiting_per_source",
+            "throttle_interval",
+            "penalty_threshold",
+            "penalty_window",
+            "penalty_base",
+            "penalty_max",
+            "penalty_exempt",
+        )
+    },
     "reconcile_interval": "RoutePublisher.reconcile_interval",
 }
 
@@ -80,13 +103,15 @@ class BrokerApp(Application):
 
     name = "broker"
     description = "Tunnel broker between JupyterHub and notebooks running as HPC batch jobs."
-    examples = "\n".join([
-        "broker generate-config -o broker_config.py",
-        "broker serve --config-file=/etc/broker/broker_config.py",
-        "broker serve --AdmissionControl.max_preauth_total=1024",
-        "BROKER_API_TOKEN=... broker status --watch",
-        "broker accounting --since 2026-03-01 --until 2026-04-01 --format csv",
-    ])
+    examples = "\n".join(
+        [
+            "broker generate-config -o broker_config.py",
+            "broker serve --config-file=/etc/broker/broker_config.py",
+            "broker serve --AdmissionControl.max_preauth_total=1024",
+            "BROKER_API_TOKEN=... broker status --watch",
+            "broker accounting --since 2026-03-01 --until 2026-04-01 --format csv",
+        ]
+    )
     raise_config_file_errors = True
     classes = [Broker, AdmissionControl, RoutePublisher]  # (Application adds the app's own class)
     aliases = {
@@ -134,14 +159,23 @@ class BrokerApp(Application):
         # is ``__main__``, and a string would import a second copy of it
         return {
             "serve": (ServeCommand, "Run the broker: the SSH server for agents, the REST API, the route publisher."),
-            "status": (StatusCommand, "List live sessions (user, server, job, node, port, state, bytes, heartbeat): "
-                       "status [--json], or status --watch [--interval S] to redraw the table every S seconds "
-                       "until Ctrl-C."),
-            "accounting": (AccountingCommand, "Per-user sessions, hours, bytes and (from sacct) CPU/GPU hours: "
-                           "accounting [--since DATE] [--until DATE] [--user U] [--format table|csv|json] "
-                           "[--no-sacct]. Reads the session database read-only (see docs/admin.md)."),
-            "generate-config": (GenerateConfigCommand, "Write a commented broker_config.py with every option of the "
-                                "app and its components to stdout (or -o FILE)."),
+            "status": (
+                StatusCommand,
+                "List live sessions (user, server, job, node, port, state, bytes, heartbeat): "
+                "status [--json], or status --watch [--interval S] to redraw the table every S seconds "
+                "until Ctrl-C.",
+            ),
+            "accounting": (
+                AccountingCommand,
+                "Per-user sessions, hours, bytes and (from sacct) CPU/GPU hours: "
+                "accounting [--since DATE] [--until DATE] [--user U] [--format table|csv|json] "
+                "[--no-sacct]. Reads the session database read-only (see docs/admin.md).",
+            ),
+            "generate-config": (
+                GenerateConfigCommand,
+                "Write a commented broker_config.py with every option of the "
+                "app and its components to stdout (or -o FILE).",
+            ),
         }
 
     _api_token_default = from_environment("api_token", "BROKER_API_TOKEN")
@@ -153,7 +187,9 @@ class BrokerApp(Application):
     def _valid_level(self, proposal: Proposal) -> str:
         v = str(proposal["value"]).upper()
         if v not in LOG_LEVELS:
-            raise OptionError(f"{option_name(proposal)}: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}")
+            raise OptionError(
+                f"{option_name(proposal)}: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}"
+            )
         return v
 
     @observe("log_datefmt", "log_format", "log_level", "logging_config")
@@ -190,9 +226,11 @@ class BrokerApp(Application):
 
     def deprecations(self) -> list[str]:
         """A warning for each old spelling the configuration used, naming the new one."""
-        return [f"BrokerApp.{old} is deprecated: use c.{MOVED_OPTIONS[old]} in broker_config.py "
-                f"(--{MOVED_OPTIONS[old]} on the command line); the old spelling still works for now"
-                for old in dict.fromkeys(self._moved)]
+        return [
+            f"BrokerApp.{old} is deprecated: use c.{MOVED_OPTIONS[old]} in broker_config.py "
+            f"(--{MOVED_OPTIONS[old]} on the command line); the old spelling still works for now"
+            for old in dict.fromkeys(self._moved)
+        ]
 
     # -- derived settings -------------------------------------------------------------------
     def path(self, value: str, name: str) -> str:
@@ -218,9 +256,13 @@ class BrokerApp(Application):
         if self.metrics_token and len(self.metrics_token) < 16:
             raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
         if not self.proxy_auth_token:
-            raise ConfigError("BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it")
+            raise ConfigError(
+                "BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it"
+            )
         if not self.hub_api_url:
-            raise ConfigError("BrokerApp.hub_api_url: not set (e.g. http://127.0.0.1:8081/hub/api, or JUPYTERHUB_API_URL)")
+            raise ConfigError(
+                "BrokerApp.hub_api_url: not set (e.g. http://127.0.0.1:8081/hub/api, or JUPYTERHUB_API_URL)"
+            )
         u = urlparse(self.hub_api_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ConfigError(f"BrokerApp.hub_api_url: not an http(s) URL with a host: {self.hub_api_url!r}")
@@ -238,8 +280,11 @@ class BrokerApp(Application):
     def usage(self) -> str:
         lines = [f"usage: broker {{{','.join(self.subcommands)}}} [options]", ""]
         lines += [f"  {name:<16} {help_text}" for name, (_cls, help_text) in self.subcommands.items()]
-        lines += ["", "Options of every command: --config-file=FILE (default broker_config.py), --<Class>.<name>=<value>",
-                  "(see `broker generate-config`). `broker <command> --help` lists a command's options."]
+        lines += [
+            "",
+            "Options of every command: --config-file=FILE (default broker_config.py), --<Class>.<name>=<value>",
+            "(see `broker generate-config`). `broker <command> --help` lists a command's options.",
+        ]
         return "\n".join(lines)
 
     def start(self) -> None:
@@ -351,7 +396,9 @@ class AccountingCommand(Command):
     @validate("format")
     def _valid_format(self, proposal: Proposal) -> str:
         if proposal["value"] not in ("table", "csv", "json"):
-            raise OptionError(f"broker accounting: --format: invalid choice: {proposal['value']!r} (choose from 'table', 'csv', 'json')")
+            raise OptionError(
+                f"broker accounting: --format: invalid choice: {proposal['value']!r} (choose from 'table', 'csv', 'json')"
+            )
         return proposal["value"]
 
     def run(self) -> int:
@@ -406,19 +453,33 @@ async def serve(app: BrokerApp) -> None:
     except (OSError, ValueError) as e:  # mode too open, unreadable, or not a key
         raise ConfigError(f"BrokerApp.host_key_path: {e}") from None
     store = SessionStore(app.path(app.db_path, "broker.sqlite"))
-    public_host = app.ssh_public_host or (app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename)
+    public_host = app.ssh_public_host or (
+        app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename
+    )
     try:
-        broker = Broker(parent=app, store=store, host_key=key, hub_api=hub_api, hub_api_prefix=api_prefix,
-                        chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
-                        ssh_listen=(app.ssh_host, app.ssh_port), ssh_public_host=public_host)
+        broker = Broker(
+            parent=app,
+            store=store,
+            host_key=key,
+            hub_api=hub_api,
+            hub_api_prefix=api_prefix,
+            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
+            ssh_listen=(app.ssh_host, app.ssh_port),
+            ssh_public_host=public_host,
+        )
     except TraitError:
         store.close()
         raise
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None
     if capacity is not None and capacity < 1000:
-        log.warning("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity,
-                    hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256")
+        log.warning(
+            "file descriptor limit",
+            soft=soft,
+            hard=hard,
+            live_sessions_capacity=capacity,
+            hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256",
+        )
     else:
         log.info("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity)
     await broker.start()
@@ -507,8 +568,14 @@ def accounting(cmd: AccountingCommand) -> int:
     try:
         since = acct.parse_when(cmd.since) if cmd.since else 0.0
         until = acct.parse_when(cmd.until) if cmd.until else now + 1
-        rep = acct.report(cmd.path(cmd.db_path, "broker.sqlite"), since=since, until=until, user=cmd.user or None,
-                          sacct="" if cmd.no_sacct else cmd.accounting_sacct, now=now)
+        rep = acct.report(
+            cmd.path(cmd.db_path, "broker.sqlite"),
+            since=since,
+            until=until,
+            user=cmd.user or None,
+            sacct="" if cmd.no_sacct else cmd.accounting_sacct,
+            now=now,
+        )
     except acct.AccountingError as e:
         print(f"broker accounting: {e}", file=sys.stderr)
         return 1
@@ -536,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(app.usage())
             return 2
         if command.extra_args:
-            print(f"{command.name}: unexpected argument {command.extra_args[0]!r} (see {command.name} --help)",
-                  file=sys.stderr)
+            print(
+                f"{command.name}: unexpected argument {command.extra_args[0]!r} (see {command.name} --help)",
+                file=sys.stderr,
+            )
             return 2
         return command.run()
     except SystemExit as e:  # traitlets exits after --help (0) or a bad value (1, message printed)

@@ -129,8 +129,9 @@ class Broker(Configurable):
         #: the value of ROUTE_TAG_KEY in the routes this broker publishes (its host key's
         #: fingerprint: stable across restarts, distinct between brokers sharing one CHP)
         self.route_tag = self.fingerprint
-        self.routes = (RoutePublisher(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag)
-                       if chp else None)
+        self.routes = (
+            RoutePublisher(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag) if chp else None
+        )
         self._changed = asyncio.Condition()
         self._tasks = TaskOwner(on_error=self._task_failed)
         self._ssh_server: AgentAcceptor | None = None
@@ -139,11 +140,14 @@ class Broker(Configurable):
         self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
         # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
         self.hub_api_policy = HubApiPolicy(
-            api_prefix=hub_api_prefix, strip_headers=tuple(self.hub_api_strip_headers),
-            max_body=self.hub_api_max_body, rate=self.hub_api_rate, burst=self.hub_api_burst)
+            api_prefix=hub_api_prefix,
+            strip_headers=tuple(self.hub_api_strip_headers),
+            max_body=self.hub_api_max_body,
+            rate=self.hub_api_rate,
+            burst=self.hub_api_burst,
+        )
         self.hub_api_rates = SessionRates(self.hub_api_policy.rate, self.hub_api_policy.burst)
-        self.control_limits = ControlLimits(rate=self.control_rate, burst=self.control_burst,
-                                            queue=self.control_queue)
+        self.control_limits = ControlLimits(rate=self.control_rate, burst=self.control_burst, queue=self.control_queue)
         # session id -> time of the last heartbeat not yet written to the store
         self._heartbeats: dict[str, float] = {}
 
@@ -173,8 +177,12 @@ class Broker(Configurable):
             allow_scp=False,
             allow_pty=False,
         )
-        self._ssh_server = AgentAcceptor(self.admission, options, self.log,
-                                         on_refused=lambda: self.metrics.on_connect_failure(None, False, refused=True))
+        self._ssh_server = AgentAcceptor(
+            self.admission,
+            options,
+            self.log,
+            on_refused=lambda: self.metrics.on_connect_failure(None, False, refused=True),
+        )
         await self._ssh_server.start(self.ssh_listen[0], self.ssh_listen[1])
         self.ssh_port = self._ssh_server.port
         if self.routes is not None:
@@ -223,8 +231,15 @@ class Broker(Configurable):
         port = await listener.start(0)
         now = time.time()
         session = Session(
-            id=sid, user=user, server_name=server_name, routespec=routespec, state="registered",
-            port=port, created=now, secret_hash=hash_secret(secret), secret_expires=now + self.enrol_ttl,
+            id=sid,
+            user=user,
+            server_name=server_name,
+            routespec=routespec,
+            state="registered",
+            port=port,
+            created=now,
+            secret_hash=hash_secret(secret),
+            secret_expires=now + self.enrol_ttl,
         )
         try:
             self.store.create(session)
@@ -254,8 +269,14 @@ class Broker(Configurable):
         if s.state == "closed":
             return s
         self._flush_counters()
-        self.store.update(session_id, state="closed", closed_at=time.time(), end_reason=reason[:200],
-                          agent_connected=0, exit_status=exit_status)
+        self.store.update(
+            session_id,
+            state="closed",
+            closed_at=time.time(),
+            end_reason=reason[:200],
+            agent_connected=0,
+            exit_status=exit_status,
+        )
         self.metrics.on_closed()
         agent = self.agents.pop(session_id, None)
         if agent is not None and agent.conn is not None:
@@ -353,8 +374,7 @@ class Broker(Configurable):
             if s.job_id and claimed not in (None, "") and str(claimed) != s.job_id:
                 # the job id is the spawner's (REST API); the agent's word is never taken. (An
                 # honest agent may say hello before the spawner's PATCH: no job id to differ yet.)
-                agent.log.warning("agent's job id ignored", reported=reported_name(str(claimed), 100),
-                                  job_id=s.job_id)
+                agent.log.warning("agent's job id ignored", reported=reported_name(str(claimed), 100), job_id=s.job_id)
             self.store.update(sid, node_reported=node, last_heartbeat=now)
             self._heartbeats.pop(sid, None)
             agent.log.info("agent hello", node_reported=node)
@@ -438,7 +458,9 @@ def load_or_create_host_key(path: str) -> asyncssh.SSHKey:
     if os.path.exists(path):
         st = os.stat(path)
         if st.st_mode & 0o077:
-            raise PermissionError(f"host key {path} is readable by others (mode {oct(st.st_mode & 0o777)}); chmod 600 it")
+            raise PermissionError(
+                f"host key {path} is readable by others (mode {oct(st.st_mode & 0o777)}); chmod 600 it"
+            )
         return asyncssh.read_private_key(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     key = asyncssh.generate_private_key("ssh-ed25519")

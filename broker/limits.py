@@ -205,8 +205,14 @@ class AdmissionControl(Configurable):
     def _forget_if_idle(self, source: str) -> None:
         s = self._sources.get(source)
         now = self.clock()
-        if (s and not s.admitted and not s.waiting and not s.failures and s.penalised_until <= now
-                and now - s.penalised_until > self.penalty_max):  # keep the doubling memory while recent
+        if (
+            s
+            and not s.admitted
+            and not s.waiting
+            and not s.failures
+            and s.penalised_until <= now
+            and now - s.penalised_until > self.penalty_max
+        ):  # keep the doubling memory while recent
             del self._sources[source]
 
     def _why_throttled(self, s: _Source, now: float) -> str | None:
@@ -433,7 +439,12 @@ class AdmissionControl(Configurable):
 
     def stats(self) -> dict[str, int]:
         now = self.clock()
-        return {"preauth": self.preauth_total, "waiting": self.waiting_total, "refused": self.refused_total,
-                "throttled": self.throttled_total, "evicted": self.evicted_total,
-                "penalties": self.penalties_total,
-                "penalised_sources": sum(1 for s in self._sources.values() if s.penalised_until > now)}
+        return {
+            "preauth": self.preauth_total,
+            "waiting": self.waiting_total,
+            "refused": self.refused_total,
+            "throttled": self.throttled_total,
+            "evicted": self.evicted_total,
+            "penalties": self.penalties_total,
+            "penalised_sources": sum(1 for s in self._sources.values() if s.penalised_until > now),
+        }

@@ -34,11 +34,7 @@ def cap_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Map
 
 def configure(level: str = "INFO", json: bool = False, stream: Any = None) -> None:
     """Configure structlog (and the stdlib root logger it renders through) once per process."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -53,7 +49,9 @@ def configure(level: str = "INFO", json: bool = False, stream: Any = None) -> No
     )
     # asyncssh logs through stdlib logging; keep it quiet and never at debug (it can show
     # usernames and packet details but never passwords; still, cap its volume).
-    logging.basicConfig(stream=stream or sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=stream or sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 

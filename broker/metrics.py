@@ -65,8 +65,15 @@ def connect_reason(exc: BaseException | None, auth_failed: bool) -> str:
     text = f"{type(exc).__name__} {exc}".lower() if exc is not None else ""
     if "timeout" in text or "timed out" in text:
         return "login_timeout"
-    if exc is not None and ("protocol" in text or "packet" in text or "version" in text or "mac" in text
-                            or "kex" in text or "key exchange" in text or "invalid" in text):
+    if exc is not None and (
+        "protocol" in text
+        or "packet" in text
+        or "version" in text
+        or "mac" in text
+        or "kex" in text
+        or "key exchange" in text
+        or "invalid" in text
+    ):
         return "protocol_error"
     return "closed_before_auth"
 
@@ -102,14 +109,22 @@ class _LiveCollector:
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state
-        yield GaugeMetricFamily("broker_agents_connected", "Agent SSH connections authenticated now.",
-                                value=len(self.broker.agents))
+        yield GaugeMetricFamily(
+            "broker_agents_connected", "Agent SSH connections authenticated now.", value=len(self.broker.agents)
+        )
         # admission control keeps its own counters (broker/limits.py); exposed as they are
         ad = self.broker.admission
-        yield CounterMetricFamily("broker_agent_throttled", "SSH connections that had to wait because their source "
-                                  "address was throttled (penalised or at its pre-auth cap).", value=ad.throttled_total)
-        yield CounterMetricFamily("broker_agent_evicted", "Pre-auth SSH connections closed to make room for a newer "
-                                  "connection of the same source address.", value=ad.evicted_total)
+        yield CounterMetricFamily(
+            "broker_agent_throttled",
+            "SSH connections that had to wait because their source "
+            "address was throttled (penalised or at its pre-auth cap).",
+            value=ad.throttled_total,
+        )
+        yield CounterMetricFamily(
+            "broker_agent_evicted",
+            "Pre-auth SSH connections closed to make room for a newer connection of the same source address.",
+            value=ad.evicted_total,
+        )
 
 
 class BrokerMetrics:
@@ -121,21 +136,33 @@ class BrokerMetrics:
         r = self.registry
         self.sessions_created = Counter("broker_sessions_created", "Sessions registered.", registry=r)
         self.sessions_closed = Counter("broker_sessions_closed", "Sessions closed.", registry=r)
-        self.bytes_in = Counter("broker_tunnel_bytes_in", "Tunnel bytes hub -> node (as flushed from the listeners).", registry=r)
-        self.bytes_out = Counter("broker_tunnel_bytes_out", "Tunnel bytes node -> hub (as flushed from the listeners).", registry=r)
-        self.auth_failures = self._by_reason("broker_agent_auth_failures", "Failed agent authentications, by reason.",
-                                             [reason.value for reason in AuthFailure])
+        self.bytes_in = Counter(
+            "broker_tunnel_bytes_in", "Tunnel bytes hub -> node (as flushed from the listeners).", registry=r
+        )
+        self.bytes_out = Counter(
+            "broker_tunnel_bytes_out", "Tunnel bytes node -> hub (as flushed from the listeners).", registry=r
+        )
+        self.auth_failures = self._by_reason(
+            "broker_agent_auth_failures",
+            "Failed agent authentications, by reason.",
+            [reason.value for reason in AuthFailure],
+        )
         self.connect_failures = self._by_reason(
-            "broker_agent_connect_failures", "Agent SSH connections that ended without authenticating, by reason.",
-            CONNECT_REASONS)
-        self.reconnects = Counter("broker_agent_reconnects", "Agent logins to a session whose agent had connected before.",
-                                  registry=r)
+            "broker_agent_connect_failures",
+            "Agent SSH connections that ended without authenticating, by reason.",
+            CONNECT_REASONS,
+        )
+        self.reconnects = Counter(
+            "broker_agent_reconnects", "Agent logins to a session whose agent had connected before.", registry=r
+        )
         self.control_closed = self._by_reason(
             "broker_control_closed",
             "Agent connections closed for exceeding a control channel limit or bad control input, by reason.",
-            CONTROL_REASONS)
-        self.spawn_seconds = Histogram("broker_spawn_stage_seconds", "Spawn durations by stage.", ["stage"],
-                                       buckets=SPAWN_BUCKETS, registry=r)
+            CONTROL_REASONS,
+        )
+        self.spawn_seconds = Histogram(
+            "broker_spawn_stage_seconds", "Spawn durations by stage.", ["stage"], buckets=SPAWN_BUCKETS, registry=r
+        )
         for stage in STAGES:
             self.spawn_seconds.labels(stage)
         r.register(_LiveCollector(broker))

@@ -120,7 +120,9 @@ class RoutePublisher(Configurable):
     within one ``reconcile_interval``. Routes without the tag are never deleted here.
     """
 
-    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(config=True)
+    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(
+        config=True
+    )
 
     _positive = minimum({"reconcile_interval": 0}, exclusive=True)
 
@@ -165,8 +167,9 @@ class RoutePublisher(Configurable):
             if cur is None or cur.get("target") != target:
                 await self.chp.add_route(routespec, target, data)
                 repaired += 1
-                self.log.info("route restored", route=routespec, target=target,
-                              was=None if cur is None else cur.get("target"))
+                self.log.info(
+                    "route restored", route=routespec, target=target, was=None if cur is None else cur.get("target")
+                )
         if self.tag:
             wanted = {chp_key(r) for r in want}
             stale = [k for k, r in have.items() if r.get(ROUTE_TAG_KEY) == self.tag and k not in wanted]

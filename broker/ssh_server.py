@@ -296,16 +296,18 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.log.warning("agent authentication failed", session=username, reason=reason.value)
         self._auth_failures += 1
         if self.admission.auth_failed(self.source):
-            self.log.warning("source penalised: throttled", source=self.source,
-                             seconds=round(self.admission.penalty_left(self.source), 1),
-                             interval=self.admission.throttle_interval)
+            self.log.warning(
+                "source penalised: throttled",
+                source=self.source,
+                seconds=round(self.admission.penalty_left(self.source), 1),
+                interval=self.admission.throttle_interval,
+            )
         if self._auth_failures >= MAX_AUTH_TRIES and self.conn is not None:
             self.conn.close()
 
     def reject(self, why: str, sample: bytes = b"") -> None:
         """Hostile or broken input: log once (capped) and close only this connection."""
-        self.log.warning("closing agent connection", reason=why, sample=repr(sample[:80]),
-                         session=self.session_id)
+        self.log.warning("closing agent connection", reason=why, sample=repr(sample[:80]), session=self.session_id)
         if self.conn is not None:
             self.conn.close()
 
@@ -321,7 +323,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         if not password.startswith(ENROL_PREFIX):
             self._auth_failed(username, AuthFailure.NOT_ENROLMENT)
             return False
-        parts = password[len(ENROL_PREFIX):].split(" ", 1)
+        parts = password[len(ENROL_PREFIX) :].split(" ", 1)
         if len(parts) != 2:
             self._auth_failed(username, AuthFailure.MALFORMED_ENROLMENT)
             return False
@@ -392,8 +394,11 @@ class AgentSSHServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         d = policy.decide_direct(
-            dest_host, dest_port, authenticated=self.authenticated,
-            hub_api=self.broker.hub_api, has_control=self.control is not None,
+            dest_host,
+            dest_port,
+            authenticated=self.authenticated,
+            hub_api=self.broker.hub_api,
+            has_control=self.control is not None,
         )
         if not d:
             self.log.warning("direct channel refused", host=dest_host, port=dest_port, reason=d.reason)
@@ -415,8 +420,9 @@ class AgentSSHServer(asyncssh.SSHServer):
         return chan, open_filtered_hub_connection(dest_host, dest_port, exchange, self._hub_api_refused)
 
     def _hub_api_refused(self, denial: Denial) -> None:
-        self.log.warning("hub API request refused", status=denial.status, reason=denial.reason,
-                         sample=repr(denial.sample[:80]))
+        self.log.warning(
+            "hub API request refused", status=denial.status, reason=denial.reason, sample=repr(denial.sample[:80])
+        )
 
     async def _count_channel(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         try:

@@ -14,9 +14,18 @@ from typing import Any
 from .table import format_bytes, printable, render_rows
 
 COLUMNS = [
-    ("USER", "user"), ("SERVER", "server_name"), ("JOB", "job_id"), ("NODE", "node"),
-    ("PORT", "port"), ("STATE", "state"), ("AGENT", "agent_connected"), ("SINCE", "connected_at"),
-    ("IN", "bytes_in"), ("OUT", "bytes_out"), ("HEARTBEAT", "last_heartbeat"), ("WALLTIME", "walltime_warning"),
+    ("USER", "user"),
+    ("SERVER", "server_name"),
+    ("JOB", "job_id"),
+    ("NODE", "node"),
+    ("PORT", "port"),
+    ("STATE", "state"),
+    ("AGENT", "agent_connected"),
+    ("SINCE", "connected_at"),
+    ("IN", "bytes_in"),
+    ("OUT", "bytes_out"),
+    ("HEARTBEAT", "last_heartbeat"),
+    ("WALLTIME", "walltime_warning"),
 ]
 
 

@@ -69,8 +69,13 @@ class _HubSideConnection(SSHForwarder):
         open_channel: OpenChannel = tunnel.conn.create_connection
         try:
             await open_channel(
-                self._channel_side, tunnel.remote_host, tunnel.remote_port, orig_host, orig_port,
-                window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
+                self._channel_side,
+                tunnel.remote_host,
+                tunnel.remote_port,
+                orig_host,
+                orig_port,
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE,
             )
         except (asyncssh.Error, OSError):
             self.close()
