@@ -33,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 
 from .limits import AdmissionControl, Probe, classify_first_bytes
+from .tasks import TaskOwner
 
 #: Kernel listen queue for the agents' port (clamped by net.core.somaxconn).
 DEFAULT_BACKLOG = 4096
@@ -82,14 +84,19 @@ class _Parked:
 class AgentAcceptor:
     """Listens on the agents' SSH port and hands admitted connections to asyncssh."""
 
-    def __init__(self, admission: AdmissionControl, options: asyncssh.SSHServerConnectionOptions, log: Any,
-                 on_refused: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        admission: AdmissionControl,
+        options: asyncssh.SSHServerConnectionOptions,
+        log: Any,
+        on_refused: Callable[[], None] = lambda: None,
+    ):
         self.admission = admission
         self.options = options
         self.log = log.bind(component="ssh")
         self.on_refused = on_refused
         self.sock: socket.socket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskOwner(on_error=self._loop_failed)  # the accept loop and the pump
         self._closing = False
         self._last_resource_warning = -1e9
         self._room = asyncio.Event()
@@ -114,28 +121,23 @@ class AgentAcceptor:
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
         self.sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        for coro in (self._accept_loop(), self._pump()):
-            task = loop.create_task(coro)
-            task.add_done_callback(self._loop_ended)
-            self._tasks.append(task)
+        self._tasks.spawn(self._accept_loop())
+        self._tasks.spawn(self._pump())
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("agent accept loop failed; no new agent connections", error=repr(task.exception()))
+    def _loop_failed(self, exc: BaseException) -> None:
+        self.log.error("agent accept loop failed; no new agent connections", error=repr(exc))
 
     def close(self) -> None:
         """Stop accepting and close waiting connections (admitted ones are not affected)."""
         self._closing = True  # (also ends the loops if a cancellation is lost in wait_for, 3.11)
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         if self.sock is not None:
             self.sock.close()
         self.admission.close_waiting()
 
     async def wait_closed(self) -> None:
         """Return once the accept loop has ended (after :meth:`close`)."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def _factory(self) -> asyncssh.SSHServerConnection:
         return asyncssh.SSHServerConnection(asyncio.get_running_loop(), self.options)
@@ -167,8 +169,11 @@ class AgentAcceptor:
                     now = loop.time()
                     if now - self._last_resource_warning >= 10.0:  # at most one line per 10 s
                         self._last_resource_warning = now
-                        self.log.warning("cannot accept agent connections: out of resources; pausing 0.5 s",
-                                         error=exc.strerror, hint="raise the broker's file descriptor limit")
+                        self.log.warning(
+                            "cannot accept agent connections: out of resources; pausing 0.5 s",
+                            error=exc.strerror,
+                            hint="raise the broker's file descriptor limit",
+                        )
                     await asyncio.sleep(0.5)
                     continue
                 if listen_sock.fileno() < 0:
@@ -182,14 +187,20 @@ class AgentAcceptor:
             if verdict == "wait":
                 self._wake.set()
                 if ad.should_log(source):
-                    self.log.warning("source throttled: connection waits", conn=f"{addr[0]}:{addr[1]}", reason=why,
-                                     waiting=ad.waiting(source), evicted_total=ad.evicted_total)
+                    self.log.warning(
+                        "source throttled: connection waits",
+                        conn=f"{addr[0]}:{addr[1]}",
+                        reason=why,
+                        waiting=ad.waiting(source),
+                        evicted_total=ad.evicted_total,
+                    )
             else:
                 conn_sock.close()  # before the banner: the client reads EOF, no SSH state was made
                 self.on_refused()
                 if ad.should_log(source):
-                    self.log.warning("connection refused", conn=f"{addr[0]}:{addr[1]}", reason=why,
-                                     refused_total=ad.refused_total)
+                    self.log.warning(
+                        "connection refused", conn=f"{addr[0]}:{addr[1]}", reason=why, refused_total=ad.refused_total
+                    )
             # sock_accept does not yield while connections are pending: let the pump and the rest
             # of the broker run between the connections of a flood
             await asyncio.sleep(0)

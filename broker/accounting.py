@@ -32,8 +32,11 @@ import re
 import sqlite3
 import subprocess
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote
+
+from .table import format_bytes, printable, render_rows
 
 SACCT_FIELDS = "JobID,CPUTimeRAW,AllocTRES,Elapsed"
 SACCT_CHUNK = 200
@@ -47,6 +50,7 @@ class AccountingError(Exception):
 
 
 # -- dates ----------------------------------------------------------------------------------
+
 
 def parse_when(text: str) -> float:
     """``YYYY-MM-DD`` (local midnight), an ISO date-time (local unless it has an offset), or epoch seconds."""
@@ -66,6 +70,7 @@ def _iso(ts: float) -> str:
 
 # -- the store ------------------------------------------------------------------------------
 
+
 def load_sessions(db_path: str, since: float, until: float, user: str | None = None) -> list[dict[str, Any]]:
     """Sessions registered in ``[since, until)`` (optionally of one user), read-only."""
     if not os.path.exists(db_path):
@@ -76,8 +81,10 @@ def load_sessions(db_path: str, since: float, until: float, user: str | None = N
         raise AccountingError(f"cannot open {db_path} read-only: {e}") from None
     try:
         db.row_factory = sqlite3.Row
-        q = ("SELECT id, user, server_name, job_id, node, state, created, connected_at, ready_at, closed_at, "
-             "end_reason, bytes_in, bytes_out FROM sessions WHERE created >= ? AND created < ?")
+        q = (
+            "SELECT id, user, server_name, job_id, node, state, created, connected_at, ready_at, closed_at, "
+            "end_reason, bytes_in, bytes_out FROM sessions WHERE created >= ? AND created < ?"
+        )
         args: list[Any] = [since, until]
         if user is not None:
             q += " AND user = ?"
@@ -90,6 +97,7 @@ def load_sessions(db_path: str, since: float, until: float, user: str | None = N
 
 
 # -- sacct ----------------------------------------------------------------------------------
+
 
 def parse_elapsed(text: str) -> float:
     """Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or ``MM:SS.mmm`` as seconds."""
@@ -136,9 +144,11 @@ def parse_sacct(text: str) -> dict[str, dict[str, float]]:
     return usage
 
 
-def sacct_usage(job_ids: Iterable[str], sacct: str = "sacct",
-                run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
-                ) -> tuple[dict[str, dict[str, float]] | None, str]:
+def sacct_usage(
+    job_ids: Iterable[str],
+    sacct: str = "sacct",
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> tuple[dict[str, dict[str, float]] | None, str]:
     """Usage of *job_ids* from sacct, or ``(None, why not)``."""
     ids = sorted({j for j in job_ids if _SLURM_JOB_ID.match(j)}, key=lambda j: [int(x) for x in j.split("_")])
     if not sacct:
@@ -147,10 +157,14 @@ def sacct_usage(job_ids: Iterable[str], sacct: str = "sacct",
         return {}, "no Slurm job ids in this period"
     usage: dict[str, dict[str, float]] = {}
     for i in range(0, len(ids), SACCT_CHUNK):
-        chunk = ids[i:i + SACCT_CHUNK]
+        chunk = ids[i : i + SACCT_CHUNK]
         try:
-            r = run([sacct, "-n", "-P", "-j", ",".join(chunk), "-o", SACCT_FIELDS],
-                    capture_output=True, text=True, timeout=60)
+            r = run(
+                [sacct, "-n", "-P", "-j", ",".join(chunk), "-o", SACCT_FIELDS],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except FileNotFoundError:
             return None, f"{sacct} not found: Slurm accounting unavailable"
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -167,6 +181,7 @@ def sacct_usage(job_ids: Iterable[str], sacct: str = "sacct",
 
 # -- the report ------------------------------------------------------------------------------
 
+
 def session_hours(s: dict[str, Any], now: float) -> float:
     start = s.get("connected_at") or s.get("ready_at")
     if not start:
@@ -175,22 +190,38 @@ def session_hours(s: dict[str, Any], now: float) -> float:
     return max(0.0, end - start) / 3600.0
 
 
-def build_report(sessions: list[dict[str, Any]], since: float, until: float, now: float,
-                 usage: dict[str, dict[str, float]] | None, sacct_note: str) -> dict[str, Any]:
+def build_report(
+    sessions: list[dict[str, Any]],
+    since: float,
+    until: float,
+    now: float,
+    usage: dict[str, dict[str, float]] | None,
+    sacct_note: str,
+) -> dict[str, Any]:
     users: dict[str, dict[str, Any]] = {}
     with_sacct = usage is not None
     for s in sessions:
-        u = users.setdefault(s["user"], {"user": s["user"], "sessions": 0, "live_sessions": 0, "hours": 0.0,
-                                         "bytes_in": 0, "bytes_out": 0,
-                                         "cpu_hours": 0.0 if with_sacct else None,
-                                         "gpu_hours": 0.0 if with_sacct else None, "jobs": []})
+        u = users.setdefault(
+            s["user"],
+            {
+                "user": s["user"],
+                "sessions": 0,
+                "live_sessions": 0,
+                "hours": 0.0,
+                "bytes_in": 0,
+                "bytes_out": 0,
+                "cpu_hours": 0.0 if with_sacct else None,
+                "gpu_hours": 0.0 if with_sacct else None,
+                "jobs": [],
+            },
+        )
         u["sessions"] += 1
         u["live_sessions"] += s["state"] != "closed"
         u["hours"] += session_hours(s, now)
         u["bytes_in"] += s["bytes_in"] or 0
         u["bytes_out"] += s["bytes_out"] or 0
         if s["job_id"]:
-            u["jobs"].append(_safe(s["job_id"]))  # hub-side since schema 1; older rows may hold an agent's claim
+            u["jobs"].append(printable(s["job_id"]))  # hub-side since schema 1; older rows may hold an agent's claim
         if usage is not None and s["job_id"] in usage:
             u["cpu_hours"] += usage[s["job_id"]]["cpu_seconds"] / 3600.0
             u["gpu_hours"] += usage[s["job_id"]]["gpu_seconds"] / 3600.0
@@ -200,7 +231,9 @@ def build_report(sessions: list[dict[str, Any]], since: float, until: float, now
         for k in ("cpu_hours", "gpu_hours"):
             if r[k] is not None:
                 r[k] = round(r[k], 4)
-    totals: dict[str, Any] = {k: sum(r[k] for r in rows) for k in ("sessions", "live_sessions", "bytes_in", "bytes_out")}
+    totals: dict[str, Any] = {
+        k: sum(r[k] for r in rows) for k in ("sessions", "live_sessions", "bytes_in", "bytes_out")
+    }
     totals["hours"] = round(sum(r["hours"] for r in rows), 4)
     for k in ("cpu_hours", "gpu_hours"):
         totals[k] = round(sum(r[k] for r in rows), 4) if with_sacct else None
@@ -213,35 +246,32 @@ def build_report(sessions: list[dict[str, Any]], since: float, until: float, now
     }
 
 
-def _fmt_bytes(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)}{unit}" if unit == "B" else f"{x:.1f}{unit}"
-        x /= 1024
-    return str(n)
-
-
-def _safe(text: str) -> str:
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def render_table(report: dict[str, Any]) -> str:
     head = ["USER", "SESSIONS", "HOURS", "IN", "OUT", "CPU_HOURS", "GPU_HOURS"]
 
     def row(r: dict[str, Any], name: str) -> list[str]:
         def h(v: Any) -> str:
             return "-" if v is None else f"{v:.2f}"
-        return [name, str(r["sessions"]), f"{r['hours']:.2f}", _fmt_bytes(r["bytes_in"]), _fmt_bytes(r["bytes_out"]),
-                h(r["cpu_hours"]), h(r["gpu_hours"])]
 
-    rows = [head] + [row(r, _safe(r["user"])) for r in report["users"]]
+        return [
+            name,
+            str(r["sessions"]),
+            f"{r['hours']:.2f}",
+            format_bytes(r["bytes_in"]),
+            format_bytes(r["bytes_out"]),
+            h(r["cpu_hours"]),
+            h(r["gpu_hours"]),
+        ]
+
+    rows = [head] + [row(r, printable(r["user"])) for r in report["users"]]
     if report["users"]:
         rows.append(row(report["totals"], "TOTAL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [f"Sessions registered {report['period']['since']} .. {report['period']['until']}",
-             f"CPU/GPU time: {report['sacct']['note']}", ""]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [
+        f"Sessions registered {report['period']['since']} .. {report['period']['until']}",
+        f"CPU/GPU time: {report['sacct']['note']}",
+        "",
+    ]
+    lines += render_rows(rows)
     if not report["users"]:
         lines.append("(no sessions in this period)")
     return "\n".join(lines)
@@ -252,7 +282,7 @@ def render_csv(report: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in report["users"]:
-        w.writerow([_safe(r[k]) if k == "user" else "" if r[k] is None else r[k] for k in COLUMNS])
+        w.writerow([printable(r[k]) if k == "user" else "" if r[k] is None else r[k] for k in COLUMNS])
     return buf.getvalue()
 
 
@@ -260,8 +290,16 @@ def render_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, ensure_ascii=False)
 
 
-def report(db_path: str, *, since: float, until: float, user: str | None = None, sacct: str = "sacct",
-           now: float | None = None, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> dict[str, Any]:
+def report(
+    db_path: str,
+    *,
+    since: float,
+    until: float,
+    user: str | None = None,
+    sacct: str = "sacct",
+    now: float | None = None,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     if until <= since:
         raise AccountingError("--until must be later than --since")

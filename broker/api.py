@@ -16,7 +16,7 @@ Routes::
     GET    /metrics                      -> Prometheus text format (see broker/metrics.py)
 
 ``/metrics`` takes the API token, or the optional read-only ``metrics_token``
-(``BrokerApp.metrics_token``), which is valid for ``GET /metrics`` and nothing else.
+(``c.BrokerApp.metrics_token``), which is valid for ``GET /metrics`` and nothing else.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .core import Broker, SessionNotFound
+from .metrics import CONTENT_TYPE
 from .secrets import hash_secret, verify_secret
 
 MAX_BODY = 64 * 1024
@@ -48,7 +50,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
@@ -63,7 +67,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 def _auth_middleware(token_hash: str, metrics_token_hash: str | None = None) -> Any:
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def auth(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         ok = scheme.lower() in ("bearer", "token") and verify_secret(token.strip(), token_hash)
@@ -117,8 +123,9 @@ class BrokerAPI:
         self.broker = broker
         self.ssh_public_host = ssh_public_host
         metrics_hash = hash_secret(metrics_token) if metrics_token else None
-        self.app = web.Application(middlewares=[_errors, _auth_middleware(hash_secret(api_token), metrics_hash)],
-                                   client_max_size=MAX_BODY)
+        self.app = web.Application(
+            middlewares=[_errors, _auth_middleware(hash_secret(api_token), metrics_hash)], client_max_size=MAX_BODY
+        )
         r = self.app.router
         r.add_post("/api/sessions", self.create)
         r.add_get("/api/sessions", self.list)
@@ -182,11 +189,10 @@ class BrokerAPI:
         return _json(s.public())
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json({"ok": True, "live_sessions": len(self.broker.listeners),
-                      "connected_agents": len(self.broker.agents)})
+        return _json(
+            {"ok": True, "live_sessions": len(self.broker.listeners), "connected_agents": len(self.broker.agents)}
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        from .metrics import CONTENT_TYPE
-
         body = self.broker.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -1,9 +1,25 @@
-"""The ``broker`` command: a traitlets Application configured by ``broker_config.py``.
+"""The ``broker`` command: a traitlets Application with subcommands, configured by ``broker_config.py``.
 
-Subcommands: ``serve`` (run the daemon), ``status`` (live sessions), ``generate-config``.
-Every option is a trait of :class:`BrokerApp` (``c.BrokerApp.<name>`` in broker_config.py,
-or ``--BrokerApp.<name>=value`` on the command line). Secrets (tokens) are better taken
-from the environment than the config file; they are never logged.
+Subcommands (traitlets ``subcommands``): ``serve`` (run the daemon), ``status`` (live sessions),
+``accounting`` (usage report), ``generate-config`` (a commented config file with every option).
+``broker --help`` lists them; ``broker <command> --help`` shows a command's options.
+
+Options live where they act, as in dask-gateway's server: :class:`BrokerApp` holds only the
+app's own (paths, ports, tokens, logging); each component is a traitlets ``Configurable`` made
+with ``parent=app`` and holds its own options, with its own defaults:
+:class:`~broker.core.Broker` (timeouts, keepalives, the hub-API relay's and the control
+channel's limits), :class:`~broker.limits.AdmissionControl` (pre-auth caps, throttling,
+penalties) and :class:`~broker.proxy.RoutePublisher` (reconciling). Set them as
+``c.<Class>.<name>`` in broker_config.py or ``--<Class>.<name>=value`` on the command line (which
+wins over the file). Secrets (tokens) are better taken from the environment than the config
+file; they are never logged.
+
+Options that moved out of ``BrokerApp`` (:data:`MOVED_OPTIONS`) keep working under their old
+spelling ``c.BrokerApp.<name>`` / ``--BrokerApp.<name>``: each is moved to its new place as the
+configuration is loaded, with a warning that names the new spelling.
+
+Exit statuses: 0 done; 1 the command failed (broker unreachable, no database...); 2 a usage or
+configuration error (the message names the option).
 """
 
 from __future__ import annotations
@@ -15,32 +31,97 @@ import resource
 import signal
 import sys
 import time
+from typing import Any
 from urllib.parse import urlparse
 
-from traitlets import Bool, Float, Integer, List, Unicode, default, validate
-from traitlets.config import Application, TraitError
+from traitlets import Bool, Float, Integer, Unicode, default, observe, validate
+from traitlets.config import Application, Config, TraitError, catch_config_error
+from traitlets.traitlets import DefaultHandler
 
 from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
-from .control import ControlLimits
 from .core import Broker, load_or_create_host_key
-from .hubapi import DEFAULT_BURST, DEFAULT_MAX_BODY, DEFAULT_RATE, DEFAULT_STRIP_HEADERS, HubApiPolicy, api_prefix_of
+from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
-from .proxy import ChpClient
+from .options import OptionError, Proposal, option_name
+from .proxy import ChpClient, RoutePublisher
 from .status import render_table
 from .store import SessionStore
+
+#: Options that used to be ``BrokerApp`` traits: old name -> ``"<Class>.<name>"`` now.
+MOVED_OPTIONS: dict[str, str] = {
+    **{
+        name: f"Broker.{name}"
+        for name in (
+            "enrol_ttl",
+            "tunnel_wait_timeout",
+            "keepalive_interval",
+            "keepalive_count_max",
+            "login_timeout",
+            "max_hub_api_channels",
+            "hub_api_strip_headers",
+            "hub_api_max_body",
+            "hub_api_rate",
+            "hub_api_burst",
+            "control_rate",
+            "control_burst",
+            "control_queue",
+        )
+    },
+    **{
+        name: f"AdmissionControl.{name}"
+        for name in (
+            "max_preauth_per_source",
+            "max_preauth_total",
+            "max_waiting_per_source",
+            "throttle_interval",
+            "penalty_threshold",
+            "penalty_window",
+            "penalty_base",
+            "penalty_max",
+            "penalty_exempt",
+        )
+    },
+    "reconcile_interval": "RoutePublisher.reconcile_interval",
+}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(Exception):
     """A configuration problem; the message names the option."""
 
 
+def from_environment(trait: str, variable: str) -> DefaultHandler:
+    """A ``@default`` handler: *trait*'s default is the environment variable *variable* (or '')."""
+    return default(trait)(lambda _self: os.environ.get(variable, ""))
+
+
 class BrokerApp(Application):
+    """The ``broker`` command and the app-level options every subcommand shares."""
+
     name = "broker"
     description = "Tunnel broker between JupyterHub and notebooks running as HPC batch jobs."
+    examples = "\n".join(
+        [
+            "broker generate-config -o broker_config.py",
+            "broker serve --config-file=/etc/broker/broker_config.py",
+            "broker serve --AdmissionControl.max_preauth_total=1024",
+            "BROKER_API_TOKEN=... broker status --watch",
+            "broker accounting --since 2026-03-01 --until 2026-04-01 --format csv",
+        ]
+    )
     raise_config_file_errors = True
-
+    classes = [Broker, AdmissionControl, RoutePublisher]  # (Application adds the app's own class)
+    aliases = {
+        "config-file": "BrokerApp.config_file",
+        "config": "BrokerApp.config_file",
+        "log-level": "BrokerApp.log_level",
+    }
+    flags: dict[str, Any] = {}
+    # one option a line: the class reads as a table of its options
+    # fmt: off
     config_file = Unicode("broker_config.py", help="The configuration file to load.").tag(config=True)
 
     state_dir = Unicode("broker-state", help="Directory for the session database and SSH host key (created 0700).").tag(config=True)
@@ -63,106 +144,95 @@ class BrokerApp(Application):
     proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required.").tag(config=True)
     hub_api_url = Unicode(help="The hub API URL agents may reach through their tunnel, e.g. http://127.0.0.1:8081/hub/api (env JUPYTERHUB_API_URL). Required.").tag(config=True)
 
-    enrol_ttl = Float(86400.0, help="Seconds an enrolment secret stays valid (covers time pending in the queue).").tag(config=True)
-    tunnel_wait_timeout = Float(10.0, help="Seconds a hub-side connection waits for a reconnecting agent before it is closed.").tag(config=True)
-    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(config=True)
-    keepalive_interval = Float(15.0, help="Seconds between SSH keepalives to agents (0 disables).").tag(config=True)
-    keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
-    login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate.").tag(config=True)
-    max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections admitted at once from one source address (0: no cap). At the cap the source is throttled: newer connections wait (no banner) and each admission replaces its least advanced unauthenticated connection.").tag(config=True)
-    max_preauth_total = Integer(512, help="Unauthenticated SSH connections (admitted or waiting) allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
-    max_waiting_per_source = Integer(32, help="Connections of a throttled source held waiting for their turn (no SSH state); a newcomer to a full room replaces the oldest one that has sent nothing. 0: refuse a throttled source's connections outright.").tag(config=True)
-    throttle_interval = Float(1.0, help="Seconds between admissions of a throttled source (penalised, or at max_preauth_per_source), jittered by ±50%.").tag(config=True)
-    penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is penalised: throttled even below its cap (0: no penalties).").tag(config=True)
-    penalty_window = Float(60.0, help="Seconds over which failed authentications from one source are counted.").tag(config=True)
-    penalty_base = Float(10.0, help="Seconds a penalised source is throttled; doubles for each further penalty.").tag(config=True)
-    penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
-    penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor throttled per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
-    max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
-    hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
-    hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
-    hub_api_rate = Float(DEFAULT_RATE, help="Hub-API requests per second per session, over all its channels (token bucket; more get 429; 0: no cap).").tag(config=True)
-    hub_api_burst = Integer(DEFAULT_BURST, help="Hub-API requests a session may make at once before hub_api_rate applies (the token bucket's size).").tag(config=True)
-    control_rate = Float(10.0, help="Control messages per second an agent connection may send on average (0: no rate limit); a connection over the limit is closed. An honest agent sends a few per connection plus one heartbeat every NODE_AGENT_HEARTBEAT seconds.").tag(config=True)
-    control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
-    control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
-
+    # a name, not the numbers traitlets' Application.log_level also takes
     log_level = Unicode("INFO", help="Log level: DEBUG, INFO, WARNING, ERROR.").tag(config=True)
     log_json = Bool(False, help="Write logs as JSON lines.").tag(config=True)
+    # fmt: on
 
-    @default("api_token")
-    def _api_token_default(self) -> str:
-        return os.environ.get("BROKER_API_TOKEN", "")
+    def __init__(self, **kwargs: Any):
+        self._moved: list[str] = []  # the old spellings met so far (see update_config)
+        super().__init__(**kwargs)
 
-    @default("metrics_token")
-    def _metrics_token_default(self) -> str:
-        return os.environ.get("BROKER_METRICS_TOKEN", "")
+    @default("subcommands")
+    def _subcommands(self) -> dict[str, Any]:
+        # the classes themselves (not import strings): under ``python -m broker.app`` this module
+        # is ``__main__``, and a string would import a second copy of it
+        return {
+            "serve": (ServeCommand, "Run the broker: the SSH server for agents, the REST API, the route publisher."),
+            "status": (
+                StatusCommand,
+                "List live sessions (user, server, job, node, port, state, bytes, heartbeat): "
+                "status [--json], or status --watch [--interval S] to redraw the table every S seconds "
+                "until Ctrl-C.",
+            ),
+            "accounting": (
+                AccountingCommand,
+                "Per-user sessions, hours, bytes and (from sacct) CPU/GPU hours: "
+                "accounting [--since DATE] [--until DATE] [--user U] [--format table|csv|json] "
+                "[--no-sacct]. Reads the session database read-only (see docs/admin.md).",
+            ),
+            "generate-config": (
+                GenerateConfigCommand,
+                "Write a commented broker_config.py with every option of the "
+                "app and its components to stdout (or -o FILE).",
+            ),
+        }
 
-    @default("proxy_auth_token")
-    def _proxy_token_default(self) -> str:
-        return os.environ.get("CONFIGPROXY_AUTH_TOKEN", "")
-
-    @default("hub_api_url")
-    def _hub_api_default(self) -> str:
-        return os.environ.get("JUPYTERHUB_API_URL", "")
+    _api_token_default = from_environment("api_token", "BROKER_API_TOKEN")
+    _metrics_token_default = from_environment("metrics_token", "BROKER_METRICS_TOKEN")
+    _proxy_token_default = from_environment("proxy_auth_token", "CONFIGPROXY_AUTH_TOKEN")
+    _hub_api_default = from_environment("hub_api_url", "JUPYTERHUB_API_URL")
 
     @validate("log_level")
-    def _valid_level(self, proposal: dict) -> str:
-        v = proposal["value"].upper()
-        if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise TraitError(f"BrokerApp.log_level: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}")
+    def _valid_level(self, proposal: Proposal) -> str:
+        v = str(proposal["value"]).upper()
+        if v not in LOG_LEVELS:
+            raise OptionError(
+                f"{option_name(proposal)}: must be DEBUG, INFO, WARNING or ERROR, got {proposal['value']!r}"
+            )
         return v
 
-    @validate("penalty_exempt")
-    def _valid_networks(self, proposal: dict) -> list:
-        import ipaddress
-
-        for net in proposal["value"]:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise TraitError(f"BrokerApp.penalty_exempt: not a network: {net!r}") from None
-        return proposal["value"]
-
-    @validate("hub_api_strip_headers")
-    def _valid_header_names(self, proposal: dict) -> list:
-        import re
-
-        for name in proposal["value"]:
-            if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
-                raise TraitError(f"BrokerApp.hub_api_strip_headers: not a header name: {name!r}")
-        return proposal["value"]
-
-    @validate("hub_api_max_body", "hub_api_rate", "hub_api_burst")
-    def _valid_hub_api_limit(self, proposal: dict) -> float:
-        v = proposal["value"]
-        low = 1 if proposal["trait"].name == "hub_api_burst" else 0
-        if v < low:
-            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
-        return v
-
-    @validate("control_rate", "control_burst", "control_queue")
-    def _valid_control(self, proposal: dict) -> float:
-        v = proposal["value"]
-        low = 0 if proposal["trait"].name == "control_rate" else 1
-        if not v >= low:  # also refuses NaN
-            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be at least {low}, got {v}")
-        return v
-
-    @validate("throttle_interval")
-    def _positive_interval(self, proposal: dict) -> float:
-        if not proposal["value"] > 0:
-            raise TraitError(f"BrokerApp.throttle_interval: must be positive, got {proposal['value']}")
-        return proposal["value"]
+    @observe("log_datefmt", "log_format", "log_level", "logging_config")
+    def _observe_logging_change(self, change: Any) -> None:
+        # (Application's own observer would turn the level into a number, which this trait refuses)
+        self._configure_logging()
 
     @validate("ssh_port", "api_port")
-    def _valid_port(self, proposal: dict) -> int:
+    def _valid_port(self, proposal: Proposal) -> int:
         v = proposal["value"]
         if not 0 <= v <= 65535:
-            raise TraitError(f"BrokerApp.{proposal['trait'].name}: must be 0..65535, got {v}")
+            raise OptionError(f"{option_name(proposal)}: must be 0..65535, got {v}")
         return v
 
-    # -- derived settings ---------------------------------------------------------------
+    # -- old spellings ----------------------------------------------------------------------
+    def update_config(self, config: Config) -> None:
+        """Load *config*, moving the old ``BrokerApp.<name>`` of moved options to their new places first."""
+        self._move_options(config)
+        super().update_config(config)
+
+    def _move_options(self, config: Config) -> None:
+        """Rewrite *config* in place: each ``BrokerApp.<old>`` of :data:`MOVED_OPTIONS` becomes its
+        ``<Class>.<name>`` (unless that is set in the same place too: the new spelling wins), and is
+        remembered for :meth:`deprecations`."""
+        if "BrokerApp" not in config:
+            return
+        section = config["BrokerApp"]
+        for old in [name for name in section if name in MOVED_OPTIONS]:
+            cls, name = MOVED_OPTIONS[old].split(".")
+            value = section.pop(old)
+            if name not in config[cls]:
+                config[cls][name] = value
+            self._moved.append(old)
+
+    def deprecations(self) -> list[str]:
+        """A warning for each old spelling the configuration used, naming the new one."""
+        return [
+            f"BrokerApp.{old} is deprecated: use c.{MOVED_OPTIONS[old]} in broker_config.py "
+            f"(--{MOVED_OPTIONS[old]} on the command line); the old spelling still works for now"
+            for old in dict.fromkeys(self._moved)
+        ]
+
+    # -- derived settings -------------------------------------------------------------------
     def path(self, value: str, name: str) -> str:
         return value or os.path.join(self.state_dir, name)
 
@@ -176,8 +246,9 @@ class BrokerApp(Application):
             return open(url_file).read().strip()
         return f"http://{self.api_host}:{self.api_port}"
 
-    def check(self) -> tuple[str, int]:
-        """Validate settings that need each other; raise ConfigError naming the option."""
+    def check(self) -> tuple[tuple[str, int], str]:
+        """Validate settings that need each other; return the hub API's address and its path
+        prefix. Raise ConfigError naming the option."""
         if not self.api_token:
             raise ConfigError("BrokerApp.api_token: not set (set it in broker_config.py or BROKER_API_TOKEN)")
         if len(self.api_token) < 16:
@@ -185,9 +256,13 @@ class BrokerApp(Application):
         if self.metrics_token and len(self.metrics_token) < 16:
             raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
         if not self.proxy_auth_token:
-            raise ConfigError("BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it")
+            raise ConfigError(
+                "BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it"
+            )
         if not self.hub_api_url:
-            raise ConfigError("BrokerApp.hub_api_url: not set (e.g. http://127.0.0.1:8081/hub/api, or JUPYTERHUB_API_URL)")
+            raise ConfigError(
+                "BrokerApp.hub_api_url: not set (e.g. http://127.0.0.1:8081/hub/api, or JUPYTERHUB_API_URL)"
+            )
         u = urlparse(self.hub_api_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ConfigError(f"BrokerApp.hub_api_url: not an http(s) URL with a host: {self.hub_api_url!r}")
@@ -195,22 +270,158 @@ class BrokerApp(Application):
         if p.scheme not in ("http", "https") or not p.hostname:
             raise ConfigError(f"BrokerApp.proxy_api_url: not an http(s) URL with a host: {self.proxy_api_url!r}")
         try:
-            self.hub_api_policy()
+            prefix = HubApiPolicy(api_prefix=api_prefix_of(self.hub_api_url)).api_prefix
         except ValueError as e:
             raise ConfigError(f"BrokerApp.hub_api_url: {e}") from None
         port = u.port or (443 if u.scheme == "https" else 80)
-        return u.hostname, port
+        return (u.hostname, port), prefix
 
-    def hub_api_policy(self) -> HubApiPolicy:
-        """What the hub-API relay lets through: the API prefix from hub_api_url, and the hub_api_* options."""
-        return HubApiPolicy(api_prefix=api_prefix_of(self.hub_api_url), strip_headers=tuple(self.hub_api_strip_headers),
-                            max_body=self.hub_api_max_body, rate=self.hub_api_rate, burst=self.hub_api_burst)
+    # -- the command itself -----------------------------------------------------------------
+    def usage(self) -> str:
+        lines = [f"usage: broker {{{','.join(self.subcommands)}}} [options]", ""]
+        lines += [f"  {name:<16} {help_text}" for name, (_cls, help_text) in self.subcommands.items()]
+        lines += [
+            "",
+            "Options of every command: --config-file=FILE (default broker_config.py), --<Class>.<name>=<value>",
+            "(see `broker generate-config`). `broker <command> --help` lists a command's options.",
+        ]
+        return "\n".join(lines)
 
-    def load(self, argv: list[str]) -> None:
+    def start(self) -> None:
+        if self.subapp is not None:
+            self.subapp.start()
+            return
+        print(self.usage())
+        self.exit(2)
+
+
+class Command(BrokerApp):
+    """A subcommand: the app's options and its own, the config file loaded, then :meth:`run`."""
+
+    subcommands: dict[str, Any] = {}
+    examples = ""
+
+    @catch_config_error
+    def initialize(self, argv: list[str] | None = None) -> None:
+        """Parse the command line, then load the config file (the command line wins over it)."""
         self.parse_command_line(argv)
         if self.config_file and os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
-            self.parse_command_line(argv)  # the command line wins over the file
+        self.report_deprecations()
+
+    def report_deprecations(self) -> None:
+        """Log :meth:`deprecations` (on stderr, through the app's log)."""
+        for text in self.deprecations():
+            self.log.warning(text)
+
+    def run(self) -> int:
+        """Do the command's work; return the exit status."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.exit(self.run())
+
+
+class ServeCommand(Command):
+    """Run the broker (serve until SIGTERM or SIGINT)."""
+
+    name = "broker serve"
+    description = __doc__
+
+    def report_deprecations(self) -> None:
+        pass  # logged by serve() once the broker's log is set up (JSON lines with log_json)
+
+    def run(self) -> int:
+        asyncio.run(serve(self))
+        return 0
+
+
+class StatusCommand(Command):
+    """List the live sessions: a table, JSON, or a table redrawn until Ctrl-C."""
+
+    name = "broker status"
+    description = __doc__
+    aliases = {**BrokerApp.aliases, "interval": "StatusCommand.interval"}
+    flags = {
+        "json": ({"StatusCommand": {"json": True}}, "Print the sessions as JSON."),
+        "watch": ({"StatusCommand": {"watch": True}}, "Redraw the table every --interval seconds until Ctrl-C."),
+    }
+
+    # one option a line: the class reads as a table of its options
+    # fmt: off
+    json = Bool(False, help="Print the sessions as JSON.").tag(config=True)
+    watch = Bool(False, help="Redraw the table every `interval` seconds until Ctrl-C.").tag(config=True)
+    interval = Float(2.0, help="Seconds between redraws of --watch (0.1..3600).").tag(config=True)
+    # fmt: on
+
+    @validate("interval")
+    def _valid_interval(self, proposal: Proposal) -> float:
+        v = proposal["value"]
+        if not 0.1 <= v <= 3600:
+            raise OptionError(f"broker status: --interval: a number of seconds (0.1..3600), got {v!r}")
+        return v
+
+    def run(self) -> int:
+        if not self.watch:
+            return asyncio.run(status(self, self.json))
+        try:
+            return asyncio.run(status_watch(self, self.interval))
+        except KeyboardInterrupt:
+            return 0
+
+
+class AccountingCommand(Command):
+    """Per-user usage report from the session store (read-only), with CPU/GPU time from sacct."""
+
+    name = "broker accounting"
+    description = __doc__
+    aliases = {
+        **BrokerApp.aliases,
+        "since": "AccountingCommand.since",
+        "until": "AccountingCommand.until",
+        "user": "AccountingCommand.user",
+        "format": "AccountingCommand.format",
+    }
+    flags = {"no-sacct": ({"AccountingCommand": {"no_sacct": True}}, "Do not query Slurm's sacct for CPU/GPU time.")}
+
+    # one option a line: the class reads as a table of its options
+    # fmt: off
+    since = Unicode("", help="Start of the period (YYYY-MM-DD, local midnight, or ISO date-time); default: everything.").tag(config=True)
+    until = Unicode("", help="End of the period, exclusive; default: now.").tag(config=True)
+    user = Unicode("", help="Only this user.").tag(config=True)
+    format = Unicode("table", help="table, csv or json.").tag(config=True)
+    no_sacct = Bool(False, help="Do not query Slurm's sacct for CPU/GPU time.").tag(config=True)
+    # fmt: on
+
+    @validate("format")
+    def _valid_format(self, proposal: Proposal) -> str:
+        if proposal["value"] not in ("table", "csv", "json"):
+            raise OptionError(
+                f"broker accounting: --format: invalid choice: {proposal['value']!r} (choose from 'table', 'csv', 'json')"
+            )
+        return proposal["value"]
+
+    def run(self) -> int:
+        return accounting(self)
+
+
+class GenerateConfigCommand(Command):
+    """Write a commented broker_config.py with every option (the app's and its components')."""
+
+    name = "broker generate-config"
+    description = __doc__
+    aliases = {**BrokerApp.aliases, "o": "GenerateConfigCommand.output", "output": "GenerateConfigCommand.output"}
+
+    output = Unicode("", help="Write to this file instead of stdout.").tag(config=True)
+
+    def run(self) -> int:
+        text = BrokerApp().generate_config_file()
+        if self.output:
+            with open(self.output, "w") as f:
+                f.write(text)
+        else:
+            print(text)
+        return 0
 
 
 #: Descriptors the broker needs besides its 2 per session (store, API, CHP client, logs, margin).
@@ -231,35 +442,44 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 async def serve(app: BrokerApp) -> None:
-    hub_api = app.check()
     broker_log.configure(app.log_level, app.log_json)
     log = broker_log.get_logger(component="app")
+    for text in app.deprecations():
+        log.warning(text)
+    hub_api, api_prefix = app.check()
     os.makedirs(app.state_dir, mode=0o700, exist_ok=True)
     try:
         key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
     except (OSError, ValueError) as e:  # mode too open, unreadable, or not a key
         raise ConfigError(f"BrokerApp.host_key_path: {e}") from None
     store = SessionStore(app.path(app.db_path, "broker.sqlite"))
-    public_host = app.ssh_public_host or (app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename)
-    broker = Broker(
-        store=store, host_key=key, hub_api=hub_api, chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
-        ssh_listen=(app.ssh_host, app.ssh_port), ssh_public_host=public_host, enrol_ttl=app.enrol_ttl,
-        tunnel_wait_timeout=app.tunnel_wait_timeout, reconcile_interval=app.reconcile_interval,
-        keepalive_interval=app.keepalive_interval, keepalive_count_max=app.keepalive_count_max,
-        login_timeout=app.login_timeout,
-        admission=AdmissionControl(
-            max_preauth_per_source=app.max_preauth_per_source, max_preauth_total=app.max_preauth_total,
-            max_waiting_per_source=app.max_waiting_per_source, throttle_interval=app.throttle_interval,
-            max_wait=app.login_timeout, penalty_threshold=app.penalty_threshold, penalty_window=app.penalty_window,
-            penalty_base=app.penalty_base, penalty_max=app.penalty_max, exempt=app.penalty_exempt),
-        max_hub_api_channels=app.max_hub_api_channels, hub_api_policy=app.hub_api_policy(),
-        control_limits=ControlLimits(rate=app.control_rate, burst=app.control_burst, queue=app.control_queue),
+    public_host = app.ssh_public_host or (
+        app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename
     )
+    try:
+        broker = Broker(
+            parent=app,
+            store=store,
+            host_key=key,
+            hub_api=hub_api,
+            hub_api_prefix=api_prefix,
+            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
+            ssh_listen=(app.ssh_host, app.ssh_port),
+            ssh_public_host=public_host,
+        )
+    except TraitError:
+        store.close()
+        raise
     soft, hard = raise_nofile_limit()
     capacity = (soft - FD_RESERVE) // 2 if soft != resource.RLIM_INFINITY else None
     if capacity is not None and capacity < 1000:
-        log.warning("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity,
-                    hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256")
+        log.warning(
+            "file descriptor limit",
+            soft=soft,
+            hard=hard,
+            live_sessions_capacity=capacity,
+            hint="raise LimitNOFILE (systemd) / ulimit -Hn to at least 2 x sessions + 256",
+        )
     else:
         log.info("file descriptor limit", soft=soft, hard=hard, live_sessions_capacity=capacity)
     await broker.start()
@@ -341,30 +561,27 @@ async def status_watch(app: BrokerApp, interval: float) -> int:
         await client.close()
 
 
-def accounting(app: BrokerApp, rest: list[str]) -> int:
-    import argparse
-
+def accounting(cmd: AccountingCommand) -> int:
     from . import accounting as acct
 
-    p = argparse.ArgumentParser(prog="broker accounting", description="Per-user usage report from the session store.")
-    p.add_argument("--since", help="start of the period (YYYY-MM-DD, local midnight, or ISO date-time); default: everything")
-    p.add_argument("--until", help="end of the period, exclusive; default: now")
-    p.add_argument("--user", help="only this user")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--no-sacct", action="store_true", help="do not query Slurm's sacct for CPU/GPU time")
-    args = p.parse_args(rest)
     now = time.time()
     try:
-        since = acct.parse_when(args.since) if args.since else 0.0
-        until = acct.parse_when(args.until) if args.until else now + 1
-        rep = acct.report(app.path(app.db_path, "broker.sqlite"), since=since, until=until, user=args.user,
-                          sacct="" if args.no_sacct else app.accounting_sacct, now=now)
+        since = acct.parse_when(cmd.since) if cmd.since else 0.0
+        until = acct.parse_when(cmd.until) if cmd.until else now + 1
+        rep = acct.report(
+            cmd.path(cmd.db_path, "broker.sqlite"),
+            since=since,
+            until=until,
+            user=cmd.user or None,
+            sacct="" if cmd.no_sacct else cmd.accounting_sacct,
+            now=now,
+        )
     except acct.AccountingError as e:
         print(f"broker accounting: {e}", file=sys.stderr)
         return 1
-    if args.format == "json":
+    if cmd.format == "json":
         print(acct.render_json(rep))
-    elif args.format == "csv":
+    elif cmd.format == "csv":
         if not rep["sacct"]["available"]:
             print(f"broker accounting: CPU/GPU columns empty: {rep['sacct']['note']}", file=sys.stderr)
         sys.stdout.write(acct.render_csv(rep))
@@ -373,91 +590,36 @@ def accounting(app: BrokerApp, rest: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: broker {serve,status,generate-config} [options]
-
-  serve             run the broker (SSH server for agents, REST API, route publisher)
-  status [--json]   list live sessions (user, server, job, node, port, state, bytes, heartbeat)
-  status --watch [--interval S]   redraw that table every S seconds (default 2) until Ctrl-C
-  accounting [--since DATE] [--until DATE] [--user U] [--format table|csv|json] [--no-sacct]
-                    per-user sessions, hours, bytes and (from sacct) CPU/GPU hours; reads the
-                    session database read-only (see docs/admin.md)
-  generate-config   write a commented broker_config.py to stdout (or -o FILE)
-
-Any option as --BrokerApp.<name>=<value>; --config-file=FILE (default broker_config.py).
-"""
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
+    """Run the ``broker`` command with *argv* (default: ``sys.argv[1:]``); return its exit status."""
     app = BrokerApp()
-    if cmd == "generate-config":
-        out = None
-        if "-o" in rest:
-            out = rest[rest.index("-o") + 1]
-        text = app.generate_config_file()
-        if out:
-            with open(out, "w") as f:
-                f.write(text)
-        else:
-            print(text)
-        return 0
-    as_json = "--json" in rest
-    rest = [a for a in rest if a != "--json"]
-    watch, interval, own = False, 2.0, []
-    if cmd == "status":
-        i = 0
-        while i < len(rest):
-            a = rest[i]
-            if a == "--watch":
-                watch = True
-            elif a == "--interval" or a.startswith("--interval="):
-                value = a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
-                i += 0 if "=" in a else 1
-                try:
-                    interval = float(value)
-                    if not 0.1 <= interval <= 3600:
-                        raise ValueError
-                except ValueError:
-                    print(f"broker status: --interval: a number of seconds (0.1..3600), got {value!r}", file=sys.stderr)
-                    return 2
-            else:
-                own.append(a)
-            i += 1
-        rest = own
-    elif cmd == "accounting":  # its own options; --BrokerApp.* and --config-file go to the app
-        own = [a for a in rest if not a.startswith(("--BrokerApp.", "--config=", "--config-file="))]
-        rest = [a for a in rest if a not in own]
-    rest = [a.replace("--config=", "--BrokerApp.config_file=").replace("--config-file=", "--BrokerApp.config_file=") for a in rest]
     try:
-        try:
-            app.load(rest)
-        except SystemExit as e:  # traitlets exits after --help (0) or a bad value (1, message printed)
-            if not e.code:
-                return 0
-            raise ConfigError("invalid option value (see the message above)") from None
-        except SyntaxError as e:
-            raise ConfigError(f"{app.config_file}: syntax error at line {e.lineno}: {e.msg}") from None
-        if cmd == "serve":
-            asyncio.run(serve(app))
+        app.initialize(sys.argv[1:] if argv is None else argv)
+        command = app.subapp
+        if not isinstance(command, Command):
+            if app.extra_args:
+                print(f"broker: unknown command {app.extra_args[0]!r}\n\n{app.usage()}", file=sys.stderr)
+            else:
+                print(app.usage())
+            return 2
+        if command.extra_args:
+            print(
+                f"{command.name}: unexpected argument {command.extra_args[0]!r} (see {command.name} --help)",
+                file=sys.stderr,
+            )
+            return 2
+        return command.run()
+    except SystemExit as e:  # traitlets exits after --help (0) or a bad value (1, message printed)
+        if not e.code:
             return 0
-        if cmd == "status":
-            if watch:
-                try:
-                    return asyncio.run(status_watch(app, interval))
-                except KeyboardInterrupt:
-                    return 0
-            return asyncio.run(status(app, as_json))
-        if cmd == "accounting":
-            return accounting(app, own)
+        print("broker: configuration error: invalid option value (see the message above)", file=sys.stderr)
+        return 2
+    except SyntaxError as e:
+        print(f"broker: configuration error: {e.filename}: syntax error at line {e.lineno}: {e.msg}", file=sys.stderr)
+        return 2
     except (ConfigError, TraitError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
-    print(f"broker: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -30,18 +30,27 @@ class BrokerClient:
         self._timeout = timeout
         self._http: aiohttp.ClientSession | None = None
 
-    async def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
-                      params: dict[str, str] | None = None) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: float | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         if self._http is None:
             connector = None
             url = self.api_url
             if url.startswith("unix:"):
-                connector = aiohttp.UnixConnector(path=url[len("unix:"):])
+                connector = aiohttp.UnixConnector(path=url[len("unix:") :])
             self._http = aiohttp.ClientSession(connector=connector)
         base = "http://broker" if self.api_url.startswith("unix:") else self.api_url
         try:
             async with self._http.request(
-                method, base + path, params=params,
+                method,
+                base + path,
+                params=params,
                 data=None if body is None else json.dumps(body),
                 headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=timeout or self._timeout),
@@ -49,13 +58,17 @@ class BrokerClient:
                 text = await resp.text()
                 data = json.loads(text) if text else {}
                 if resp.status >= 400:
-                    raise BrokerError(resp.status, data.get("error", text[:200]) if isinstance(data, dict) else text[:200])
+                    raise BrokerError(
+                        resp.status, data.get("error", text[:200]) if isinstance(data, dict) else text[:200]
+                    )
                 return data
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise BrokerError(0, str(exc) or type(exc).__name__) from None
 
     async def create_session(self, user: str, server_name: str, routespec: str) -> dict[str, Any]:
-        return await self.request("POST", "/api/sessions", {"user": user, "server_name": server_name, "routespec": routespec})
+        return await self.request(
+            "POST", "/api/sessions", {"user": user, "server_name": server_name, "routespec": routespec}
+        )
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/api/sessions/{quote(session_id, safe='')}")
@@ -64,8 +77,12 @@ class BrokerClient:
         return await self.request("PATCH", f"/api/sessions/{quote(session_id, safe='')}", fields)
 
     async def wait_session(self, session_id: str, states: str = "ready", timeout: float = 30.0) -> dict[str, Any]:
-        return await self.request("GET", f"/api/sessions/{quote(session_id, safe='')}/wait",
-                                  params={"state": states, "timeout": str(timeout)}, timeout=timeout + 10)
+        return await self.request(
+            "GET",
+            f"/api/sessions/{quote(session_id, safe='')}/wait",
+            params={"state": states, "timeout": str(timeout)},
+            timeout=timeout + 10,
+        )
 
     async def close_session(self, session_id: str, reason: str) -> dict[str, Any]:
         return await self.request("DELETE", f"/api/sessions/{quote(session_id, safe='')}", params={"reason": reason})

@@ -1,4 +1,4 @@
-"""Bounds of the agent's control channel: line splitting, a per-connection token bucket, limits.
+"""Bounds of the agent's control channel: line splitting and limits.
 
 The control channel carries newline-delimited JSON messages from one agent (``hello``,
 ``ready``, ``heartbeat``, ``walltime``, ``exit``). An honest agent sends a handful of them per
@@ -8,9 +8,10 @@ here keep the broker's cost per connection bounded:
 - :class:`LineSplitter` splits incoming bytes into lines in time linear in the input (only the
   unfinished tail is kept between packets; it is never re-split) and refuses a line longer
   than the limit as soon as the tail exceeds it.
-- :class:`TokenBucket` is the per-connection message rate limit: ``burst`` messages at once,
-  refilled at ``rate`` per second.
-- :class:`ControlLimits` gathers the configurable limits (``BrokerApp.control_*``).
+- :class:`ControlLimits` gathers the limits: the per-connection message rate (a
+  :class:`~broker.ratelimit.TokenBucket`: ``burst`` messages at once, refilled at ``rate`` per
+  second), the queue and the line length. The broker makes it from its options
+  (``c.Broker.control_*``).
 
 A connection that exceeds any limit is closed (see ``ControlSession`` in
 :mod:`broker.ssh_server`); the reason is one of :data:`CLOSE_REASONS`, counted in ``/metrics``.
@@ -19,12 +20,12 @@ A connection that exceeds any limit is closed (see ``ControlSession`` in
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Callable
 
 #: Why a control channel was closed by the broker (the label values of
 #: ``broker_control_closed_total{reason}``).
 CLOSE_REASONS = ("rate_limit", "queue_full", "line_too_long", "malformed", "protocol")
+#: Bytes in one control message, at most.
+MAX_LINE = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,37 +37,14 @@ class ControlLimits:
     in order, one at a time); ``max_line``: bytes in one message.
     """
 
-    rate: float = 10.0
-    burst: int = 100
-    queue: int = 256
-    max_line: int = 16 * 1024
+    rate: float
+    burst: int
+    queue: int
+    max_line: int = MAX_LINE
 
     def __post_init__(self) -> None:
         if self.rate < 0 or self.burst < 1 or self.queue < 1 or self.max_line < 64:
             raise ValueError(f"control limits out of range: {self}")
-
-
-class TokenBucket:
-    """``burst`` tokens at most, refilled at ``rate`` per second; ``rate`` 0 means unlimited."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self._clock = clock
-        self._stamp = clock()
-
-    def take(self) -> bool:
-        """Spend one token; False (and nothing spent) when the bucket is empty."""
-        if self.rate == 0:
-            return True
-        now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class LineTooLong(Exception):

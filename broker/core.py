@@ -21,24 +21,37 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Awaitable
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import asyncssh
+from traitlets import Float, Integer, List, Unicode
+from traitlets.config import Configurable
 
+from .acceptor import AgentAcceptor, server_options
+from .control import ControlLimits
+from .hubapi import (
+    DEFAULT_API_PREFIX,
+    DEFAULT_BURST,
+    DEFAULT_MAX_BODY,
+    DEFAULT_RATE,
+    DEFAULT_STRIP_HEADERS,
+    HubApiPolicy,
+    SessionRates,
+)
+from .limits import AdmissionControl
 from .log import get_logger
 from .metrics import BrokerMetrics
+from .options import each, is_header_name, minimum, refuse_unknown
 from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher
 from .secrets import hash_secret, new_id, new_secret
+from .ssh_server import AgentSSHServer
 from .store import LIVE_STATES, Session, SessionStore
-from .acceptor import AgentAcceptor, server_options
-from .hubapi import HubApiPolicy, SessionRates
-from .control import ControlLimits
-from .limits import AdmissionControl
+from .tasks import TaskOwner
 from .tunnel import SessionListener
 from .untrusted import reported_name
 
-#: Agent → broker messages the control channel understands.
-CONTROL_TYPES = ("hello", "ready", "heartbeat", "walltime", "exit")
+T = TypeVar("T")
 
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 
@@ -47,8 +60,46 @@ class SessionNotFound(Exception):
     pass
 
 
-class Broker:
-    """Owns the store, the SSH server, the session listeners and the route publisher."""
+class Broker(Configurable):
+    """Owns the store, the SSH server, the session listeners and the route publisher.
+
+    Options are traits (``c.Broker.<name>``); the objects it works with are constructor
+    arguments: the session *store*, the SSH *host_key*, the *hub_api* address (and the API
+    prefix the relay lets through), the CHP client *chp* (None: publish no routes), where the SSH
+    server listens (*ssh_listen*) and the name agents are told (*ssh_public_host*). Its parts are
+    Configurables of their own, made with ``parent=self``: :class:`~broker.limits.AdmissionControl`
+    (or the *admission* given) and :class:`~broker.proxy.RoutePublisher`.
+
+    The hub-API and control-channel limits are read once, when the broker is made, into
+    :attr:`hub_api_policy`, :attr:`hub_api_rates` and :attr:`control_limits`.
+    """
+
+    # one option a line: the class reads as a table of its options
+    # fmt: off
+    # sessions and their agents' SSH connections
+    enrol_ttl = Float(86400.0, help="Seconds an enrolment secret stays valid (covers time pending in the queue).").tag(config=True)
+    tunnel_wait_timeout = Float(10.0, help="Seconds a hub-side connection waits for a reconnecting agent before it is closed.").tag(config=True)
+    keepalive_interval = Float(15.0, help="Seconds between SSH keepalives to agents (0 disables).").tag(config=True)
+    keepalive_count_max = Integer(3, help="Unanswered keepalives before an agent connection is dropped.").tag(config=True)
+    login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate (also how long a connection of a throttled source may wait for its turn).").tag(config=True)
+    _not_negative = minimum({"enrol_ttl": 0, "tunnel_wait_timeout": 0, "keepalive_interval": 0,
+                             "keepalive_count_max": 0, "login_timeout": 0})
+    # the hub-API relay (broker/hubapi.py)
+    max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
+    hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
+    hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
+    hub_api_rate = Float(DEFAULT_RATE, help="Hub-API requests per second per session, over all its channels (token bucket; more get 429; 0: no cap).").tag(config=True)
+    hub_api_burst = Integer(DEFAULT_BURST, help="Hub-API requests a session may make at once before hub_api_rate applies (the token bucket's size).").tag(config=True)
+    _header_names = each(is_header_name, "a header name", "hub_api_strip_headers")
+    _hub_api_limits = minimum({"hub_api_max_body": 0, "hub_api_rate": 0, "hub_api_burst": 1})
+    # the control channel (broker/control.py)
+    control_rate = Float(10.0, help="Control messages per second an agent connection may send on average (0: no rate limit); a connection over the limit is closed. An honest agent sends a few per connection plus one heartbeat every NODE_AGENT_HEARTBEAT seconds.").tag(config=True)
+    control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
+    control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
+    _control_limits = minimum({"control_rate": 0, "control_burst": 1, "control_queue": 1})
+
+    counters_flush_interval = Float(5.0, help="Seconds between writes of the byte counters and heartbeats to the store (not an option; tests shorten it).")
+    # fmt: on
 
     def __init__(
         self,
@@ -57,78 +108,65 @@ class Broker:
         host_key: asyncssh.SSHKey,
         hub_api: tuple[str, int],
         chp: ChpClient | None,
+        hub_api_prefix: str = DEFAULT_API_PREFIX,
         ssh_listen: tuple[str, int] = ("127.0.0.1", 0),
         ssh_public_host: str = "",
-        enrol_ttl: float = 86400.0,
-        tunnel_wait_timeout: float = 10.0,
-        reconcile_interval: float = 5.0,
-        keepalive_interval: float = 15.0,
-        keepalive_count_max: int = 3,
-        login_timeout: float = 30.0,
-        counters_flush_interval: float = 5.0,
         admission: AdmissionControl | None = None,
-        max_hub_api_channels: int = 64,
-        hub_api_policy: HubApiPolicy | None = None,
-        control_limits: ControlLimits | None = None,
+        **kwargs: Any,
     ):
+        """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable."""
+        refuse_unknown(type(self), kwargs)
+        super().__init__(**kwargs)
         self.store = store
         self.host_key = host_key
         self.hub_api = hub_api
         self.ssh_listen = ssh_listen
         self.ssh_public_host = ssh_public_host
         self.ssh_port = 0
-        self.enrol_ttl = enrol_ttl
-        self.tunnel_wait_timeout = tunnel_wait_timeout
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_count_max = keepalive_count_max
-        self.login_timeout = login_timeout
-        self.counters_flush_interval = counters_flush_interval
         self.log = get_logger()
         self.listeners: dict[str, SessionListener] = {}
-        self.agents: dict[str, Any] = {}  # session id -> AgentSSHServer (current connection)
+        self.agents: dict[str, AgentSSHServer] = {}  # session id -> its current connection
         #: the value of ROUTE_TAG_KEY in the routes this broker publishes (its host key's
         #: fingerprint: stable across restarts, distinct between brokers sharing one CHP)
         self.route_tag = self.fingerprint
-        self.routes = (RoutePublisher(chp, self._desired_routes, reconcile_interval, tag=self.route_tag)
-                       if chp else None)
+        self.routes = (
+            RoutePublisher(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag) if chp else None
+        )
         self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner(on_error=self._task_failed)
         self._ssh_server: AgentAcceptor | None = None
-        self.auth_failures = 0
+        # SSH admission control (pre-auth caps, per-source penalties): see broker/limits.py
+        self.admission = admission if admission is not None else AdmissionControl(parent=self)
         self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
-        # SSH admission control (pre-auth caps, per-source penalties) and per-connection
-        # channel cap: see broker/limits.py and broker/ssh_server.py
-        self.admission = admission if admission is not None else AdmissionControl()
-        self.max_hub_api_channels = max_hub_api_channels
         # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
-        self.hub_api_policy = hub_api_policy or HubApiPolicy()
+        self.hub_api_policy = HubApiPolicy(
+            api_prefix=hub_api_prefix,
+            strip_headers=tuple(self.hub_api_strip_headers),
+            max_body=self.hub_api_max_body,
+            rate=self.hub_api_rate,
+            burst=self.hub_api_burst,
+        )
         self.hub_api_rates = SessionRates(self.hub_api_policy.rate, self.hub_api_policy.burst)
-        self.control_limits = control_limits or ControlLimits()
+        self.control_limits = ControlLimits(rate=self.control_rate, burst=self.control_burst, queue=self.control_queue)
         # session id -> time of the last heartbeat not yet written to the store
         self._heartbeats: dict[str, float] = {}
 
     # -- task ownership ------------------------------------------------------------------
-    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Start a task the broker owns: :meth:`stop` cancels and awaits it."""
+        return self._tasks.spawn(coro)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("background task failed", error=repr(task.exception()))
+    def _task_failed(self, exc: BaseException) -> None:
+        self.log.error("background task failed", error=repr(exc))
 
     # -- start / stop --------------------------------------------------------------------
     async def start(self) -> None:
         """Rebind listeners of live sessions at their stored ports, then start serving."""
-        from .ssh_server import AgentSSHServer
-
         self.store.mark_all_disconnected()
         for s in self.store.list(live_only=True):
             await self._open_listener(s.id, s.port)
         options = await server_options(
-            server_factory=self._counted_server_factory(AgentSSHServer),
+            server_factory=lambda: AgentSSHServer(self),
             server_host_keys=[self.host_key],
             encryption_algs=ENCRYPTION_ALGS,
             login_timeout=self.login_timeout,
@@ -139,8 +177,12 @@ class Broker:
             allow_scp=False,
             allow_pty=False,
         )
-        self._ssh_server = AgentAcceptor(self.admission, options, self.log,
-                                         on_refused=lambda: self.metrics.on_connect_failure(None, False, refused=True))
+        self._ssh_server = AgentAcceptor(
+            self.admission,
+            options,
+            self.log,
+            on_refused=lambda: self.metrics.on_connect_failure(None, False, refused=True),
+        )
         await self._ssh_server.start(self.ssh_listen[0], self.ssh_listen[1])
         self.ssh_port = self._ssh_server.port
         if self.routes is not None:
@@ -159,10 +201,7 @@ class Broker:
         for listener in list(self.listeners.values()):
             await listener.close()
         self.listeners.clear()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         if self._ssh_server is not None:
             await self._ssh_server.wait_closed()
         if self.routes is not None:
@@ -192,8 +231,15 @@ class Broker:
         port = await listener.start(0)
         now = time.time()
         session = Session(
-            id=sid, user=user, server_name=server_name, routespec=routespec, state="registered",
-            port=port, created=now, secret_hash=hash_secret(secret), secret_expires=now + self.enrol_ttl,
+            id=sid,
+            user=user,
+            server_name=server_name,
+            routespec=routespec,
+            state="registered",
+            port=port,
+            created=now,
+            secret_hash=hash_secret(secret),
+            secret_expires=now + self.enrol_ttl,
         )
         try:
             self.store.create(session)
@@ -223,8 +269,14 @@ class Broker:
         if s.state == "closed":
             return s
         self._flush_counters()
-        self.store.update(session_id, state="closed", closed_at=time.time(), end_reason=reason[:200],
-                          agent_connected=0, exit_status=exit_status)
+        self.store.update(
+            session_id,
+            state="closed",
+            closed_at=time.time(),
+            end_reason=reason[:200],
+            agent_connected=0,
+            exit_status=exit_status,
+        )
         self.metrics.on_closed()
         agent = self.agents.pop(session_id, None)
         if agent is not None and agent.conn is not None:
@@ -259,14 +311,10 @@ class Broker:
             self._changed.notify_all()
 
     # -- agents (SSH side) ---------------------------------------------------------------
-    def auth_failed(self, agent: Any, username: str, reason: str) -> None:
-        self.auth_failures += 1
-        self.metrics.on_auth_failure(reason)
-        agent._metrics_auth_failed = True
-        agent.log.warning("agent authentication failed", session=username, reason=reason)
-
-    def agent_authenticated(self, agent: Any) -> None:
+    def agent_authenticated(self, agent: AgentSSHServer) -> None:
+        """*agent* logged in: it becomes its session's connection (an older one is closed)."""
         sid = agent.session_id
+        assert sid is not None
         old = self.agents.get(sid)
         self.agents[sid] = agent
         if old is not None and old is not agent and old.conn is not None:
@@ -283,8 +331,10 @@ class Broker:
         agent.log.info("agent connected", user=s.user)
         self.spawn(self._notify())
 
-    def agent_disconnected(self, agent: Any, exc: Exception | None) -> None:
+    def agent_disconnected(self, agent: AgentSSHServer, exc: Exception | None) -> None:
+        """An authenticated connection ended: the session stays, its agent is marked away."""
         sid = agent.session_id
+        assert sid is not None
         if self.agents.get(sid) is agent:
             del self.agents[sid]
             s = self.store.get(sid)
@@ -297,7 +347,7 @@ class Broker:
             agent.log.info("agent disconnected", error=str(exc) if exc else None)
             self.spawn(self._notify())
 
-    async def agent_message(self, agent: Any, msg: dict[str, Any]) -> None:
+    async def agent_message(self, agent: AgentSSHServer, msg: dict[str, Any]) -> None:
         """Handle one control message of *agent* (called in order, one at a time, per connection).
 
         Messages of a connection that a newer one replaced are ignored; those of a connection
@@ -305,6 +355,7 @@ class Broker:
         A heartbeat costs no store access: it is written with the next counters flush.
         """
         sid = agent.session_id
+        assert sid is not None
         kind = msg["type"]
         current = self.agents.get(sid)
         if current is not None and current is not agent:
@@ -323,16 +374,14 @@ class Broker:
             if s.job_id and claimed not in (None, "") and str(claimed) != s.job_id:
                 # the job id is the spawner's (REST API); the agent's word is never taken. (An
                 # honest agent may say hello before the spawner's PATCH: no job id to differ yet.)
-                agent.log.warning("agent's job id ignored", reported=reported_name(str(claimed), 100),
-                                  job_id=s.job_id)
+                agent.log.warning("agent's job id ignored", reported=reported_name(str(claimed), 100), job_id=s.job_id)
             self.store.update(sid, node_reported=node, last_heartbeat=now)
             self._heartbeats.pop(sid, None)
             agent.log.info("agent hello", node_reported=node)
         elif kind == "ready":
             if agent.tunnel is None:
-                control = getattr(agent, "control", None)
-                if control is not None:
-                    control.fail("protocol", "ready before the tunnel was requested")
+                if agent.control is not None:
+                    agent.control.fail("protocol", "ready before the tunnel was requested")
                 else:
                     agent.reject("ready before the tunnel was requested")
                 return
@@ -360,18 +409,6 @@ class Broker:
         else:
             agent.log.info("unknown control message ignored", kind=kind[:40])
         await self._notify()
-
-    def _counted_server_factory(self, server_class: Any) -> Any:
-        """The SSH server factory, counting connections that end before they authenticate."""
-        broker = self
-
-        class CountedAgentServer(server_class):  # type: ignore[misc, valid-type]
-            def connection_lost(self, exc: Exception | None) -> None:
-                if not self.authenticated:  # (refusals by admission control are counted by the acceptor)
-                    broker.metrics.on_connect_failure(exc, getattr(self, "_metrics_auth_failed", False))
-                super().connection_lost(exc)
-
-        return lambda: CountedAgentServer(self)
 
     # -- routes --------------------------------------------------------------------------
     def route_data(self, s: Session) -> dict[str, Any]:
@@ -421,7 +458,9 @@ def load_or_create_host_key(path: str) -> asyncssh.SSHKey:
     if os.path.exists(path):
         st = os.stat(path)
         if st.st_mode & 0o077:
-            raise PermissionError(f"host key {path} is readable by others (mode {oct(st.st_mode & 0o777)}); chmod 600 it")
+            raise PermissionError(
+                f"host key {path} is readable by others (mode {oct(st.st_mode & 0o777)}); chmod 600 it"
+            )
         return asyncssh.read_private_key(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     key = asyncssh.generate_private_key("ssh-ed25519")

@@ -63,17 +63,33 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from .ratelimit import TokenBucket
+
 #: Identity headers a header authenticator (Shibboleth SP, mod_auth_*, oauth2-proxy) may trust;
 #: stripped by default. Compared with ``_`` = ``-`` and ignoring case.
 DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
-    "X-Remote-User", "REMOTE_USER", "eppn", "X-Eppn", "Shib-Eppn", "X-Remote-Email",
-    "X-Auth-Request-User", "X-Auth-Request-Email", "X-Auth-Request-Preferred-Username",
+    "X-Remote-User",
+    "REMOTE_USER",
+    "eppn",
+    "X-Eppn",
+    "Shib-Eppn",
+    "X-Remote-Email",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
+    "X-Auth-Request-Preferred-Username",
 )
 #: Always stripped: forwarding information a hub (Tornado ``xheaders``) or an authenticator reads.
-FORWARDING_HEADERS = frozenset({
-    b"forwarded", b"x-real-ip", b"x-scheme", b"x-client-ip", b"true-client-ip", b"client-ip",
-    b"x-cluster-client-ip",
-})
+FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-scheme",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"client-ip",
+        b"x-cluster-client-ip",
+    }
+)
 FORWARDING_PREFIX = b"x-forwarded-"
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
@@ -82,6 +98,8 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 MAX_CHUNK_LINE = 1024
 MAX_RESPONSE_HEAD = 64 * 1024
+#: The hub's REST API under the default base URL (``/``).
+DEFAULT_API_PREFIX = "/hub/api/"
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 200
@@ -96,9 +114,16 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
-REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 413: "Content Too Large",
-           414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-           505: "HTTP Version Not Supported"}
+REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    505: "HTTP Version Not Supported",
+}
 
 
 def header_key(name: str | bytes) -> bytes:
@@ -123,7 +148,7 @@ def api_prefix_of(url: str) -> str:
 class HubApiPolicy:
     """What the relay lets through. ``max_body``/``rate`` of 0 mean no cap."""
 
-    api_prefix: str = "/hub/api/"
+    api_prefix: str = DEFAULT_API_PREFIX
     strip_headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
     max_body: int = DEFAULT_MAX_BODY
     rate: float = DEFAULT_RATE  # requests per second per session (token refill)
@@ -146,37 +171,6 @@ class HubApiPolicy:
 
 
 # -- rate ---------------------------------------------------------------------------------------
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self.tokens = float(burst)
-        self.stamp = clock()
-
-    def _refill(self) -> float:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return now
-
-    def take(self) -> bool:
-        self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def full(self) -> bool:
-        self._refill()
-        return self.tokens >= self.burst
-
-    def retry_after(self) -> float:
-        return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
-
-
 class SessionRates:
     """The token bucket of each session (shared by all its channels and connections).
 
@@ -289,8 +283,8 @@ class _Body:
                     else:
                         self.done = True
             elif self.state == "crlf":
-                got = bytes(buf[pos:pos + 2])
-                if got != b"\r\n"[:len(got)]:
+                got = bytes(buf[pos : pos + 2])
+                if got != b"\r\n"[: len(got)]:
                     raise _Refused(400, "chunk data not followed by CRLF")
                 if len(got) < 2:
                     break
@@ -411,7 +405,7 @@ class HubApiExchange:
         if end + 4 > MAX_HEAD:
             raise _Refused(431, "request head too large")
         head = bytes(buf[:end])
-        del buf[:end + 4]
+        del buf[: end + 4]
         self._scanned = 0
         try:
             return self._check_head(head)
@@ -428,8 +422,13 @@ class HubApiExchange:
         if len(header_lines) > MAX_HEADERS:
             raise _Refused(431, "too many header fields")
         parts = request_line.split(b" ")
-        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1] or _BAD_VALUE.search(parts[1]) \
-                or b"\t" in parts[1]:
+        if (
+            len(parts) != 3
+            or not _TOKEN.fullmatch(parts[0])
+            or not parts[1]
+            or _BAD_VALUE.search(parts[1])
+            or b"\t" in parts[1]
+        ):
             raise _Refused(400, "malformed request line")
         method, target, version = parts
         if not _VERSION.fullmatch(version):
@@ -458,7 +457,8 @@ class HubApiExchange:
                     raise _Refused(400, "unsupported Transfer-Encoding")
                 seen_te = chunked = True
             elif key in (b"upgrade", b"http2-settings") or (
-                    key == b"connection" and b"upgrade" in [t.strip().lower() for t in value.split(b",")]):
+                key == b"connection" and b"upgrade" in [t.strip().lower() for t in value.split(b",")]
+            ):
                 upgrade = True
             if key in FORWARDING_HEADERS or key.startswith(FORWARDING_PREFIX) or key in self._stripped:
                 continue
@@ -513,7 +513,7 @@ class HubApiExchange:
                 self.tracking = False
             return False
         lines = bytes(self._rbuf[:end]).split(b"\r\n")
-        del self._rbuf[:end + 4]
+        del self._rbuf[: end + 4]
         status_parts = lines[0].split(b" ", 2)
         if len(status_parts) < 2 or not _VERSION.fullmatch(status_parts[0]) or not status_parts[1].isdigit():
             self.tracking = False
@@ -569,7 +569,9 @@ class HubApiExchange:
         d = self.denial
         body = f"hub API relay: {d.reason}\n".encode()
         extra = f"Retry-After: {max(1, math.ceil(d.retry_after))}\r\n" if d.retry_after is not None else ""
-        return (f"HTTP/1.1 {d.status} {REASONS.get(d.status, 'Refused')}\r\n"
-                "Content-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
-                f"{extra}\r\n").encode() + body
+        return (
+            f"HTTP/1.1 {d.status} {REASONS.get(d.status, 'Refused')}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+            f"{extra}\r\n"
+        ).encode() + body

@@ -22,7 +22,8 @@ from typing import Any
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
-from .hubapi import Denial, HubApiExchange, HubApiPolicy, TokenBucket
+from .hubapi import Denial, HubApiExchange, HubApiPolicy
+from .ratelimit import TokenBucket
 from .tunnel import SessionListener, _HubSideConnection
 
 OnRefused = Callable[[Denial], None]
@@ -105,8 +106,9 @@ class FilteredChannel(_FilteringClient):
         self._setup_filter(exchange, on_refused)
 
 
-async def open_filtered_hub_connection(host: str, port: int, exchange: HubApiExchange,
-                                       on_refused: OnRefused) -> SSHForwarder:
+async def open_filtered_hub_connection(
+    host: str, port: int, exchange: HubApiExchange, on_refused: OnRefused
+) -> SSHForwarder:
     """Connect to the hub API at (host, port); return the channel's session, filtering through *exchange*."""
     client = FilteredChannel(exchange, on_refused)
     try:

@@ -47,7 +47,7 @@ Contract (per source address unless said otherwise):
 7. **Total.** ``max_preauth_total`` bounds waiting + admitted pre-auth connections over all
    sources; at the cap the accept loop stops accepting, and further connections wait in the
    kernel's listen queue until a slot frees (:attr:`AdmissionControl.on_room`).
-8. **Exemptions.** ``exempt`` networks are never penalised nor throttled (the total still holds).
+8. **Exemptions.** ``penalty_exempt`` networks are never penalised nor throttled (the total still holds).
 
 Cost bound: a throttled source costs the broker at most one SSH handshake per
 ``throttle_interval``; everything else it sends costs an ``accept()``, a peek and a ``close()``.
@@ -65,7 +65,13 @@ import dataclasses
 import ipaddress
 import random
 import time
-from typing import Any, Callable, Iterable, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from traitlets import Float, Integer, List, Unicode, observe
+from traitlets.config import Configurable
+
+from .options import each, is_network, minimum, refuse_unknown
 
 #: How far an admitted pre-auth connection got (rule 4: the least progressed is evicted first).
 PROGRESS_ADMITTED = 0  # banner sent; no authentication request yet
@@ -131,37 +137,34 @@ class _Source:
     last_logged: float = -1e9
 
 
-class AdmissionControl:
-    """Decides what happens to each new SSH connection of a source; see the module docstring."""
+class AdmissionControl(Configurable):
+    """Admission control of the agents' SSH port: pre-auth caps, throttling, fair waiting and
+    penalties per source address (``c.AdmissionControl.<name>``; see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        max_preauth_per_source: int = 64,
-        max_preauth_total: int = 512,
-        max_waiting_per_source: int = 32,
-        throttle_interval: float = 1.0,
-        max_wait: float = 30.0,
-        penalty_threshold: int = 10,
-        penalty_window: float = 60.0,
-        penalty_base: float = 10.0,
-        penalty_max: float = 600.0,
-        exempt: Iterable[str] = (),
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-    ):
-        if throttle_interval <= 0:
-            raise ValueError("throttle_interval must be positive")
-        self.max_preauth_per_source = max_preauth_per_source
-        self.max_preauth_total = max_preauth_total
-        self.max_waiting_per_source = max_waiting_per_source
-        self.throttle_interval = throttle_interval
-        self.max_wait = max_wait
-        self.penalty_threshold = penalty_threshold
-        self.penalty_window = penalty_window
-        self.penalty_base = penalty_base
-        self.penalty_max = penalty_max
-        self.exempt = [ipaddress.ip_network(n, strict=False) for n in exempt]
+    # one option a line: the class reads as a table of its options
+    # fmt: off
+    # caps and throttling
+    max_preauth_per_source = Integer(64, help="Unauthenticated SSH connections admitted at once from one source address (0: no cap). At the cap the source is throttled: newer connections wait (no banner) and each admission replaces its least advanced unauthenticated connection.").tag(config=True)
+    max_preauth_total = Integer(512, help="Unauthenticated SSH connections (admitted or waiting) allowed at once in total (0: no cap); at the cap the broker stops accepting and further connections wait in the kernel's listen queue.").tag(config=True)
+    max_waiting_per_source = Integer(32, help="Connections of a throttled source held waiting for their turn (no SSH state); a newcomer to a full room replaces the oldest one that has sent nothing. 0: refuse a throttled source's connections outright.").tag(config=True)
+    throttle_interval = Float(1.0, help="Seconds between admissions of a throttled source (penalised, or at max_preauth_per_source), jittered by ±50%.").tag(config=True)
+    _positive = minimum({"throttle_interval": 0}, exclusive=True)
+    # penalties for failed authentications
+    penalty_threshold = Integer(10, help="Failed SSH authentications from one source (within penalty_window) before it is penalised: throttled even below its cap (0: no penalties).").tag(config=True)
+    penalty_window = Float(60.0, help="Seconds over which failed authentications from one source are counted.").tag(config=True)
+    penalty_base = Float(10.0, help="Seconds a penalised source is throttled; doubles for each further penalty.").tag(config=True)
+    penalty_max = Float(600.0, help="Longest penalty, in seconds.").tag(config=True)
+    penalty_exempt = List(Unicode(), help="Networks (CIDR) never penalised nor throttled per source, e.g. a NAT gateway all compute nodes share.").tag(config=True)
+    _networks = each(is_network, "a network", "penalty_exempt")
+
+    max_wait = Float(0.0, help="Seconds a connection may wait before it is closed (0: no limit). Not an option: the accept loop (broker/acceptor.py) sets it to the broker's login timeout.")
+    # fmt: on
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None, **kwargs: Any):
+        """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable; *clock* and
+        *rng* are injectable for tests."""
+        refuse_unknown(type(self), kwargs)
+        super().__init__(**kwargs)
         self.clock = clock
         self.rng = rng or random.Random()
         self.preauth_total = 0  # waiting + admitted pre-auth, all sources
@@ -175,6 +178,15 @@ class AdmissionControl:
         #: Called when something may be admitted now: the pre-auth total dropped, a slot of a source
         #: with waiting connections freed (the accept loop resumes / re-checks :meth:`due`).
         self.on_room: Callable[[], None] | None = None
+        self.exempt = self._networks_of(self.penalty_exempt)
+
+    @staticmethod
+    def _networks_of(texts: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in texts]
+
+    @observe("penalty_exempt")
+    def _exempt_changed(self, change: Any) -> None:
+        self.exempt = self._networks_of(change["new"])
 
     # -- sources ---------------------------------------------------------------------------
     def is_exempt(self, source: str) -> bool:
@@ -193,8 +205,14 @@ class AdmissionControl:
     def _forget_if_idle(self, source: str) -> None:
         s = self._sources.get(source)
         now = self.clock()
-        if (s and not s.admitted and not s.waiting and not s.failures and s.penalised_until <= now
-                and now - s.penalised_until > self.penalty_max):  # keep the doubling memory while recent
+        if (
+            s
+            and not s.admitted
+            and not s.waiting
+            and not s.failures
+            and s.penalised_until <= now
+            and now - s.penalised_until > self.penalty_max
+        ):  # keep the doubling memory while recent
             del self._sources[source]
 
     def _why_throttled(self, s: _Source, now: float) -> str | None:
@@ -421,7 +439,12 @@ class AdmissionControl:
 
     def stats(self) -> dict[str, int]:
         now = self.clock()
-        return {"preauth": self.preauth_total, "waiting": self.waiting_total, "refused": self.refused_total,
-                "throttled": self.throttled_total, "evicted": self.evicted_total,
-                "penalties": self.penalties_total,
-                "penalised_sources": sum(1 for s in self._sources.values() if s.penalised_until > now)}
+        return {
+            "preauth": self.preauth_total,
+            "waiting": self.waiting_total,
+            "refused": self.refused_total,
+            "throttled": self.throttled_total,
+            "evicted": self.evicted_total,
+            "penalties": self.penalties_total,
+            "penalised_sources": sum(1 for s in self._sources.values() if s.penalised_until > now),
+        }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -26,18 +27,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def cap_fields(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def cap_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     """structlog processor: cap and escape every string field."""
     return {k: _clean(v) for k, v in event.items()}
 
 
 def configure(level: str = "INFO", json: bool = False, stream: Any = None) -> None:
     """Configure structlog (and the stdlib root logger it renders through) once per process."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -52,7 +49,9 @@ def configure(level: str = "INFO", json: bool = False, stream: Any = None) -> No
     )
     # asyncssh logs through stdlib logging; keep it quiet and never at debug (it can show
     # usernames and packet details but never passwords; still, cap its volume).
-    logging.basicConfig(stream=stream or sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=stream or sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 

@@ -33,9 +33,7 @@ def deny(reason: str) -> Decision:
     return Decision(False, reason)
 
 
-def decide_remote_forward(
-    listen_host: str, listen_port: int, *, authenticated: bool, has_forward: bool
-) -> Decision:
+def decide_remote_forward(listen_host: str, listen_port: int, *, authenticated: bool, has_forward: bool) -> Decision:
     """May the agent request a remote (hub-side) forward?
 
     Only one per connection, only on loopback, and only with port 0: the broker alone picks

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, unquote
 
 import aiohttp
 import yarl
+from traitlets import Float
+from traitlets.config import Configurable
 
 from .log import get_logger
-
+from .options import minimum, refuse_unknown
 
 #: The key in a route's data whose value names the broker that published it.
 ROUTE_TAG_KEY = "broker"
@@ -109,24 +111,31 @@ class ChpClient:
 DesiredRoutes = Callable[[], dict[str, tuple[str, dict[str, Any]]]]
 
 
-class RoutePublisher:
-    """Keeps CHP's routes equal to what the session table wants.
+class RoutePublisher(Configurable):
+    """Keeps CHP's routes equal to what the session table wants (``c.RoutePublisher.<name>``).
 
     ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. A reconcile
     pass adds missing routes, fixes wrong targets, and deletes routes tagged with *tag* (under
     :data:`ROUTE_TAG_KEY`) that no ready session wants: a stale route of the broker's is gone
-    within one ``interval``. Routes without the tag are never deleted here.
+    within one ``reconcile_interval``. Routes without the tag are never deleted here.
     """
 
-    def __init__(self, chp: ChpClient, desired: DesiredRoutes, interval: float = 5.0, tag: str = ""):
+    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(
+        config=True
+    )
+
+    _positive = minimum({"reconcile_interval": 0}, exclusive=True)
+
+    def __init__(self, *, chp: ChpClient, desired: DesiredRoutes, tag: str = "", **kwargs: Any):
+        """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable."""
+        refuse_unknown(type(self), kwargs)
+        super().__init__(**kwargs)
         self.chp = chp
         self.desired = desired
-        self.interval = interval
         self.tag = tag
         self.log = get_logger(component="routes")
         self._wake = asyncio.Event()
-        self.repairs = 0
-        self.removed = 0
+        self.removed = 0  # stale routes deleted so far
 
     async def publish(self, routespec: str, target: str, data: dict[str, Any]) -> None:
         """Add one route now; on failure the reconcile loop retries."""
@@ -158,8 +167,9 @@ class RoutePublisher:
             if cur is None or cur.get("target") != target:
                 await self.chp.add_route(routespec, target, data)
                 repaired += 1
-                self.log.info("route restored", route=routespec, target=target,
-                              was=None if cur is None else cur.get("target"))
+                self.log.info(
+                    "route restored", route=routespec, target=target, was=None if cur is None else cur.get("target")
+                )
         if self.tag:
             wanted = {chp_key(r) for r in want}
             stale = [k for k, r in have.items() if r.get(ROUTE_TAG_KEY) == self.tag and k not in wanted]
@@ -172,11 +182,10 @@ class RoutePublisher:
                 repaired += 1
                 self.removed += 1
                 self.log.info("stale route removed", route=key, target=have[key].get("target"))
-        self.repairs += repaired
         return repaired
 
     async def run(self) -> None:
-        """Reconcile every ``interval`` seconds (or sooner when woken) until cancelled."""
+        """Reconcile every ``reconcile_interval`` seconds (or sooner when woken) until cancelled."""
         while True:
             try:
                 await self.reconcile_once()
@@ -184,9 +193,10 @@ class RoutePublisher:
                 self.log.warning("reconcile failed", error=str(exc), transient=exc.transient)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), self.reconcile_interval)
             except asyncio.TimeoutError:
                 pass
 
     def wake(self) -> None:
+        """Reconcile now (not at the end of the interval)."""
         self._wake.set()

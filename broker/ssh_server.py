@@ -18,8 +18,15 @@ evicted to make room for a newer connection of its source (:meth:`AgentSSHServer
 progressed first, see :attr:`AgentSSHServer.progress`); once verified it leaves the pre-auth
 accounting. Failed authentication attempts count towards the source's penalty, and a connection is
 closed after ``MAX_AUTH_TRIES`` failures. An authenticated connection may hold at most
-``Broker.max_hub_api_channels`` open direct channels to the hub API. Its control channel is
-bounded by ``Broker.control_limits`` (:mod:`broker.control`): line length, message rate, queue.
+``max_hub_api_channels`` (``c.Broker.max_hub_api_channels``) open direct channels to the hub API.
+Its control channel is bounded by the broker's ``control_limits`` (:mod:`broker.control`): line
+length, message rate, queue.
+
+The server counts what happens to its connections itself (authentication failures by
+:class:`~broker.reasons.AuthFailure`, connections that end unauthenticated, control channels it
+closes) in the broker's metrics. It knows the broker only through :class:`BrokerCore`, the narrow
+interface it needs (sessions, listeners, the hub API, task ownership, the agent callbacks), so
+this module does not depend on :mod:`broker.core`.
 """
 
 from __future__ import annotations
@@ -27,24 +34,96 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
 
 import asyncssh
 
 from . import policy
-from .hubapi import Denial, HubApiExchange
+from .control import ControlLimits, LineSplitter, LineTooLong
+from .hubapi import Denial, HubApiExchange, HubApiPolicy, SessionRates
 from .hubrelay import open_filtered_hub_connection
-from .control import ControlLimits, LineSplitter, LineTooLong, TokenBucket
-from .limits import PROGRESS_AUTH, PROGRESS_KEY
+from .limits import PROGRESS_AUTH, PROGRESS_KEY, AdmissionControl
+from .metrics import BrokerMetrics
+from .ratelimit import TokenBucket
+from .reasons import AuthFailure
 from .secrets import verify_secret
-from .tunnel import Tunnel, TunnelAttachment
+from .store import SessionStore
+from .tunnel import SessionListener, Tunnel, TunnelAttachment
 
-if TYPE_CHECKING:
-    from .core import Broker
+T = TypeVar("T")
 
 #: Failed authentication attempts on one connection before it is closed (OpenSSH MaxAuthTries).
 MAX_AUTH_TRIES = 6
 ENROL_PREFIX = "enrol "
+
+
+class BrokerCore(Protocol):
+    """What the SSH server needs of the broker (:class:`broker.core.Broker` implements it)."""
+
+    @property
+    def store(self) -> SessionStore:
+        """The sessions: looked up at login, secrets spent and keys bound there."""
+        ...
+
+    @property
+    def listeners(self) -> Mapping[str, SessionListener]:
+        """Each live session's hub-side listener, by session id (a granted forward attaches to it)."""
+        ...
+
+    @property
+    def hub_api(self) -> tuple[str, int]:
+        """The hub API's address: the only destination of direct channels."""
+        ...
+
+    @property
+    def hub_api_policy(self) -> HubApiPolicy:
+        """What the hub-API filter lets through."""
+        ...
+
+    @property
+    def hub_api_rates(self) -> SessionRates:
+        """The hub-API token bucket of each session."""
+        ...
+
+    @property
+    def max_hub_api_channels(self) -> int:
+        """Open hub-API channels allowed per connection (0: no cap)."""
+        ...
+
+    @property
+    def control_limits(self) -> ControlLimits:
+        """The limits of a control channel opened now."""
+        ...
+
+    @property
+    def admission(self) -> AdmissionControl:
+        """Admission control: pre-auth accounting, eviction and penalties."""
+        ...
+
+    @property
+    def metrics(self) -> BrokerMetrics: ...
+
+    @property
+    def log(self) -> Any:
+        """The broker's (structlog) logger."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Start a task the broker owns (cancelled and awaited when it stops)."""
+        ...
+
+    def agent_authenticated(self, agent: AgentSSHServer) -> None:
+        """*agent* logged in to its session (it replaces an older connection of the session)."""
+        ...
+
+    def agent_disconnected(self, agent: AgentSSHServer, exc: Exception | None) -> None:
+        """An authenticated *agent*'s connection ended."""
+        ...
+
+    async def agent_message(self, agent: AgentSSHServer, msg: dict[str, Any]) -> None:
+        """Handle one control message of *agent* (called in order, one at a time, per connection)."""
+        ...
 
 
 def normalise_public_key(text: str) -> str | None:
@@ -60,7 +139,7 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
     """The agent's control channel: newline-delimited JSON messages, handled in order.
 
     ``data_received`` only frames lines and admits them: each line costs a token of the
-    connection's :class:`~broker.control.TokenBucket` and takes a place in a bounded queue.
+    connection's :class:`~broker.ratelimit.TokenBucket` and takes a place in a bounded queue.
     One reader task per channel parses and handles the queued messages in order, one at a time,
     yielding to the event loop after each, so one agent's messages never hold the broker's loop
     for more than one message's work. ``hello`` and ``ready`` have an effect once per connection;
@@ -75,9 +154,9 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
     #: Message types that have an effect only the first time on one connection.
     ONCE_PER_CONNECTION = ("hello", "ready")
 
-    def __init__(self, server: "AgentSSHServer", limits: ControlLimits | None = None):
+    def __init__(self, server: AgentSSHServer, limits: ControlLimits | None = None):
         self._server = server
-        self.limits = limits or getattr(server.broker, "control_limits", None) or ControlLimits()
+        self.limits = limits or server.broker.control_limits
         self._lines = LineSplitter(self.limits.max_line)
         self._bucket = TokenBucket(self.limits.rate, self.limits.burst)
         # bounded by data_received (limits.queue); the end mark (None) always fits
@@ -162,7 +241,7 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
 class AgentSSHServer(asyncssh.SSHServer):
     """Per-connection server object: holds the authenticated session and decides requests."""
 
-    def __init__(self, broker: "Broker"):
+    def __init__(self, broker: BrokerCore):
         self.broker = broker
         self.conn: asyncssh.SSHServerConnection | None = None
         self.session_id: str | None = None
@@ -172,7 +251,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.peer = "?"
         self.source = "?"
         self.log = broker.log.bind(component="ssh")
-        self.admission = getattr(broker, "admission", None)
+        self.admission = broker.admission
         self._preauth = False  # counted in the admission control's pre-auth totals
         #: How far authentication got (``broker.limits.PROGRESS_*``): the least progressed is evicted first.
         self.progress = 0
@@ -188,12 +267,11 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.peer = f"{peer[0]}:{peer[1]}"
         self.log = self.log.bind(conn=self.peer)
         # admitted by the accept loop (broker/acceptor.py), which counted it as pre-auth
-        self._preauth = self.admission is not None
-        if self.admission is not None:
-            self.admission.attach(self.source, self)  # evictable from now on
+        self._preauth = True
+        self.admission.attach(self.source, self)  # evictable from now on
 
     def _leave_preauth(self) -> None:
-        if self._preauth and self.admission is not None:
+        if self._preauth:
             self._preauth = False
             self.admission.left_preauth(self.source, self)
 
@@ -206,25 +284,30 @@ class AgentSSHServer(asyncssh.SSHServer):
             self.conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.authenticated:  # (refusals by admission control are counted by the acceptor)
+            self.broker.metrics.on_connect_failure(exc, self._auth_failures > 0)
         self._leave_preauth()
         if self.authenticated:
             self.broker.agent_disconnected(self, exc)
 
-    def _auth_failed(self, username: str, reason: str) -> None:
-        """One failed attempt: log it, count it against the source, close after MAX_AUTH_TRIES."""
-        self.broker.auth_failed(self, username, reason)
+    def _auth_failed(self, username: str, reason: AuthFailure) -> None:
+        """One failed attempt: log and count it, count it against the source, close after MAX_AUTH_TRIES."""
+        self.broker.metrics.on_auth_failure(reason)
+        self.log.warning("agent authentication failed", session=username, reason=reason.value)
         self._auth_failures += 1
-        if self.admission is not None and self.admission.auth_failed(self.source):
-            self.log.warning("source penalised: throttled", source=self.source,
-                             seconds=round(self.admission.penalty_left(self.source), 1),
-                             interval=self.admission.throttle_interval)
+        if self.admission.auth_failed(self.source):
+            self.log.warning(
+                "source penalised: throttled",
+                source=self.source,
+                seconds=round(self.admission.penalty_left(self.source), 1),
+                interval=self.admission.throttle_interval,
+            )
         if self._auth_failures >= MAX_AUTH_TRIES and self.conn is not None:
             self.conn.close()
 
     def reject(self, why: str, sample: bytes = b"") -> None:
         """Hostile or broken input: log once (capped) and close only this connection."""
-        self.log.warning("closing agent connection", reason=why, sample=repr(sample[:80]),
-                         session=self.session_id)
+        self.log.warning("closing agent connection", reason=why, sample=repr(sample[:80]), session=self.session_id)
         if self.conn is not None:
             self.conn.close()
 
@@ -238,31 +321,31 @@ class AgentSSHServer(asyncssh.SSHServer):
 
     def validate_password(self, username: str, password: str) -> bool:
         if not password.startswith(ENROL_PREFIX):
-            self._auth_failed(username, "not an enrolment")
+            self._auth_failed(username, AuthFailure.NOT_ENROLMENT)
             return False
-        parts = password[len(ENROL_PREFIX):].split(" ", 1)
+        parts = password[len(ENROL_PREFIX) :].split(" ", 1)
         if len(parts) != 2:
-            self._auth_failed(username, "malformed enrolment")
+            self._auth_failed(username, AuthFailure.MALFORMED_ENROLMENT)
             return False
         secret, key_text = parts
         key = normalise_public_key(key_text)
         session = self.broker.store.get(username)
         ok = verify_secret(secret, session.secret_hash if session else None)
         if session is None or not session.live:
-            self._auth_failed(username, "unknown or closed session")
+            self._auth_failed(username, AuthFailure.UNKNOWN_SESSION)
             return False
         if not ok:
-            reason = "secret already spent" if session.secret_spent_at else "wrong secret"
+            reason = AuthFailure.SECRET_SPENT if session.secret_spent_at else AuthFailure.WRONG_SECRET
             self._auth_failed(username, reason)
             return False
         if session.secret_expires is not None and time.time() > session.secret_expires:
-            self._auth_failed(username, "secret expired")
+            self._auth_failed(username, AuthFailure.SECRET_EXPIRED)
             return False
         if key is None:
-            self._auth_failed(username, "enrolment without a valid public key")
+            self._auth_failed(username, AuthFailure.NO_VALID_KEY)
             return False
         if not self.broker.store.spend_secret(username, key):
-            self._auth_failed(username, "secret already spent")
+            self._auth_failed(username, AuthFailure.SECRET_SPENT)
             return False
         self._leave_preauth()  # verified: no longer counted, never evicted
         self.session_id = username
@@ -275,11 +358,11 @@ class AgentSSHServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         session = self.broker.store.get(username)
         if session is None or not session.live or not session.agent_key:
-            self._auth_failed(username, "public key for an unknown, closed or unenrolled session")
+            self._auth_failed(username, AuthFailure.KEY_UNKNOWN_SESSION)
             return False
         offered = " ".join(key.export_public_key("openssh").decode().split()[:2])
         if offered != session.agent_key:
-            self._auth_failed(username, "public key not bound to this session")
+            self._auth_failed(username, AuthFailure.KEY_NOT_BOUND)
             return False
         # the session's own key: evicted last; it leaves the pre-auth accounting once asyncssh has
         # verified the signature (auth_completed)
@@ -311,8 +394,11 @@ class AgentSSHServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         d = policy.decide_direct(
-            dest_host, dest_port, authenticated=self.authenticated,
-            hub_api=self.broker.hub_api, has_control=self.control is not None,
+            dest_host,
+            dest_port,
+            authenticated=self.authenticated,
+            hub_api=self.broker.hub_api,
+            has_control=self.control is not None,
         )
         if not d:
             self.log.warning("direct channel refused", host=dest_host, port=dest_port, reason=d.reason)
@@ -320,7 +406,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         if dest_host == policy.CONTROL_HOST:
             self.control = ControlSession(self)
             return self.control
-        cap = getattr(self.broker, "max_hub_api_channels", 0)
+        cap = self.broker.max_hub_api_channels
         if cap and self.hub_api_channels >= cap:
             self.log.warning("direct channel refused", reason=f"{cap} hub API channels already open")
             return False
@@ -334,8 +420,9 @@ class AgentSSHServer(asyncssh.SSHServer):
         return chan, open_filtered_hub_connection(dest_host, dest_port, exchange, self._hub_api_refused)
 
     def _hub_api_refused(self, denial: Denial) -> None:
-        self.log.warning("hub API request refused", status=denial.status, reason=denial.reason,
-                         sample=repr(denial.sample[:80]))
+        self.log.warning(
+            "hub API request refused", status=denial.status, reason=denial.reason, sample=repr(denial.sample[:80])
+        )
 
     async def _count_channel(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         try:

@@ -11,10 +11,21 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
+from .table import format_bytes, printable, render_rows
+
 COLUMNS = [
-    ("USER", "user"), ("SERVER", "server_name"), ("JOB", "job_id"), ("NODE", "node"),
-    ("PORT", "port"), ("STATE", "state"), ("AGENT", "agent_connected"), ("SINCE", "connected_at"),
-    ("IN", "bytes_in"), ("OUT", "bytes_out"), ("HEARTBEAT", "last_heartbeat"), ("WALLTIME", "walltime_warning"),
+    ("USER", "user"),
+    ("SERVER", "server_name"),
+    ("JOB", "job_id"),
+    ("NODE", "node"),
+    ("PORT", "port"),
+    ("STATE", "state"),
+    ("AGENT", "agent_connected"),
+    ("SINCE", "connected_at"),
+    ("IN", "bytes_in"),
+    ("OUT", "bytes_out"),
+    ("HEARTBEAT", "last_heartbeat"),
+    ("WALLTIME", "walltime_warning"),
 ]
 
 
@@ -25,33 +36,21 @@ def _fmt_time(ts: float | None, now: float) -> str:
     return f"{t} ({int(now - ts)}s ago)"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
 def _cell(key: str, s: dict[str, Any], now: float) -> str:
     v = s.get(key)
     if key in ("connected_at", "last_heartbeat"):
         return _fmt_time(v, now)
     if key in ("bytes_in", "bytes_out"):
-        return _fmt_bytes(v or 0)
+        return format_bytes(v or 0)
     if key == "agent_connected":
         return "up" if v else "down"
     if key == "node" and not v and s.get("node_reported"):
         v = f"{s['node_reported']} (reported)"
-    text = "-" if v in (None, "") else str(v)
-    # never let a hostile name break the table
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return printable("-" if v in (None, "") else str(v))  # never let a hostile name break the table
 
 
 def render_table(sessions: list[dict[str, Any]], now: float) -> str:
-    rows = [[h for h, _ in COLUMNS]] + [[_cell(k, s, now) for _, k in COLUMNS] for s in sessions]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = render_rows([[h for h, _ in COLUMNS]] + [[_cell(k, s, now) for _, k in COLUMNS] for s in sessions])
     if not sessions:
         lines.append("(no live sessions)")
     return "\n".join(lines)

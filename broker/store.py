@@ -22,7 +22,8 @@ import dataclasses
 import os
 import sqlite3
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 STATES = ("registered", "connected", "ready", "closed")
 SCHEMA_VERSION = 1
@@ -145,8 +146,10 @@ class SessionStore:
                 # before version 1 the agent's hello overwrote `node`: it was the agent's claim
                 self._db.execute("ALTER TABLE sessions ADD COLUMN node_reported TEXT NOT NULL DEFAULT ''")
                 rows = self._db.execute("SELECT id, node FROM sessions WHERE node != ''").fetchall()
-                self._db.executemany("UPDATE sessions SET node_reported = ?, node = '' WHERE id = ?",
-                                     [(reported_name(node), sid) for sid, node in rows])
+                self._db.executemany(
+                    "UPDATE sessions SET node_reported = ?, node = '' WHERE id = ?",
+                    [(reported_name(node), sid) for sid, node in rows],
+                )
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- reads ---------------------------------------------------------------------------
@@ -224,4 +227,3 @@ class SessionStore:
                 "UPDATE sessions SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE id = ?",
                 [(i, o, sid) for sid, i, o in counts],
             )
-

@@ -17,10 +17,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncssh
+from asyncssh.connection import SSHConnection
 from asyncssh.forward import SSHForwarder
+
+from .tasks import TaskOwner
+
+#: How this module calls ``SSHConnection.create_connection``: with a factory of
+#: :class:`~asyncssh.forward.SSHForwarder`, as asyncssh's own port forwarding does. asyncssh types
+#: the factory's product as an ``SSHTCPSession``; an ``SSHForwarder`` is what it really handles
+#: there (its forwarding code passes it through an untyped callable too).
+OpenChannel = Callable[..., Awaitable[Any]]
 
 # SSH channel parameters of the forwarded-tcpip channels the broker opens (what the broker
 # advertises for receiving, i.e. the agent -> hub direction). asyncssh's defaults.
@@ -30,9 +40,10 @@ CHANNEL_MAX_PKTSIZE = 32768
 
 @dataclasses.dataclass(eq=False)
 class Tunnel:
-    """A live agent connection able to carry this session's hub-side connections."""
+    """A live agent connection able to carry this session's hub-side connections (on the broker, the
+    agent's connection; in the agent, its connection to the broker for the hub-API relay)."""
 
-    conn: asyncssh.SSHServerConnection
+    conn: SSHConnection
     remote_host: str  # the listen address the agent asked for (what it expects back)
     remote_port: int  # the port the broker granted (the session's port)
 
@@ -40,7 +51,7 @@ class Tunnel:
 class _HubSideConnection(SSHForwarder):
     """One TCP connection accepted on a session listener (from CHP or the hub)."""
 
-    def __init__(self, listener: "SessionListener"):
+    def __init__(self, listener: SessionListener):
         super().__init__()
         self._listener = listener
 
@@ -55,10 +66,16 @@ class _HubSideConnection(SSHForwarder):
         if tunnel is None or self._transport is None:
             self.close()
             return
+        open_channel: OpenChannel = tunnel.conn.create_connection
         try:
-            await tunnel.conn.create_connection(
-                self._channel_side, tunnel.remote_host, tunnel.remote_port, orig_host, orig_port,
-                window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
+            await open_channel(
+                self._channel_side,
+                tunnel.remote_host,
+                tunnel.remote_port,
+                orig_host,
+                orig_port,
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE,
             )
         except (asyncssh.Error, OSError):
             self.close()
@@ -95,7 +112,7 @@ class SessionListener:
         self._server: asyncio.base_events.Server | None = None
         self._tunnel: Tunnel | None = None
         self._attached = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner()  # the pending forwards
 
     async def start(self, port: int = 0) -> int:
         """Bind 127.0.0.1:*port* (0 = pick one) and start accepting; returns the port."""
@@ -139,10 +156,9 @@ class SessionListener:
         self.bytes_in = self.bytes_out = 0
         return counts
 
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Start a task owned by this listener (cancelled by :meth:`close`)."""
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
         """Stop listening, drop the tunnel and cancel pending forwards; idempotent."""
@@ -150,10 +166,7 @@ class SessionListener:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
 
 class TunnelAttachment(asyncssh.SSHListener):
@@ -166,14 +179,14 @@ class TunnelAttachment(asyncssh.SSHListener):
     def __init__(self, listener: SessionListener, tunnel: Tunnel):
         super().__init__()
         self._listener = listener
-        self._tunnel = tunnel
+        self._agent_tunnel = tunnel  # (not ``_tunnel``: asyncssh's SSHListener has its own)
         listener.attach(tunnel)
 
     def get_port(self) -> int:
         return self._listener.port
 
     def close(self) -> None:
-        self._listener.detach(self._tunnel)
+        self._listener.detach(self._agent_tunnel)
 
     async def wait_closed(self) -> None:
         return None

@@ -37,6 +37,7 @@ from asyncssh.forward import SSHForwarder
 from broker.hubapi import Denial, HubApiPolicy, api_prefix_of  # stdlib-only module
 from broker.hubrelay import FilteredRelay  # asyncssh-only module
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
+from broker.tasks import TaskOwner  # stdlib-only module
 from broker.tunnel import Tunnel  # asyncssh-only module
 
 from .backoff import Backoff
@@ -107,7 +108,7 @@ class Agent:
         relay_policy = HubApiPolicy(api_prefix=api_prefix_of(settings.hub_api_url), max_body=0, rate=0)
         self.hub_relay = FilteredRelay("hub-api", relay_policy, self._hub_api_refused, wait_timeout=30.0)
         self._lost = asyncio.Event()
-        self._watchers: set[asyncio.Task[None]] = set()  # owned; cancelled at exit
+        self._watchers = TaskOwner()  # owned; cancelled at exit
 
     @staticmethod
     def _hub_api_refused(denial: Denial) -> None:
@@ -161,15 +162,13 @@ class Agent:
             conn.close()
             raise ConnectionError(f"broker refused the tunnel: {exc}") from None
         hub_host, hub_port = self.s.hub_api_address
-        self.hub_relay.attach(Tunnel(conn, hub_host, hub_port))  # type: ignore[arg-type]
+        self.hub_relay.attach(Tunnel(conn, hub_host, hub_port))
         control.send({"type": "hello", "node": self.s.node, "job_id": self.s.job_id, "pid": os.getpid()})
         if self.ready:
             control.send({"type": "ready"})
         log("connected to broker", hub_port=listener.get_port())
         self._lost.clear()
-        watcher = asyncio.get_running_loop().create_task(self._watch(conn))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._watchers.spawn(self._watch(conn))
 
     async def _to_server(self) -> Any:
         """Connect one hub-side channel to the server's unix socket.
@@ -302,9 +301,7 @@ class Agent:
         if self.conn is not None:
             self.conn.close()
         await self.hub_relay.close()
-        for w in list(self._watchers):
-            w.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self._watchers.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         return status if status >= 0 else 128 - status
 

@@ -148,6 +148,119 @@ def test_generate_config_lists_every_option_with_help(tmp_path):
     assert r.returncode == 2 and "BrokerApp.proxy_api_url" in r.stderr
 
 
+COMMANDS = ("serve", "status", "accounting", "generate-config")
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    r = run(tmp_path, ["--help"], clean_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    listed = re.findall(r"^([a-z-]+)$", r.stdout.split("Subcommands", 1)[1], re.M)
+    assert set(COMMANDS) <= set(listed), r.stdout
+    for command in COMMANDS:  # and each has its own help
+        r = run(tmp_path, [command, "--help"], clean_env(tmp_path))
+        assert r.returncode == 0 and "--config-file" in r.stdout, (command, r.stdout, r.stderr)
+    r = run(tmp_path, [], clean_env(tmp_path))  # the short usage too
+    assert r.returncode == 2 and all(command in r.stdout for command in COMMANDS)
+
+
+def test_generate_config_writes_every_component_option(tmp_path):
+    from broker.app import MOVED_OPTIONS, BrokerApp
+    from broker.core import Broker
+    from broker.limits import AdmissionControl
+    from broker.proxy import RoutePublisher
+
+    r = run(tmp_path, ["generate-config"], full_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    flat = re.sub(r"\s+", " ", re.sub(r"\n#+ ", " ", text))
+    assert "c.AdmissionControl.max_preauth_total = 512" in text
+    assert "c.RoutePublisher.reconcile_interval = 5.0" in text and "c.Broker.login_timeout = 30.0" in text
+    for cls in (Broker, AdmissionControl, RoutePublisher):
+        own = cls.class_own_traits(config=True)
+        assert own, cls
+        for name, trait in own.items():
+            assert f"c.{cls.__name__}.{name} =" in text, (cls, name)
+            assert trait.help and re.sub(r"\s+", " ", trait.help) in flat, (cls, name)
+    # each option is in one place: the moved ones are no longer BrokerApp's
+    for old, new in MOVED_OPTIONS.items():
+        assert f"c.BrokerApp.{old} =" not in text and f"c.{new} =" in text
+        assert old not in BrokerApp.class_own_traits()
+
+
+def test_old_spelling_in_config_file_still_works_and_warns(tmp_path):
+    """``c.BrokerApp.max_preauth_total`` (now ``c.AdmissionControl.max_preauth_total``) still takes
+    effect: with a total of 1, a second connection to the agents' port gets no banner while the
+    first is unauthenticated, and gets it once the first closes. The warning names the new spelling,
+    for the file and for an old spelling on the command line alike."""
+    (tmp_path / "broker_config.py").write_text("c.BrokerApp.max_preauth_total = 1\n")
+    s = Served(tmp_path, str(tmp_path / "state"))
+    s.args.append("--BrokerApp.penalty_threshold=0")
+    s.start()
+    conns = []
+    try:
+        out = s.output()
+        assert "BrokerApp.max_preauth_total is deprecated" in out and "c.AdmissionControl.max_preauth_total" in out, out
+        assert "BrokerApp.penalty_threshold is deprecated" in out and "c.AdmissionControl.penalty_threshold" in out
+        ssh_port = int(open(os.path.join(s.state_dir, "ssh_port")).read())
+
+        def connect() -> socket.socket:
+            c = socket.create_connection(("127.0.0.1", ssh_port), timeout=10)
+            c.sendall(b"SSH-2.0-probe\r\n")
+            conns.append(c)
+            return c
+
+        first = connect()
+        assert first.recv(8) == b"SSH-2.0-"  # admitted: the broker's banner
+        second = connect()
+        second.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            second.recv(8)  # the total of 1 is taken: not accepted yet
+        first.close()
+        second.settimeout(10)
+        assert second.recv(8) == b"SSH-2.0-"  # a slot freed: admitted now
+    finally:
+        for c in conns:
+            c.close()
+        assert s.stop() == 0, s.output()
+
+
+def test_old_spellings_move_to_their_components_and_the_command_line_wins(tmp_path):
+    import asyncssh
+
+    from broker.app import MOVED_OPTIONS, BrokerApp, ServeCommand
+    from broker.core import Broker
+    from broker.proxy import ChpClient
+    from broker.store import SessionStore
+
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("c.AdmissionControl.max_preauth_total = 5\nc.BrokerApp.control_rate = 2.5\n"
+                   "c.BrokerApp.penalty_exempt = ['10.0.0.0/8']\n")
+    app = BrokerApp()
+    app.initialize(["serve", f"--config-file={cfg}", "--BrokerApp.max_preauth_total=6",
+                    "--BrokerApp.login_timeout=3", "--BrokerApp.reconcile_interval=7"])
+    command = app.subapp
+    assert isinstance(command, ServeCommand)
+    broker = Broker(parent=command, store=SessionStore(str(tmp_path / "s.sqlite")),
+                    host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
+                    chp=ChpClient("http://127.0.0.1:1", "t"))
+    assert broker.login_timeout == 3 and broker.control_rate == 2.5 and broker.control_limits.rate == 2.5
+    assert broker.admission.max_preauth_total == 6  # the command line's old spelling beats the file's new one
+    assert [str(n) for n in broker.admission.exempt] == ["10.0.0.0/8"]
+    assert broker.routes is not None and broker.routes.reconcile_interval == 7
+    warned = "\n".join(command.deprecations())
+    for old in ("max_preauth_total", "login_timeout", "reconcile_interval", "control_rate", "penalty_exempt"):
+        assert f"BrokerApp.{old} is deprecated: use c.{MOVED_OPTIONS[old]}" in warned
+    broker.store.close()
+
+
+def test_component_option_errors_name_the_option(tmp_path):
+    for args, needle in ((["--AdmissionControl.throttle_interval=0"], "AdmissionControl.throttle_interval"),
+                         (["--Broker.hub_api_burst=0"], "Broker.hub_api_burst"),
+                         (["--BrokerApp.penalty_exempt=not-a-net"], "AdmissionControl.penalty_exempt")):
+        r = run(tmp_path, ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0", *args], full_env(tmp_path))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 # -- serve / status -----------------------------------------------------------------------------
 
 class Served:
@@ -158,7 +271,7 @@ class Served:
         self.args = ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0",
                      f"--BrokerApp.state_dir={state_dir}",
                      f"--BrokerApp.proxy_api_url=http://127.0.0.1:{free_port()}",
-                     "--BrokerApp.reconcile_interval=60"]
+                     "--RoutePublisher.reconcile_interval=60"]
         self.proc: subprocess.Popen | None = None
         self.api_url = ""
         self.preexec_fn = None
@@ -348,8 +461,8 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 
     s = Served(tmp_path, str(tmp_path / "state"))
-    s.args += ["--BrokerApp.login_timeout=3", "--BrokerApp.max_preauth_per_source=0",
-               "--BrokerApp.max_preauth_total=0"]
+    s.args += ["--Broker.login_timeout=3", "--AdmissionControl.max_preauth_per_source=0",
+               "--AdmissionControl.max_preauth_total=0"]
     s.preexec_fn = limit
     s.start()
     ssh_port = int(open(os.path.join(s.state_dir, "ssh_port")).read())

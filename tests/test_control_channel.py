@@ -29,13 +29,15 @@ import asyncssh
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
+from traitlets.config import Config
 
 from broker import accounting as acct
 from broker import log as broker_log
-from broker.control import ControlLimits, LineSplitter, LineTooLong, TokenBucket
+from broker.control import ControlLimits, LineSplitter, LineTooLong
 from broker.core import Broker
 from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.proxy import ROUTE_TAG_KEY, ChpClient
+from broker.ratelimit import TokenBucket
 from broker.store import SCHEMA_VERSION, SessionStore
 from broker.untrusted import reported_name
 from hub_plugin.status_service import render_rows
@@ -183,8 +185,8 @@ async def env(tmp_path):
     store = SessionStore(db_path)
     broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
                     chp=SlowAddChp(chp.api_url, chp.token), keepalive_interval=0, login_timeout=10,
-                    reconcile_interval=60.0, counters_flush_interval=3600.0,
-                    control_limits=ControlLimits(rate=5.0, burst=20, queue=32))
+                    config=Config(RoutePublisher={"reconcile_interval": 60.0}), counters_flush_interval=3600.0,
+                    control_rate=5.0, control_burst=20, control_queue=32)
     await broker.start()
     e = Env(broker, chp, str(tmp_path), db_path)
     try:
@@ -245,7 +247,8 @@ async def test_reconciler_removes_stale_tagged_routes_only(tmp_path):
     store = SessionStore(str(tmp_path / "b.sqlite"))
     interval = 1.0
     broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
-                    chp=ChpClient(chp.api_url, chp.token), keepalive_interval=0, reconcile_interval=interval)
+                    chp=ChpClient(chp.api_url, chp.token), keepalive_interval=0,
+                    config=Config(RoutePublisher={"reconcile_interval": interval}))
     await broker.start()
     e = Env(broker, chp, str(tmp_path), "")
     try:

@@ -124,7 +124,7 @@ async def relay_env(tmp_path):
         store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
         broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
                         hub_api=("127.0.0.1", hub.port), chp=None, keepalive_interval=0, login_timeout=10,
-                        hub_api_policy=HubApiPolicy(**policy_kw))
+                        **{f"hub_api_{k}": v for k, v in policy_kw.items()})
         await broker.start()
         h = Harness(broker, str(tmp_path))
         h.servers = []

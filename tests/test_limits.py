@@ -240,7 +240,7 @@ def test_waiting_longer_than_max_wait_closes_the_connection():
 
 
 def test_exempt_networks_are_neither_penalised_nor_throttled():
-    ac, _ = control(max_preauth_per_source=1, max_preauth_total=10, penalty_threshold=1, exempt=["192.168.0.0/16"])
+    ac, _ = control(max_preauth_per_source=1, max_preauth_total=10, penalty_threshold=1, penalty_exempt=["192.168.0.0/16"])
     assert not ac.auth_failed("192.168.1.5")
     assert ac.arrive("192.168.1.5", Conn())[0] == "admit" and ac.arrive("192.168.1.5", Conn())[0] == "admit"
     assert ac.auth_failed("10.1.1.1")

@@ -24,6 +24,7 @@ from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.proxy import ChpClient
 from broker.store import SessionStore
 from jupyterhub.utils import url_escape_path
+from traitlets.config import Config
 
 from conftest import Chp
 
@@ -315,7 +316,7 @@ async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
     store = SessionStore(str(tmp_path / "b.sqlite"))
     broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
                     hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=ChpClient(proxy.api_url, proxy.token),
-                    keepalive_interval=0, reconcile_interval=0.5)
+                    keepalive_interval=0, config=Config(RoutePublisher={"reconcile_interval": 0.5}))
     await broker.start()
     h = Harness(broker, str(tmp_path))
     h.servers = []
