@@ -29,7 +29,7 @@ sysdeps:
 ## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
 BACKEND ?= local
 demo: venv chp
-	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
+	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
 
 ## Full test suite against real components
 test: venv chp sysdeps
