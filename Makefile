@@ -29,7 +29,7 @@ sysdeps:
 ## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
 BACKEND ?= local
 demo: venv chp
-	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m hub_plugin.demo
+	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
 
 ## The gate (no root, no services, under 2 minutes): lint, format, types, unit tests
 CHECK_MARKERS := not e2e and not slurm and not apptainer and not site

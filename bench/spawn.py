@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from hub_plugin.demo import Stack
 from jupyterhub.utils import url_escape_path
+
+from devstack.stack import Stack
 
 from .procs import bin_path, http_json
 

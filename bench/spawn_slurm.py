@@ -1,6 +1,6 @@
 """Part 4: spawn-to-ready on the real single-node Slurm: SlurmBrokerSpawner vs stock batchspawner.
 
-Two hubs (:class:`hub_plugin.demo.Stack`: CHP + broker + JupyterHub), both up at once on the
+Two hubs (:class:`devstack.stack.Stack`: CHP + broker + JupyterHub), both up at once on the
 same cluster, spawning in turn — N rounds, each one spawn per hub, rotating which hub goes first —
 through the hub's REST API (the same ``bench.spawn.spawn_once``: POST /users/NAME/server, user model
 polled every 0.1 s until ``ready``; each stopped before the next), so drift in machine load hits

@@ -1,84 +1,67 @@
-"""Shared fixtures: a real configurable-http-proxy, and helpers to find executables."""
+"""The suite's shared fixtures, built on tests/harness.py (which the test modules import helpers from).
+
+* ``chp``: a real configurable-http-proxy for one test.
+* ``make_broker``: a factory of in-process brokers (:class:`harness.BrokerFactory`), stopped after
+  the test; ``harness``: one such broker with the defaults.
+* ``stack``: one hub + CHP + broker (:func:`harness.running_stack`) for a module. A module
+  describes its stack by overriding the ``stack_options`` fixture: the Stack's keyword
+  arguments, plus ``name`` (of its work directory), ``logs`` (the ``test-artifacts/``
+  directory its logs are saved in) and ``path`` (its services' ``PATH``; default
+  :func:`harness.tool_path`). Modules that need more than one stack, or a stack with other
+  fixtures around it, use :func:`harness.running_stack` themselves.
+
+Helper modules next to this one: harness.py, e2e.py (the hub's REST API as a test client),
+broker_cli.py (``broker`` as a subprocess), reliability.py, sshd.py, slurm_cluster.py,
+apptainer_image.py, flood_agent.py (a script).
+"""
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import subprocess
-import sys
-import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
-from hub_plugin.demo import free_port, wait_http
+from devstack.stack import Stack
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARTIFACTS = os.path.join(REPO, "test-artifacts")
+from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-
-def tool_path() -> str:
-    """PATH with the venv's bin and the project's node_modules/.bin first."""
-    parts = [os.path.dirname(sys.executable), os.path.join(REPO, ".node", "node_modules", ".bin")]
-    return os.pathsep.join(parts + [os.environ.get("PATH", "")])
-
-
-def find_chp() -> str:
-    chp = shutil.which("configurable-http-proxy", path=tool_path())
-    if not chp:
-        pytest.fail("configurable-http-proxy is not installed: run `make chp` (make test does it)")
-    return chp
-
-
-class Chp:
-    """A real configurable-http-proxy process on free loopback ports."""
-
-    def __init__(self, default_target: str = "http://127.0.0.1:9"):
-        self.token = secrets.token_hex(16)
-        self.port = free_port()
-        self.api_port = free_port()
-        self.default_target = default_target
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    @property
-    def public_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "Chp":
-        env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN=self.token, PATH=tool_path())
-        self.proc = subprocess.Popen(
-            [find_chp(), "--ip", "127.0.0.1", "--port", str(self.port), "--api-ip", "127.0.0.1",
-             "--api-port", str(self.api_port), "--default-target", self.default_target],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_http(self.api_url + "/api/routes", 30, self.proc, "configurable-http-proxy")
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``
+pytest_plugins = ["sshd", "slurm_cluster"]
 
 
 @pytest.fixture
-def chp():
+def chp() -> Iterator[Chp]:
     proxy = Chp().start()
     yield proxy
     proxy.stop()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+@pytest_asyncio.fixture
+async def make_broker(tmp_path) -> AsyncIterator[BrokerFactory]:
+    factory = BrokerFactory(str(tmp_path))
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+@pytest_asyncio.fixture
+async def harness(make_broker: BrokerFactory) -> Harness:
+    return await make_broker()
+
+
+@pytest.fixture(scope="module")
+def stack_options() -> dict[str, Any]:
+    """Override in a module to configure its ``stack`` (see the module docstring)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, stack_options: dict[str, Any]) -> Iterator[Stack]:
+    options = dict(stack_options)
+    workdir = tmp_path_factory.mktemp(options.pop("name", "stack"))
+    path = options.pop("path", None) or tool_path()
+    with running_stack(str(workdir), path=path, **options) as s:
+        yield s

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests against a running :class:`hub_plugin.demo.Stack`."""
+"""The hub's REST API as a test client of a running :class:`devstack.stack.Stack` (started by
+harness.running_stack or conftest's ``stack`` fixture), and small process checks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from jupyterhub.utils import url_escape_path
 from websockets.sync.client import connect as ws_connect
 
-from hub_plugin.demo import Stack
+from devstack.stack import Stack
 
 
 def request(url: str, token: str, method: str = "GET", body: Any = None, scheme: str = "token") -> tuple[int, Any]:

@@ -14,7 +14,7 @@ import subprocess
 import time
 from typing import Any
 
-from conftest import ARTIFACTS
+from harness import ARTIFACTS
 
 FULL = os.environ.get("RELIABILITY_FULL") == "1"
 
@@ -68,7 +68,7 @@ class NodeNetwork:
         self.hub_ip = f"10.{octet}.{tag}.1"
         self.node_ip = f"10.{octet}.{tag}.2"
 
-    def create(self) -> "NodeNetwork":
+    def create(self) -> NodeNetwork:
         self.destroy()
         sh("ip", "netns", "add", self.ns)
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.node_if)

@@ -2,7 +2,8 @@
 
 Free port, own config, host key and authorized_keys, UsePAM no, LogLevel DEBUG3 into a log file
 the tests inspect (``accepted()`` counts "Accepted publickey" lines = SSH connections).
-openssh-server is apt-installed if missing. Shared by test_slurm_infra.py and test_e2e_slurm.py.
+openssh-server is apt-installed if missing. Shared by test_slurm_infra.py and test_e2e_slurm.py
+(conftest.py registers this module as a plugin: the ``sshd`` fixture needs no import).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import free_port
 from hub_plugin.remote import LoginNodeRunner
+
+from harness import terminate
 
 
 def _sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -28,12 +32,6 @@ def apt_install(*pkgs: str) -> None:
     apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-y", "-qq"]
     subprocess.run(apt + ["update"], check=True, env=env, capture_output=True)
     subprocess.run(apt + ["install", "--no-install-recommends", *pkgs], check=True, env=env, capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -82,7 +80,7 @@ class SSHD:
             "127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw
         )
 
-    def start(self) -> "SSHD":
+    def start(self) -> SSHD:
         root = self.root
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key))
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
@@ -131,12 +129,7 @@ class SSHD:
         if self.proc is None:
             return
         self.kill_sessions()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import sys
 import pytest
 from traitlets.config import PyFileConfigLoader
 
+from devstack.stack import free_port
 from hub_plugin.auth_header import RemoteUserAuthenticator
-from hub_plugin.demo import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

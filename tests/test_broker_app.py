@@ -5,46 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-PY = sys.executable
-TOKEN = "cli-test-token-0123456789abcdef"
-HUB = "http://127.0.0.1:8081/hub/api"
+from devstack.stack import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(tmp_path, **extra) -> dict:
-    env = {"PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin", "HOME": str(tmp_path),
-           "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-    if os.environ.get("PYTHONPATH"):  # a checkout other than the installed one (e.g. a git worktree)
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    env.update({k: v for k, v in extra.items() if v is not None})
-    return env
-
-
-def full_env(tmp_path, **over) -> dict:
-    base = {"BROKER_API_TOKEN": TOKEN, "CONFIGPROXY_AUTH_TOKEN": "chp-token", "JUPYTERHUB_API_URL": HUB}
-    base.update(over)
-    return clean_env(tmp_path, **base)
-
-
-def run(tmp_path, args, env, timeout=20) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "broker.app", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
+from broker_cli import PY, TOKEN, Served, clean_env, full_env, run
 
 # -- configuration errors -------------------------------------------------------------------
 
@@ -262,65 +232,6 @@ def test_component_option_errors_name_the_option(tmp_path):
 
 
 # -- serve / status -----------------------------------------------------------------------------
-
-class Served:
-    def __init__(self, tmp_path, state_dir):
-        self.tmp_path = tmp_path
-        self.state_dir = state_dir
-        self.env = full_env(tmp_path)
-        self.args = ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0",
-                     f"--BrokerApp.state_dir={state_dir}",
-                     f"--BrokerApp.proxy_api_url=http://127.0.0.1:{free_port()}",
-                     "--RoutePublisher.reconcile_interval=60"]
-        self.proc: subprocess.Popen | None = None
-        self.api_url = ""
-        self.preexec_fn = None
-
-    def start(self) -> "Served":
-        url_file = os.path.join(self.state_dir, "api_url")
-        if os.path.exists(url_file):
-            os.unlink(url_file)
-        self.errf = open(self.tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([PY, "-m", "broker.app", *self.args], cwd=self.tmp_path, env=self.env,
-                                     stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=self.preexec_fn)
-        deadline = time.monotonic() + 60  # generous: CI machines are busy
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"broker serve exited {self.proc.returncode}: {self.output()}")
-            if os.path.exists(url_file):
-                self.api_url = open(url_file).read().strip()
-                return self
-            time.sleep(0.05)
-        raise AssertionError("broker serve did not write api_url in time: " + self.output())
-
-    def output(self) -> str:
-        self.errf.seek(0)
-        return self.errf.read()
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError("broker serve ignored SIGTERM")
-        return self.proc.returncode
-
-    def api(self, method, path, body=None):
-        req = urllib.request.Request(self.api_url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    def status(self, *extra):
-        return run(self.tmp_path, ["status", *extra, f"--BrokerApp.state_dir={self.state_dir}",
-                                   "--BrokerApp.api_port=0"], clean_env(self.tmp_path, BROKER_API_TOKEN=TOKEN))
-
 
 @pytest.fixture
 def served(tmp_path):

@@ -12,16 +12,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import ARTIFACTS, tool_path, wait_until
 from e2e import Hub
+from harness import ARTIFACTS, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -74,26 +71,18 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
+def stack_options():
+    """The module's ``stack`` (conftest.py); this module's screenshots start afresh."""
     os.makedirs(SHOTS, exist_ok=True)
     for old in glob.glob(os.path.join(SHOTS, "*.png")):
         os.unlink(old)
-    s = Stack(str(tmp_path_factory.mktemp("browser")), poll_interval=2, extra_hub_config=(
+    return dict(name="browser", logs="browser-logs", poll_interval=2, extra_hub_config=(
         "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
         # always show the pending page (a fast spawn would otherwise skip it)
         "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
         f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
         # so that the home page's warning shows for a 45-minute session
         "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "browser-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")):
-            shutil.copy(log, dest)
 
 
 def shot(page, name: str) -> None:

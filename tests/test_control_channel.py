@@ -25,7 +25,6 @@ import urllib.request
 
 import aiohttp
 import asyncssh
-
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,9 +41,8 @@ from broker.store import SCHEMA_VERSION, SessionStore
 from broker.untrusted import reported_name
 from hub_plugin.status_service import render_rows
 
-from conftest import REPO, Chp
-from test_broker_app import TOKEN, Served
-from test_tunnel_security import _http_get, _unix_http_server
+from broker_cli import TOKEN, Served
+from harness import REPO, Chp, http_get, unix_http_server
 
 HOSTILE_NODE = "cn\u202e10\x1b[31m\nINFO fake line"
 HOSTILE_NODE_STORED = "cn\\u202e10\\x1b\\x5b31m\\x0aINFO\\x20fake\\x20line"
@@ -114,7 +112,7 @@ class Agent:
         self.writer: asyncssh.SSHWriter | None = None
         self.reader: asyncssh.SSHReader | None = None
 
-    async def control(self) -> "Agent":
+    async def control(self) -> Agent:
         self.reader, self.writer = await self.conn.open_connection(CONTROL_HOST, CONTROL_PORT)
         return self
 
@@ -146,7 +144,7 @@ class Env:
                                       agent_path=None, config=None)
         if tunnel:
             path = os.path.join(self.tmp, f"{user}.sock")
-            self.servers.append(await _unix_http_server(path))
+            self.servers.append(await unix_http_server(path))
             await conn.forward_remote_port_to_path("127.0.0.1", 0, path)
         return session, await Agent(conn, key).control()
 
@@ -350,7 +348,7 @@ async def test_over_the_limits_closes_only_that_connection_logged_once_and_count
     assert env.metric("broker_control_closed_total", reason=reason) == 1
     log = broker_log_lines.getvalue()
     assert log.count("closing agent connection") == 1, log
-    assert (await _http_get(other.port))[0] == 200
+    assert (await http_get(other.port))[0] == 200
     assert env.broker.get(other.id).agent_connected
     assert env.broker.get(session.id).state == "connected"  # the session itself lives on
 
@@ -519,7 +517,7 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
         hostile = served.api("POST", "/api/sessions", {"user": "mallory", "routespec": "/user/mallory/"})
         ssh = honest["ssh"]
         sock = str(tmp_path / "ana.sock")
-        server = await _unix_http_server(sock)
+        server = await unix_http_server(sock)
         key = asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
         honest_conn = await asyncssh.connect("127.0.0.1", ssh["port"], username=honest["id"],
@@ -545,7 +543,7 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
             out = []
             while not until():
                 t = time.perf_counter()
-                status, body = await _http_get(port, "/user/ana/api")
+                status, body = await http_get(port, "/user/ana/api")
                 out.append(time.perf_counter() - t)
                 assert (status, body) == (200, b"/user/ana/api")
                 rss.append(_rss_kib(pid))

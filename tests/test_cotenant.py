@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pwd
@@ -17,10 +16,8 @@ import sys
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import ARTIFACTS, tool_path
 from e2e import Hub
+from harness import ARTIFACTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -75,18 +72,9 @@ def other_user():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    s = Stack(str(tmp_path_factory.mktemp("cotenant")), poll_interval=5)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "cotenant-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")):
-            subprocess.run(["cp", log, dest])
+def stack_options():
+    """The module's ``stack`` (conftest.py)."""
+    return dict(name="cotenant", logs="cotenant-logs", poll_interval=5)
 
 
 def _server_info(pid: int) -> tuple[str, str]:

@@ -5,7 +5,7 @@ Set-up: hub + CHP + broker (the demo ``Stack``, whose local batch system runs ev
 test's own account — one uid for all users, as with a shared service account) and
 ``node-agent launch`` with an HPC config in service-account mode (``isolation.shared_account``
 defaults to true; ``contain = "contain-pid"``), on the tiny CI image that
-tests/test_e2e_apptainer.py builds (its helpers install Apptainer and build the image). Users
+tests/apptainer_image.py builds (it also installs Apptainer). Users
 anna (A) and bert (B) have servers running at the same time. A's kernel writes a secret file
 into its home (the secret plus A's hub API token, as a user might save a token) and reports its
 hub API token and the path of its server's unix socket. Then code in B's kernel — B's notebook,
@@ -41,11 +41,9 @@ from pathlib import Path
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import tool_path
+from apptainer_image import PKG_ROOT, build_image, ensure_apptainer, python_binds
 from e2e import Hub
-from test_e2e_apptainer import PKG_ROOT, build_image, ensure_apptainer, python_binds
+from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.apptainer, pytest.mark.timeout(900)]
 
@@ -101,7 +99,6 @@ def per_job_workdir_runtime(base: Path) -> str:
 @pytest.fixture(scope="module")
 def iso_stack(tmp_path_factory):
     ensure_apptainer()
-    os.environ["PATH"] = tool_path()
     work = tmp_path_factory.mktemp("isolation-e2e")
     t0 = time.monotonic()
     image = build_image(work / "image" / "notebook.sif")
@@ -118,19 +115,16 @@ def iso_stack(tmp_path_factory):
             bindir=os.path.dirname(sys.executable), isolation=isolation))
 
     configure("contain-pid")
-    s = Stack(str(work / "stack"), extra_hub_config=(
+    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
         f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
         "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
         "c.Spawner.notebook_dir = '/home/jovyan'\n"
         # the jobs (launch on the host, the agent in the container) import the checkout under
         # test, which is bound into the container, not only what the venv's install points at
-        f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"))
-    s.scratch = scratch
-    s.configure = configure
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+        f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n")) as s:
+        s.scratch = scratch
+        s.configure = configure
+        yield s
 
 
 def evaluate(hub: Hub, user: str, code: str) -> dict:

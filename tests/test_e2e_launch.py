@@ -11,10 +11,8 @@ import urllib.request
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import tool_path
 from e2e import Hub
+from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -46,21 +44,17 @@ inner_command = ["node-agent", "run"]
 
 @pytest.fixture(scope="module")
 def launch_stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
     work = tmp_path_factory.mktemp("launch")
     scratch = work / "scratch"
     scratch.mkdir()
     config = work / "hpc-config.toml"
     config.write_text(HPC_CONFIG.format(message=MESSAGE, scratch=scratch))
-    s = Stack(str(work / "stack"), extra_hub_config=(
+    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
         f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
         "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"))
-    s.scratch = str(scratch)
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n")) as s:
+        s.scratch = str(scratch)
+        yield s
 
 
 def _progress_events(stack, user: str, timeout: float = 30) -> list[dict]:

@@ -12,10 +12,8 @@ import time
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import ARTIFACTS, tool_path, wait_until
 from e2e import Hub, alive
+from harness import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -23,19 +21,10 @@ LAST_ACTIVITY_INTERVAL = 4
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    s = Stack(str(tmp_path_factory.mktemp("stack")), last_activity_interval=LAST_ACTIVITY_INTERVAL,
-              poll_interval=2, reconcile_interval=1.0)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "e2e-local-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")):
-            subprocess.run(["cp", log, dest])
+def stack_options():
+    """The module's ``stack`` (conftest.py)."""
+    return dict(name="stack", logs="e2e-local-logs", last_activity_interval=LAST_ACTIVITY_INTERVAL,
+                poll_interval=2, reconcile_interval=1.0)
 
 
 @pytest.fixture(scope="module")

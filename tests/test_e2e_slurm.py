@@ -13,119 +13,53 @@ node agent in a real Slurm job, and a real jupyterhub-singleuser.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from hub_plugin.demo import Stack
+from devstack.stack import Stack
 
-from conftest import ARTIFACTS, tool_path, wait_until
 from e2e import Hub
-from sshd import sshd  # noqa: F401  (module fixture)
+from harness import REPO, running_stack, tool_path, wait_until
+from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, real_binary, run
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(900),
+              pytest.mark.usefixtures("cancel_leftover_jobs")]
 
-REPO = Path(__file__).resolve().parent.parent
-SLURM_SH = REPO / "scripts" / "slurm.sh"
-JOB_TAG = f"e2e-slurm-{uuid.uuid4().hex[:8]}"
-SLURM_POLL_INTERVAL = 1.0
 TIMINGS: dict[str, list[float]] = {}
-
-
-def _real(cmd: str) -> str:
-    for d in ("/usr/bin", "/usr/local/bin", "/bin"):
-        if os.access(os.path.join(d, cmd), os.X_OK):
-            return os.path.join(d, cmd)
-    found = shutil.which(cmd)
-    if not found:
-        pytest.skip(f"{cmd} not installed")
-    return found
-
-
-def _sh(*argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def _squeue_answers() -> bool:
-    try:
-        return _sh(_real("squeue"), "-h", "-o", "%i", timeout=10).returncode == 0
-    except (subprocess.TimeoutExpired, OSError, pytest.skip.Exception):
-        return False
 
 
 def _job_state(job_id: str) -> str:
     """Slurm's state of the job ('' once it is purged)."""
-    out = _sh(_real("squeue"), "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
+    out = run(real_binary("squeue"), "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
     return out
 
 
 def _live_jobs() -> list[str]:
-    out = _sh(_real("squeue"), "-h", "-n", JOB_TAG, "-t", "PENDING,RUNNING,CONFIGURING,COMPLETING", "-o", "%i").stdout
+    out = run(real_binary("squeue"), "-h", "-n", JOB_TAG, "-t", "PENDING,RUNNING,CONFIGURING,COMPLETING", "-o", "%i").stdout
     return out.split()
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster():
-    if not _squeue_answers():
-        if os.geteuid() != 0:
-            pytest.skip("Slurm is not running and starting it needs root")
-        r = subprocess.run(["bash", str(SLURM_SH), "start"], capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"slurm.sh start failed:\n{r.stdout}\n{r.stderr}"
-    assert _squeue_answers()
-    yield
-    _sh(_real("scancel"), "-n", JOB_TAG)
-
-
-@pytest.fixture(autouse=True)
-def cancel_leftover_jobs(slurm_cluster):
-    yield
-    _sh(_real("scancel"), "-n", JOB_TAG)
-
-
-def _hub_config(workdir: str, extra: str = "", out_dir: str = "") -> str:
-    out_dir = out_dir or os.path.join(workdir, "slurm-out")
-    os.makedirs(out_dir, exist_ok=True)
-    os.chmod(out_dir, 0o1777)  # the job's user writes its output here
-    return "\n".join([
-        f"c.SlurmBrokerSpawner.req_job_name = {JOB_TAG!r}",
-        f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}",
-        'c.SlurmBrokerSpawner.req_runtime = "30"',
-        "c.SlurmBrokerSpawner.req_walltime_warning = 120",
-        f"c.SlurmBrokerSpawner.slurm_poll_interval = {SLURM_POLL_INTERVAL}",
-        extra,
-    ])
-
-
-def _collect_logs(stack: Stack, name: str) -> None:
-    dest = os.path.join(ARTIFACTS, name)
-    os.makedirs(dest, exist_ok=True)
-    for log in glob.glob(os.path.join(stack.logs, "*.log")) + glob.glob(os.path.join(stack.workdir, "slurm-out", "*.log")):
-        subprocess.run(["cp", log, dest])
-
-
-@pytest.fixture(scope="module")
 def squeue_log(tmp_path_factory):
-    """A wrapper squeue first on PATH (for the hub started by this module) logging each call."""
+    """A wrapper squeue logging each call, in the directory of the returned log (put first on the
+    PATH of the module's ``stack``)."""
     bindir = tmp_path_factory.mktemp("squeue-wrapper")
     log = bindir / "calls.log"
     log.write_text("")
     wrapper = bindir / "squeue"
-    wrapper.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {log}\nexec {_real("squeue")} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {log}\nexec {real_binary("squeue")} "$@"\n')
     wrapper.chmod(0o755)
-    old = os.environ["PATH"]
-    os.environ["PATH"] = f"{bindir}{os.pathsep}{tool_path()}"
-    yield log
-    os.environ["PATH"] = old
+    return log
 
 
 def _calls(log: Path) -> list[float]:
@@ -138,20 +72,16 @@ LATER_PROFILE = ("c.SlurmBrokerSpawner.profiles = [{'name': 'later', 'descriptio
 
 
 @pytest.fixture(scope="module")
-def stack(slurm_cluster, squeue_log, tmp_path_factory):
+def stack_options(slurm_cluster, squeue_log, tmp_path_factory):
+    """The module's ``stack`` (conftest.py): SlurmBrokerSpawner, the squeue wrapper first on PATH."""
     workdir = str(tmp_path_factory.mktemp("slurm-stack"))
-    s = Stack(workdir, poll_interval=1, reconcile_interval=1.0,
-              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir, LATER_PROFILE))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        _collect_logs(s, "e2e-slurm-logs")
-        spawns = TIMINGS.get("spawn", [])
-        if spawns:
-            print(f"\n[slurm] single spawns to ready: median {statistics.median(spawns):.1f} s over {len(spawns)}: "
-                  + ", ".join(f"{t:.1f}" for t in spawns))
+    yield dict(workdir=workdir, path=f"{squeue_log.parent}{os.pathsep}{tool_path()}", logs="e2e-slurm-logs",
+               poll_interval=1, reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+               extra_hub_config=hub_config(workdir, LATER_PROFILE))
+    spawns = TIMINGS.get("spawn", [])  # after the stack has stopped
+    if spawns:
+        print(f"\n[slurm] single spawns to ready: median {statistics.median(spawns):.1f} s over {len(spawns)}: "
+              + ", ".join(f"{t:.1f}" for t in spawns))
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +113,14 @@ def test_spawn_status_kernel_stop_on_slurm(hub, stack):
     assert _job_state(job_id) == "RUNNING"
     assert hub.proxy_routes()[f"/user/{user}"]["target"] == session["target"]
     # the job was given only the spawner's variables, by name; the batch script holds no values
-    script = _sh("scontrol", "write", "batch_script", job_id, "-").stdout
+    script = run("scontrol", "write", "batch_script", job_id, "-").stdout
     assert "exec node-agent run --" in script and "--signal=B:USR1@120" in script
     assert "BROKER_ENROL_SECRET" not in script and "JUPYTERHUB_API_TOKEN" not in script
-    show = _sh("scontrol", "show", "job", job_id).stdout
+    show = run("scontrol", "show", "job", job_id).stdout
     assert "BROKER_ENROL_SECRET=" not in show and "JUPYTERHUB_API_TOKEN=" not in show
 
     # Slurm's walltime warning (simulated at once with scancel --signal): the agent reports it
-    _sh("scancel", "--batch", "--signal=USR1", job_id, check=True)
+    run("scancel", "--batch", "--signal=USR1", job_id, check=True)
     wait_until(lambda: hub.broker(f"/api/sessions/{session['id']}")[1].get("walltime_warning"), 15,
                what="walltime warning in the broker's session")
 
@@ -246,7 +176,7 @@ def test_external_scancel_is_noticed_and_route_removed(hub, stack):
     key = f"/user/{user}"
     assert key in hub.proxy_routes()
     t0 = time.monotonic()
-    _sh("scancel", job_id, check=True)
+    run("scancel", job_id, check=True)
 
     def gone() -> bool:
         _, info = hub.api(hub.user_path(user))
@@ -335,14 +265,10 @@ def remote_stack(slurm_cluster, sshd, tmp_path_factory):
         f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
         f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
     ])
-    s = Stack(workdir, poll_interval=2, reconcile_interval=1.0,
-              spawner_class="hub_plugin.slurm.SlurmBrokerSpawner", extra_hub_config=_hub_config(workdir, extra))
-    try:
-        s.start()
+    with running_stack(workdir, path=tool_path(), logs="e2e-slurm-remote-logs", poll_interval=2, reconcile_interval=1.0,
+                       spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+                       extra_hub_config=hub_config(workdir, extra)) as s:
         yield s
-    finally:
-        s.stop()
-        _collect_logs(s, "e2e-slurm-remote-logs")
 
 
 def test_remote_submission_ten_spawns_one_ssh_connection(remote_stack, sshd):
@@ -371,15 +297,16 @@ def test_remote_submission_ten_spawns_one_ssh_connection(remote_stack, sshd):
 # -- identity models ---------------------------------------------------------------------------
 
 
-def _identity_stack(tmp_path_factory, name: str, extra: str) -> Stack:
+def _identity_stack(tmp_path_factory, name: str, extra: str) -> AbstractContextManager[Stack]:
     workdir = str(tmp_path_factory.mktemp(name))
     # outside pytest's 0700 tmp tree: the job's (non-root) user must write its output here
     out_dir = f"/tmp/{JOB_TAG}-{name}-out"
     os.makedirs(out_dir, exist_ok=True)
     # the Stack's notebook_dir is inside its 0700 work dir: serve the job's cwd (the home) instead
     extra += '\nc.Spawner.notebook_dir = ""'
-    return Stack(workdir, poll_interval=2, reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                 extra_hub_config=_hub_config(workdir, extra, out_dir=out_dir))
+    return running_stack(workdir, path=tool_path(), logs=f"e2e-slurm-{name}-logs", poll_interval=2,
+                         reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+                         extra_hub_config=hub_config(workdir, extra, out_dir=out_dir))
 
 
 def _ancestors(path: str) -> list[str]:
@@ -401,11 +328,10 @@ def _ancestors(path: str) -> list[str]:
 def unix_user():
     """A real Unix account (useradd), removed afterwards."""
     import pwd
-
     import sys
 
     name = "jh" + uuid.uuid4().hex[:8]
-    _sh("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
+    run("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
     # The job runs the venv's python and imports the checkout: a normal user needs to traverse
     # every directory above them. On these machines the venv's python links into /root/.pyenv
     # (/root is 0700), and a clone may sit in a 0700 directory (mktemp -d). Grant traversal
@@ -418,35 +344,33 @@ def unix_user():
                 if not mode & 0o001:
                     os.chmod(parent, mode | 0o001)
                     restored.append((parent, mode))
-        if _sh("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode != 0:
+        if run("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode != 0:
             pytest.fail(f"{sys.executable} cannot be run by a normal user here")
         yield pwd.getpwnam(name)
     finally:
         for parent, mode in reversed(restored):
             os.chmod(parent, mode)
-        _sh("pkill", "-KILL", "-u", name)
+        run("pkill", "-KILL", "-u", name)
         time.sleep(0.5)
-        _sh("userdel", "-r", name)
+        run("userdel", "-r", name)
 
 
 def test_per_user_accounts_jobs_run_as_the_user(slurm_cluster, unix_user, tmp_path_factory):
     """submit_as='user': sbatch --uid=<name>; the job, the agent and the kernel run as that uid."""
-    stack = _identity_stack(tmp_path_factory, "per-user", 'c.SlurmBrokerSpawner.submit_as = "user"')
+    stack_running = _identity_stack(tmp_path_factory, "per-user", 'c.SlurmBrokerSpawner.submit_as = "user"')
     try:
-        stack.start()
-        hub = Hub(stack)
-        user = unix_user.pw_name
-        hub.spawn(user, timeout=180)
-        job_id = hub.session_of(user)["job_id"]
-        assert _sh(_real("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == user
-        _, result = hub.run_code(user, "import os; (os.getuid(), os.getgid(), os.environ['HOME'], os.getcwd())")
-        assert result == repr((unix_user.pw_uid, unix_user.pw_gid, unix_user.pw_dir, unix_user.pw_dir))
-        assert os.path.exists(f"/tmp/{JOB_TAG}-per-user-out/jupyterhub-{user}-{job_id}.log")
-        hub.stop(user)
-        wait_until(lambda: _job_state(job_id) in ("", "CANCELLED"), 20, what="job cancelled")
+        with stack_running as stack:
+            hub = Hub(stack)
+            user = unix_user.pw_name
+            hub.spawn(user, timeout=180)
+            job_id = hub.session_of(user)["job_id"]
+            assert run(real_binary("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == user
+            _, result = hub.run_code(user, "import os; (os.getuid(), os.getgid(), os.environ['HOME'], os.getcwd())")
+            assert result == repr((unix_user.pw_uid, unix_user.pw_gid, unix_user.pw_dir, unix_user.pw_dir))
+            assert os.path.exists(f"/tmp/{JOB_TAG}-per-user-out/jupyterhub-{user}-{job_id}.log")
+            hub.stop(user)
+            wait_until(lambda: _job_state(job_id) in ("", "CANCELLED"), 20, what="job cancelled")
     finally:
-        stack.stop()
-        _collect_logs(stack, "e2e-slurm-per-user-logs")
         shutil.rmtree(f"/tmp/{JOB_TAG}-per-user-out", ignore_errors=True)
 
 
@@ -455,25 +379,23 @@ def test_shared_service_account_homes_under_root(slurm_cluster, tmp_path_factory
     home_root/<name> (created 0700 by the job on first use)."""
     home_root = f"/tmp/{JOB_TAG}-homes"
     os.makedirs(home_root, exist_ok=True)
-    stack = _identity_stack(tmp_path_factory, "service", f"c.SlurmBrokerSpawner.home_root = {home_root!r}")
+    stack_running = _identity_stack(tmp_path_factory, "service", f"c.SlurmBrokerSpawner.home_root = {home_root!r}")
     try:
-        stack.start()
-        hub = Hub(stack)
-        users = ["svc-a", "svc-b"]
-        for u in users:
-            hub.spawn(u, timeout=180)
-        me = _sh("id", "-un").stdout.strip()
-        for u in users:
-            job_id = hub.session_of(u)["job_id"]
-            assert _sh(_real("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == me
-            _, result = hub.run_code(u, "import os; (os.environ['HOME'], os.getcwd())")
-            home = os.path.join(home_root, u)
-            assert result == repr((home, home))
-            assert os.stat(home).st_mode & 0o777 == 0o700
-        for u in users:
-            hub.stop(u)
+        with stack_running as stack:
+            hub = Hub(stack)
+            users = ["svc-a", "svc-b"]
+            for u in users:
+                hub.spawn(u, timeout=180)
+            me = run("id", "-un").stdout.strip()
+            for u in users:
+                job_id = hub.session_of(u)["job_id"]
+                assert run(real_binary("squeue"), "-h", "-j", job_id, "-o", "%u").stdout.strip() == me
+                _, result = hub.run_code(u, "import os; (os.environ['HOME'], os.getcwd())")
+                home = os.path.join(home_root, u)
+                assert result == repr((home, home))
+                assert os.stat(home).st_mode & 0o777 == 0o700
+            for u in users:
+                hub.stop(u)
     finally:
-        stack.stop()
-        _collect_logs(stack, "e2e-slurm-service-logs")
         shutil.rmtree(home_root, ignore_errors=True)
         shutil.rmtree(f"/tmp/{JOB_TAG}-service-out", ignore_errors=True)

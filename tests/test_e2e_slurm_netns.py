@@ -10,21 +10,21 @@ the one SSH connection the agent opens out.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 
 import pytest
 
-from hub_plugin.demo import Stack, free_port
+from devstack.stack import free_port
 
-from conftest import tool_path
 from e2e import Hub
+from harness import running_stack, tool_path
 from reliability import NodeNetwork, have_netns, sh
-from test_e2e_slurm import _collect_logs, _hub_config, cancel_leftover_jobs, slurm_cluster  # noqa: F401
+from slurm_cluster import hub_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(600),
+              pytest.mark.usefixtures("cancel_leftover_jobs")]
 
 
 def _firewall(net: NodeNetwork, ssh_port: int) -> None:
@@ -60,44 +60,41 @@ def node_net():
     net.destroy()
 
 
-def test_spawn_from_an_outbound_only_node(node_net, tmp_path_factory, slurm_cluster):  # noqa: F811
-    os.environ["PATH"] = tool_path()
+def test_spawn_from_an_outbound_only_node(node_net, tmp_path_factory, slurm_cluster):
     net = node_net
     workdir = str(tmp_path_factory.mktemp("netns-slurm"))
-    stack = Stack(workdir, poll_interval=2, reconcile_interval=1.0, broker_ssh_host=net.hub_ip,
-                  spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                  extra_hub_config=_hub_config(workdir, "c.SlurmBrokerSpawner.agent_command = "
-                                               + repr(" ".join(net.prefix()) + " node-agent run --")))
     # a listener on the hub-side address that is NOT the broker: the node must not reach it
     decoy = socket.socket()
     decoy.bind((net.hub_ip, free_port()))
     decoy.listen()
     try:
-        stack.start()
-        _firewall(net, stack.ssh_port)  # the broker's SSH port is known once it has bound it
-        assert not _node_can_connect(net, net.hub_ip, decoy.getsockname()[1])
-        assert not _node_can_connect(net, "127.0.0.1", stack.hub_port)  # the hub API is not reachable
-        assert _node_can_connect(net, net.hub_ip, stack.ssh_port)  # only the broker's SSH port
-        # nothing gets in: the host cannot open a connection to the node
-        probe = socket.socket()
-        probe.settimeout(2)
-        assert probe.connect_ex((net.node_ip, 22)) != 0
-        probe.close()
+        with running_stack(workdir, path=tool_path(), logs="e2e-slurm-netns-logs", poll_interval=2,
+                           reconcile_interval=1.0, broker_ssh_host=net.hub_ip,
+                           spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+                           extra_hub_config=hub_config(workdir, "c.SlurmBrokerSpawner.agent_command = "
+                                                       + repr(" ".join(net.prefix()) + " node-agent run --"))) as stack:
+            _firewall(net, stack.ssh_port)  # the broker's SSH port is known once it has bound it
+            assert not _node_can_connect(net, net.hub_ip, decoy.getsockname()[1])
+            assert not _node_can_connect(net, "127.0.0.1", stack.hub_port)  # the hub API is not reachable
+            assert _node_can_connect(net, net.hub_ip, stack.ssh_port)  # only the broker's SSH port
+            # nothing gets in: the host cannot open a connection to the node
+            probe = socket.socket()
+            probe.settimeout(2)
+            assert probe.connect_ex((net.node_ip, 22)) != 0
+            probe.close()
 
-        hub = Hub(stack)
-        user = "outbound"
-        hub.spawn(user, timeout=180)
-        status, _ = hub.through_proxy(user, "api/status")
-        assert status == 200
-        _, result = hub.run_code(user, "1+1")
-        assert result == "2"
-        session = hub.session_of(user)
-        assert session["job_id"] and session["agent_connected"]
-        # the agent's SSH connection comes from the node's address: it really crossed the veth
-        conns = sh("ss", "-tnH", "state", "established", f"( sport = :{stack.ssh_port} )").stdout
-        assert net.node_ip in conns, conns
-        hub.stop(user)
+            hub = Hub(stack)
+            user = "outbound"
+            hub.spawn(user, timeout=180)
+            status, _ = hub.through_proxy(user, "api/status")
+            assert status == 200
+            _, result = hub.run_code(user, "1+1")
+            assert result == "2"
+            session = hub.session_of(user)
+            assert session["job_id"] and session["agent_connected"]
+            # the agent's SSH connection comes from the node's address: it really crossed the veth
+            conns = sh("ss", "-tnH", "state", "established", f"( sport = :{stack.ssh_port} )").stdout
+            assert net.node_ip in conns, conns
+            hub.stop(user)
     finally:
         decoy.close()
-        stack.stop()
-        _collect_logs(stack, "e2e-slurm-netns-logs")

@@ -31,8 +31,8 @@ from broker.limits import AdmissionControl
 from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.store import SessionStore
 
+from harness import Harness
 from reliability import record
-from test_tunnel_security import Harness
 
 pytestmark = pytest.mark.asyncio
 
@@ -143,7 +143,7 @@ class FairHarness(Harness):
         with pytest.raises(asyncssh.PermissionDenied):
             await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), username=session_id,
                                    password="enrol wrong-secret ssh-ed25519 AAAA", client_keys=None,
-                                   preferred_auth="password", **self._opts())
+                                   preferred_auth="password", **self.ssh_options())
 
     async def spawn_asyncssh_agent(self, source: str, user: str) -> tuple[float, asyncssh.SSHClientConnection]:
         """Register a session, then behave like its agent from *source*: enrol, forward the
@@ -154,7 +154,7 @@ class FairHarness(Harness):
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
         conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), username=session.id,
                                       password=f"enrol {secret} {pub}", client_keys=None, preferred_auth="password",
-                                      **self._opts())
+                                      **self.ssh_options())
         await conn.forward_remote_port_to_path("127.0.0.1", 0, await self.serve_unix(f"nb-{user}"))
         _, writer = await conn.open_connection(CONTROL_HOST, CONTROL_PORT)
         writer.write(b'{"type": "ready"}\n')

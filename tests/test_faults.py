@@ -21,17 +21,14 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import ARTIFACTS, tool_path, wait_until
 from e2e import Hub, alive
+from harness import running_stack, tool_path, wait_until
 from reliability import NodeNetwork, have_netns, record, size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -42,27 +39,12 @@ FAST_AGENT = (
 )
 
 
-def _save_logs(stack: Stack, name: str) -> None:
-    dest = os.path.join(ARTIFACTS, name)
-    os.makedirs(dest, exist_ok=True)
-    for log in glob.glob(os.path.join(stack.logs, "*.log")):
-        subprocess.run(["cp", log, dest])
-    for out in glob.glob(os.path.join(stack.workdir, "spool", "*", "output.log")):
-        subprocess.run(["cp", out, os.path.join(dest, f"job-{out.split(os.sep)[-2]}.log")])
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    s = Stack(str(tmp_path_factory.mktemp("faults")), poll_interval=2, reconcile_interval=1.0,
-              extra_broker_args=["--BrokerApp.keepalive_interval=2", "--BrokerApp.keepalive_count_max=3"],
-              extra_hub_config=FAST_AGENT)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        _save_logs(s, "faults-logs")
+def stack_options():
+    """The module's ``stack`` (conftest.py)."""
+    return dict(name="faults", logs="faults-logs", poll_interval=2, reconcile_interval=1.0,
+                extra_broker_args=["--Broker.keepalive_interval=2", "--Broker.keepalive_count_max=3"],
+                extra_hub_config=FAST_AGENT)
 
 
 @pytest.fixture(scope="module")
@@ -291,24 +273,22 @@ def test_broker_sigterm_during_large_transfer_is_graceful(hub, stack):
 def node_stack(tmp_path_factory):
     if not have_netns():
         pytest.skip("needs root and `ip netns`")
-    os.environ["PATH"] = tool_path()
     net = NodeNetwork(7).create()
     keepalive, count = 1, 3
-    s = Stack(str(tmp_path_factory.mktemp("netcut")), poll_interval=2, reconcile_interval=1.0,
-              broker_ssh_host=net.hub_ip,
-              extra_broker_args=[f"--BrokerApp.keepalive_interval={keepalive}",
-                                 f"--BrokerApp.keepalive_count_max={count}"],
-              extra_hub_config=FAST_AGENT + "c.LocalBrokerSpawner.agent_command = "
-              + repr(" ".join(net.prefix()) + " node-agent run --") + "\n")
-    s.net = net  # type: ignore[attr-defined]
-    s.keepalive_bound = keepalive * (count + 1)  # type: ignore[attr-defined]
     try:
-        s.start()
-        yield s
+        with running_stack(str(tmp_path_factory.mktemp("netcut")), path=tool_path(), logs="netcut-logs",
+                           poll_interval=2, reconcile_interval=1.0, broker_ssh_host=net.hub_ip,
+                           extra_broker_args=[f"--Broker.keepalive_interval={keepalive}",
+                                              f"--Broker.keepalive_count_max={count}"],
+                           extra_hub_config=FAST_AGENT + "c.LocalBrokerSpawner.agent_command = "
+                           + repr(" ".join(net.prefix()) + " node-agent run --") + "\n") as s:
+            s.net = net  # type: ignore[attr-defined]
+            s.keepalive_bound = keepalive * (count + 1)  # type: ignore[attr-defined]
+            try:
+                yield s
+            finally:
+                net.link(True)  # before the stack stops
     finally:
-        net.link(True)
-        s.stop()
-        _save_logs(s, "netcut-logs")
         net.destroy()
 
 

@@ -26,16 +26,16 @@ import time
 import asyncssh
 import pytest
 import pytest_asyncio
+from jupyterhub.utils import url_escape_path
 
 from broker import log as broker_log
 from broker.core import Broker
 from broker.limits import AdmissionControl
 from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.store import SessionStore
-from jupyterhub.utils import url_escape_path
 
+from harness import HUB_API_PING, Harness, echo_server
 from reliability import record, rss_kib, size
-from test_tunnel_security import HUB_API_PING, Harness, _echo_server, _http_get
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,7 +58,7 @@ async def _hold_server() -> asyncio.base_events.Server:
 
 class HostileHarness(Harness):
     async def connect_from(self, source: str, **kw):
-        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), **self._opts(**kw))
+        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), **self.ssh_options(**kw))
 
 
 @pytest_asyncio.fixture
@@ -67,7 +67,7 @@ async def make_broker(tmp_path):
     made = []
 
     async def make(hub_server=None, **admission_kw) -> HostileHarness:
-        hub = hub_server or await _echo_server()
+        hub = hub_server or await echo_server()
         store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
         broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
                         hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]), chp=None,
@@ -217,7 +217,7 @@ def _raw(port: int, payload: bytes, timeout: float = 10.0) -> tuple[bytes, float
                 if not chunk:
                     break
                 got += chunk
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return got, time.monotonic() - t0
 
@@ -355,8 +355,8 @@ async def test_slowloris_from_one_source_is_throttled_and_does_not_block_another
     assert enrol_s < 2
     assert h.broker.get(session.id).state == "connected"
     # throttled: about one admission per second, each replacing the oldest admitted idle one
-    waiting = [r for (r, _), st in zip(idle, seen) if st == "nothing"]
-    admitted = [r for (r, _), st in zip(idle, seen) if st == "banner"]
+    waiting = [r for (r, _), st in zip(idle, seen, strict=False) if st == "nothing"]
+    admitted = [r for (r, _), st in zip(idle, seen, strict=False) if st == "banner"]
     later = await asyncio.gather(*[_observe(r, 2.5) for r in waiting])
     rotated = later.count("banner") + later.count("evicted")
     assert 1 <= rotated <= 6, later
@@ -365,7 +365,7 @@ async def test_slowloris_from_one_source_is_throttled_and_does_not_block_another
     assert ad.admitted(ATTACKER) == per_source  # (none has reached the login timeout yet)
     # the login timeout (and the same longest wait) ends everything else
     t0 = time.monotonic()
-    open_ones = [r for (r, _), st in zip(idle, seen) if st in ("banner", "nothing")]
+    open_ones = [r for (r, _), st in zip(idle, seen, strict=False) if st in ("banner", "nothing")]
     assert all(await asyncio.gather(*[_closed_soon(r, login_timeout + 3) for r in open_ones]))
     record("slowloris", idle_connections=n, admitted=per_source, waiting=room,
            evicted_at_once=seen.count("closed"), admissions_in_2_5s=rotated, honest_enrol_s=round(enrol_s, 3),
@@ -421,11 +421,11 @@ async def test_total_preauth_cap_queues_instead_of_refusing(make_broker):
     first = await asyncio.gather(*[_banner_soon(r, 3.0) for r, _ in conns])  # (silent: deferred ~1 s)
     assert sum(first) == 20, "exactly max_preauth_total connections get a banner"
     assert h.broker.admission.preauth_total == 20
-    waiting = [(r, w) for (r, w), got in zip(conns, first) if not got]
+    waiting = [(r, w) for (r, w), got in zip(conns, first, strict=False) if not got]
     assert not any([await _closed_soon(r, 0.2) for r, _ in waiting]), "the excess waits; it is not refused"
     assert h.broker.admission.refused_total == 0
     # the first 20 go away: the waiting 20 are accepted and get their banner
-    for (_, w), got in zip(conns, first):
+    for (_, w), got in zip(conns, first, strict=False):
         if got:
             w.close()
     later = await asyncio.gather(*[_banner_soon(r, 5.0) for r, _ in waiting])
@@ -473,7 +473,7 @@ async def test_repeated_auth_failures_throttle_the_source(make_broker):
     done = await asyncio.gather(*[timed() for _ in range(4)])
     assert [o for o, _ in done] == ["denied"] * 4
     at = sorted(t for _, t in done)
-    gaps = [b - a for a, b in zip(at, at[1:])]
+    gaps = [b - a for a, b in zip(at, at[1:], strict=False)]
     assert all(g >= 0.4 for g in gaps), at  # throttle interval 1 s jittered x[0.5, 1.5]
     assert at[-1] <= 3 * 1.5 + 1.5, at
     # another source is not affected: the honest agent enrols (from 127.0.0.1) at once
@@ -502,7 +502,7 @@ async def test_many_attempts_on_one_connection_are_cut_off(make_broker):
 
     with pytest.raises((asyncssh.PermissionDenied, asyncssh.ConnectionLost, asyncssh.DisconnectError)):
         await asyncssh.connect("127.0.0.1", h.broker.ssh_port, username=session.id, client_factory=Client,
-                               client_keys=None, preferred_auth="password", **h._opts())
+                               client_keys=None, preferred_auth="password", **h.ssh_options())
     assert attempts <= 7
 
 

@@ -9,7 +9,7 @@ Two layers:
   (which headers, how many requests, which bodies). The agent's relay is
   :class:`broker.hubrelay.FilteredRelay`, the class ``node-agent run`` uses, attached to a real
   enrolled SSH connection.
-- *End to end*: the project's :class:`hub_plugin.demo.Stack` (real JupyterHub, real
+- *End to end*: the project's :class:`devstack.stack.Stack` (real JupyterHub, real
   configurable-http-proxy, ``broker serve``, a real ``node-agent run`` in a local batch job and a
   real jupyterhub-singleuser) with ``RemoteUserAuthenticator`` set up the way
   ``examples/shibboleth/`` does it (the "SP" is 127.0.0.2). The forged Shibboleth login is sent
@@ -24,11 +24,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import datetime
-import glob
 import http.client
 import json
 import os
-import subprocess
 import time
 from http.cookies import SimpleCookie
 
@@ -37,16 +35,16 @@ import pytest
 import pytest_asyncio
 import requests
 from aiohttp import web
-from conftest import ARTIFACTS, tool_path, wait_until
-from e2e import Hub, request
-from test_tunnel_security import Harness
 
 from broker.core import Broker
 from broker.hubapi import HubApiPolicy
 from broker.hubrelay import FilteredRelay
 from broker.store import SessionStore
 from broker.tunnel import Tunnel
-from hub_plugin.demo import Stack
+from devstack.stack import Stack
+
+from e2e import Hub, request
+from harness import Harness, running_stack, tool_path, wait_until
 
 FORGED = {"X-Forwarded-For": "127.0.0.2", "X-Remote-User": "boss@uni.example"}
 SP_ADDR = "127.0.0.2"
@@ -332,18 +330,10 @@ USER = "alice"
 
 @pytest.fixture(scope="module")
 def shib_stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    s = Stack(str(tmp_path_factory.mktemp("hubapi") / "stack"), extra_hub_config=SHIB_CONFIG, poll_interval=2)
-    try:
-        s.start()
+    with running_stack(str(tmp_path_factory.mktemp("hubapi") / "stack"), path=tool_path(), logs="hubapi-relay-logs",
+                       extra_hub_config=SHIB_CONFIG, poll_interval=2) as s:
         Hub(s).spawn(USER)
         yield s
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "hubapi-relay-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")) + glob.glob(os.path.join(s.workdir, "spool", "*", "output.log")):
-            subprocess.run(["cp", log, os.path.join(dest, log.replace(s.workdir, "").strip("/").replace("/", "_"))], check=False)
 
 
 def _server_env(stack: Stack) -> dict[str, str]:
@@ -460,7 +450,7 @@ def test_forged_login_over_a_raw_channel_is_refused_by_the_broker(shib_stack):
     probes = [(p, FORGED if forge else {}) for p, forge in PROBES]
     probes += [("/hub/api/", {}), ("/hub/api/user", {"Authorization": f"token {token}", **FORGED})]
     results = asyncio.run(_raw_channel(shib_stack, probes))
-    for (path, _), (code, cookies, _) in zip(probes[:len(PROBES)], results):
+    for (path, _), (code, cookies, _) in zip(probes[:len(PROBES)], results, strict=False):
         assert (path, code, cookies) == (path, 403, [])
     version, user_model = results[len(PROBES):]
     assert version[0] == 200 and "version" in json.loads(version[2])

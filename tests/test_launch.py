@@ -3,7 +3,6 @@
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,8 @@ import pytest
 
 from node_agent import hpc_config as hc
 from node_agent import launch as la
+
+from apptainer_image import ensure_apptainer
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-value-that-must-not-leak"
@@ -484,23 +485,10 @@ def test_overlay_created_and_busy_falls_back_to_readonly(tmp_path):
 
 # ---- real Apptainer ------------------------------------------------------------------------
 
-def _ensure_apptainer():
-    if shutil.which("apptainer") is None and os.geteuid() == 0 and \
-            os.environ.get("NODE_AGENT_TEST_INSTALL_APPTAINER", "1") == "1":
-        t0 = time.monotonic()
-        r = subprocess.run(["bash", str(REPO / "scripts" / "install-apptainer.sh")],
-                           capture_output=True, text=True, timeout=900)
-        print(f"install-apptainer.sh: exit {r.returncode} in {time.monotonic() - t0:.1f}s")
-    if shutil.which("apptainer") is None:
-        pytest.skip("apptainer is not installed (run scripts/install-apptainer.sh as root)")
-    r = subprocess.run(["apptainer", "version"], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"apptainer does not run here: {r.stderr.strip()[:200]}")
-
 
 @pytest.fixture(scope="session")
 def tiny_image(tmp_path_factory):
-    _ensure_apptainer()
+    ensure_apptainer()
     out = tmp_path_factory.mktemp("tiny") / "tiny.sif"
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(REPO / "singularity" / "tiny" / "build.py"),

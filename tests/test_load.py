@@ -8,19 +8,16 @@ read from /proc/<broker pid>/status before and after.
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import socket
-import subprocess
 import threading
 import time
 
 import aiohttp
 import pytest
 
-from hub_plugin.demo import Stack
+from devstack.stack import Stack
 
-from conftest import ARTIFACTS, tool_path
 from e2e import Hub
 from reliability import record, rss_kib, size
 
@@ -28,18 +25,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    s = Stack(str(tmp_path_factory.mktemp("load")), poll_interval=10, reconcile_interval=2.0)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "load-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")):
-            subprocess.run(["cp", log, dest])
+def stack_options():
+    """The module's ``stack`` (conftest.py)."""
+    return dict(name="load", logs="load-logs", poll_interval=10, reconcile_interval=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_broker_app import Served
+from broker_cli import Served
 
 
 def test_every_line_is_json_with_session_context(tmp_path):

@@ -21,7 +21,7 @@ from broker.core import Broker
 from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.store import SessionStore
 
-from test_tunnel_security import Harness, _echo_server, _http_get
+from harness import Harness, echo_server, http_get
 
 pytestmark = pytest.mark.asyncio
 
@@ -55,7 +55,7 @@ def val(m: dict, name: str, **labels) -> float:
 
 @pytest_asyncio.fixture
 async def env(tmp_path):
-    echo = await _echo_server()
+    echo = await echo_server()
     store = SessionStore(str(tmp_path / "broker.sqlite"))
     broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
                     hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=None,
@@ -143,7 +143,7 @@ async def test_metrics_follow_sessions_agents_bytes_failures(env):
 
     # traffic through the tunnel: the byte counters follow the store's flushed counters
     for _ in range(3):
-        status, body = await _http_get(s1.port, "/user/zoe/" + "x" * 1000)
+        status, body = await http_get(s1.port, "/user/zoe/" + "x" * 1000)
         assert status == 200
     await asyncio.sleep(0.6)  # > counters_flush_interval
     m = await env.metrics()

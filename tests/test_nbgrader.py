@@ -5,7 +5,7 @@ options is bound into a student's Apptainer container, together with
 The container is started with exactly the argv ``node_agent.launch.build_container_argv``
 builds (``apptainer exec --contain --pid --home ... --bind EXCHANGE:/srv/nbgrader/exchange:rw
 --bind CONFIG:/etc/jupyter/nbgrader_config.py:ro ... IMAGE CMD``) - no hub stack is needed to
-test the file flow. The image is the one of ``test_e2e_apptainer`` (tiny SIF + the test's
+test the file flow. The image is tests/apptainer_image.py's (tiny SIF + the test's
 Python bound read-only at the same path).
 
 * ``test_exchange_files_through_container``: nbgrader's on-disk layout by hand, no nbgrader
@@ -35,7 +35,7 @@ import pytest
 from node_agent import hpc_config as hc
 from node_agent import launch as la
 
-from test_e2e_apptainer import REPO, build_image, ensure_apptainer, python_binds, tmp_bind_workdir
+from apptainer_image import REPO, build_image, ensure_apptainer, python_binds, tmp_bind_workdir
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(400)]
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 from http.cookies import SimpleCookie
 
 import pytest
 
-from hub_plugin.demo import Stack
-
-from conftest import tool_path
+from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -28,17 +25,13 @@ HEADER = "X-Remote-User"
 
 @pytest.fixture(scope="module")
 def shib_stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
     work = tmp_path_factory.mktemp("shib")
-    s = Stack(str(work / "stack"), extra_hub_config=(
+    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
         "c.JupyterHub.authenticator_class = 'hub_plugin.auth_header.RemoteUserAuthenticator'\n"
         f"c.RemoteUserAuthenticator.header_name = {HEADER!r}\n"
         f"c.RemoteUserAuthenticator.trusted_proxies = ['{SP_ADDR}/32']\n"
-        "c.RemoteUserAuthenticator.identity_regex = r'(?P<username>[a-z0-9][a-z0-9._-]*)@uni\\.example'\n"))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+        "c.RemoteUserAuthenticator.identity_regex = r'(?P<username>[a-z0-9][a-z0-9._-]*)@uni\\.example'\n")) as s:
+        yield s
 
 
 def get(stack, path, headers=None, source=None, cookies=None):

@@ -27,7 +27,6 @@ import pytest_asyncio
 
 from hub_plugin.remote import LocalRunner, LoginNodeRunner, RunnerError
 from hub_plugin.slurm_poller import GONE, SlurmJobPoller, SlurmQueryError
-from sshd import sshd  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.asyncio
 slurm = pytest.mark.slurm

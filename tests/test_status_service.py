@@ -6,23 +6,19 @@ through the shared-password form in a cookie-keeping HTTP client, then open
 
 from __future__ import annotations
 
-import glob
 import http.cookiejar
-import os
 import re
 import secrets
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from hub_plugin.demo import Stack, free_port
+from devstack.stack import free_port
 
-from conftest import ARTIFACTS, tool_path
 from e2e import Hub
+from harness import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -48,20 +44,10 @@ c.JupyterHub.load_roles.append({{"name": "user", "scopes": ["self", "access:serv
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    os.environ["PATH"] = tool_path()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    s = Stack(str(tmp_path_factory.mktemp("stack")), poll_interval=2, reconcile_interval=1.0,
-              extra_hub_config=SERVICE_CONFIG.format(port=free_port(), repo=repo, admin_password=ADMIN_PASSWORD))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-        dest = os.path.join(ARTIFACTS, "status-service-logs")
-        os.makedirs(dest, exist_ok=True)
-        for log in glob.glob(os.path.join(s.logs, "*.log")):
-            subprocess.run(["cp", log, dest])
+def stack_options():
+    """The module's ``stack`` (conftest.py): the status service from docs/admin.md's config."""
+    return dict(name="stack", logs="status-service-logs", poll_interval=2, reconcile_interval=1.0,
+                extra_hub_config=SERVICE_CONFIG.format(port=free_port(), repo=REPO, admin_password=ADMIN_PASSWORD))
 
 
 class Browser:

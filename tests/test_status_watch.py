@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 import pexpect
 import pytest
 
-from test_broker_app import TOKEN, Served, clean_env
+from broker_cli import TOKEN, Served, clean_env
 
 
 @pytest.fixture

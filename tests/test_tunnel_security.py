@@ -11,117 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import urllib.request
 
 import aiohttp
 import asyncssh
 import pytest
-import pytest_asyncio
+from jupyterhub.utils import url_escape_path
+from traitlets.config import Config
 
 from broker.core import Broker
 from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.proxy import ChpClient
 from broker.store import SessionStore
-from jupyterhub.utils import url_escape_path
-from traitlets.config import Config
 
-from conftest import Chp
+from harness import HUB_API_PING, Chp, Harness, echo_server, http_get
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _unix_http_server(path: str) -> asyncio.base_events.Server:
-    """Answers every request with 200 and the request path as the body."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
-            while (await reader.readline()) not in (b"\r\n", b""):
-                pass
-            target = line.split()[1] if len(line.split()) > 1 else b"/"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(target), target))
-            await writer.drain()
-        finally:
-            writer.close()
-
-    return await asyncio.start_unix_server(handle, path)
-
-
-#: A hub-API request the broker's HTTP filter passes unchanged (broker/hubapi.py); raw bytes that
-#: are not HTTP get 400 from the broker and never reach the hub.
-HUB_API_PING = b"GET /hub/api/ HTTP/1.1\r\nHost: hub\r\n\r\n"
-
-
-async def _echo_server() -> asyncio.base_events.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await reader.read(1024)
-        writer.write(b"hub-api:" + data)
-        await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
-class Harness:
-    def __init__(self, broker: Broker, tmp: str):
-        self.broker = broker
-        self.tmp = tmp
-
-    async def session(self, user: str = "zoe", routespec: str | None = None):
-        return await self.broker.create_session(user, "", routespec or f"/user/{url_escape_path(user)}/")
-
-    def _opts(self, **kw):
-        host_key = self.broker.host_key.convert_to_public()
-        return dict(known_hosts=([host_key], [], []), agent_path=None, config=None, **kw)
-
-    async def enrol(self, session_id: str, secret: str, key: asyncssh.SSHKey | None = None):
-        key = key or asyncssh.generate_private_key("ssh-ed25519")
-        pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
-                                      password=f"enrol {secret} {pub}", client_keys=None,
-                                      preferred_auth="password", **self._opts())
-        return conn, key
-
-    async def reconnect(self, session_id: str, key: asyncssh.SSHKey):
-        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
-                                      client_keys=[key], preferred_auth="publickey", **self._opts())
-
-    async def serve_unix(self, name: str) -> str:
-        path = os.path.join(self.tmp, f"{name}.sock")
-        self.servers.append(await _unix_http_server(path))
-        return path
-
-    servers: list = []
-
-
-@pytest_asyncio.fixture
-async def harness(tmp_path):
-    echo = await _echo_server()
-    store = SessionStore(str(tmp_path / "broker.sqlite"))
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                    hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=None,
-                    keepalive_interval=0, login_timeout=10)
-    await broker.start()
-    h = Harness(broker, str(tmp_path))
-    h.servers = []
-    h.hub_api_port = echo.sockets[0].getsockname()[1]
-    yield h
-    await broker.stop()
-    for s in h.servers:
-        s.close()
-    echo.close()
-    store.close()
-
-
-async def _http_get(port: int, path: str = "/x") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 async def test_enrolled_agent_carries_hub_side_traffic_and_hub_api(harness):
@@ -130,7 +35,7 @@ async def test_enrolled_agent_carries_hub_side_traffic_and_hub_api(harness):
     sock = await harness.serve_unix("nb")
     listener = await conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
     assert listener.get_port() == session.port  # the broker chose the port, not the agent
-    status, body = await _http_get(session.port, "/user/zoe/api")
+    status, body = await http_get(session.port, "/user/zoe/api")
     assert (status, body) == (200, b"/user/zoe/api")
     reader, writer = await conn.open_connection("127.0.0.1", harness.hub_api_port)
     writer.write(HUB_API_PING)
@@ -186,7 +91,7 @@ async def test_no_credentials_refused(harness):
     session, _ = await harness.session()
     with pytest.raises(asyncssh.PermissionDenied):
         await asyncssh.connect("127.0.0.1", harness.broker.ssh_port, username=session.id, client_keys=None,
-                               password=None, **harness._opts())
+                               password=None, **harness.ssh_options())
 
 
 @pytest.mark.parametrize("host,port", [("127.0.0.1", 8083), ("0.0.0.0", 0), ("", 0), ("::", 0), ("10.0.0.1", 0)])
@@ -252,7 +157,7 @@ async def test_garbage_on_control_channel_closes_only_that_connection(harness):
     _, writer = await conn_a.open_connection(CONTROL_HOST, CONTROL_PORT)
     writer.write(b"\xff\xfe not json at all\n")
     await asyncio.wait_for(conn_a.wait_closed(), 5)
-    status, _ = await _http_get(b.port)
+    status, _ = await http_get(b.port)
     assert status == 200
     assert harness.broker.get(b.id).agent_connected
     conn_b.close()
@@ -288,7 +193,7 @@ async def test_port_is_stable_across_agent_reconnects(harness):
     conn2 = await harness.reconnect(session.id, key)
     l2 = await conn2.forward_remote_port_to_path("127.0.0.1", 0, sock)
     assert l1.get_port() == l2.get_port() == session.port
-    assert (await _http_get(session.port))[0] == 200
+    assert (await http_get(session.port))[0] == 200
     conn2.close()
 
 
@@ -298,7 +203,7 @@ async def test_hub_side_connection_waits_for_a_reconnecting_agent(harness):
     conn, key = await harness.enrol(session.id, secret)
     conn.close()
     await conn.wait_closed()
-    pending = asyncio.ensure_future(_http_get(session.port, "/during-reconnect"))
+    pending = asyncio.ensure_future(http_get(session.port, "/during-reconnect"))
     await asyncio.sleep(0.3)
     conn2 = await harness.reconnect(session.id, key)
     await conn2.forward_remote_port_to_path("127.0.0.1", 0, sock)
@@ -312,7 +217,7 @@ USERNAMES = ["zoe", "50fia", "秀樹", "~TestJH", "has@"]
 async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
     """Each name: a session, an agent tunnel, a CHP route published by the broker, a GET through CHP."""
     proxy = Chp().start()
-    echo = await _echo_server()
+    echo = await echo_server()
     store = SessionStore(str(tmp_path / "b.sqlite"))
     broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
                     hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=ChpClient(proxy.api_url, proxy.token),

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_plugin.demo import free_port, wait_http
+from devstack.stack import free_port, wait_http
 from node_agent import hpc_config as hc
 from node_agent import launch as la
 
@@ -339,7 +339,7 @@ def _read(path: Path) -> str:
 
 @pytest.mark.apptainer
 def test_real_davfs_mount_bound_into_container(tmp_path, dav_server):
-    from test_e2e_apptainer import build_image, ensure_apptainer
+    from apptainer_image import build_image, ensure_apptainer
 
     ensure_apptainer()
     image = build_image(tmp_path / "image" / "img.sif")

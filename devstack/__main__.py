@@ -1,0 +1,7 @@
+"""``python -m devstack``: the local demo (:func:`devstack.demo.main`)."""
+
+import sys
+
+from .demo import main
+
+sys.exit(main())
