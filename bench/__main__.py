@@ -63,12 +63,19 @@ def machine() -> dict[str, Any]:
                 mem = int(line.split()[1])
     versions = {p: version(p) for p in ("asyncssh", "aiohttp", "jupyterhub", "jupyter_server", "cryptography")}
     return {
-        "nproc": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem / 1024 / 1024, 1),
-        "kernel": platform.release(), "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
-        "python": platform.python_version(), **versions,
-        "openssh": _cmd(["ssh", "-V"]), "node": _cmd(["node", "--version"]),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_gib": round(mem / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": platform.python_version(),
+        **versions,
+        "openssh": _cmd(["ssh", "-V"]),
+        "node": _cmd(["node", "--version"]),
         "configurable_http_proxy": _cmd([chp_binary(), "--version"]),
-        "wrk": ("wrk " + (re.findall(r"\d+\.\d+\.\d+", _cmd(["wrk", "--version"])) or ["?"])[0]) if shutil.which("wrk") else "not installed (asyncio client used)",
+        "wrk": ("wrk " + (re.findall(r"\d+\.\d+\.\d+", _cmd(["wrk", "--version"])) or ["?"])[0])
+        if shutil.which("wrk")
+        else "not installed (asyncio client used)",
     }
 
 
@@ -81,15 +88,24 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     t = res.get("tunnel")
     if t:
         for p in PATHS:
-            for k in ("download_mb_s", "upload_mb_s", "keepalive_p50_ms", "keepalive_p99_ms", "newconn_p50_ms", "rps_32"):
+            for k in (
+                "download_mb_s",
+                "upload_mb_s",
+                "keepalive_p50_ms",
+                "keepalive_p99_ms",
+                "newconn_p50_ms",
+                "rps_32",
+            ):
                 s[f"{p}_{k}"] = t[p][k]
         d, o, u = t["direct"], t["openssh"], t["tunnel"]
         s["tunnel_download_ratio_vs_openssh"] = _ratio(u["download_mb_s"], o["download_mb_s"])
         s["tunnel_upload_ratio_vs_openssh"] = _ratio(u["upload_mb_s"], o["upload_mb_s"])
-        s["tunnel_latency_added_ratio_vs_openssh"] = _ratio(u["keepalive_p50_ms"] - d["keepalive_p50_ms"],
-                                                            o["keepalive_p50_ms"] - d["keepalive_p50_ms"])
-        s["tunnel_newconn_added_ratio_vs_openssh"] = _ratio(u["newconn_p50_ms"] - d["newconn_p50_ms"],
-                                                            o["newconn_p50_ms"] - d["newconn_p50_ms"])
+        s["tunnel_latency_added_ratio_vs_openssh"] = _ratio(
+            u["keepalive_p50_ms"] - d["keepalive_p50_ms"], o["keepalive_p50_ms"] - d["keepalive_p50_ms"]
+        )
+        s["tunnel_newconn_added_ratio_vs_openssh"] = _ratio(
+            u["newconn_p50_ms"] - d["newconn_p50_ms"], o["newconn_p50_ms"] - d["newconn_p50_ms"]
+        )
         s["tunnel_rps_ratio_vs_openssh"] = _ratio(u["rps_32"], o["rps_32"])
         ct, co = t["chp_tunnel"], t["chp_openssh"]
         s["chp_tunnel_download_ratio_vs_chp_openssh"] = _ratio(ct["download_mb_s"], co["download_mb_s"])
@@ -98,7 +114,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     if sp:
         s["spawn_to_ready_local_median_s"] = sp["broker_local"]["median_s"]
         s["spawn_to_ready_localprocess_median_s"] = sp["localprocess"]["median_s"]
-        s["spawn_to_ready_ratio_vs_localprocess"] = _ratio(sp["broker_local"]["median_s"], sp["localprocess"]["median_s"])
+        s["spawn_to_ready_ratio_vs_localprocess"] = _ratio(
+            sp["broker_local"]["median_s"], sp["localprocess"]["median_s"]
+        )
     ss = res.get("spawn_slurm")
     if ss and "skipped" not in ss:
         s["spawn_to_ready_slurm_median_s"] = ss["broker_slurm"]["median_s"]
@@ -127,72 +145,126 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(out: dict[str, Any]) -> str:
     m, res, s = out["machine"], out["results"], out["summary"]
-    lines = [f"# Benchmark results ({out['date']})", "",
-             f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['mem_gib']} GiB RAM; {m['os']}, Linux {m['kernel']}; "
-             f"Python {m['python']}, asyncssh {m['asyncssh']}, aiohttp {m['aiohttp']}, JupyterHub {m['jupyterhub']}, "
-             f"jupyter_server {m['jupyter_server']}; {m['openssh']}; CHP {m['configurable_http_proxy']} on node {m['node']}; "
-             f"load generator: {m['wrk']}.", "",
-             f"Run: {out['args']['transfer_mib']} MiB transfers (best of {out['args']['rounds']}), "
-             f"{out['args']['keepalive_n']} keep-alive GETs, {out['args']['newconn_n']} new-connection GETs, "
-             f"{out['args']['rps_seconds']} s at 32 connections; wall time {out['wall_s']:.0f} s; "
-             f"load average (1/5/15 min) {out.get('loadavg_start')} at start, {out.get('loadavg_end')} at the end.", ""]
+    lines = [
+        f"# Benchmark results ({out['date']})",
+        "",
+        f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['mem_gib']} GiB RAM; {m['os']}, Linux {m['kernel']}; "
+        f"Python {m['python']}, asyncssh {m['asyncssh']}, aiohttp {m['aiohttp']}, JupyterHub {m['jupyterhub']}, "
+        f"jupyter_server {m['jupyter_server']}; {m['openssh']}; CHP {m['configurable_http_proxy']} on node {m['node']}; "
+        f"load generator: {m['wrk']}.",
+        "",
+        f"Run: {out['args']['transfer_mib']} MiB transfers (best of {out['args']['rounds']}), "
+        f"{out['args']['keepalive_n']} keep-alive GETs, {out['args']['newconn_n']} new-connection GETs, "
+        f"{out['args']['rps_seconds']} s at 32 connections; wall time {out['wall_s']:.0f} s; "
+        f"load average (1/5/15 min) {out.get('loadavg_start')} at start, {out.get('loadavg_end')} at the end.",
+        "",
+    ]
     t = res.get("tunnel")
     if t:
-        lines += ["## Tunnel (loopback)", "",
-                  "| path | download MB/s | upload MB/s | keep-alive GET p50 / p99 ms | new-conn GET p50 ms | req/s (32 conns) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## Tunnel (loopback)",
+            "",
+            "| path | download MB/s | upload MB/s | keep-alive GET p50 / p99 ms | new-conn GET p50 ms | req/s (32 conns) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for p in PATHS:
             r = t[p]
-            lines.append(f"| {p} | {r['download_mb_s']:.0f} | {r['upload_mb_s']:.0f} | {r['keepalive_p50_ms']:.2f} / "
-                         f"{r['keepalive_p99_ms']:.2f} | {r['newconn_p50_ms']:.2f} | {r['rps_32']:.0f} |")
+            lines.append(
+                f"| {p} | {r['download_mb_s']:.0f} | {r['upload_mb_s']:.0f} | {r['keepalive_p50_ms']:.2f} / "
+                f"{r['keepalive_p99_ms']:.2f} | {r['newconn_p50_ms']:.2f} | {r['rps_32']:.0f} |"
+            )
         lines += ["", "| ratio (tunnel vs OpenSSH `ssh -R`) | value |", "|---|---:|"]
-        for k in ("tunnel_download_ratio_vs_openssh", "tunnel_upload_ratio_vs_openssh", "tunnel_latency_added_ratio_vs_openssh",
-                  "tunnel_newconn_added_ratio_vs_openssh", "tunnel_rps_ratio_vs_openssh",
-                  "chp_tunnel_download_ratio_vs_chp_openssh", "chp_tunnel_rps_ratio_vs_chp_openssh"):
+        for k in (
+            "tunnel_download_ratio_vs_openssh",
+            "tunnel_upload_ratio_vs_openssh",
+            "tunnel_latency_added_ratio_vs_openssh",
+            "tunnel_newconn_added_ratio_vs_openssh",
+            "tunnel_rps_ratio_vs_openssh",
+            "chp_tunnel_download_ratio_vs_chp_openssh",
+            "chp_tunnel_rps_ratio_vs_chp_openssh",
+        ):
             lines.append(f"| {k} | {s[k]} |")
         lines.append("")
     sp = res.get("spawn")
     if sp:
-        lines += ["## Spawn to ready (local backend)", "", "| spawner | median s | min s | max s | runs |", "|---|---:|---:|---:|---|"]
-        for name, key in (("broker (LocalBrokerSpawner + node agent)", "broker_local"), ("JupyterHub LocalProcessSpawner", "localprocess")):
+        lines += [
+            "## Spawn to ready (local backend)",
+            "",
+            "| spawner | median s | min s | max s | runs |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name, key in (
+            ("broker (LocalBrokerSpawner + node agent)", "broker_local"),
+            ("JupyterHub LocalProcessSpawner", "localprocess"),
+        ):
             r = sp[key]
-            lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
+            lines.append(
+                f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |"
+            )
         lines += ["", f"spawn_to_ready_ratio_vs_localprocess: {s['spawn_to_ready_ratio_vs_localprocess']}", ""]
     ss = res.get("spawn_slurm")
     if ss and "skipped" not in ss:
-        lines += ["## Spawn to ready on Slurm (single-node, real)", "", "| spawner | median s | min s | max s | runs |", "|---|---:|---:|---:|---|"]
-        for name, key in (("SlurmBrokerSpawner (ours)", "broker_slurm"), ("batchspawner.SlurmSpawner (stock)", "batchspawner")):
+        lines += [
+            "## Spawn to ready on Slurm (single-node, real)",
+            "",
+            "| spawner | median s | min s | max s | runs |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name, key in (
+            ("SlurmBrokerSpawner (ours)", "broker_slurm"),
+            ("batchspawner.SlurmSpawner (stock)", "batchspawner"),
+        ):
             r = ss[key]
-            lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
+            lines.append(
+                f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |"
+            )
         lines += ["", f"spawn_ratio_vs_batchspawner: {s['spawn_ratio_vs_batchspawner']}", ""]
     elif ss:
         lines += ["## Spawn to ready on Slurm", "", f"skipped: {ss['skipped']}", ""]
     sq = res.get("squeue_load")
     if sq and "skipped" not in sq:
-        lines += [f"## Scheduler load ({sq['n_sessions']} sessions = held Slurm jobs, {sq['window_s']} s window)", "",
-                  "| model | squeue calls | per minute |", "|---|---:|---:|",
-                  f"| ours: one shared SlurmJobPoller, every {sq['ours_interval_s']} s | {sq['ours_squeue_calls']} | {sq['ours_per_min']} |",
-                  f"| batchspawner: 100 × SlurmSpawner.poll(), every {sq['batchspawner_poll_interval_s']} s each | {sq['batchspawner_squeue_calls']} | {sq['batchspawner_per_min']} |", ""]
+        lines += [
+            f"## Scheduler load ({sq['n_sessions']} sessions = held Slurm jobs, {sq['window_s']} s window)",
+            "",
+            "| model | squeue calls | per minute |",
+            "|---|---:|---:|",
+            f"| ours: one shared SlurmJobPoller, every {sq['ours_interval_s']} s | {sq['ours_squeue_calls']} | {sq['ours_per_min']} |",
+            f"| batchspawner: 100 × SlurmSpawner.poll(), every {sq['batchspawner_poll_interval_s']} s each | {sq['batchspawner_squeue_calls']} | {sq['batchspawner_per_min']} |",
+            "",
+        ]
     elif sq:
         lines += ["## Scheduler load", "", f"skipped: {sq['skipped']}", ""]
     for sc in res.get("scale_runs") or ([res["scale"]] if res.get("scale") else []):
         if "extrapolated_from" in sc:
             e = sc["extrapolated_from"]
-            lines += [f"## Scale: measured {e['n']} simulated agents, one broker", "", "| figure | value |", "|---|---:|",
-                      f"| sessions created through REST | {e['sessions_create_s']} s |",
-                      f"| all agents enrolled + forward granted ({e['client_processes']} client processes, concurrency {e['connect_concurrency']}) | {e['establish_s']} s |",
-                      f"| broker RSS idle → with {e['n']} agents | {e['broker_rss_idle_mib']} → {e['broker_rss_mib']} MiB ({e['rss_per_agent_kib']} KiB each; {e['broker_fds']} fds) |",
-                      f"| reconnect storm: broker restart → all agent_connected | {e['reconnect_storm_s']} s ({e['reconnect_storm_from_kill_s']} s from kill -9); {e['reconnected']}/{e['n']} back |",
-                      f"| broker RSS after the storm | {e['broker_rss_after_storm_mib']} MiB |", "",
-                      f"**Extrapolated to {sc['n']} (linear in N; {sc['why']}):** broker RSS {sc['broker_rss_mib']} MiB, "
-                      f"reconnect storm {sc['reconnect_storm_s']} s, establish {sc['establish_s']} s.", ""]
+            lines += [
+                f"## Scale: measured {e['n']} simulated agents, one broker",
+                "",
+                "| figure | value |",
+                "|---|---:|",
+                f"| sessions created through REST | {e['sessions_create_s']} s |",
+                f"| all agents enrolled + forward granted ({e['client_processes']} client processes, concurrency {e['connect_concurrency']}) | {e['establish_s']} s |",
+                f"| broker RSS idle → with {e['n']} agents | {e['broker_rss_idle_mib']} → {e['broker_rss_mib']} MiB ({e['rss_per_agent_kib']} KiB each; {e['broker_fds']} fds) |",
+                f"| reconnect storm: broker restart → all agent_connected | {e['reconnect_storm_s']} s ({e['reconnect_storm_from_kill_s']} s from kill -9); {e['reconnected']}/{e['n']} back |",
+                f"| broker RSS after the storm | {e['broker_rss_after_storm_mib']} MiB |",
+                "",
+                f"**Extrapolated to {sc['n']} (linear in N; {sc['why']}):** broker RSS {sc['broker_rss_mib']} MiB, "
+                f"reconnect storm {sc['reconnect_storm_s']} s, establish {sc['establish_s']} s.",
+                "",
+            ]
             continue
-        lines += [f"## Scale ({sc['n']} simulated agents, one broker)", "", "| figure | value |", "|---|---:|",
-                  f"| sessions created through REST | {sc['sessions_create_s']} s |",
-                  f"| all agents enrolled + forward granted (concurrency {sc['connect_concurrency']}) | {sc['establish_s']} s |",
-                  f"| broker RSS idle → with {sc['n']} agents | {sc['broker_rss_idle_mib']} → {sc['broker_rss_mib']} MiB ({sc['rss_per_agent_kib']} KiB each) |",
-                  f"| reconnect storm: broker restart → all agent_connected | {sc['reconnect_storm_s']} s ({sc['reconnect_storm_from_kill_s']} s from kill -9) |",
-                  f"| broker RSS after the storm | {sc['broker_rss_after_storm_mib']} MiB |", ""]
+        lines += [
+            f"## Scale ({sc['n']} simulated agents, one broker)",
+            "",
+            "| figure | value |",
+            "|---|---:|",
+            f"| sessions created through REST | {sc['sessions_create_s']} s |",
+            f"| all agents enrolled + forward granted (concurrency {sc['connect_concurrency']}) | {sc['establish_s']} s |",
+            f"| broker RSS idle → with {sc['n']} agents | {sc['broker_rss_idle_mib']} → {sc['broker_rss_mib']} MiB ({sc['rss_per_agent_kib']} KiB each) |",
+            f"| reconnect storm: broker restart → all agent_connected | {sc['reconnect_storm_s']} s ({sc['reconnect_storm_from_kill_s']} s from kill -9) |",
+            f"| broker RSS after the storm | {sc['broker_rss_after_storm_mib']} MiB |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -211,9 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     scales = sorted({int(x) for x in str(args.scale).split(",") if x.strip() and int(x) > 0})
     nbytes = (256 << 20) if args.quick and not args.full else (1 << 30)
-    params = {"transfer_mib": nbytes >> 20, "rounds": args.rounds, "keepalive_n": 1000, "newconn_n": 300,
-              "rps_seconds": 5, "scale": scales, "spawns": args.spawns,
-              "slurm_spawns": 0 if args.skip_slurm else args.slurm_spawns, "squeue_load": not (args.skip_slurm or args.skip_squeue), "rps_client": "wrk" if client.have_wrk() else "asyncio"}
+    params = {
+        "transfer_mib": nbytes >> 20,
+        "rounds": args.rounds,
+        "keepalive_n": 1000,
+        "newconn_n": 300,
+        "rps_seconds": 5,
+        "scale": scales,
+        "spawns": args.spawns,
+        "slurm_spawns": 0 if args.skip_slurm else args.slurm_spawns,
+        "squeue_load": not (args.skip_slurm or args.skip_squeue),
+        "rps_client": "wrk" if client.have_wrk() else "asyncio",
+    }
     # children find our packages and the venv's commands
     root = os.path.dirname(HERE)
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -232,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             log("tunnel: starting direct server, CHP, broker + node agent, sshd + ssh -R")
             tb = TunnelBench(tmp, procs, log)
             tb.setup()
-            results["tunnel"] = tb.run(nbytes, params["keepalive_n"], params["newconn_n"], params["rps_seconds"], args.rounds)
+            results["tunnel"] = tb.run(
+                nbytes, params["keepalive_n"], params["newconn_n"], params["rps_seconds"], args.rounds
+            )
             procs.stop_all()
         if args.spawns > 0:
             from . import spawn
@@ -255,9 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     finally:
         procs.stop_all()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "args": params, "results": results,
-           "summary": summarize(results), "wall_s": round(time.monotonic() - t_start, 1),
-           "loadavg_start": load_start, "loadavg_end": [round(x, 1) for x in os.getloadavg()]}
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": info,
+        "args": params,
+        "results": results,
+        "summary": summarize(results),
+        "wall_s": round(time.monotonic() - t_start, 1),
+        "loadavg_start": load_start,
+        "loadavg_end": [round(x, 1) for x in os.getloadavg()],
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)

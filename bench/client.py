@@ -116,8 +116,10 @@ def upload(port: int, prefix: str, nbytes: int) -> float:
     chunk = memoryview(b"\0" * BUF)
     try:
         t0 = time.perf_counter()
-        s.sendall(f"POST {prefix}upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-                  f"Content-Length: {nbytes}\r\n\r\n".encode())
+        s.sendall(
+            f"POST {prefix}upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {nbytes}\r\n\r\n".encode()
+        )
         left = nbytes
         while left:
             n = min(left, BUF)
@@ -138,8 +140,12 @@ def have_wrk() -> bool:
 
 
 def rps_wrk(port: int, prefix: str, conns: int, seconds: float) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds:g}s", "--latency",
-                          f"http://127.0.0.1:{port}{prefix}small"], capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{conns}", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{prefix}small"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     m = re.search(r"Requests/sec:\s*([\d.]+)", out)
     if not m:
         raise RuntimeError(f"wrk output not understood:\n{out}")
@@ -147,9 +153,12 @@ def rps_wrk(port: int, prefix: str, conns: int, seconds: float) -> dict[str, flo
     sock_errs = re.search(r"Socket errors:.*", out)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {"rps": float(m.group(1)), "non_2xx": int(errs.group(1)) if errs else 0,
-            "socket_errors": sock_errs.group(0) if sock_errs else "",
-            "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
+    return {
+        "rps": float(m.group(1)),
+        "non_2xx": int(errs.group(1)) if errs else 0,
+        "socket_errors": sock_errs.group(0) if sock_errs else "",
+        "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
+    }
 
 
 async def _rps_async(port: int, prefix: str, conns: int, seconds: float) -> dict[str, float]:

@@ -62,7 +62,7 @@ class HttpProtocol(asyncio.Protocol):
                     assert self.transport is not None
                     self.transport.close()
                 return
-            head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4:]
+            head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
             lines = head.split("\r\n")
             parts = lines[0].split()
             if len(parts) < 3:
@@ -98,12 +98,16 @@ class HttpProtocol(asyncio.Protocol):
     def _head(self, n: int) -> None:
         assert self.transport is not None
         extra = b"Connection: close\r\n" if self.close_after else b""
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n%s\r\n" % (n, extra))
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n%s\r\n" % (n, extra)
+        )
 
     def _respond(self, body: bytes) -> None:
         assert self.transport is not None
         extra = b"Connection: close\r\n" if self.close_after else b""
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+        )
         if self.close_after:
             self.transport.close()
 

@@ -34,8 +34,9 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = No
     raise TimeoutError(f"{what or port} did not listen within {timeout}s")
 
 
-def http_json(url: str, token: str = "", method: str = "GET", body: Any = None, scheme: str = "Bearer",
-              timeout: float = 60) -> tuple[int, Any]:
+def http_json(
+    url: str, token: str = "", method: str = "GET", body: Any = None, scheme: str = "Bearer", timeout: float = 60
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     headers = {"Authorization": f"{scheme} {token}"} if token else {}
     if data is not None:
@@ -51,8 +52,10 @@ def http_json(url: str, token: str = "", method: str = "GET", body: Any = None, 
 
 def chp_binary() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (shutil.which("configurable-http-proxy"),
-                 os.path.join(here, ".node/node_modules/.bin/configurable-http-proxy")):
+    for cand in (
+        shutil.which("configurable-http-proxy"),
+        os.path.join(here, ".node/node_modules/.bin/configurable-http-proxy"),
+    ):
         if cand and os.path.exists(cand):
             return cand
     raise RuntimeError("configurable-http-proxy not found (make chp installs it into .node/)")
@@ -69,12 +72,24 @@ class Procs:
         os.makedirs(logdir, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[Any]] = {}
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout_pipe: bool = False, cwd: str | None = None) -> subprocess.Popen[Any]:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        stdout_pipe: bool = False,
+        cwd: str | None = None,
+    ) -> subprocess.Popen[Any]:
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if stdout_pipe else log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else log,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = proc
         return proc
@@ -125,8 +140,15 @@ def rss_mib(pid: int) -> float:
 class BrokerProc:
     """A real `broker serve` subprocess with fixed ports (so a restart keeps them)."""
 
-    def __init__(self, procs: Procs, state_dir: str, proxy_api_url: str, proxy_token: str, name: str = "broker",
-                 extra: list[str] | None = None):
+    def __init__(
+        self,
+        procs: Procs,
+        state_dir: str,
+        proxy_api_url: str,
+        proxy_token: str,
+        name: str = "broker",
+        extra: list[str] | None = None,
+    ):
         self.procs = procs
         self.state_dir = state_dir
         self.name = name
@@ -145,11 +167,23 @@ class BrokerProc:
         url_file = os.path.join(self.state_dir, "api_url")
         if os.path.exists(url_file):
             os.unlink(url_file)
-        self.proc = self.procs.start(self.name, [
-            sys.executable, "-m", "broker.app", "serve", f"--BrokerApp.state_dir={self.state_dir}",
-            "--BrokerApp.ssh_host=127.0.0.1", f"--BrokerApp.ssh_port={self.ssh_port}",
-            f"--BrokerApp.api_port={self.api_port}", f"--BrokerApp.proxy_api_url={self.proxy_api_url}",
-            f"--BrokerApp.hub_api_url={self.hub_api_url}", *self.extra], env=env)
+        self.proc = self.procs.start(
+            self.name,
+            [
+                sys.executable,
+                "-m",
+                "broker.app",
+                "serve",
+                f"--BrokerApp.state_dir={self.state_dir}",
+                "--BrokerApp.ssh_host=127.0.0.1",
+                f"--BrokerApp.ssh_port={self.ssh_port}",
+                f"--BrokerApp.api_port={self.api_port}",
+                f"--BrokerApp.proxy_api_url={self.proxy_api_url}",
+                f"--BrokerApp.hub_api_url={self.hub_api_url}",
+                *self.extra,
+            ],
+            env=env,
+        )
         deadline = time.monotonic() + timeout
         while not os.path.exists(url_file):
             if self.proc.poll() is not None:
@@ -172,15 +206,30 @@ class ChpProc:
         self.api_url = f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> None:
-        proc = self.procs.start(self.name, [chp_binary(), "--ip", "127.0.0.1", "--port", str(self.port),
-                                            "--api-ip", "127.0.0.1", "--api-port", str(self.api_port),
-                                            "--log-level", "warn"],
-                                env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=self.token))
+        proc = self.procs.start(
+            self.name,
+            [
+                chp_binary(),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+                "--log-level",
+                "warn",
+            ],
+            env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=self.token),
+        )
         wait_port(self.api_port, 30, proc, "configurable-http-proxy")
         wait_port(self.port, 30, proc, "configurable-http-proxy")
 
     def add_route(self, prefix: str, target: str) -> None:
-        status, body = http_json(f"{self.api_url}/api/routes{prefix}", self.token, "POST", {"target": target}, scheme="token")
+        status, body = http_json(
+            f"{self.api_url}/api/routes{prefix}", self.token, "POST", {"target": target}, scheme="token"
+        )
         if status != 201:
             raise RuntimeError(f"CHP route {prefix}: {status} {body}")
 

@@ -28,7 +28,8 @@ import resource
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -77,14 +78,20 @@ async def _count_connected(session: aiohttp.ClientSession, broker: BrokerProc) -
 
 def _write_profile(raw: str, md: str, title: str) -> None:
     s = summarize_raw(raw, top=25)
-    lines = [f"# {title}", "", f"py-spy record --idle, event-loop thread, {s['samples']} samples; idle in epoll {s['idle_pct']}%", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"py-spy record --idle, event-loop thread, {s['samples']} samples; idle in epoll {s['idle_pct']}%",
+        "",
+    ]
     lines += profile_table(s)
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm_deadline: float,
-               profile_dir: str = "") -> dict[str, Any]:
+async def _run(
+    tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm_deadline: float, profile_dir: str = ""
+) -> dict[str, Any]:
     chp = ChpProc(procs, "chp-scale")
     chp.start()
     broker = BrokerProc(procs, os.path.join(tmp, "broker-scale"), chp.api_url, chp.token, name="broker-scale")
@@ -103,8 +110,11 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
         async def create(i: int) -> None:
             nonlocal host_key
             async with sem:
-                async with http.post(broker.url + "/api/sessions", headers=headers,
-                                     json={"user": f"sim{i}", "server_name": "", "routespec": f"/user/sim{i}/"}) as r:
+                async with http.post(
+                    broker.url + "/api/sessions",
+                    headers=headers,
+                    json={"user": f"sim{i}", "server_name": "", "routespec": f"/user/sim{i}/"},
+                ) as r:
                     body = await r.json()
                     if r.status != 201:
                         raise RuntimeError(f"create session: {r.status} {body}")
@@ -124,12 +134,29 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
         for w in range(n_workers):
             spec = os.path.join(tmp, f"scale-worker-{w}.json")
             with open(spec, "w") as f:
-                json.dump({"port": broker.ssh_port, "host_key": host_key, "concurrency": conc,
-                           "deadline_s": storm_deadline, "agents": creds[w * per:(w + 1) * per]}, f)
+                json.dump(
+                    {
+                        "port": broker.ssh_port,
+                        "host_key": host_key,
+                        "concurrency": conc,
+                        "deadline_s": storm_deadline,
+                        "agents": creds[w * per : (w + 1) * per],
+                    },
+                    f,
+                )
             errlog = open(os.path.join(procs.logdir, f"scale-worker-{w}.log"), "ab")
-            workers.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.scale_worker", spec, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=errlog, start_new_session=True))
+            workers.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "bench.scale_worker",
+                    spec,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=errlog,
+                    start_new_session=True,
+                )
+            )
             errlog.close()
 
         async def event(p: asyncio.subprocess.Process) -> dict[str, Any]:
@@ -146,8 +173,10 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
             await asyncio.sleep(1.0)
             rss1 = rss_mib(broker.proc.pid)
             fds1 = n_fds(broker.proc.pid)
-            log(f"  {n} agents ({n_workers} client processes, concurrency {conc * n_workers}) enrolled + forwarding in "
-                f"{t_est:.1f} s; {connected} connected; broker RSS {rss0:.0f} -> {rss1:.0f} MiB, fds {fds0} -> {fds1}")
+            log(
+                f"  {n} agents ({n_workers} client processes, concurrency {conc * n_workers}) enrolled + forwarding in "
+                f"{t_est:.1f} s; {connected} connected; broker RSS {rss0:.0f} -> {rss1:.0f} MiB, fds {fds0} -> {fds1}"
+            )
 
             # reconnect storm
             os.kill(broker.proc.pid, signal.SIGKILL)
@@ -160,7 +189,11 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
                 await p.stdin.drain()
             broker.start()
             t_up = time.monotonic()
-            spy = pyspy_record(broker.proc.pid, os.path.join(profile_dir, "broker-storm.txt"), 100) if profile_dir else None
+            spy = (
+                pyspy_record(broker.proc.pid, os.path.join(profile_dir, "broker-storm.txt"), 100)
+                if profile_dir
+                else None
+            )
             deadline = t_up + storm_deadline
             n_ok = 0
             while time.monotonic() < deadline:
@@ -176,11 +209,16 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
             storm_cpu = cpu_s(broker.proc.pid)
             if spy is not None:
                 pyspy_stop(spy)
-                _write_profile(os.path.join(profile_dir, "broker-storm.txt"), os.path.join(profile_dir, "storm.md"),
-                               f"broker during a reconnect storm of {n} agents ({t_all - t_up:.1f} s)")
+                _write_profile(
+                    os.path.join(profile_dir, "broker-storm.txt"),
+                    os.path.join(profile_dir, "storm.md"),
+                    f"broker during a reconnect storm of {n} agents ({t_all - t_up:.1f} s)",
+                )
             rec = await asyncio.gather(*(event(p) for p in workers))
             rss2 = rss_mib(broker.proc.pid)
-            log(f"  storm: {n_ok}/{n} agent_connected {t_all - t_up:.1f} s after restart ({t_all - t_kill:.1f} s after kill -9); RSS {rss2:.0f} MiB; broker CPU {storm_cpu:.0f} s")
+            log(
+                f"  storm: {n_ok}/{n} agent_connected {t_all - t_up:.1f} s after restart ({t_all - t_kill:.1f} s after kill -9); RSS {rss2:.0f} MiB; broker CPU {storm_cpu:.0f} s"
+            )
         finally:
             for p in workers:
                 if p.returncode is None and p.stdin is not None:
@@ -195,15 +233,27 @@ async def _run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], storm
                 except asyncio.TimeoutError:
                     p.kill()
                     await p.wait()
-    return {"n": n, "sessions_create_s": round(t_create, 2), "establish_s": round(t_est, 2),
-            "connect_concurrency": conc * n_workers, "client_processes": n_workers,
-            "source_addresses": "one per agent in 127.1.0.0/16 (admission control at its defaults, nothing exempt)",
-            "connected": connected, "broker_rss_idle_mib": round(rss0, 1), "broker_rss_mib": round(rss1, 1),
-            "broker_fds": fds1, "rss_per_agent_kib": round((rss1 - rss0) * 1024 / n, 1),
-            "reconnect_storm_s": round(t_all - t_up, 2), "reconnect_storm_from_kill_s": round(t_all - t_kill, 2),
-            "reconnected": n_ok, "broker_cpu_s_storm": round(storm_cpu, 1),
-            "loadavg_1min_after_storm": round(os.getloadavg()[0], 1), "broker_rss_after_storm_mib": round(rss2, 1),
-            "workers_established": est, "workers_reconnected": rec}
+    return {
+        "n": n,
+        "sessions_create_s": round(t_create, 2),
+        "establish_s": round(t_est, 2),
+        "connect_concurrency": conc * n_workers,
+        "client_processes": n_workers,
+        "source_addresses": "one per agent in 127.1.0.0/16 (admission control at its defaults, nothing exempt)",
+        "connected": connected,
+        "broker_rss_idle_mib": round(rss0, 1),
+        "broker_rss_mib": round(rss1, 1),
+        "broker_fds": fds1,
+        "rss_per_agent_kib": round((rss1 - rss0) * 1024 / n, 1),
+        "reconnect_storm_s": round(t_all - t_up, 2),
+        "reconnect_storm_from_kill_s": round(t_all - t_kill, 2),
+        "reconnected": n_ok,
+        "broker_cpu_s_storm": round(storm_cpu, 1),
+        "loadavg_1min_after_storm": round(os.getloadavg()[0], 1),
+        "broker_rss_after_storm_mib": round(rss2, 1),
+        "workers_established": est,
+        "workers_reconnected": rec,
+    }
 
 
 def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], profile_dir: str = "") -> dict[str, Any]:
@@ -214,25 +264,39 @@ def run(tmp: str, n: int, procs: Procs, log: Callable[[str], None], profile_dir:
     m = min(n, fit)
     storm_deadline = max(180.0, 0.05 * m)
     if m < n:
-        log(f"  RLIMIT_NOFILE hard limit {hard} (cannot be raised here) fits {m} agents (2 fds each): measuring N={m}, "
-            f"figures for {n} extrapolated linearly")
+        log(
+            f"  RLIMIT_NOFILE hard limit {hard} (cannot be raised here) fits {m} agents (2 fds each): measuring N={m}, "
+            f"figures for {n} extrapolated linearly"
+        )
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
     res = asyncio.run(_run(tmp, m, procs, log, storm_deadline, profile_dir))
     if m < n:
         measured = dict(res)
-        res = {"n": n, "extrapolated_from": measured,
-               "why": f"broker RLIMIT_NOFILE hard limit {hard} (no CAP_SYS_RESOURCE to raise it) allows {fit} sessions at 2 fds each",
-               "sessions_create_s": round(measured["sessions_create_s"] * n / m, 2),
-               "establish_s": round(measured["establish_s"] * n / m, 2),
-               "connect_concurrency": measured["connect_concurrency"],
-               "broker_rss_idle_mib": measured["broker_rss_idle_mib"],
-               "broker_rss_mib": round(measured["broker_rss_idle_mib"] + (measured["broker_rss_mib"] - measured["broker_rss_idle_mib"]) * n / m, 1),
-               "rss_per_agent_kib": measured["rss_per_agent_kib"],
-               "reconnect_storm_s": round(measured["reconnect_storm_s"] * n / m, 2),
-               "reconnect_storm_from_kill_s": round(measured["reconnect_storm_from_kill_s"] * n / m, 2),
-               "broker_rss_after_storm_mib": round(measured["broker_rss_idle_mib"] + (measured["broker_rss_after_storm_mib"] - measured["broker_rss_idle_mib"]) * n / m, 1),
-               "connected": measured["connected"], "reconnected": measured["reconnected"]}
+        res = {
+            "n": n,
+            "extrapolated_from": measured,
+            "why": f"broker RLIMIT_NOFILE hard limit {hard} (no CAP_SYS_RESOURCE to raise it) allows {fit} sessions at 2 fds each",
+            "sessions_create_s": round(measured["sessions_create_s"] * n / m, 2),
+            "establish_s": round(measured["establish_s"] * n / m, 2),
+            "connect_concurrency": measured["connect_concurrency"],
+            "broker_rss_idle_mib": measured["broker_rss_idle_mib"],
+            "broker_rss_mib": round(
+                measured["broker_rss_idle_mib"]
+                + (measured["broker_rss_mib"] - measured["broker_rss_idle_mib"]) * n / m,
+                1,
+            ),
+            "rss_per_agent_kib": measured["rss_per_agent_kib"],
+            "reconnect_storm_s": round(measured["reconnect_storm_s"] * n / m, 2),
+            "reconnect_storm_from_kill_s": round(measured["reconnect_storm_from_kill_s"] * n / m, 2),
+            "broker_rss_after_storm_mib": round(
+                measured["broker_rss_idle_mib"]
+                + (measured["broker_rss_after_storm_mib"] - measured["broker_rss_idle_mib"]) * n / m,
+                1,
+            ),
+            "connected": measured["connected"],
+            "reconnected": measured["reconnected"],
+        }
     return res
 
 

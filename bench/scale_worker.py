@@ -39,9 +39,15 @@ class SimAgent:
         self.enrolled = False
 
     async def connect(self) -> None:
-        opts: dict[str, Any] = dict(username=self.sid, known_hosts=([self.host_key], [], []), agent_path=None,
-                                    config=None, encryption_algs=["aes128-gcm@openssh.com"], connect_timeout=30,
-                                    local_addr=(self.src, 0))
+        opts: dict[str, Any] = dict(
+            username=self.sid,
+            known_hosts=([self.host_key], [], []),
+            agent_path=None,
+            config=None,
+            encryption_algs=["aes128-gcm@openssh.com"],
+            connect_timeout=30,
+            local_addr=(self.src, 0),
+        )
         if self.enrolled:
             opts.update(client_keys=[self.key], preferred_auth="publickey")
         else:
@@ -64,7 +70,7 @@ class SimAgent:
                 return True
             except (OSError, asyncssh.Error, asyncio.TimeoutError):
                 attempt += 1
-                await asyncio.sleep(random.uniform(0, min(2.0, 0.25 * 2 ** attempt)))
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.25 * 2**attempt)))
         return False
 
 

@@ -91,8 +91,9 @@ def bench_spawner(workdir: str, n: int, user: str, log: Callable[[str], None], *
     return _figures(times)
 
 
-def bench_interleaved(spawners: dict[str, tuple[str, dict[str, Any]]], n: int, user: str,
-                      log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+def bench_interleaved(
+    spawners: dict[str, tuple[str, dict[str, Any]]], n: int, user: str, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     """Both (all) hubs up at once; round r spawns with each in turn, rotating who goes first, so
     drift in machine load hits every spawner alike. *spawners*: name -> (workdir, Stack kwargs)."""
     stacks: dict[str, Stack] = {}
@@ -102,7 +103,7 @@ def bench_interleaved(spawners: dict[str, tuple[str, dict[str, Any]]], n: int, u
             stacks[name] = _start_stack(workdir, log, **kw)
         names = list(spawners)
         for r in range(n):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 dt = spawn_once(stacks[name], user)
                 times[name].append(round(dt, 3))
@@ -123,6 +124,12 @@ def run(tmp: str, n: int, log: Callable[[str], None]) -> dict[str, Any]:
     ours = bench_spawner(os.path.join(tmp, "stack-broker"), n, user, log)
     log("spawn-to-ready: JupyterHub LocalProcessSpawner")
     extra = f"c.Spawner.cmd = [{bin_path('jupyterhub-singleuser')!r}]\n"
-    stock = bench_spawner(os.path.join(tmp, "stack-localprocess"), n, user, log,
-                          spawner_class="jupyterhub.spawner.LocalProcessSpawner", extra_hub_config=extra)
+    stock = bench_spawner(
+        os.path.join(tmp, "stack-localprocess"),
+        n,
+        user,
+        log,
+        spawner_class="jupyterhub.spawner.LocalProcessSpawner",
+        extra_hub_config=extra,
+    )
     return {"user": user, "broker_local": ours, "localprocess": stock}

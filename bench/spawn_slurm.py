@@ -21,15 +21,15 @@ cannot be started.
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .spawn import bench_interleaved
 from .squeue_load import _real, slurm_up
-
-import pwd
 
 # batchspawner looks the user up in passwd (getpwnam) even with req_homedir set: both hubs spawn
 # for our own account; jobs run as it (no sudo / --uid on either side)
@@ -49,29 +49,43 @@ def run(tmp: str, n: int, log: Callable[[str], None]) -> dict[str, Any]:
         out = os.path.join(wd, "slurm-out")
         os.makedirs(out, exist_ok=True)
         os.chmod(out, 0o1777)
-        ours_cfg = "\n".join([
-            f"c.SlurmBrokerSpawner.req_job_name = {tag!r}",
-            f"c.SlurmBrokerSpawner.req_output_dir = {out!r}",
-            'c.SlurmBrokerSpawner.req_runtime = "30"',
-            "c.SlurmBrokerSpawner.req_walltime_warning = 120",
-        ])
+        ours_cfg = "\n".join(
+            [
+                f"c.SlurmBrokerSpawner.req_job_name = {tag!r}",
+                f"c.SlurmBrokerSpawner.req_output_dir = {out!r}",
+                'c.SlurmBrokerSpawner.req_runtime = "30"',
+                "c.SlurmBrokerSpawner.req_walltime_warning = 120",
+            ]
+        )
         ours_wd = wd
         wd = os.path.join(tmp, "stack-batchspawner")
         home = os.path.join(wd, "home")
         os.makedirs(home, exist_ok=True)
-        stock_cfg = "\n".join([
-            "c.SlurmSpawner.exec_prefix = ''",
-            "c.SlurmSpawner.req_srun = ''",
-            f"c.SlurmSpawner.req_homedir = {home!r}",
-            f"c.SlurmSpawner.req_prologue = 'export PATH={bindir}:/usr/local/bin:/usr/bin:/bin'",
-            f"c.SlurmSpawner.req_options = '--job-name={tag}'",
-            'c.SlurmSpawner.req_runtime = "30"',
-        ])
+        stock_cfg = "\n".join(
+            [
+                "c.SlurmSpawner.exec_prefix = ''",
+                "c.SlurmSpawner.req_srun = ''",
+                f"c.SlurmSpawner.req_homedir = {home!r}",
+                f"c.SlurmSpawner.req_prologue = 'export PATH={bindir}:/usr/local/bin:/usr/bin:/bin'",
+                f"c.SlurmSpawner.req_options = '--job-name={tag}'",
+                'c.SlurmSpawner.req_runtime = "30"',
+            ]
+        )
         log("spawn-to-ready on Slurm: SlurmBrokerSpawner and batchspawner.SlurmSpawner (stock), interleaved")
-        res.update(bench_interleaved({
-            "broker_slurm": (ours_wd, {"spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner", "extra_hub_config": ours_cfg}),
-            "batchspawner": (wd, {"spawner_class": "batchspawner.SlurmSpawner", "extra_hub_config": stock_cfg}),
-        }, n, USER, log))
+        res.update(
+            bench_interleaved(
+                {
+                    "broker_slurm": (
+                        ours_wd,
+                        {"spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner", "extra_hub_config": ours_cfg},
+                    ),
+                    "batchspawner": (wd, {"spawner_class": "batchspawner.SlurmSpawner", "extra_hub_config": stock_cfg}),
+                },
+                n,
+                USER,
+                log,
+            )
+        )
     finally:
         subprocess.run([_real("scancel"), "-n", tag], capture_output=True, timeout=60)
     return res

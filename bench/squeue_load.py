@@ -29,8 +29,9 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 N_JOBS = 100
 
@@ -45,6 +46,7 @@ def _real(cmd: str) -> str:
 
 def slurm_up() -> tuple[bool, str]:
     """True when squeue answers; else try `scripts/slurm.sh start` (idempotent) once."""
+
     def answers() -> bool:
         try:
             return subprocess.run([_real("squeue"), "-h", "-o", "%i"], capture_output=True, timeout=15).returncode == 0
@@ -95,18 +97,39 @@ def batchspawners(job_ids: list[str], squeue: str) -> list[Any]:
 
     out = []
     for i, jid in enumerate(job_ids):
-        user = _User(name=f"bench{i}", id=i + 1, url=f"/user/bench{i}/", escaped_name=f"bench{i}",
-                     server=None, spawners={}, settings={})
-        sp = SlurmSpawner(user=user, hub=SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/"),
-                          exec_prefix="", req_homedir="/tmp", req_username=user.name, req_keepvars="PATH",
-                          batch_query_cmd=f"{squeue} -h -j {{job_id}} -o '%T %B'")
+        user = _User(
+            name=f"bench{i}",
+            id=i + 1,
+            url=f"/user/bench{i}/",
+            escaped_name=f"bench{i}",
+            server=None,
+            spawners={},
+            settings={},
+        )
+        sp = SlurmSpawner(
+            user=user,
+            hub=SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/"),
+            exec_prefix="",
+            req_homedir="/tmp",
+            req_username=user.name,
+            req_keepvars="PATH",
+            batch_query_cmd=f"{squeue} -h -j {{job_id}} -o '%T %B'",
+        )
         sp.job_id = jid
         out.append(sp)
     return out
 
 
-async def _measure(job_ids: list[str], ours_sq: str, ours_log: str, bs_sq: str, bs_log: str, window: float,
-                   ours_interval: float, bs_interval: float) -> dict[str, Any]:
+async def _measure(
+    job_ids: list[str],
+    ours_sq: str,
+    ours_log: str,
+    bs_sq: str,
+    bs_log: str,
+    window: float,
+    ours_interval: float,
+    bs_interval: float,
+) -> dict[str, Any]:
     from hub_plugin.slurm_poller import SlurmJobPoller
 
     spawners = batchspawners(job_ids, bs_sq)
@@ -144,10 +167,19 @@ async def _measure(job_ids: list[str], ours_sq: str, ours_log: str, bs_sq: str, 
     await poller.close()
     mins = (t1 - t0) / 60
     n_ours, n_bs = calls(ours_log, t0, t1), calls(bs_log, t0, t1)
-    return {"window_s": round(t1 - t0, 1), "ours_squeue_calls": n_ours, "batchspawner_squeue_calls": n_bs,
-            "ours_per_min": round(n_ours / mins, 1), "batchspawner_per_min": round(n_bs / mins, 1),
-            "ours_interval_s": ours_interval, "batchspawner_poll_interval_s": bs_interval, "batchspawner_polls": bs_polls,
-            "ours_poller_squeue_calls_counter": poller.squeue_calls, "ours_last_state": info.state, **states}
+    return {
+        "window_s": round(t1 - t0, 1),
+        "ours_squeue_calls": n_ours,
+        "batchspawner_squeue_calls": n_bs,
+        "ours_per_min": round(n_ours / mins, 1),
+        "batchspawner_per_min": round(n_bs / mins, 1),
+        "ours_interval_s": ours_interval,
+        "batchspawner_poll_interval_s": bs_interval,
+        "batchspawner_polls": bs_polls,
+        "ours_poller_squeue_calls_counter": poller.squeue_calls,
+        "ours_last_state": info.state,
+        **states,
+    }
 
 
 def run(tmp: str, log: Callable[[str], None], window: float = 60.0) -> dict[str, Any]:
@@ -155,12 +187,17 @@ def run(tmp: str, log: Callable[[str], None], window: float = 60.0) -> dict[str,
     if not ok:
         log(f"scheduler load: skipped: {why}")
         return {"skipped": why}
-    from hub_plugin.slurm import SlurmBrokerSpawner
     from batchspawner import SlurmSpawner
     from jupyterhub.spawner import Spawner
 
+    from hub_plugin.slurm import SlurmBrokerSpawner
+
     ours_interval = SlurmBrokerSpawner.slurm_poll_interval.default_value
-    bs_interval = SlurmSpawner.poll_interval.default_value if "poll_interval" in SlurmSpawner.class_trait_names() else Spawner.poll_interval.default_value
+    bs_interval = (
+        SlurmSpawner.poll_interval.default_value
+        if "poll_interval" in SlurmSpawner.class_trait_names()
+        else Spawner.poll_interval.default_value
+    )
     tag = f"bench-sq-{uuid.uuid4().hex[:6]}"
     bindir = os.path.join(tmp, "squeue-wrappers")
     ours_sq, ours_log = make_wrapper(bindir, "squeue-ours")
@@ -168,16 +205,33 @@ def run(tmp: str, log: Callable[[str], None], window: float = 60.0) -> dict[str,
     job_ids: list[str] = []
     try:
         for _ in range(N_JOBS):
-            r = subprocess.run([_real("sbatch"), "--parsable", "--hold", f"--job-name={tag}", "--output=/dev/null",
-                                "--time=15", "--wrap", "sleep 600"], capture_output=True, text=True, timeout=30)
+            r = subprocess.run(
+                [
+                    _real("sbatch"),
+                    "--parsable",
+                    "--hold",
+                    f"--job-name={tag}",
+                    "--output=/dev/null",
+                    "--time=15",
+                    "--wrap",
+                    "sleep 600",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"sbatch: {r.stderr.strip()}")
             job_ids.append(r.stdout.strip().split(";")[0])
-        log(f"scheduler load: {len(job_ids)} held jobs ({tag}); 60 s of SlurmJobPoller (interval {ours_interval} s) "
-            f"and 100 batchspawner.SlurmSpawner.poll() (every {bs_interval} s) side by side")
+        log(
+            f"scheduler load: {len(job_ids)} held jobs ({tag}); 60 s of SlurmJobPoller (interval {ours_interval} s) "
+            f"and 100 batchspawner.SlurmSpawner.poll() (every {bs_interval} s) side by side"
+        )
         res = asyncio.run(_measure(job_ids, ours_sq, ours_log, bs_sq, bs_log, window, ours_interval, bs_interval))
     finally:
         subprocess.run([_real("scancel"), "-n", tag], capture_output=True, timeout=60)
-    res.update(n_sessions=len(job_ids), job_name=tag, jobs="sbatch --hold --wrap 'sleep 600' (held: no CPU slots taken)")
+    res.update(
+        n_sessions=len(job_ids), job_name=tag, jobs="sbatch --hold --wrap 'sleep 600' (held: no CPU slots taken)"
+    )
     log(f"  squeue calls/min with 100 sessions: ours {res['ours_per_min']}, batchspawner {res['batchspawner_per_min']}")
     return res

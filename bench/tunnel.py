@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import client
 from .procs import BrokerProc, ChpProc, Procs, bin_path, free_port, wait_port
@@ -91,22 +92,34 @@ class TunnelBench:
         broker = BrokerProc(self.procs, os.path.join(self.tmp, "broker"), chp.api_url, chp.token)
         broker.start()
         routespec = f"/user/{BENCH_USER}/"
-        status, sess = broker.api("/api/sessions", "POST", {"user": BENCH_USER, "server_name": "", "routespec": routespec})
+        status, sess = broker.api(
+            "/api/sessions", "POST", {"user": BENCH_USER, "server_name": "", "routespec": routespec}
+        )
         if status != 201:
             raise RuntimeError(f"broker: create session: {status} {sess}")
         rundir = os.path.join(self.tmp, "agent-runtime")
         os.makedirs(rundir, mode=0o700, exist_ok=True)
-        env = dict(os.environ, BROKER_SSH_HOST=sess["ssh"]["host"], BROKER_SSH_PORT=str(sess["ssh"]["port"]),
-                   BROKER_HOST_KEY=sess["ssh"]["host_key"], BROKER_SESSION_ID=sess["id"],
-                   BROKER_ENROL_SECRET=sess["secret"], JUPYTERHUB_API_URL=broker.hub_api_url,
-                   JUPYTERHUB_SERVICE_PREFIX=routespec, NODE_AGENT_RUNTIME_DIR=rundir, NODE_AGENT_JOB_ID="bench")
+        env = dict(
+            os.environ,
+            BROKER_SSH_HOST=sess["ssh"]["host"],
+            BROKER_SSH_PORT=str(sess["ssh"]["port"]),
+            BROKER_HOST_KEY=sess["ssh"]["host_key"],
+            BROKER_SESSION_ID=sess["id"],
+            BROKER_ENROL_SECRET=sess["secret"],
+            JUPYTERHUB_API_URL=broker.hub_api_url,
+            JUPYTERHUB_SERVICE_PREFIX=routespec,
+            NODE_AGENT_RUNTIME_DIR=rundir,
+            NODE_AGENT_JOB_ID="bench",
+        )
         self.procs.start("agent", [bin_path("node-agent"), "run", "--", py, "-m", "bench.nodeserver"], env=env)
         status, s = broker.api(f"/api/sessions/{sess['id']}/wait?state=ready&timeout=60")
         if status != 200 or s.get("state") != "ready":
             raise RuntimeError(f"agent did not get ready: {status} {s}\n{self.procs.log_tail('agent')}")
         self.paths["tunnel"] = (int(s["port"]), routespec)
         deadline = time.monotonic() + 20
-        while routespec.rstrip("/") not in chp.routes() and routespec not in chp.routes():  # the broker publishes the route itself
+        while (
+            routespec.rstrip("/") not in chp.routes() and routespec not in chp.routes()
+        ):  # the broker publishes the route itself
             if time.monotonic() > deadline:
                 raise RuntimeError("broker did not publish the CHP route")
             time.sleep(0.05)
@@ -122,7 +135,7 @@ class TunnelBench:
         self.paths["chp_tunnel"] = (chp.port, routespec)
         self.paths["chp_openssh"] = (chp.port, "/openssh/")
         self.info["openssh_version"] = _ssh_version()
-        for name, (port, prefix) in self.paths.items():  # every path answers before we time anything
+        for port, prefix in self.paths.values():  # every path answers before we time anything
             client.keepalive_latency(port, prefix, 5)
 
     def run(self, nbytes: int, n_keepalive: int, n_newconn: int, rps_seconds: float, rounds: int) -> dict[str, Any]:
@@ -131,7 +144,7 @@ class TunnelBench:
         # interleave paths within each metric so slow drift hits all of them alike
         for metric in ("download", "upload"):
             fn = client.download if metric == "download" else client.upload
-            for r in range(rounds):
+            for _round in range(rounds):
                 for name in names:
                     port, prefix = self.paths[name]
                     v = fn(port, prefix, nbytes)
@@ -141,9 +154,15 @@ class TunnelBench:
             port, prefix = self.paths[name]
             ka = client.keepalive_latency(port, prefix, n_keepalive)
             nc = client.newconn_latency(port, prefix, n_newconn)
-            res[name].update(keepalive_p50_ms=round(ka["p50_ms"], 3), keepalive_p99_ms=round(ka["p99_ms"], 3),
-                             newconn_p50_ms=round(nc["p50_ms"], 3), newconn_p99_ms=round(nc["p99_ms"], 3))
-            self.log(f"  latency {name}: keep-alive p50 {ka['p50_ms']:.2f} ms p99 {ka['p99_ms']:.2f} ms, new-conn p50 {nc['p50_ms']:.2f} ms")
+            res[name].update(
+                keepalive_p50_ms=round(ka["p50_ms"], 3),
+                keepalive_p99_ms=round(ka["p99_ms"], 3),
+                newconn_p50_ms=round(nc["p50_ms"], 3),
+                newconn_p99_ms=round(nc["p99_ms"], 3),
+            )
+            self.log(
+                f"  latency {name}: keep-alive p50 {ka['p50_ms']:.2f} ms p99 {ka['p99_ms']:.2f} ms, new-conn p50 {nc['p50_ms']:.2f} ms"
+            )
         for name in names:
             port, prefix = self.paths[name]
             r = client.rps(port, prefix, 32, rps_seconds)
@@ -169,10 +188,35 @@ def start_openssh(procs: Procs, tmp: str) -> int:
         time.sleep(0.02)
     fwd_port = free_port()
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-    ssh = procs.start("ssh-R", [
-        "ssh", "-N", "-F", "/dev/null", "-i", os.path.join(d, "client_key"), "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={d}/known_hosts", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-        "-o", f"Ciphers={CIPHER}", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
-        "-p", str(sshd_port), "-R", f"127.0.0.1:{fwd_port}:{sock}", f"{user}@127.0.0.1"])
+    ssh = procs.start(
+        "ssh-R",
+        [
+            "ssh",
+            "-N",
+            "-F",
+            "/dev/null",
+            "-i",
+            os.path.join(d, "client_key"),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={d}/known_hosts",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"Ciphers={CIPHER}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "ServerAliveInterval=15",
+            "-p",
+            str(sshd_port),
+            "-R",
+            f"127.0.0.1:{fwd_port}:{sock}",
+            f"{user}@127.0.0.1",
+        ],
+    )
     wait_port(fwd_port, 15, ssh, "ssh -R")
     return fwd_port

@@ -44,7 +44,7 @@ from . import client
 from .procs import BrokerProc, ChpProc, Procs, bin_path
 from .tunnel import start_openssh as start_openssh_forward
 
-SITECUSTOMIZE = r'''
+SITECUSTOMIZE = r"""
 import json, os
 _v = json.loads(os.environ.pop("BENCH_TUNNEL_VARIANT", "") or "{}")
 if _v.get("window") or _v.get("pktsize"):
@@ -62,7 +62,7 @@ import sys as _sys
 if _v.get("uvloop") is True or (_v.get("uvloop") and _v["uvloop"] in _sys.argv[0]):
     import asyncio, uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-'''
+"""
 
 
 def log(msg: str) -> None:
@@ -74,28 +74,45 @@ class Pair:
 
     def __init__(self, procs: Procs, tmp: str, chp: ChpProc, name: str, variant: dict[str, Any], sitedir: str):
         self.name = name
-        env_extra = {"BENCH_TUNNEL_VARIANT": json.dumps(variant),
-                     "PYTHONPATH": os.pathsep.join(p for p in (sitedir, os.environ.get("PYTHONPATH", "")) if p)}
+        env_extra = {
+            "BENCH_TUNNEL_VARIANT": json.dumps(variant),
+            "PYTHONPATH": os.pathsep.join(p for p in (sitedir, os.environ.get("PYTHONPATH", "")) if p),
+        }
         saved = dict(os.environ)
         os.environ.update(env_extra)  # BrokerProc takes its env from os.environ
         try:
-            self.broker = BrokerProc(procs, os.path.join(tmp, f"broker-{name}"), chp.api_url, chp.token, name=f"broker-{name}")
+            self.broker = BrokerProc(
+                procs, os.path.join(tmp, f"broker-{name}"), chp.api_url, chp.token, name=f"broker-{name}"
+            )
             self.broker.start()
         finally:
             os.environ.clear()
             os.environ.update(saved)
         user = f"bench-{name}"
         routespec = f"/user/{user}/"
-        status, sess = self.broker.api("/api/sessions", "POST", {"user": user, "server_name": "", "routespec": routespec})
+        status, sess = self.broker.api(
+            "/api/sessions", "POST", {"user": user, "server_name": "", "routespec": routespec}
+        )
         if status != 201:
             raise RuntimeError(f"broker {name}: create session: {status} {sess}")
         rundir = os.path.join(tmp, f"agent-runtime-{name}")
         os.makedirs(rundir, mode=0o700, exist_ok=True)
-        env = dict(os.environ, **env_extra, BROKER_SSH_HOST=sess["ssh"]["host"], BROKER_SSH_PORT=str(sess["ssh"]["port"]),
-                   BROKER_HOST_KEY=sess["ssh"]["host_key"], BROKER_SESSION_ID=sess["id"],
-                   BROKER_ENROL_SECRET=sess["secret"], JUPYTERHUB_API_URL=self.broker.hub_api_url,
-                   JUPYTERHUB_SERVICE_PREFIX=routespec, NODE_AGENT_RUNTIME_DIR=rundir, NODE_AGENT_JOB_ID="bench")
-        self.agent = procs.start(f"agent-{name}", [bin_path("node-agent"), "run", "--", sys.executable, "-m", "bench.nodeserver"], env=env)
+        env = dict(
+            os.environ,
+            **env_extra,
+            BROKER_SSH_HOST=sess["ssh"]["host"],
+            BROKER_SSH_PORT=str(sess["ssh"]["port"]),
+            BROKER_HOST_KEY=sess["ssh"]["host_key"],
+            BROKER_SESSION_ID=sess["id"],
+            BROKER_ENROL_SECRET=sess["secret"],
+            JUPYTERHUB_API_URL=self.broker.hub_api_url,
+            JUPYTERHUB_SERVICE_PREFIX=routespec,
+            NODE_AGENT_RUNTIME_DIR=rundir,
+            NODE_AGENT_JOB_ID="bench",
+        )
+        self.agent = procs.start(
+            f"agent-{name}", [bin_path("node-agent"), "run", "--", sys.executable, "-m", "bench.nodeserver"], env=env
+        )
         status, s = self.broker.api(f"/api/sessions/{sess['id']}/wait?state=ready&timeout=60")
         if status != 200 or s.get("state") != "ready":
             raise RuntimeError(f"agent {name} did not get ready: {status} {s}\n{procs.log_tail(f'agent-{name}')}")
@@ -116,7 +133,9 @@ def _frame_name(frame: str) -> str:
     if not m:
         return frame
     path = m.group(2)
-    short = "/".join(path.split("/")[-2:]) if "site-packages" in path or "/lib/python" in path else os.path.basename(path)
+    short = (
+        "/".join(path.split("/")[-2:]) if "site-packages" in path or "/lib/python" in path else os.path.basename(path)
+    )
     return f"{m.group(1)} ({short})"
 
 
@@ -145,16 +164,35 @@ def summarize_raw(path: str, top: int = 15) -> dict[str, Any]:
             for fr in set(frames):
                 incl_c[fr] += count
     pct = (lambda c: round(100.0 * c / total, 1)) if total else (lambda c: 0.0)
-    return {"samples": total, "idle_pct": pct(idle),
-            "self": [(k, pct(v)) for k, v in self_c.most_common(top)],
-            "inclusive": [(k, pct(v)) for k, v in incl_c.most_common() if v < total][:top]}
+    return {
+        "samples": total,
+        "idle_pct": pct(idle),
+        "self": [(k, pct(v)) for k, v in self_c.most_common(top)],
+        "inclusive": [(k, pct(v)) for k, v in incl_c.most_common() if v < total][:top],
+    }
 
 
 def pyspy_record(pid: int, out: str, rate: int) -> subprocess.Popen[Any]:
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--idle", "--nonblocking", "--rate", str(rate),
-                             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--idle",
+            "--nonblocking",
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            out,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def pyspy_stop(p: subprocess.Popen[Any]) -> None:
@@ -188,8 +226,10 @@ def profile(pair: Pair, outdir: str, nbytes: int, rate: int) -> dict[str, Any]:
         return {"keepalive_p50_ms": round(ka["p50_ms"], 3), "rps_32": round(r["rps"])}
 
     for phase, fn in (("bulk", bulk), ("requests", requests)):
-        spies = {who: pyspy_record(pid, os.path.join(outdir, f"{who}-{phase}.txt"), rate)
-                 for who, pid in (("broker", pair.broker.proc.pid), ("agent", pair.agent.pid))}  # type: ignore[union-attr]
+        spies = {
+            who: pyspy_record(pid, os.path.join(outdir, f"{who}-{phase}.txt"), rate)
+            for who, pid in (("broker", pair.broker.proc.pid), ("agent", pair.agent.pid))
+        }  # type: ignore[union-attr]
         time.sleep(1.0)  # let py-spy attach
         t0 = time.monotonic()
         figures = fn()
@@ -216,19 +256,29 @@ def profile(pair: Pair, outdir: str, nbytes: int, rate: int) -> dict[str, Any]:
 
 
 # -- A/B ------------------------------------------------------------------------------------
-def measure(paths: dict[str, tuple[int, str]], rounds: int, nbytes: int, n_keepalive: int, rps_s: float) -> dict[str, Any]:
+def measure(
+    paths: dict[str, tuple[int, str]], rounds: int, nbytes: int, n_keepalive: int, rps_s: float
+) -> dict[str, Any]:
     res: dict[str, dict[str, list[float]]] = {n: collections.defaultdict(list) for n in paths}
     names = list(paths)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             port, prefix = paths[name]
             res[name]["download_mb_s"].append(round(client.download(port, prefix, nbytes), 1))
             res[name]["upload_mb_s"].append(round(client.upload(port, prefix, nbytes), 1))
-            res[name]["keepalive_p50_ms"].append(round(client.keepalive_latency(port, prefix, n_keepalive)["p50_ms"], 3))
+            res[name]["keepalive_p50_ms"].append(
+                round(client.keepalive_latency(port, prefix, n_keepalive)["p50_ms"], 3)
+            )
             res[name]["rps_32"].append(round(client.rps(port, prefix, 32, rps_s)["rps"]))
-        log(f"round {r + 1}: " + "; ".join(f"{n} dl {res[n]['download_mb_s'][-1]:.0f} ul {res[n]['upload_mb_s'][-1]:.0f} "
-                                          f"ka {res[n]['keepalive_p50_ms'][-1]:.3f} rps {res[n]['rps_32'][-1]:.0f}" for n in names))
+        log(
+            f"round {r + 1}: "
+            + "; ".join(
+                f"{n} dl {res[n]['download_mb_s'][-1]:.0f} ul {res[n]['upload_mb_s'][-1]:.0f} "
+                f"ka {res[n]['keepalive_p50_ms'][-1]:.3f} rps {res[n]['rps_32'][-1]:.0f}"
+                for n in names
+            )
+        )
     out: dict[str, Any] = {}
     for n in names:
         out[n] = {k: {"median": statistics.median(v), "runs": v} for k, v in res[n].items()}
@@ -255,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(sitedir)
     with open(os.path.join(sitedir, "sitecustomize.py"), "w") as f:
         f.write(SITECUSTOMIZE)
-    result: dict[str, Any] = {"variants": dict(variants), "mib": args.mib, "rounds": args.rounds,
-                              "loadavg_start": list(os.getloadavg())}
+    result: dict[str, Any] = {
+        "variants": dict(variants),
+        "mib": args.mib,
+        "rounds": args.rounds,
+        "loadavg_start": list(os.getloadavg()),
+    }
     try:
         chp = ChpProc(procs)
         chp.start()

@@ -38,9 +38,11 @@ def slurm_demo_settings(workdir: str) -> dict[str, Any] | None:
     out_dir = os.path.join(os.path.abspath(workdir), "slurm-out")
     os.makedirs(out_dir, exist_ok=True)
     os.chmod(out_dir, 0o1777)
-    return {"spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner",
-            "extra_hub_config": f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}\n"
-                                f"c.SlurmBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n"}
+    return {
+        "spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner",
+        "extra_hub_config": f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}\n"
+        f"c.SlurmBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n",
+    }
 
 
 def main() -> int:
@@ -65,13 +67,16 @@ def main() -> int:
         print(f"demo: failed to start: {exc}", file=sys.stderr)
         stack.stop()
         return 1
-    print(textwrap.dedent(f"""
+    print(
+        textwrap.dedent(f"""
         JupyterHub is up: {stack.public_url}/
           log in with any user name and the password: {password}
           press Start: the notebook runs as a {"Slurm" if stack.spawner_class.endswith("SlurmBrokerSpawner") else "local batch"} job behind the broker's tunnel.
           live tunnels:  BROKER_API_TOKEN={stack.broker_token} {os.path.join(os.path.dirname(sys.executable), "broker")} status --BrokerApp.api_url={stack.broker_url}
         Ctrl-C stops everything.
-        """), flush=True)
+        """),
+        flush=True,
+    )
     stopping = {"now": False}
 
     def _stop(*_: Any) -> None:

@@ -120,10 +120,21 @@ class Stack:
     the tests and the benchmarks vary.
     """
 
-    def __init__(self, workdir: str, *, public_port: int = 0, password: str | None = None,
-                 last_activity_interval: int = 300, poll_interval: int = 10, reconcile_interval: float = 2.0,
-                 extra_broker_args: list[str] | None = None, spawner_class: str = "hub_plugin.spawners.LocalBrokerSpawner",
-                 extra_hub_config: str = "", broker_ssh_host: str = "127.0.0.1", path: str | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        public_port: int = 0,
+        password: str | None = None,
+        last_activity_interval: int = 300,
+        poll_interval: int = 10,
+        reconcile_interval: float = 2.0,
+        extra_broker_args: list[str] | None = None,
+        spawner_class: str = "hub_plugin.spawners.LocalBrokerSpawner",
+        extra_hub_config: str = "",
+        broker_ssh_host: str = "127.0.0.1",
+        path: str | None = None,
+    ):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self._fixed_public_port = bool(public_port)
@@ -171,16 +182,27 @@ class Stack:
     def env(self) -> dict[str, str]:
         """The services' environment: this process's, plus the stack's tokens and ``PATH``."""
         env = dict(os.environ)
-        env.update(CONFIGPROXY_AUTH_TOKEN=self.proxy_token, BROKER_API_TOKEN=self.broker_token,
-                   DEMO_PASSWORD=self.password, STACK_ADMIN_TOKEN=self.admin_token)
+        env.update(
+            CONFIGPROXY_AUTH_TOKEN=self.proxy_token,
+            BROKER_API_TOKEN=self.broker_token,
+            DEMO_PASSWORD=self.password,
+            STACK_ADMIN_TOKEN=self.admin_token,
+        )
         bindir = os.path.dirname(sys.executable)
         env["PATH"] = bindir + os.pathsep + (self.path if self.path is not None else env.get("PATH", ""))
         return env
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
         log = open(os.path.join(self.logs, f"{name}.log"), "ab")
-        proc = subprocess.Popen(argv, env=self.env(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env(),
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = proc
         return proc
@@ -202,10 +224,24 @@ class Stack:
         if not chp:
             raise RuntimeError("configurable-http-proxy not found on PATH (make chp installs it into .node/)")
         self.ports.release(self.public_port, self.proxy_api_port)
-        proc = self._spawn("proxy", [chp, "--ip", "127.0.0.1", "--port", str(self.public_port),
-                                     "--api-ip", "127.0.0.1", "--api-port", str(self.proxy_api_port),
-                                     "--default-target", f"http://127.0.0.1:{self.hub_port}",
-                                     "--error-target", f"http://127.0.0.1:{self.hub_port}/hub/error"])
+        proc = self._spawn(
+            "proxy",
+            [
+                chp,
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.public_port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.proxy_api_port),
+                "--default-target",
+                f"http://127.0.0.1:{self.hub_port}",
+                "--error-target",
+                f"http://127.0.0.1:{self.hub_port}/hub/error",
+            ],
+        )
         try:
             wait_http(self.proxy_api_url + "/api/routes", 30, proc, "configurable-http-proxy")
         except RuntimeError:
@@ -217,12 +253,23 @@ class Stack:
         url_file = os.path.join(self.broker_state, "api_url")
         if os.path.exists(url_file):
             os.unlink(url_file)
-        proc = self._spawn("broker", [
-            sys.executable, "-m", "broker.app", "serve",
-            f"--BrokerApp.state_dir={self.broker_state}", f"--BrokerApp.ssh_host={self.broker_ssh_host}", f"--BrokerApp.ssh_port={self.ssh_port}", f"--BrokerApp.api_port={self.broker_api_port}",
-            f"--BrokerApp.proxy_api_url={self.proxy_api_url}", f"--BrokerApp.hub_api_url={self.hub_api_url}",
-            f"--RoutePublisher.reconcile_interval={self.reconcile_interval}", *self.extra_broker_args,
-        ])
+        proc = self._spawn(
+            "broker",
+            [
+                sys.executable,
+                "-m",
+                "broker.app",
+                "serve",
+                f"--BrokerApp.state_dir={self.broker_state}",
+                f"--BrokerApp.ssh_host={self.broker_ssh_host}",
+                f"--BrokerApp.ssh_port={self.ssh_port}",
+                f"--BrokerApp.api_port={self.broker_api_port}",
+                f"--BrokerApp.proxy_api_url={self.proxy_api_url}",
+                f"--BrokerApp.hub_api_url={self.hub_api_url}",
+                f"--RoutePublisher.reconcile_interval={self.reconcile_interval}",
+                *self.extra_broker_args,
+            ],
+        )
         deadline = time.monotonic() + 30
         while not os.path.exists(url_file):
             if proc.poll() is not None:
@@ -242,12 +289,24 @@ class Stack:
         os.makedirs(notebooks, exist_ok=True)
         args = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
         with open(path, "w") as f:
-            f.write(HUB_CONFIG.format(
-                public_url=self.public_url + "/", hub_port=self.hub_port, db=os.path.join(self.workdir, "jupyterhub.sqlite"),
-                cookie=os.path.join(self.workdir, "jupyterhub_cookie_secret"), pidfile=os.path.join(self.workdir, "jupyterhub.pid"),
-                proxy_api=self.proxy_api_url, broker_url=self.broker_url, spool=os.path.join(self.workdir, "spool"),
-                spawner_args=args, notebooks=notebooks, last_activity_interval=self.last_activity_interval,
-                poll_interval=self.poll_interval, spawner_class=self.spawner_class, extra=self.extra_hub_config))
+            f.write(
+                HUB_CONFIG.format(
+                    public_url=self.public_url + "/",
+                    hub_port=self.hub_port,
+                    db=os.path.join(self.workdir, "jupyterhub.sqlite"),
+                    cookie=os.path.join(self.workdir, "jupyterhub_cookie_secret"),
+                    pidfile=os.path.join(self.workdir, "jupyterhub.pid"),
+                    proxy_api=self.proxy_api_url,
+                    broker_url=self.broker_url,
+                    spool=os.path.join(self.workdir, "spool"),
+                    spawner_args=args,
+                    notebooks=notebooks,
+                    last_activity_interval=self.last_activity_interval,
+                    poll_interval=self.poll_interval,
+                    spawner_class=self.spawner_class,
+                    extra=self.extra_hub_config,
+                )
+            )
         return path
 
     def start_hub(self) -> None:
@@ -285,8 +344,21 @@ class Stack:
         if os.path.isdir(spool):
             for job in os.listdir(spool):
                 if job.isdigit():
-                    subprocess.run([sys.executable, "-m", "hub_plugin.localbatch", "cancel", "--spool", spool,
-                                    "--grace", "1", job], capture_output=True, env=self.env())
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "hub_plugin.localbatch",
+                            "cancel",
+                            "--spool",
+                            spool,
+                            "--grace",
+                            "1",
+                            job,
+                        ],
+                        capture_output=True,
+                        env=self.env(),
+                    )
 
     def log_text(self, name: str) -> str:
         with open(os.path.join(self.logs, f"{name}.log"), errors="replace") as f:

@@ -29,18 +29,20 @@ PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(node_agent.__file__))
 
 def ensure_apptainer() -> None:
     """Install Apptainer as root with the project's script if missing; skip if that fails."""
-    if shutil.which("apptainer") is None and os.geteuid() == 0 and \
-            os.environ.get("NODE_AGENT_TEST_INSTALL_APPTAINER", "1") == "1":
+    if (
+        shutil.which("apptainer") is None
+        and os.geteuid() == 0
+        and os.environ.get("NODE_AGENT_TEST_INSTALL_APPTAINER", "1") == "1"
+    ):
         t0 = time.monotonic()
-        r = subprocess.run(["bash", str(REPO / "scripts" / "install-apptainer.sh")],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install-apptainer.sh")], capture_output=True, text=True, timeout=900
+        )
         print(f"install-apptainer.sh: exit {r.returncode} in {time.monotonic() - t0:.1f}s")
         if r.returncode != 0:
-            pytest.skip(f"scripts/install-apptainer.sh failed (exit {r.returncode}): "
-                        f"{r.stderr.strip()[-300:]}")
+            pytest.skip(f"scripts/install-apptainer.sh failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
     if shutil.which("apptainer") is None:
-        pytest.skip("apptainer is not installed and could not be installed "
-                    "(run scripts/install-apptainer.sh as root)")
+        pytest.skip("apptainer is not installed and could not be installed (run scripts/install-apptainer.sh as root)")
     r = subprocess.run(["apptainer", "version"], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"apptainer does not run here: {r.stderr.strip()[:200]}")
@@ -73,7 +75,7 @@ def tmp_bind_workdir(workdir: Path) -> list[str]:
         return []
     for p in under_tmp:
         sub = "tmp" if p.startswith("/tmp/") else "var_tmp"
-        rel = p[len("/tmp/"):] if sub == "tmp" else p[len("/var/tmp/"):]
+        rel = p[len("/tmp/") :] if sub == "tmp" else p[len("/var/tmp/") :]
         (workdir / sub / rel).mkdir(parents=True, exist_ok=True)
     return ["--workdir", str(workdir)]
 
@@ -83,11 +85,12 @@ def _system_libs_of_prefixes(prefixes: list[str]) -> list[str]:
     files = []
     for pre in prefixes:
         for dirpath, _dirs, names in os.walk(pre):
-            files += [os.path.join(dirpath, n) for n in names
-                      if n.endswith(".so") or ".so." in n or n.startswith("python3")]
+            files += [
+                os.path.join(dirpath, n) for n in names if n.endswith(".so") or ".so." in n or n.startswith("python3")
+            ]
     libs: set[str] = set()
     for i in range(0, len(files), 200):
-        r = subprocess.run(["ldd", *files[i:i + 200]], capture_output=True, text=True)
+        r = subprocess.run(["ldd", *files[i : i + 200]], capture_output=True, text=True)
         for line in r.stdout.splitlines():
             if "=> /" in line:
                 lib = line.split("=>", 1)[1].split()[0]
@@ -109,7 +112,8 @@ def build_image(out: Path) -> Path:
         tiny.copy_into(str(sb), os.path.realpath(lib))
     for p in prefixes:  # bind destinations exist in the image
         os.makedirs(str(sb) + p, exist_ok=True)
-    subprocess.run(["apptainer", "-s", "build", "--force", str(out), str(sb)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["apptainer", "-s", "build", "--force", str(out), str(sb)], check=True, capture_output=True, timeout=300
+    )
     shutil.rmtree(sb, ignore_errors=True)
     return out

@@ -28,8 +28,12 @@ HUB = "http://127.0.0.1:8081/hub/api"
 
 def clean_env(tmp_path: Path, **extra: str | None) -> dict[str, str]:
     """The environment above, plus *extra* (a value of None leaves the variable out)."""
-    env = {"PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin", "HOME": str(tmp_path),
-           "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    env = {
+        "PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+    }
     if os.environ.get("PYTHONPATH"):  # a checkout other than the installed one (e.g. a git worktree)
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update({k: v for k, v in extra.items() if v is not None})
@@ -38,16 +42,20 @@ def clean_env(tmp_path: Path, **extra: str | None) -> dict[str, str]:
 
 def full_env(tmp_path: Path, **over: str | None) -> dict[str, str]:
     """:func:`clean_env` with everything ``broker serve`` requires (API token, CHP token, hub API URL)."""
-    base: dict[str, str | None] = {"BROKER_API_TOKEN": TOKEN, "CONFIGPROXY_AUTH_TOKEN": "chp-token",
-                                   "JUPYTERHUB_API_URL": HUB}
+    base: dict[str, str | None] = {
+        "BROKER_API_TOKEN": TOKEN,
+        "CONFIGPROXY_AUTH_TOKEN": "chp-token",
+        "JUPYTERHUB_API_URL": HUB,
+    }
     base.update(over)
     return clean_env(tmp_path, **base)
 
 
 def run(tmp_path: Path, args: list[str], env: dict[str, str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
     """``python -m broker.app *args`` in *tmp_path*, output captured."""
-    return subprocess.run([PY, "-m", "broker.app", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "broker.app", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Served:
@@ -58,10 +66,14 @@ class Served:
         self.tmp_path = tmp_path
         self.state_dir = state_dir
         self.env = full_env(tmp_path)
-        self.args = ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0",
-                     f"--BrokerApp.state_dir={state_dir}",
-                     f"--BrokerApp.proxy_api_url=http://127.0.0.1:{free_port()}",
-                     "--RoutePublisher.reconcile_interval=60"]
+        self.args = [
+            "serve",
+            "--BrokerApp.ssh_port=0",
+            "--BrokerApp.api_port=0",
+            f"--BrokerApp.state_dir={state_dir}",
+            f"--BrokerApp.proxy_api_url=http://127.0.0.1:{free_port()}",
+            "--RoutePublisher.reconcile_interval=60",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.api_url = ""
         self.preexec_fn: Any = None
@@ -73,9 +85,15 @@ class Served:
         if os.path.exists(url_file):
             os.unlink(url_file)
         self.errf = open(self.tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([PY, "-m", "broker.app", *self.args], cwd=self.tmp_path, env=self.env,
-                                     stdout=self.errf, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=self.preexec_fn)
+        self.proc = subprocess.Popen(
+            [PY, "-m", "broker.app", *self.args],
+            cwd=self.tmp_path,
+            env=self.env,
+            stdout=self.errf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=self.preexec_fn,
+        )
         deadline = time.monotonic() + 60  # generous: CI machines are busy
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -107,13 +125,19 @@ class Served:
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """One authenticated REST call; returns the decoded JSON answer."""
-        req = urllib.request.Request(self.api_url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.api_url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def status(self, *extra: str) -> subprocess.CompletedProcess[str]:
         """``broker status *extra`` against this broker's state directory."""
-        return run(self.tmp_path, ["status", *extra, f"--BrokerApp.state_dir={self.state_dir}",
-                                   "--BrokerApp.api_port=0"], clean_env(self.tmp_path, BROKER_API_TOKEN=TOKEN))
+        return run(
+            self.tmp_path,
+            ["status", *extra, f"--BrokerApp.state_dir={self.state_dir}", "--BrokerApp.api_port=0"],
+            clean_env(self.tmp_path, BROKER_API_TOKEN=TOKEN),
+        )

@@ -102,14 +102,29 @@ class Hub:
         url = f"ws://127.0.0.1:{self.stack.public_port}{self.prefix(user)}api/kernels/{kernel_id}/channels"
         msg_id = uuid.uuid4().hex
         msg = {
-            "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
+            "header": {
+                "msg_id": msg_id,
+                "username": "test",
+                "session": uuid.uuid4().hex,
+                "msg_type": "execute_request",
+                "version": "5.3",
+            },
+            "parent_header": {},
+            "metadata": {},
+            "channel": "shell",
+            "buffers": [],
+            "content": {
+                "code": code,
+                "silent": False,
+                "store_history": False,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
         }
-        with ws_connect(url, additional_headers={"Authorization": f"token {self.stack.admin_token}"},
-                        open_timeout=30) as ws:
+        with ws_connect(
+            url, additional_headers={"Authorization": f"token {self.stack.admin_token}"}, open_timeout=30
+        ) as ws:
             ws.send(json.dumps(msg))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

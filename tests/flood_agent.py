@@ -46,7 +46,7 @@ async def _flood(conn: asyncssh.SSHClientConnection, payload: bytes) -> dict:
         nonlocal written
         writer.write(b'{"type": "hello", "node": "flood", "job_id": "1"}\n')
         for i in range(0, len(payload), CHUNK):
-            writer.write(payload[i:i + CHUNK])
+            writer.write(payload[i : i + CHUNK])
             written += min(CHUNK, len(payload) - i)
             await writer.drain()
 
@@ -73,8 +73,15 @@ async def main() -> int:
     readies = b'{"type": "ready"}\n' * int(os.environ.get("FLOOD_READIES", "6000"))
     key = asyncssh.generate_private_key("ssh-ed25519")
     pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-    conn = await asyncssh.connect(host, port, username=sid, password=f"enrol {os.environ['FLOOD_SECRET']} {pub}",
-                                  client_keys=None, preferred_auth="password", **_opts())
+    conn = await asyncssh.connect(
+        host,
+        port,
+        username=sid,
+        password=f"enrol {os.environ['FLOOD_SECRET']} {pub}",
+        client_keys=None,
+        preferred_auth="password",
+        **_opts(),
+    )
     conn.close()
     await conn.wait_closed()
     print(json.dumps({"enrolled": True}), flush=True)
@@ -85,8 +92,9 @@ async def main() -> int:
             return 0
         result = {}
         for name, payload in (("heartbeats", heartbeats), ("readies", readies)):
-            conn = await asyncssh.connect(host, port, username=sid, client_keys=[key], preferred_auth="publickey",
-                                          **_opts())
+            conn = await asyncssh.connect(
+                host, port, username=sid, client_keys=[key], preferred_auth="publickey", **_opts()
+            )
             result[name] = await _flood(conn, payload)
         print(json.dumps(result), flush=True)
 

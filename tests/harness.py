@@ -105,9 +105,24 @@ class Chp:
     def start(self) -> Chp:
         env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN=self.token, PATH=tool_path())
         self.proc = subprocess.Popen(
-            [find_chp(), "--ip", "127.0.0.1", "--port", str(self.port), "--api-ip", "127.0.0.1",
-             "--api-port", str(self.api_port), "--default-target", self.default_target],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                find_chp(),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+                "--default-target",
+                self.default_target,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_http(self.api_url + "/api/routes", 30, self.proc, "configurable-http-proxy")
         return self
 
@@ -133,7 +148,9 @@ async def unix_http_server(path: str) -> asyncio.base_events.Server:
             while (await reader.readline()) not in (b"\r\n", b""):
                 pass
             target = line.split()[1] if len(line.split()) > 1 else b"/"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(target), target))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(target), target)
+            )
             await writer.drain()
         finally:
             writer.close()
@@ -188,21 +205,34 @@ class Harness:
         host_key = self.broker.host_key.convert_to_public()
         return dict(known_hosts=([host_key], [], []), agent_path=None, config=None, **kw)
 
-    async def enrol(self, session_id: str, secret: str,
-                    key: asyncssh.SSHKey | None = None) -> tuple[asyncssh.SSHClientConnection, asyncssh.SSHKey]:
+    async def enrol(
+        self, session_id: str, secret: str, key: asyncssh.SSHKey | None = None
+    ) -> tuple[asyncssh.SSHClientConnection, asyncssh.SSHKey]:
         """Log in as the session's agent with its enrolment secret, enrolling *key* (default: a
         fresh ed25519 key); returns (connection, key)."""
         key = key or asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
-                                      password=f"enrol {secret} {pub}", client_keys=None,
-                                      preferred_auth="password", **self.ssh_options())
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            self.broker.ssh_port,
+            username=session_id,
+            password=f"enrol {secret} {pub}",
+            client_keys=None,
+            preferred_auth="password",
+            **self.ssh_options(),
+        )
         return conn, key
 
     async def reconnect(self, session_id: str, key: asyncssh.SSHKey) -> asyncssh.SSHClientConnection:
         """Log in again as the session's agent with its enrolled *key*."""
-        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session_id,
-                                      client_keys=[key], preferred_auth="publickey", **self.ssh_options())
+        return await asyncssh.connect(
+            "127.0.0.1",
+            self.broker.ssh_port,
+            username=session_id,
+            client_keys=[key],
+            preferred_auth="publickey",
+            **self.ssh_options(),
+        )
 
     async def serve_unix(self, name: str) -> str:
         """Start a :func:`unix_http_server` at ``<tmp>/<name>.sock``; returns its path."""
@@ -227,13 +257,20 @@ class BrokerFactory:
         self.tmp = tmp
         self.made: list[tuple[Harness, asyncio.base_events.Server, SessionStore]] = []
 
-    async def __call__(self, *, hub: asyncio.base_events.Server | None = None,
-                       harness: type[Harness] = Harness, **broker_kw: Any) -> Harness:
+    async def __call__(
+        self, *, hub: asyncio.base_events.Server | None = None, harness: type[Harness] = Harness, **broker_kw: Any
+    ) -> Harness:
         hub = hub or await echo_server()
         hub_port = hub.sockets[0].getsockname()[1]
         store = SessionStore(os.path.join(self.tmp, f"broker{len(self.made) or ''}.sqlite"))
-        kw: dict[str, Any] = dict(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                                  hub_api=("127.0.0.1", hub_port), chp=None, keepalive_interval=0, login_timeout=10)
+        kw: dict[str, Any] = dict(
+            store=store,
+            host_key=asyncssh.generate_private_key("ssh-ed25519"),
+            hub_api=("127.0.0.1", hub_port),
+            chp=None,
+            keepalive_interval=0,
+            login_timeout=10,
+        )
         kw.update(broker_kw)
         broker = Broker(**kw)
         await broker.start()
@@ -257,10 +294,15 @@ def save_stack_logs(stack: Stack, name: str) -> None:
     jobs' output (``slurm-out/``) into ``test-artifacts/<name>/``, as far as they can be read."""
     dest = os.path.join(ARTIFACTS, name)
     os.makedirs(dest, exist_ok=True)
-    copies = [(log, dest) for log in glob.glob(os.path.join(stack.logs, "*.log"))
-              + glob.glob(os.path.join(stack.workdir, "slurm-out", "*.log"))]
-    copies += [(out, os.path.join(dest, f"job-{out.split(os.sep)[-2]}.log"))
-               for out in glob.glob(os.path.join(stack.workdir, "spool", "*", "output.log"))]
+    copies = [
+        (log, dest)
+        for log in glob.glob(os.path.join(stack.logs, "*.log"))
+        + glob.glob(os.path.join(stack.workdir, "slurm-out", "*.log"))
+    ]
+    copies += [
+        (out, os.path.join(dest, f"job-{out.split(os.sep)[-2]}.log"))
+        for out in glob.glob(os.path.join(stack.workdir, "spool", "*", "output.log"))
+    ]
     for src, to in copies:
         try:
             shutil.copy(src, to)

@@ -74,11 +74,13 @@ def hub_config(workdir: str, extra: str = "", out_dir: str = "") -> str:
     out_dir = out_dir or os.path.join(workdir, "slurm-out")
     os.makedirs(out_dir, exist_ok=True)
     os.chmod(out_dir, 0o1777)  # the job's user writes its output here
-    return "\n".join([
-        f"c.SlurmBrokerSpawner.req_job_name = {JOB_TAG!r}",
-        f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}",
-        'c.SlurmBrokerSpawner.req_runtime = "30"',
-        "c.SlurmBrokerSpawner.req_walltime_warning = 120",
-        f"c.SlurmBrokerSpawner.slurm_poll_interval = {SLURM_POLL_INTERVAL}",
-        extra,
-    ])
+    return "\n".join(
+        [
+            f"c.SlurmBrokerSpawner.req_job_name = {JOB_TAG!r}",
+            f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}",
+            'c.SlurmBrokerSpawner.req_runtime = "30"',
+            "c.SlurmBrokerSpawner.req_walltime_warning = 120",
+            f"c.SlurmBrokerSpawner.slurm_poll_interval = {SLURM_POLL_INTERVAL}",
+            extra,
+        ]
+    )

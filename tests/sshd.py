@@ -76,9 +76,7 @@ class SSHD:
 
     def runner(self, **kw) -> LoginNodeRunner:
         kw.setdefault("known_hosts", str(self.known_hosts))
-        return LoginNodeRunner(
-            "127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw
-        )
+        return LoginNodeRunner("127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
 
     def start(self) -> SSHD:
         root = self.root

@@ -48,7 +48,7 @@ PLAN = [
     ("zoe", "101", "2026-03-01T09:00", "2026-03-01T09:02", "2026-03-01T09:03", "2026-03-01T11:02", 1000, 5000),
     ("zoe", "102", "2026-03-10T14:00", "2026-03-10T14:30", "2026-03-10T14:31", "2026-03-10T15:00", 24, 76),
     ("秀樹", "103", "2026-03-15T08:00", "2026-03-15T08:00", "2026-03-15T08:01", "2026-03-15T12:00", 7, 3),
-    ("zoe", "104", "2026-03-20T10:00", None, None, "2026-03-20T10:10", 0, 0),       # never started
+    ("zoe", "104", "2026-03-20T10:00", None, None, "2026-03-20T10:10", 0, 0),  # never started
     ("zoe", "099", "2026-02-27T10:00", "2026-02-27T10:01", "2026-02-27T10:02", "2026-02-27T11:00", 9, 9),  # before
     ("50fia", "105", "2026-04-01T00:00", "2026-04-01T00:01", "2026-04-01T00:02", "2026-04-01T01:00", 1, 1),  # after
 ]
@@ -57,16 +57,24 @@ PLAN = [
 def make_store(path: str) -> None:
     async def go() -> None:
         store = SessionStore(path)
-        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                        hub_api=("127.0.0.1", 1), chp=None)
+        broker = Broker(
+            store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1), chp=None
+        )
         await broker.start()
         try:
             for user, job, created, connected, ready, closed, bi, bo in PLAN:
                 s, _ = await broker.create_session(user, "", f"/user/{user}/")
                 broker.update(s.id, job_id=job, node="cn01")
                 await broker.close_session(s.id, "stopped by the hub")
-                store.update(s.id, created=ts(created), connected_at=connected and ts(connected),
-                             ready_at=ready and ts(ready), closed_at=ts(closed), bytes_in=bi, bytes_out=bo)
+                store.update(
+                    s.id,
+                    created=ts(created),
+                    connected_at=connected and ts(connected),
+                    ready_at=ready and ts(ready),
+                    closed_at=ts(closed),
+                    bytes_in=bi,
+                    bytes_out=bo,
+                )
         finally:
             await broker.stop()
             store.close()
@@ -74,11 +82,24 @@ def make_store(path: str) -> None:
     asyncio.run(go())
 
 
-def run_cli(state_dir: str, *args: str, env_extra: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin", "LANG": "C.UTF-8",
-           "PYTHONIOENCODING": "utf-8", "HOME": state_dir, **(env_extra or {})}
-    return subprocess.run([PY, "-m", "broker.app", "accounting", f"--BrokerApp.state_dir={state_dir}", *args],
-                          capture_output=True, text=True, env=env, timeout=60, cwd=cwd or state_dir)
+def run_cli(
+    state_dir: str, *args: str, env_extra: dict | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": os.path.dirname(PY) + os.pathsep + "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "HOME": state_dir,
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [PY, "-m", "broker.app", "accounting", f"--BrokerApp.state_dir={state_dir}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=cwd or state_dir,
+    )
 
 
 @pytest.fixture
@@ -128,8 +149,15 @@ def test_table_csv_user_filter_and_periods(state):
     assert "CPU/GPU columns empty" in r.stderr
     got = list(csv.DictReader(io.StringIO(r.stdout)))
     assert [g["user"] for g in got] == ["zoe", "秀樹"]
-    assert got[0] == {"user": "zoe", "sessions": "3", "hours": "2.5", "bytes_in": "1024", "bytes_out": "5076",
-                      "cpu_hours": "", "gpu_hours": ""}
+    assert got[0] == {
+        "user": "zoe",
+        "sessions": "3",
+        "hours": "2.5",
+        "bytes_in": "1024",
+        "bytes_out": "5076",
+        "cpu_hours": "",
+        "gpu_hours": "",
+    }
 
     r = run_cli(state, "--user", "zoe", "--format", "json", "--no-sacct")  # whole history, one user
     rep = json.loads(r.stdout)
@@ -138,12 +166,16 @@ def test_table_csv_user_filter_and_periods(state):
     assert rep["users"][0]["hours"] == pytest.approx(2.5 + 59 / 60, abs=1e-3)  # + February's 10:01 -> 11:00
 
     # periods split by registration time: consecutive periods never count a session twice
-    parts = [run_cli(state, "--since", a, "--until", b, "--format", "json", "--no-sacct")
-             for a, b in (("2026-01-01", "2026-03-10"), ("2026-03-10", "2026-05-01"))]
+    parts = [
+        run_cli(state, "--since", a, "--until", b, "--format", "json", "--no-sacct")
+        for a, b in (("2026-01-01", "2026-03-10"), ("2026-03-10", "2026-05-01"))
+    ]
     counts = [json.loads(p.stdout)["totals"]["sessions"] for p in parts]
     assert counts == [2, 4] and sum(counts) == len(PLAN)
     # an ISO date-time with an offset works too
-    r = run_cli(state, "--since", "2026-03-15T08:00:00", "--until", "2026-03-15T08:00:01", "--format", "json", "--no-sacct")
+    r = run_cli(
+        state, "--since", "2026-03-15T08:00:00", "--until", "2026-03-15T08:00:01", "--format", "json", "--no-sacct"
+    )
     assert [u["user"] for u in json.loads(r.stdout)["users"]] == ["秀樹"]
 
 
@@ -152,7 +184,9 @@ def test_live_session_hours_run_until_now(tmp_path):
 
     async def go() -> None:
         store = SessionStore(path)
-        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1), chp=None)
+        broker = Broker(
+            store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1), chp=None
+        )
         s, _ = await broker.create_session("zoe", "", "/user/zoe/")
         store.update(s.id, state="ready", connected_at=time.time() - 1800, ready_at=time.time() - 1790)
         store.close()
@@ -189,13 +223,16 @@ def test_errors(tmp_path, state):
 
 # -- sacct ------------------------------------------------------------------------------------
 
+
 def test_parse_real_sacct_output():
     usage = acct.parse_sacct(REAL_SACCT)
     assert usage == {"2": {"cpu_seconds": 6.0, "gpu_seconds": 0.0, "elapsed_seconds": 3.0}}
     # GPU TRES as Slurm writes it (total and typed), days in Elapsed, array ids, steps skipped
-    text = ("77|7200|billing=4,cpu=4,gres/gpu=2,gres/gpu:a100=2,mem=8G,node=1|00:30:00\n"
-            "77.batch|7200|cpu=4,gres/gpu=2,mem=8G,node=1|00:30:00\n77.extern|7200|x|00:30:00\n"
-            "78_3|172800|cpu=1,gres/gpu:v100=1,node=1|2-00:00:00\n79|0||\n")
+    text = (
+        "77|7200|billing=4,cpu=4,gres/gpu=2,gres/gpu:a100=2,mem=8G,node=1|00:30:00\n"
+        "77.batch|7200|cpu=4,gres/gpu=2,mem=8G,node=1|00:30:00\n77.extern|7200|x|00:30:00\n"
+        "78_3|172800|cpu=1,gres/gpu:v100=1,node=1|2-00:00:00\n79|0||\n"
+    )
     u = acct.parse_sacct(text)
     assert u["77"]["gpu_seconds"] == 2 * 1800 and u["77"]["cpu_seconds"] == 7200
     assert u["78_3"]["gpu_seconds"] == 2 * 86400
@@ -234,6 +271,7 @@ def test_sacct_disabled_is_reported(state):
 
 # -- a real Slurm with slurmdbd, in its own namespace -----------------------------------------------
 
+
 class NsCluster:
     """SLURM_ACCOUNTING=1 scripts/slurm.sh in a private mount+net namespace (own munge, /etc/slurm, ports)."""
 
@@ -241,9 +279,21 @@ class NsCluster:
         self.base = base
         self.holder: subprocess.Popen | None = None
 
-    def ns(self, *argv: str, timeout: float = 120, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def ns(
+        self, *argv: str, timeout: float = 120, env: dict | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         assert self.holder is not None
-        cmd = ["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--", "env", *[f"{k}={v}" for k, v in (env or {}).items()], *argv]
+        cmd = [
+            "nsenter",
+            "-t",
+            str(self.holder.pid),
+            "-m",
+            "-n",
+            "--",
+            "env",
+            *[f"{k}={v}" for k, v in (env or {}).items()],
+            *argv,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{argv} failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
@@ -251,11 +301,20 @@ class NsCluster:
 
     def start(self) -> None:
         # install slurmdbd and MariaDB first, from the host: the namespace has no network
-        r = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm.sh"), "install"], capture_output=True,
-                           text=True, timeout=600, env=dict(os.environ, SLURM_ACCOUNTING="1"))
+        r = subprocess.run(
+            ["bash", os.path.join(REPO, "scripts", "slurm.sh"), "install"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, SLURM_ACCOUNTING="1"),
+        )
         assert r.returncode == 0, f"slurm.sh install failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
-        self.holder = subprocess.Popen(["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"],
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.3)
         self.ns("ip", "link", "set", "lo", "up")
         # slurmdbd binds with getaddrinfo(AI_ADDRCONFIG): it needs one non-loopback address
@@ -267,15 +326,27 @@ class NsCluster:
             self.ns("mount", "-t", "tmpfs", "tmpfs", d)
         self.ns("chown", "munge:munge", "/run/munge", "/var/log/munge", "/var/lib/munge")
         self.ns("chmod", "0755", "/run/munge")
-        self.ns("bash", os.path.join(REPO, "scripts", "slurm.sh"), "start", timeout=300,
-                env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base, "SLURM_PROCTRACK": "linuxproc"})
+        self.ns(
+            "bash",
+            os.path.join(REPO, "scripts", "slurm.sh"),
+            "start",
+            timeout=300,
+            env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base, "SLURM_PROCTRACK": "linuxproc"},
+        )
 
     def stop(self) -> None:
         if self.holder is None:
             return
         try:
-            self.ns("bash", os.path.join(REPO, "scripts", "slurm.sh"), "stop", "--clean", timeout=120, check=False,
-                    env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base})
+            self.ns(
+                "bash",
+                os.path.join(REPO, "scripts", "slurm.sh"),
+                "stop",
+                "--clean",
+                timeout=120,
+                check=False,
+                env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base},
+            )
         finally:
             self.holder.kill()
             self.holder.wait()
@@ -312,8 +383,17 @@ def test_real_sacct_with_slurmdbd(tmp_path):
         sid = [s for s in store.list(live_only=False) if s.job_id == "101"][0].id
         store.update(sid, job_id=job)  # zoe's first March session ran as this real job
         store.close()
-        r = cluster.ns(PY, "-m", "broker.app", "accounting", f"--BrokerApp.state_dir={state}", *MARCH,
-                       "--format", "json", env={"PATH": os.path.dirname(PY) + ":/usr/bin:/bin", "PYTHONPATH": REPO})
+        r = cluster.ns(
+            PY,
+            "-m",
+            "broker.app",
+            "accounting",
+            f"--BrokerApp.state_dir={state}",
+            *MARCH,
+            "--format",
+            "json",
+            env={"PATH": os.path.dirname(PY) + ":/usr/bin:/bin", "PYTHONPATH": REPO},
+        )
         rep = json.loads(r.stdout)
         assert rep["sacct"]["available"] is True, rep["sacct"]
         assert "1 of 4 jobs found" in rep["sacct"]["note"]  # 102-104 never ran on this cluster

@@ -24,13 +24,13 @@ from broker.store import SessionStore
 
 pytestmark = pytest.mark.asyncio
 
-SERVER = r'''
+SERVER = r"""
 import os, sys, time
 open(sys.argv[1], "w").write(str(os.getpid()))
 if sys.argv[2] == "exit":
     sys.exit(int(sys.argv[3]))
 time.sleep(600)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -68,8 +68,14 @@ class Fixture:
         self.broker: Broker | None = None
 
     async def start_broker(self) -> Broker:
-        self.broker = Broker(store=self.store, host_key=self.key, hub_api=("127.0.0.1", self.hub_port), chp=None,
-                             ssh_listen=("127.0.0.1", self.ssh_port), keepalive_interval=0)
+        self.broker = Broker(
+            store=self.store,
+            host_key=self.key,
+            hub_api=("127.0.0.1", self.hub_port),
+            chp=None,
+            ssh_listen=("127.0.0.1", self.ssh_port),
+            keepalive_interval=0,
+        )
         await self.broker.start()
         return self.broker
 
@@ -79,17 +85,33 @@ class Fixture:
             self.broker = None
 
     async def agent(self, session_id: str, secret: str, server_args: list[str]) -> asyncio.subprocess.Process:
-        env = dict(os.environ, BROKER_SSH_HOST="127.0.0.1", BROKER_SSH_PORT=str(self.ssh_port),
-                   BROKER_HOST_KEY=self.key.export_public_key("openssh").decode(), BROKER_SESSION_ID=session_id,
-                   BROKER_ENROL_SECRET=secret, JUPYTERHUB_API_URL=f"http://127.0.0.1:{self.hub_port}/hub/api",
-                   JUPYTERHUB_SERVICE_PREFIX="/user/x/", NODE_AGENT_RUNTIME_DIR=str(self.tmp / "rt"),
-                   NODE_AGENT_RECONNECT_CAP="0.5", NODE_AGENT_JOB_ID="t1")
+        env = dict(
+            os.environ,
+            BROKER_SSH_HOST="127.0.0.1",
+            BROKER_SSH_PORT=str(self.ssh_port),
+            BROKER_HOST_KEY=self.key.export_public_key("openssh").decode(),
+            BROKER_SESSION_ID=session_id,
+            BROKER_ENROL_SECRET=secret,
+            JUPYTERHUB_API_URL=f"http://127.0.0.1:{self.hub_port}/hub/api",
+            JUPYTERHUB_SERVICE_PREFIX="/user/x/",
+            NODE_AGENT_RUNTIME_DIR=str(self.tmp / "rt"),
+            NODE_AGENT_RECONNECT_CAP="0.5",
+            NODE_AGENT_JOB_ID="t1",
+        )
         script = self.tmp / "server.py"
         script.write_text(SERVER)
         self.agent_log = open(self.tmp / "agent.log", "wb")
         return await asyncio.create_subprocess_exec(
-            os.path.join(os.path.dirname(sys.executable), "node-agent"), "run", "--", sys.executable, str(script), *server_args,
-            env=env, stdout=self.agent_log, stderr=asyncio.subprocess.STDOUT)
+            os.path.join(os.path.dirname(sys.executable), "node-agent"),
+            "run",
+            "--",
+            sys.executable,
+            str(script),
+            *server_args,
+            env=env,
+            stdout=self.agent_log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
 
     def log(self) -> str:
         return (self.tmp / "agent.log").read_text(errors="replace")

@@ -39,8 +39,11 @@ class Env:
             return r.status, data, r
 
     async def create(self, user="zoe", server_name="", routespec=None):
-        status, data, _ = await self.req("POST", "/api/sessions", json={
-            "user": user, "server_name": server_name, "routespec": routespec or f"/user/{user}/"})
+        status, data, _ = await self.req(
+            "POST",
+            "/api/sessions",
+            json={"user": user, "server_name": server_name, "routespec": routespec or f"/user/{user}/"},
+        )
         assert status == 201, data
         return data
 
@@ -49,9 +52,14 @@ class Env:
 async def env(tmp_path):
     db_path = str(tmp_path / "state" / "broker.sqlite")
     store = SessionStore(db_path)
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                    hub_api=("127.0.0.1", 1), chp=None, ssh_listen=("127.0.0.1", 0),
-                    ssh_public_host="broker.example.org")
+    broker = Broker(
+        store=store,
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", 1),
+        chp=None,
+        ssh_listen=("127.0.0.1", 0),
+        ssh_public_host="broker.example.org",
+    )
     await broker.start()
     api = BrokerAPI(broker, TOKEN, "broker.example.org")
     runner = web.AppRunner(api.app, access_log=None)
@@ -83,6 +91,7 @@ async def accepting(port: int) -> bool:
 
 
 # -- authentication on every route --------------------------------------------------------
+
 
 def all_routes(api: BrokerAPI) -> list[tuple[str, str]]:
     out = []
@@ -118,8 +127,13 @@ async def test_every_route_requires_the_token(env):
     for method, path in routes:
         path = path.replace("someid", sid)
         for name, headers in BAD_AUTH.items():
-            status, data, _ = await env.req(method, path, auth=False, headers=headers,
-                                            data=json.dumps({"user": "x", "routespec": "/x", "job_id": "1"}))
+            status, data, _ = await env.req(
+                method,
+                path,
+                auth=False,
+                headers=headers,
+                data=json.dumps({"user": "x", "routespec": "/x", "job_id": "1"}),
+            )
             assert status == 401, (method, path, name, status, data)
             if method != "HEAD":
                 assert data == {"error": "authentication required"}, (method, path, name)
@@ -143,6 +157,7 @@ async def test_unknown_route_without_token_is_401_with_token_404_json(env):
 
 
 # -- create ---------------------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_create_session(env):
@@ -180,6 +195,7 @@ async def test_create_session(env):
             blob = fh.read()
         assert secret.encode() not in blob, f
     from broker.secrets import hash_secret
+
     assert env.broker.store.get(data["id"]).secret_hash == hash_secret(secret)
 
 
@@ -208,29 +224,32 @@ async def test_two_sessions_distinct_ids_ports_secrets(env):
 
 # -- bad input --------------------------------------------------------------------------------
 
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body, needle", [
-    (b"{not json", "JSON"),
-    (b'{"user": "zoe", "routespec": "/x"', "JSON"),
-    (b"\xff\xfe{}", "UTF-8"),
-    (b'{"user": "zo\xe9", "routespec": "/x"}', "UTF-8"),
-    (b"[]", "object"),
-    (b'"zoe"', "object"),
-    (b"42", "object"),
-    (b"null", "object"),
-    (b"{}", "user"),
-    (b'{"routespec": "/user/zoe/"}', "user"),
-    (b'{"user": "", "routespec": "/user/zoe/"}', "user"),
-    (b'{"user": 5, "routespec": "/user/zoe/"}', "user"),
-    (b'{"user": null, "routespec": "/user/zoe/"}', "user"),
-    (b'{"user": "zoe"}', "routespec"),
-    (b'{"user": "zoe", "routespec": ""}', "routespec"),
-    (b'{"user": "zoe", "routespec": "user/zoe/"}', "routespec"),
-    (b'{"user": "zoe", "routespec": "/u/", "server_name": 3}', "server_name"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"{not json", "JSON"),
+        (b'{"user": "zoe", "routespec": "/x"', "JSON"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"user": "zo\xe9", "routespec": "/x"}', "UTF-8"),
+        (b"[]", "object"),
+        (b'"zoe"', "object"),
+        (b"42", "object"),
+        (b"null", "object"),
+        (b"{}", "user"),
+        (b'{"routespec": "/user/zoe/"}', "user"),
+        (b'{"user": "", "routespec": "/user/zoe/"}', "user"),
+        (b'{"user": 5, "routespec": "/user/zoe/"}', "user"),
+        (b'{"user": null, "routespec": "/user/zoe/"}', "user"),
+        (b'{"user": "zoe"}', "routespec"),
+        (b'{"user": "zoe", "routespec": ""}', "routespec"),
+        (b'{"user": "zoe", "routespec": "user/zoe/"}', "routespec"),
+        (b'{"user": "zoe", "routespec": "/u/", "server_name": 3}', "server_name"),
+    ],
+)
 async def test_create_bad_body_is_400_json(env, body, needle):
-    status, data, r = await env.req("POST", "/api/sessions", data=body,
-                                    headers={"Content-Type": "application/json"})
+    status, data, r = await env.req("POST", "/api/sessions", data=body, headers={"Content-Type": "application/json"})
     assert status == 400, data
     assert r.content_type == "application/json"
     assert needle in data["error"]
@@ -283,8 +302,10 @@ async def raw_request(port: int, head: bytes, chunks: list[bytes], delay: float 
 
 
 def chunked_head(port: int, path: str) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
-            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
 
 
 @pytest.mark.asyncio
@@ -308,6 +329,7 @@ async def test_chunked_body_in_pieces_is_read_whole(env):
 
 # -- usernames --------------------------------------------------------------------------------
 
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("user", ["zoe", "50fia", "秀樹", "~TestJH", "has@", "a b", "a/b", "x'\"<>&;$()"])
 async def test_usernames_echoed_exactly(env, user):
@@ -329,6 +351,7 @@ async def test_unicode_is_sent_unescaped_utf8(env):
 
 
 # -- get / patch / list ------------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("method, suffix", [("GET", ""), ("PATCH", ""), ("DELETE", ""), ("GET", "/wait?timeout=0")])
@@ -353,14 +376,17 @@ async def test_patch_job_id_and_node(env):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body, needle", [
-    ({}, "nothing to update"),
-    ({"state": "ready"}, "nothing to update"),
-    ({"port": 1}, "nothing to update"),
-    ({"job_id": 5}, "job_id"),
-    ({"job_id": "1\n2"}, "job_id"),
-    ({"node": "x" * 256}, "node"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({}, "nothing to update"),
+        ({"state": "ready"}, "nothing to update"),
+        ({"port": 1}, "nothing to update"),
+        ({"job_id": 5}, "job_id"),
+        ({"job_id": "1\n2"}, "job_id"),
+        ({"node": "x" * 256}, "node"),
+    ],
+)
 async def test_patch_bad(env, body, needle):
     sid = (await env.create())["id"]
     status, data, _ = await env.req("PATCH", f"/api/sessions/{sid}", json=body)
@@ -394,6 +420,7 @@ async def test_health(env):
 
 
 # -- wait --------------------------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_wait_returns_at_timeout_with_current_state(env):
@@ -445,8 +472,7 @@ async def test_wait_wakes_on_patch_unrelated_change_keeps_waiting(env):
 @pytest.mark.parametrize("timeout", ["abc", "", "1s", "nan"])
 async def test_wait_invalid_timeout_400(env, timeout):
     sid = (await env.create())["id"]
-    status, data, _ = await asyncio.wait_for(
-        env.req("GET", f"/api/sessions/{sid}/wait?timeout={timeout}"), 2)
+    status, data, _ = await asyncio.wait_for(env.req("GET", f"/api/sessions/{sid}/wait?timeout={timeout}"), 2)
     assert status == 400, data
     assert "timeout" in data["error"]
 
@@ -461,6 +487,7 @@ async def test_wait_negative_timeout_returns_now(env):
 
 
 # -- delete ------------------------------------------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_delete_idempotent_and_frees_listener(env):

@@ -23,14 +23,17 @@ from hub_plugin.auth_header import RemoteUserAuthenticator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("trusted, brokers", [
-    (["127.0.0.1/32"], None),
-    (["127.0.0.0/8"], None),
-    (["::1/128"], None),
-    (["0.0.0.0/0"], None),
-    (["::ffff:127.0.0.1/128"], None),  # the IPv4-mapped form of the broker's address
-    (["10.0.0.0/8"], ["10.1.2.3"]),  # a broker on another host
-])
+@pytest.mark.parametrize(
+    "trusted, brokers",
+    [
+        (["127.0.0.1/32"], None),
+        (["127.0.0.0/8"], None),
+        (["::1/128"], None),
+        (["0.0.0.0/0"], None),
+        (["::ffff:127.0.0.1/128"], None),  # the IPv4-mapped form of the broker's address
+        (["10.0.0.0/8"], ["10.1.2.3"]),  # a broker on another host
+    ],
+)
 def test_refuses_to_trust_the_broker(trusted, brokers):
     kw = {"trusted_proxies": trusted}
     if brokers is not None:
@@ -76,9 +79,16 @@ def test_a_real_hub_refuses_to_start_when_it_would_trust_the_broker(tmp_path):
         f"c.JupyterHub.cookie_secret_file = '{tmp_path}/cookie_secret'\n"
         "c.JupyterHub.authenticator_class = 'hub_plugin.auth_header.RemoteUserAuthenticator'\n"
         "c.RemoteUserAuthenticator.trusted_proxies = ['127.0.0.1/32']  # where CHP and the broker connect from\n"
-        "c.Authenticator.allow_all = True\n")
-    r = subprocess.run([sys.executable, "-m", "jupyterhub", "-f", str(tmp_path / "jupyterhub_config.py")],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False)
+        "c.Authenticator.allow_all = True\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "jupyterhub", "-f", str(tmp_path / "jupyterhub_config.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "RemoteUserAuthenticator.trusted_proxies covers 127.0.0.1" in out, out[-3000:]

@@ -16,9 +16,15 @@ import pytest
 from hub_plugin import spawners
 
 CLASSES = [
-    spawners.LocalBrokerSpawner, spawners.SlurmBrokerSpawner, spawners.MultiSlurmBrokerSpawner,
-    spawners.TorqueBrokerSpawner, spawners.MoabBrokerSpawner, spawners.PBSBrokerSpawner,
-    spawners.GridEngineBrokerSpawner, spawners.CondorBrokerSpawner, spawners.LsfBrokerSpawner,
+    spawners.LocalBrokerSpawner,
+    spawners.SlurmBrokerSpawner,
+    spawners.MultiSlurmBrokerSpawner,
+    spawners.TorqueBrokerSpawner,
+    spawners.MoabBrokerSpawner,
+    spawners.PBSBrokerSpawner,
+    spawners.GridEngineBrokerSpawner,
+    spawners.CondorBrokerSpawner,
+    spawners.LsfBrokerSpawner,
 ]
 SECRET = "enrol-secret-" + "x" * 32
 
@@ -28,8 +34,13 @@ def make(cls):
     user = SimpleNamespace(name="root", url="/user/root/", escaped_name="root")
     hub = SimpleNamespace(public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
     sp = cls(user=user, hub=hub, cmd=["jupyterhub-singleuser"], req_username="root", req_homedir="/tmp")
-    sp._broker_env = {"BROKER_ENROL_SECRET": SECRET, "BROKER_SESSION_ID": "s1", "BROKER_SSH_HOST": "hub",
-                      "BROKER_SSH_PORT": "8022", "BROKER_HOST_KEY": "ssh-ed25519 AAAA"}
+    sp._broker_env = {
+        "BROKER_ENROL_SECRET": SECRET,
+        "BROKER_SESSION_ID": "s1",
+        "BROKER_SSH_HOST": "hub",
+        "BROKER_SSH_PORT": "8022",
+        "BROKER_HOST_KEY": "ssh-ed25519 AAAA",
+    }
     return sp
 
 

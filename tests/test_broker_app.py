@@ -18,16 +18,20 @@ from broker_cli import PY, TOKEN, Served, clean_env, full_env, run
 
 # -- configuration errors -------------------------------------------------------------------
 
-@pytest.mark.parametrize("env_over, args, needle", [
-    ({"BROKER_API_TOKEN": None}, [], "BrokerApp.api_token"),
-    ({"BROKER_API_TOKEN": "short"}, [], "BrokerApp.api_token"),
-    ({"CONFIGPROXY_AUTH_TOKEN": None}, [], "BrokerApp.proxy_auth_token"),
-    ({"JUPYTERHUB_API_URL": None}, [], "BrokerApp.hub_api_url"),
-    ({"JUPYTERHUB_API_URL": "ftp://hub/api"}, [], "BrokerApp.hub_api_url"),
-    ({"JUPYTERHUB_API_URL": "not a url"}, [], "BrokerApp.hub_api_url"),
-    ({}, ["--BrokerApp.hub_api_url=http:///nohost"], "BrokerApp.hub_api_url"),
-    ({}, ["--BrokerApp.proxy_api_url=nope"], "BrokerApp.proxy_api_url"),
-])
+
+@pytest.mark.parametrize(
+    "env_over, args, needle",
+    [
+        ({"BROKER_API_TOKEN": None}, [], "BrokerApp.api_token"),
+        ({"BROKER_API_TOKEN": "short"}, [], "BrokerApp.api_token"),
+        ({"CONFIGPROXY_AUTH_TOKEN": None}, [], "BrokerApp.proxy_auth_token"),
+        ({"JUPYTERHUB_API_URL": None}, [], "BrokerApp.hub_api_url"),
+        ({"JUPYTERHUB_API_URL": "ftp://hub/api"}, [], "BrokerApp.hub_api_url"),
+        ({"JUPYTERHUB_API_URL": "not a url"}, [], "BrokerApp.hub_api_url"),
+        ({}, ["--BrokerApp.hub_api_url=http:///nohost"], "BrokerApp.hub_api_url"),
+        ({}, ["--BrokerApp.proxy_api_url=nope"], "BrokerApp.proxy_api_url"),
+    ],
+)
 def test_serve_refuses_bad_config_with_exit_2(tmp_path, env_over, args, needle):
     env = full_env(tmp_path)
     for k, v in env_over.items():
@@ -42,11 +46,14 @@ def test_serve_refuses_bad_config_with_exit_2(tmp_path, env_over, args, needle):
     assert not (tmp_path / "broker-state").exists()  # refused before touching state
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--BrokerApp.log_level=LOUD"], "BrokerApp.log_level"),
-    (["--BrokerApp.ssh_port=70000"], "BrokerApp.ssh_port"),
-    (["--BrokerApp.api_port=-1"], "BrokerApp.api_port"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--BrokerApp.log_level=LOUD"], "BrokerApp.log_level"),
+        (["--BrokerApp.ssh_port=70000"], "BrokerApp.ssh_port"),
+        (["--BrokerApp.api_port=-1"], "BrokerApp.api_port"),
+    ],
+)
 def test_serve_refuses_bad_trait_values(tmp_path, args, needle):
     r = run(tmp_path, ["serve", *args], full_env(tmp_path))
     assert r.returncode != 0
@@ -56,7 +63,11 @@ def test_serve_refuses_bad_trait_values(tmp_path, args, needle):
 
 
 def test_tokens_never_echoed_in_errors(tmp_path):
-    r = run(tmp_path, ["serve", "--BrokerApp.hub_api_url=bad"], full_env(tmp_path, CONFIGPROXY_AUTH_TOKEN="chp-very-secret-1"))
+    r = run(
+        tmp_path,
+        ["serve", "--BrokerApp.hub_api_url=bad"],
+        full_env(tmp_path, CONFIGPROXY_AUTH_TOKEN="chp-very-secret-1"),
+    )
     assert r.returncode == 2
     assert TOKEN not in r.stderr + r.stdout and "chp-very-secret-1" not in r.stderr + r.stdout
 
@@ -102,7 +113,9 @@ def test_generate_config_lists_every_option_with_help(tmp_path):
     # help texts are wrapped over "#  " comment lines: compare with whitespace collapsed
     flat = re.sub(r"\s+", " ", re.sub(r"\n#+ ", " ", text))
     own = BrokerApp.class_own_traits(config=True)
-    assert {"api_token", "proxy_auth_token", "hub_api_url", "ssh_port", "api_port", "state_dir", "log_level"} <= set(own)
+    assert {"api_token", "proxy_auth_token", "hub_api_url", "ssh_port", "api_port", "state_dir", "log_level"} <= set(
+        own
+    )
     for name, trait in own.items():
         assert f"c.BrokerApp.{name} =" in text, name
         assert trait.help, f"{name} has no help"
@@ -203,16 +216,29 @@ def test_old_spellings_move_to_their_components_and_the_command_line_wins(tmp_pa
     from broker.store import SessionStore
 
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("c.AdmissionControl.max_preauth_total = 5\nc.BrokerApp.control_rate = 2.5\n"
-                   "c.BrokerApp.penalty_exempt = ['10.0.0.0/8']\n")
+    cfg.write_text(
+        "c.AdmissionControl.max_preauth_total = 5\nc.BrokerApp.control_rate = 2.5\n"
+        "c.BrokerApp.penalty_exempt = ['10.0.0.0/8']\n"
+    )
     app = BrokerApp()
-    app.initialize(["serve", f"--config-file={cfg}", "--BrokerApp.max_preauth_total=6",
-                    "--BrokerApp.login_timeout=3", "--BrokerApp.reconcile_interval=7"])
+    app.initialize(
+        [
+            "serve",
+            f"--config-file={cfg}",
+            "--BrokerApp.max_preauth_total=6",
+            "--BrokerApp.login_timeout=3",
+            "--BrokerApp.reconcile_interval=7",
+        ]
+    )
     command = app.subapp
     assert isinstance(command, ServeCommand)
-    broker = Broker(parent=command, store=SessionStore(str(tmp_path / "s.sqlite")),
-                    host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
-                    chp=ChpClient("http://127.0.0.1:1", "t"))
+    broker = Broker(
+        parent=command,
+        store=SessionStore(str(tmp_path / "s.sqlite")),
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", 1),
+        chp=ChpClient("http://127.0.0.1:1", "t"),
+    )
     assert broker.login_timeout == 3 and broker.control_rate == 2.5 and broker.control_limits.rate == 2.5
     assert broker.admission.max_preauth_total == 6  # the command line's old spelling beats the file's new one
     assert [str(n) for n in broker.admission.exempt] == ["10.0.0.0/8"]
@@ -224,14 +250,17 @@ def test_old_spellings_move_to_their_components_and_the_command_line_wins(tmp_pa
 
 
 def test_component_option_errors_name_the_option(tmp_path):
-    for args, needle in ((["--AdmissionControl.throttle_interval=0"], "AdmissionControl.throttle_interval"),
-                         (["--Broker.hub_api_burst=0"], "Broker.hub_api_burst"),
-                         (["--BrokerApp.penalty_exempt=not-a-net"], "AdmissionControl.penalty_exempt")):
+    for args, needle in (
+        (["--AdmissionControl.throttle_interval=0"], "AdmissionControl.throttle_interval"),
+        (["--Broker.hub_api_burst=0"], "Broker.hub_api_burst"),
+        (["--BrokerApp.penalty_exempt=not-a-net"], "AdmissionControl.penalty_exempt"),
+    ):
         r = run(tmp_path, ["serve", "--BrokerApp.ssh_port=0", "--BrokerApp.api_port=0", *args], full_env(tmp_path))
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 # -- serve / status -----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -261,7 +290,9 @@ def test_serve_status_sigterm_and_host_key_reuse(served):
     assert re.match(r"USER\s+SERVER\s+JOB\s+NODE\s+PORT\s+STATE", r.stdout)
 
     # a session created over the REST API shows up
-    created = served.api("POST", "/api/sessions", {"user": "秀樹", "server_name": "gpu", "routespec": "/user/秀樹/gpu/"})
+    created = served.api(
+        "POST", "/api/sessions", {"user": "秀樹", "server_name": "gpu", "routespec": "/user/秀樹/gpu/"}
+    )
     assert created["ssh"]["port"] == ssh_port
     served.api("PATCH", f"/api/sessions/{created['id']}", {"job_id": "31337", "node": "cn07"})
     r = served.status("--json")
@@ -270,7 +301,13 @@ def test_serve_status_sigterm_and_host_key_reuse(served):
     assert [s["id"] for s in listed] == [created["id"]]
     s = listed[0]
     assert (s["user"], s["server_name"], s["port"], s["state"], s["job_id"], s["node"]) == (
-        "秀樹", "gpu", created["port"], "registered", "31337", "cn07")
+        "秀樹",
+        "gpu",
+        created["port"],
+        "registered",
+        "31337",
+        "cn07",
+    )
     assert "secret" not in s and "secret_hash" not in s and "agent_key" not in s
 
     r = served.status()
@@ -283,8 +320,11 @@ def test_serve_status_sigterm_and_host_key_reuse(served):
     assert created["secret"] not in r.stdout
 
     # status with a wrong token fails cleanly
-    r = run(served.tmp_path, ["status", f"--BrokerApp.state_dir={served.state_dir}", "--BrokerApp.api_port=0"],
-            clean_env(served.tmp_path, BROKER_API_TOKEN="wrong-token-0123456789"))
+    r = run(
+        served.tmp_path,
+        ["status", f"--BrokerApp.state_dir={served.state_dir}", "--BrokerApp.api_port=0"],
+        clean_env(served.tmp_path, BROKER_API_TOKEN="wrong-token-0123456789"),
+    )
     assert r.returncode == 1 and "401" in r.stderr
 
     # SIGTERM: graceful stop, exit 0
@@ -305,8 +345,11 @@ def test_serve_status_sigterm_and_host_key_reuse(served):
 
 
 def test_status_without_broker_fails_cleanly(tmp_path):
-    r = run(tmp_path, ["status", f"--BrokerApp.api_url=http://127.0.0.1:{free_port()}"],
-            clean_env(tmp_path, BROKER_API_TOKEN=TOKEN))
+    r = run(
+        tmp_path,
+        ["status", f"--BrokerApp.api_url=http://127.0.0.1:{free_port()}"],
+        clean_env(tmp_path, BROKER_API_TOKEN=TOKEN),
+    )
     assert r.returncode == 1
     assert "broker status:" in r.stderr and "Traceback" not in r.stderr
 
@@ -338,10 +381,13 @@ def test_serve_raises_its_fd_soft_limit_and_logs_capacity(tmp_path):
     def lower() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
 
-    code = ("import resource; from broker.app import raise_nofile_limit; "
-            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], raise_nofile_limit()[0])")
-    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=lower,
-                       env=clean_env(tmp_path))
+    code = (
+        "import resource; from broker.app import raise_nofile_limit; "
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], raise_nofile_limit()[0])"
+    )
+    r = subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=lower, env=clean_env(tmp_path)
+    )
     assert r.returncode == 0, r.stderr
     before, after = map(int, r.stdout.split())
     assert before == low
@@ -372,8 +418,11 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 
     s = Served(tmp_path, str(tmp_path / "state"))
-    s.args += ["--Broker.login_timeout=3", "--AdmissionControl.max_preauth_per_source=0",
-               "--AdmissionControl.max_preauth_total=0"]
+    s.args += [
+        "--Broker.login_timeout=3",
+        "--AdmissionControl.max_preauth_per_source=0",
+        "--AdmissionControl.max_preauth_total=0",
+    ]
     s.preexec_fn = limit
     s.start()
     ssh_port = int(open(os.path.join(s.state_dir, "ssh_port")).read())
@@ -396,10 +445,18 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path):
             key = asyncssh.generate_private_key("ssh-ed25519")
             pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
             host_key = asyncssh.import_public_key(created["ssh"]["host_key"])
-            async with asyncssh.connect("127.0.0.1", ssh_port, username=created["id"], known_hosts=([host_key], [], []),
-                                        password=f"enrol {created['secret']} {pub}", client_keys=None,
-                                        preferred_auth="password", agent_path=None, config=None,
-                                        connect_timeout=20) as conn:
+            async with asyncssh.connect(
+                "127.0.0.1",
+                ssh_port,
+                username=created["id"],
+                known_hosts=([host_key], [], []),
+                password=f"enrol {created['secret']} {pub}",
+                client_keys=None,
+                preferred_auth="password",
+                agent_path=None,
+                config=None,
+                connect_timeout=20,
+            ) as conn:
                 return conn.get_extra_info("username")
 
         assert asyncio.run(enrol()) == created["id"]

@@ -23,12 +23,27 @@ from harness import ARTIFACTS, wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SHOTS = os.path.join(ARTIFACTS, "browser")
 
-PROFILES = [{"name": "small", "display_name": "Small", "description": "1 CPU, 1 GB, 30 minutes",
-             "req_nprocs": "1", "req_memory": "1G", "req_runtime": "0:30:00"}]
+PROFILES = [
+    {
+        "name": "small",
+        "display_name": "Small",
+        "description": "1 CPU, 1 GB, 30 minutes",
+        "req_nprocs": "1",
+        "req_memory": "1G",
+        "req_runtime": "0:30:00",
+    }
+]
 
 # Records every progress event the pending page receives (the page shows each one), across
 # navigations, through a binding the test exposes.
@@ -54,8 +69,12 @@ def chromium():
     if not os.path.exists(CHROMIUM):
         if os.geteuid() != 0:
             pytest.fail(f"{CHROMIUM} is missing and installing it needs root: apt-get install chromium")
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium"], check=True,
-                       stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        subprocess.run(
+            ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
     try:
         import playwright  # noqa: F401
     except ImportError:
@@ -76,13 +95,19 @@ def stack_options():
     os.makedirs(SHOTS, exist_ok=True)
     for old in glob.glob(os.path.join(SHOTS, "*.png")):
         os.unlink(old)
-    return dict(name="browser", logs="browser-logs", poll_interval=2, extra_hub_config=(
-        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-        # always show the pending page (a fast spawn would otherwise skip it)
-        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
-        f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
-        # so that the home page's warning shows for a 45-minute session
-        "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"))
+    return dict(
+        name="browser",
+        logs="browser-logs",
+        poll_interval=2,
+        extra_hub_config=(
+            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
+            # always show the pending page (a fast spawn would otherwise skip it)
+            "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
+            f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
+            # so that the home page's warning shows for a 45-minute session
+            "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"
+        ),
+    )
 
 
 def shot(page, name: str) -> None:
@@ -133,8 +158,15 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         page.wait_for_url(f"**/user/{user}/lab**", timeout=120_000)
 
         messages = [e.get("message", "") for e in events]
-        expected = ["Registering the session", "Submitting the batch job", "submitted to the queue",
-                    "running on", "Tunnel connected", "Server ready after", "Server ready at"]
+        expected = [
+            "Registering the session",
+            "Submitting the batch job",
+            "submitted to the queue",
+            "running on",
+            "Tunnel connected",
+            "Server ready after",
+            "Server ready at",
+        ]
         positions = []
         for want in expected:
             idx = next((i for i, m in enumerate(messages) if want in m), None)
@@ -151,9 +183,12 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         session = hub.session_of(user)
         script = open(os.path.join(hub.job_dir(session["job_id"]), "script")).read()
         assert "JUPYTERHUB_WALLTIME_END" in script and "+ 2700" in script, script
-        _, env = hub.run_code(user, "import os; (os.environ.get('JUPYTERHUB_IMAGE'), "
-                                    "os.environ.get('JUPYTERHUB_WALLTIME_SECONDS'), "
-                                    "bool(os.environ.get('JUPYTERHUB_WALLTIME_END')))")
+        _, env = hub.run_code(
+            user,
+            "import os; (os.environ.get('JUPYTERHUB_IMAGE'), "
+            "os.environ.get('JUPYTERHUB_WALLTIME_SECONDS'), "
+            "bool(os.environ.get('JUPYTERHUB_WALLTIME_END')))",
+        )
         assert env == "('compute', '2700', True)", env
 
         # JupyterLab: a new notebook, 1+1 -> 2
@@ -191,8 +226,7 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         assert page.is_visible("#walltime-warning"), text
         shot(page, f"{user}-06-home")
         page.click("#stop")
-        wait_until(lambda: not hub.api(hub.user_path(user))[1].get("servers"), 60, interval=0.5,
-                   what="server to stop")
+        wait_until(lambda: not hub.api(hub.user_path(user))[1].get("servers"), 60, interval=0.5, what="server to stop")
         assert f"/user/{user}" not in hub.proxy_routes()
         page.wait_for_selector("#stop", state="hidden", timeout=30_000)
         page.reload()

@@ -50,6 +50,7 @@ HOSTILE_NODE_STORED = "cn\\u202e10\\x1b\\x5b31m\\x0aINFO\\x20fake\\x20line"
 
 # -- units: framing, token bucket, escaping ------------------------------------------------
 
+
 def test_line_splitter_is_linear_and_keeps_only_the_tail():
     s = LineSplitter(64)
     assert s.feed(b'{"a"') == []
@@ -64,7 +65,7 @@ def test_line_splitter_is_linear_and_keeps_only_the_tail():
         t = time.perf_counter()
         got = 0
         for i in range(0, len(data), 7):
-            got += len(big.feed(data[i:i + 7]))
+            got += len(big.feed(data[i : i + 7]))
         assert got == n
         return time.perf_counter() - t
 
@@ -104,6 +105,7 @@ def test_reported_names_keep_hostname_characters_and_escape_the_rest():
 
 # -- in-process broker with a real CHP -----------------------------------------------------
 
+
 class Agent:
     """A raw agent: enrolled connection, tunnel to a tiny HTTP server, control channel."""
 
@@ -138,10 +140,17 @@ class Env:
         session, secret = await self.broker.create_session(user, "", f"/user/{user}/")
         key = asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, username=session.id,
-                                      password=f"enrol {secret} {pub}", client_keys=None, preferred_auth="password",
-                                      known_hosts=([self.broker.host_key.convert_to_public()], [], []),
-                                      agent_path=None, config=None)
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            self.broker.ssh_port,
+            username=session.id,
+            password=f"enrol {secret} {pub}",
+            client_keys=None,
+            preferred_auth="password",
+            known_hosts=([self.broker.host_key.convert_to_public()], [], []),
+            agent_path=None,
+            config=None,
+        )
         if tunnel:
             path = os.path.join(self.tmp, f"{user}.sock")
             self.servers.append(await unix_http_server(path))
@@ -149,12 +158,18 @@ class Env:
         return session, await Agent(conn, key).control()
 
     def routes(self) -> dict:
-        req = urllib.request.Request(self.chp.api_url + "/api/routes", headers={"Authorization": f"token {self.chp.token}"})
+        req = urllib.request.Request(
+            self.chp.api_url + "/api/routes", headers={"Authorization": f"token {self.chp.token}"}
+        )
         return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
     def add_route(self, path: str, data: dict) -> None:
-        req = urllib.request.Request(self.chp.api_url + "/api/routes" + path, method="POST", data=json.dumps(data).encode(),
-                                     headers={"Authorization": f"token {self.chp.token}"})
+        req = urllib.request.Request(
+            self.chp.api_url + "/api/routes" + path,
+            method="POST",
+            data=json.dumps(data).encode(),
+            headers={"Authorization": f"token {self.chp.token}"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -181,10 +196,19 @@ async def env(tmp_path):
     chp = Chp().start()
     db_path = str(tmp_path / "broker.sqlite")
     store = SessionStore(db_path)
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
-                    chp=SlowAddChp(chp.api_url, chp.token), keepalive_interval=0, login_timeout=10,
-                    config=Config(RoutePublisher={"reconcile_interval": 60.0}), counters_flush_interval=3600.0,
-                    control_rate=5.0, control_burst=20, control_queue=32)
+    broker = Broker(
+        store=store,
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", 1),
+        chp=SlowAddChp(chp.api_url, chp.token),
+        keepalive_interval=0,
+        login_timeout=10,
+        config=Config(RoutePublisher={"reconcile_interval": 60.0}),
+        counters_flush_interval=3600.0,
+        control_rate=5.0,
+        control_burst=20,
+        control_queue=32,
+    )
     await broker.start()
     e = Env(broker, chp, str(tmp_path), db_path)
     try:
@@ -244,9 +268,14 @@ async def test_reconciler_removes_stale_tagged_routes_only(tmp_path):
     chp = Chp().start()
     store = SessionStore(str(tmp_path / "b.sqlite"))
     interval = 1.0
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"), hub_api=("127.0.0.1", 1),
-                    chp=ChpClient(chp.api_url, chp.token), keepalive_interval=0,
-                    config=Config(RoutePublisher={"reconcile_interval": interval}))
+    broker = Broker(
+        store=store,
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", 1),
+        chp=ChpClient(chp.api_url, chp.token),
+        keepalive_interval=0,
+        config=Config(RoutePublisher={"reconcile_interval": interval}),
+    )
     await broker.start()
     e = Env(broker, chp, str(tmp_path), "")
     try:
@@ -309,9 +338,16 @@ async def test_only_the_first_ready_has_an_effect(env):
     first = env.broker.get(session.id)
     assert first.state == "ready"
     # a reconnect's ready does not re-publish or re-stamp either
-    conn = await asyncssh.connect("127.0.0.1", env.broker.ssh_port, username=session.id, client_keys=[agent.key],
-                                  preferred_auth="publickey", agent_path=None, config=None,
-                                  known_hosts=([env.broker.host_key.convert_to_public()], [], []))
+    conn = await asyncssh.connect(
+        "127.0.0.1",
+        env.broker.ssh_port,
+        username=session.id,
+        client_keys=[agent.key],
+        preferred_auth="publickey",
+        agent_path=None,
+        config=None,
+        known_hosts=([env.broker.host_key.convert_to_public()], [], []),
+    )
     await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
     again = await Agent(conn, agent.key).control()
     again.send({"type": "ready"})
@@ -332,13 +368,18 @@ def broker_log_lines():
     broker_log.configure("INFO", stream=sys.stderr)
 
 
-@pytest.mark.parametrize("what, payload, reason", [
-    ("rate", b'{"type": "heartbeat"}\n' * 21, "rate_limit"),
-    ("line", b"x" * (16 * 1024 + 1), "line_too_long"),
-    ("garbage", b"\xff\xfe not json\n", "malformed"),
-])
+@pytest.mark.parametrize(
+    "what, payload, reason",
+    [
+        ("rate", b'{"type": "heartbeat"}\n' * 21, "rate_limit"),
+        ("line", b"x" * (16 * 1024 + 1), "line_too_long"),
+        ("garbage", b"\xff\xfe not json\n", "malformed"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_over_the_limits_closes_only_that_connection_logged_once_and_counted(broker_log_lines, env, what, payload, reason):
+async def test_over_the_limits_closes_only_that_connection_logged_once_and_counted(
+    broker_log_lines, env, what, payload, reason
+):
     other, _ = await env.agent("bystander")
     session, agent = await env.agent("noisy")
     broker_log_lines.truncate(0)
@@ -397,6 +438,7 @@ async def test_yielding_between_messages_keeps_the_loop_responsive(env):
 
 # -- hub-side facts ------------------------------------------------------------------------
 
+
 def test_old_store_is_migrated_and_its_reported_node_escaped(tmp_path):
     path = str(tmp_path / "old.sqlite")
     db = sqlite3.connect(path)
@@ -407,8 +449,11 @@ def test_old_store_is_migrated_and_its_reported_node_escaped(tmp_path):
         agent_connected INTEGER NOT NULL DEFAULT 0, bytes_in INTEGER NOT NULL DEFAULT 0,
         bytes_out INTEGER NOT NULL DEFAULT 0, end_reason TEXT NOT NULL DEFAULT '',
         walltime_warning TEXT NOT NULL DEFAULT '', exit_status INTEGER);""")
-    db.execute("INSERT INTO sessions (id, user, routespec, state, port, created, job_id, node) VALUES "
-               "('a', 'zoe', '/user/zoe/', 'ready', 40001, 1.0, '77', ?)", (HOSTILE_NODE,))
+    db.execute(
+        "INSERT INTO sessions (id, user, routespec, state, port, created, job_id, node) VALUES "
+        "('a', 'zoe', '/user/zoe/', 'ready', 40001, 1.0, '77', ?)",
+        (HOSTILE_NODE,),
+    )
     db.commit()
     db.close()
     store = SessionStore(path)
@@ -424,9 +469,22 @@ def test_old_store_is_migrated_and_its_reported_node_escaped(tmp_path):
 
 def _status(served: Served, *extra: str) -> subprocess.CompletedProcess:
     """``broker status`` of this worktree's code (Served.status runs with a clean environment)."""
-    return subprocess.run([sys.executable, "-m", "broker.app", "status", *extra, f"--BrokerApp.state_dir={served.state_dir}",
-                           "--BrokerApp.api_port=0"], capture_output=True, text=True, timeout=30, cwd=served.tmp_path,
-                          env=dict(served.env, BROKER_API_TOKEN=TOKEN))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker.app",
+            "status",
+            *extra,
+            f"--BrokerApp.state_dir={served.state_dir}",
+            "--BrokerApp.api_port=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=served.tmp_path,
+        env=dict(served.env, BROKER_API_TOKEN=TOKEN),
+    )
 
 
 @pytest.mark.asyncio
@@ -445,10 +503,17 @@ async def test_hello_claims_change_no_hub_side_fact_and_names_are_shown_escaped(
         served.api("PATCH", f"/api/sessions/{mal['id']}", {"job_id": "2002"})
         key = asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        conn = await asyncssh.connect("127.0.0.1", mal["ssh"]["port"], username=mal["id"],
-                                      password=f"enrol {mal['secret']} {pub}", client_keys=None,
-                                      preferred_auth="password", agent_path=None, config=None,
-                                      known_hosts=([asyncssh.import_public_key(mal["ssh"]["host_key"])], [], []))
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            mal["ssh"]["port"],
+            username=mal["id"],
+            password=f"enrol {mal['secret']} {pub}",
+            client_keys=None,
+            preferred_auth="password",
+            agent_path=None,
+            config=None,
+            known_hosts=([asyncssh.import_public_key(mal["ssh"]["host_key"])], [], []),
+        )
         agent = await Agent(conn, key).control()
         agent.send({"type": "hello", "node": HOSTILE_NODE, "job_id": "1001"})
         assert await agent.acks(1) == ["hello"]
@@ -456,9 +521,23 @@ async def test_hello_claims_change_no_hub_side_fact_and_names_are_shown_escaped(
         assert (s["job_id"], s["node"], s["node_reported"]) == ("2002", "", HOSTILE_NODE_STORED)
         assert served.api("GET", f"/api/sessions/{victim['id']}")["job_id"] == "1001"
 
-        r = subprocess.run([sys.executable, "-m", "broker.app", "accounting", "--format", "json", "--no-sacct",
-                            f"--BrokerApp.state_dir={served.state_dir}"], capture_output=True, text=True,
-                           env=served.env, cwd=tmp_path, timeout=30)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker.app",
+                "accounting",
+                "--format",
+                "json",
+                "--no-sacct",
+                f"--BrokerApp.state_dir={served.state_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            env=served.env,
+            cwd=tmp_path,
+            timeout=30,
+        )
         assert r.returncode == 0, r.stderr
         jobs = {u["user"]: u["jobs"] for u in json.loads(r.stdout)["users"]}
         assert jobs == {"vic": ["1001"], "mal": ["2002"]}
@@ -520,10 +599,17 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
         server = await unix_http_server(sock)
         key = asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        honest_conn = await asyncssh.connect("127.0.0.1", ssh["port"], username=honest["id"],
-                                             password=f"enrol {honest['secret']} {pub}", client_keys=None,
-                                             preferred_auth="password", agent_path=None, config=None,
-                                             known_hosts=([asyncssh.import_public_key(ssh["host_key"])], [], []))
+        honest_conn = await asyncssh.connect(
+            "127.0.0.1",
+            ssh["port"],
+            username=honest["id"],
+            password=f"enrol {honest['secret']} {pub}",
+            client_keys=None,
+            preferred_auth="password",
+            agent_path=None,
+            config=None,
+            known_hosts=([asyncssh.import_public_key(ssh["host_key"])], [], []),
+        )
         await honest_conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
         agent = await Agent(honest_conn, key).control()
         agent.send({"type": "hello", "node": "cn01"}, {"type": "ready"})
@@ -531,10 +617,20 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
         port = honest["port"]
 
         flooder = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.join(REPO, "tests", "flood_agent.py"),
-            env=dict(os.environ, PYTHONPATH=REPO, FLOOD_HOST="127.0.0.1", FLOOD_PORT=str(ssh["port"]),
-                     FLOOD_HOST_KEY=ssh["host_key"], FLOOD_SESSION=hostile["id"], FLOOD_SECRET=hostile["secret"]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            sys.executable,
+            os.path.join(REPO, "tests", "flood_agent.py"),
+            env=dict(
+                os.environ,
+                PYTHONPATH=REPO,
+                FLOOD_HOST="127.0.0.1",
+                FLOOD_PORT=str(ssh["port"]),
+                FLOOD_HOST_KEY=ssh["host_key"],
+                FLOOD_SESSION=hostile["id"],
+                FLOOD_SECRET=hostile["secret"],
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert json.loads(await asyncio.wait_for(flooder.stdout.readline(), 60)) == {"enrolled": True}
 
         rss: list[int] = []
@@ -569,10 +665,12 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
             rss_start = min(rss_start, rss_before_flood)
         base_p99, flood_p99 = _p99(base), _p99(flood)
         growth_mib = (max(rss) - rss_start) / 1024
-        print(f"\nhonest requests: baseline n={len(base)} p50={sorted(base)[len(base) // 2] * 1e3:.2f}ms "
-              f"p99={base_p99 * 1e3:.2f}ms; during/after flood n={len(flood)} "
-              f"p50={sorted(flood)[len(flood) // 2] * 1e3:.2f}ms p99={flood_p99 * 1e3:.2f}ms; "
-              f"broker RSS growth {growth_mib:.1f} MiB; rounds {rounds}")
+        print(
+            f"\nhonest requests: baseline n={len(base)} p50={sorted(base)[len(base) // 2] * 1e3:.2f}ms "
+            f"p99={base_p99 * 1e3:.2f}ms; during/after flood n={len(flood)} "
+            f"p50={sorted(flood)[len(flood) // 2] * 1e3:.2f}ms p99={flood_p99 * 1e3:.2f}ms; "
+            f"broker RSS growth {growth_mib:.1f} MiB; rounds {rounds}"
+        )
         for r in rounds:
             assert r["heartbeats"]["closed"] and r["readies"]["closed"], r
         assert flood_p99 <= 2 * base_p99, (base_p99, flood_p99)
@@ -581,8 +679,12 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
         async with aiohttp.ClientSession() as http:
             async with http.get(served.api_url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
                 text = await resp.text()
-        closed = {s.labels["reason"]: s.value for fam in text_string_to_metric_families(text)
-                  for s in fam.samples if s.name == "broker_control_closed_total"}
+        closed = {
+            s.labels["reason"]: s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "broker_control_closed_total"
+        }
         assert closed["rate_limit"] == 2 * ROUNDS, closed
         mal = served.api("GET", f"/api/sessions/{hostile['id']}")
         assert mal["job_id"] == "" and mal["state"] == "connected"  # no job id taken from hello; the

@@ -96,9 +96,17 @@ def test_other_unix_user_gains_nothing(stack, other_user):
     assert relay.startswith("http://127.0.0.1:")
     st_dir, st_sock = os.stat(os.path.dirname(sock)), os.stat(sock)
     assert stat.S_IMODE(st_dir.st_mode) == 0o700 and stat.S_IMODE(st_sock.st_mode) == 0o600
-    probe = subprocess.run([SYSTEM_PYTHON, "-I", "-c", PROBE, sock, relay], user=other_user.pw_uid,
-                           group=other_user.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=60,
-                           cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": other_user.pw_dir})
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", PROBE, sock, relay],
+        user=other_user.pw_uid,
+        group=other_user.pw_gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": other_user.pw_dir},
+    )
     assert probe.returncode == 0, probe.stderr
     out = json.loads(probe.stdout)
     assert out["unix"] == "PermissionError", out

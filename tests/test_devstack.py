@@ -37,8 +37,13 @@ def test_no_shipped_module_imports_devstack():
             with open(path, encoding="utf-8") as f:
                 tree = ast.parse(f.read(), path)
             for node in ast.walk(tree):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 bad += [f"{os.path.relpath(path, REPO)}:{node.lineno}" for n in names if n.split(".")[0] == "devstack"]
     assert not bad, bad
 

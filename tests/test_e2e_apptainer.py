@@ -74,17 +74,28 @@ def apptainer_stack(tmp_path_factory):
     config = work / "hpc-config.toml"
     binds = "[" + ", ".join(f'"{b}"' for b in python_binds()) + "]"
     workdir = tmp_bind_workdir(work / "container-workdir")
-    config.write_text(HPC_CONFIG.format(scratch=scratch, image=image, binds=binds,
-                                        bindir=os.path.dirname(sys.executable),
-                                        workdir="".join(f', "{a}"' for a in workdir),
-                                        isolation="[isolation]\nallow_weak = true\n" if workdir else ""))
-    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
-        f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-        # the host's notebook dir does not exist in the container: serve the container home
-        "c.Spawner.notebook_dir = '/home/jovyan'\n"
-        # the job imports the checkout under test (bound below), not only the venv's install
-        f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n")) as s:
+    config.write_text(
+        HPC_CONFIG.format(
+            scratch=scratch,
+            image=image,
+            binds=binds,
+            bindir=os.path.dirname(sys.executable),
+            workdir="".join(f', "{a}"' for a in workdir),
+            isolation="[isolation]\nallow_weak = true\n" if workdir else "",
+        )
+    )
+    with running_stack(
+        str(work / "stack"),
+        path=tool_path(),
+        extra_hub_config=(
+            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
+            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
+            # the host's notebook dir does not exist in the container: serve the container home
+            "c.Spawner.notebook_dir = '/home/jovyan'\n"
+            # the job imports the checkout under test (bound below), not only the venv's install
+            f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"
+        ),
+    ) as s:
         s.scratch = str(scratch)
         s.image_build_seconds = build_s
         yield s
@@ -137,10 +148,11 @@ def test_notebook_runs_inside_apptainer_and_home_persists(apptainer_stack):
     back = json.loads(ast.literal_eval(text))
     assert back == {"home": token, "overlay": token, "marker": True}, back
     hub.stop(user)
-    logs = "".join(p.read_text(errors="replace")
-                   for p in (Path(apptainer_stack.scratch) / "log").iterdir())
+    logs = "".join(p.read_text(errors="replace") for p in (Path(apptainer_stack.scratch) / "log").iterdir())
     assert "starting apptainer" in logs and "read-only" not in logs
     assert (Path(apptainer_stack.scratch) / "overlays" / f"{user}.img").is_file()
     print(f"inside: {proof}")
-    print(f"image build {apptainer_stack.image_build_seconds:.1f}s, spawn1 {spawn1:.1f}s, "
-          f"spawn2 {spawn2:.1f}s, whole test {time.monotonic() - t0:.1f}s")
+    print(
+        f"image build {apptainer_stack.image_build_seconds:.1f}s, spawn1 {spawn1:.1f}s, "
+        f"spawn2 {spawn2:.1f}s, whole test {time.monotonic() - t0:.1f}s"
+    )

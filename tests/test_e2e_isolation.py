@@ -71,7 +71,7 @@ inner_command = ["{bindir}/node-agent", "run"]
 {isolation}
 """
 
-WEAK = '[isolation]\nallow_weak = true  # the control half: the wall taken down on purpose\n'
+WEAK = "[isolation]\nallow_weak = true  # the control half: the wall taken down on purpose\n"
 
 
 def per_job_workdir_runtime(base: Path) -> str:
@@ -79,19 +79,22 @@ def per_job_workdir_runtime(base: Path) -> str:
     empty mount points for them in the container's /tmp, i.e. a ``--workdir``. One shared
     workdir would give every job the same /tmp (launch refuses that under a shared account),
     so this wrapper, used as ``container.runtime``, makes a fresh one for each container."""
-    under = [p for p in (b.split(":")[0] for b in python_binds())
-             if p.startswith(("/tmp/", "/var/tmp/"))]
+    under = [p for p in (b.split(":")[0] for b in python_binds()) if p.startswith(("/tmp/", "/var/tmp/"))]
     apptainer = shutil.which("apptainer")
     if not under or apptainer is None:
         return apptainer or "apptainer"
     base.mkdir(parents=True, exist_ok=True)
-    dirs = " ".join(f'"$d/{"tmp" if p.startswith("/tmp/") else "var_tmp"}/'
-                    f'{p.split("/", 2)[2] if p.startswith("/tmp/") else p.split("/", 3)[3]}"'
-                    for p in under)
+    dirs = " ".join(
+        f'"$d/{"tmp" if p.startswith("/tmp/") else "var_tmp"}/'
+        f'{p.split("/", 2)[2] if p.startswith("/tmp/") else p.split("/", 3)[3]}"'
+        for p in under
+    )
     wrapper = base / "apptainer-per-job-workdir"
-    wrapper.write_text(f'#!/bin/sh\nset -e\nd=$(mktemp -d {base}/job-XXXXXX)\n'
-                       f'mkdir -p {dirs}\nsub=$1; shift\n'
-                       f'exec {apptainer} "$sub" --workdir "$d" "$@"\n')
+    wrapper.write_text(
+        f"#!/bin/sh\nset -e\nd=$(mktemp -d {base}/job-XXXXXX)\n"
+        f"mkdir -p {dirs}\nsub=$1; shift\n"
+        f'exec {apptainer} "$sub" --workdir "$d" "$@"\n'
+    )
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -110,18 +113,31 @@ def iso_stack(tmp_path_factory):
 
     def configure(contain: str, isolation: str = "") -> None:
         binds = "[" + ", ".join(f'"{b}"' for b in python_binds()) + "]"
-        config.write_text(HPC_CONFIG.format(
-            scratch=scratch, runtime=runtime, image=image, contain=contain, binds=binds,
-            bindir=os.path.dirname(sys.executable), isolation=isolation))
+        config.write_text(
+            HPC_CONFIG.format(
+                scratch=scratch,
+                runtime=runtime,
+                image=image,
+                contain=contain,
+                binds=binds,
+                bindir=os.path.dirname(sys.executable),
+                isolation=isolation,
+            )
+        )
 
     configure("contain-pid")
-    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
-        f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-        "c.Spawner.notebook_dir = '/home/jovyan'\n"
-        # the jobs (launch on the host, the agent in the container) import the checkout under
-        # test, which is bound into the container, not only what the venv's install points at
-        f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n")) as s:
+    with running_stack(
+        str(work / "stack"),
+        path=tool_path(),
+        extra_hub_config=(
+            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
+            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
+            "c.Spawner.notebook_dir = '/home/jovyan'\n"
+            # the jobs (launch on the host, the agent in the container) import the checkout under
+            # test, which is bound into the container, not only what the venv's install points at
+            f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"
+        ),
+    ) as s:
         s.scratch = scratch
         s.configure = configure
         yield s
@@ -227,8 +243,7 @@ for root in WALK_ROOTS:
 json.dumps(out)
 """
 
-SKIP_IN_WALK = ["/proc", "/sys", "/dev/pts", "/dev/null", "/dev/zero", "/dev/random",
-                "/dev/urandom", "/dev/tty"]
+SKIP_IN_WALK = ["/proc", "/sys", "/dev/pts", "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/tty"]
 
 
 def run_pair(stack, hub: Hub, walk_roots: list[str], sock_glob: str) -> tuple[dict, dict, dict]:
@@ -246,10 +261,11 @@ def run_pair(stack, hub: Hub, walk_roots: list[str], sock_glob: str) -> tuple[di
     a_home = str(Path(stack.scratch) / "homes" / A)
     assert (Path(a_home) / "secret.txt").read_text() == f"{secret}\n{a['token']}\n"
     skip = SKIP_IN_WALK + [b.split(":")[0] for b in python_binds()]
-    code = (f"TOKEN_HEX = {a['token'].encode().hex()!r}\nSECRET_HEX = {secret.encode().hex()!r}\n"
-            f"A_SOCK = {a['sock']!r}\nMY_SOCK = {b_self['sock']!r}\nA_HOME = {a_home!r}\n"
-            f"WALK_ROOTS = {walk_roots!r}\nSKIP = {skip!r}\nSOCK_GLOB = {sock_glob!r}\n"
-            + B_PROBE)
+    code = (
+        f"TOKEN_HEX = {a['token'].encode().hex()!r}\nSECRET_HEX = {secret.encode().hex()!r}\n"
+        f"A_SOCK = {a['sock']!r}\nMY_SOCK = {b_self['sock']!r}\nA_HOME = {a_home!r}\n"
+        f"WALK_ROOTS = {walk_roots!r}\nSKIP = {skip!r}\nSOCK_GLOB = {sock_glob!r}\n" + B_PROBE
+    )
     return a, b_self, evaluate(hub, B, code)
 
 
@@ -279,25 +295,28 @@ def test_shared_account_containers_wall_users_off(iso_stack):
     assert a["sock"].startswith("/tmp/node-agent-"), a  # the socket dir is in the private /tmp
     for user in (A, B):
         hub.stop(user)
-    logs = "".join(p.read_text(errors="replace")
-                   for p in (Path(iso_stack.scratch) / "log").iterdir())
+    logs = "".join(p.read_text(errors="replace") for p in (Path(iso_stack.scratch) / "log").iterdir())
     assert "isolation: shared account; own PID namespace and /tmp" in logs
 
     # --- the control: the same probe with the wall taken down (one uid, no PID namespace) ----
     iso_stack.configure("none", WEAK)
     a2, _, open_probe = run_pair(iso_stack, hub, [str(iso_stack.scratch)], "")
-    print("control: B sees", len(open_probe["procs"]), "processes,", len(anna_procs(open_probe)),
-          "of anna; token in", open_probe["token_in_proc"][:3])
+    print(
+        "control: B sees",
+        len(open_probe["procs"]),
+        "processes,",
+        len(anna_procs(open_probe)),
+        "of anna; token in",
+        open_probe["token_in_proc"][:3],
+    )
     assert anna_procs(open_probe), open_probe["procs"]
     assert open_probe["token_in_proc"], "A's token should be readable without the wall"
     assert a2["sock"].startswith("/tmp/node-agent-"), a2  # the host's /tmp this time
     assert open_probe["a_sock"] == "connected", open_probe["a_sock"]
     assert open_probe["a_home"] == "read:has-secret", open_probe["a_home"]
-    assert any(p.endswith(f"/homes/{A}/secret.txt") for p in open_probe["found_in_files"]), \
-        open_probe["found_in_files"]
+    assert any(p.endswith(f"/homes/{A}/secret.txt") for p in open_probe["found_in_files"]), open_probe["found_in_files"]
     for user in (A, B):
         hub.stop(user)
-    logs = "".join(p.read_text(errors="replace")
-                   for p in (Path(iso_stack.scratch) / "log").iterdir())
+    logs = "".join(p.read_text(errors="replace") for p in (Path(iso_stack.scratch) / "log").iterdir())
     assert "isolation.allow_weak: starting anyway although container.contain: 'none'" in logs
     print(f"whole test {time.monotonic() - t0:.1f}s")

@@ -49,18 +49,24 @@ def launch_stack(tmp_path_factory):
     scratch.mkdir()
     config = work / "hpc-config.toml"
     config.write_text(HPC_CONFIG.format(message=MESSAGE, scratch=scratch))
-    with running_stack(str(work / "stack"), path=tool_path(), extra_hub_config=(
-        f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n")) as s:
+    with running_stack(
+        str(work / "stack"),
+        path=tool_path(),
+        extra_hub_config=(
+            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
+            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
+            "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
+        ),
+    ) as s:
         s.scratch = str(scratch)
         yield s
 
 
 def _progress_events(stack, user: str, timeout: float = 30) -> list[dict]:
     """Read the hub's spawn-progress event stream (what the spawn page shows) until it ends."""
-    req = urllib.request.Request(f"{stack.hub_api_url}/users/{user}/server/progress",
-                                 headers={"Authorization": f"token {stack.admin_token}"})
+    req = urllib.request.Request(
+        f"{stack.hub_api_url}/users/{user}/server/progress", headers={"Authorization": f"token {stack.admin_token}"}
+    )
     events = []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:

@@ -23,8 +23,13 @@ LAST_ACTIVITY_INTERVAL = 4
 @pytest.fixture(scope="module")
 def stack_options():
     """The module's ``stack`` (conftest.py)."""
-    return dict(name="stack", logs="e2e-local-logs", last_activity_interval=LAST_ACTIVITY_INTERVAL,
-                poll_interval=2, reconcile_interval=1.0)
+    return dict(
+        name="stack",
+        logs="e2e-local-logs",
+        last_activity_interval=LAST_ACTIVITY_INTERVAL,
+        poll_interval=2,
+        reconcile_interval=1.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +56,19 @@ def test_spawn_status_kernel_and_stop(hub, stack):
     hub.stop(user)
     assert f"/user/{user}" not in hub.proxy_routes()
     wait_until(lambda: not alive(server_pid), 15, what="server process to end")
-    query = subprocess.run([sys.executable, "-m", "hub_plugin.localbatch", "query", "--spool",
-                            os.path.join(stack.workdir, "spool"), job_id], capture_output=True, text=True)
+    query = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hub_plugin.localbatch",
+            "query",
+            "--spool",
+            os.path.join(stack.workdir, "spool"),
+            job_id,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert not query.stdout.startswith(("RUNNING", "PENDING")), query.stdout
     closed = hub.broker(f"/api/sessions/{session['id']}")[1]
     assert closed["state"] == "closed" and closed["end_reason"]

@@ -32,8 +32,12 @@ from e2e import Hub
 from harness import REPO, running_stack, tool_path, wait_until
 from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, real_binary, run
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(900),
-              pytest.mark.usefixtures("cancel_leftover_jobs")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slurm,
+    pytest.mark.timeout(900),
+    pytest.mark.usefixtures("cancel_leftover_jobs"),
+]
 
 TIMINGS: dict[str, list[float]] = {}
 
@@ -45,7 +49,9 @@ def _job_state(job_id: str) -> str:
 
 
 def _live_jobs() -> list[str]:
-    out = run(real_binary("squeue"), "-h", "-n", JOB_TAG, "-t", "PENDING,RUNNING,CONFIGURING,COMPLETING", "-o", "%i").stdout
+    out = run(
+        real_binary("squeue"), "-h", "-n", JOB_TAG, "-t", "PENDING,RUNNING,CONFIGURING,COMPLETING", "-o", "%i"
+    ).stdout
     return out.split()
 
 
@@ -67,21 +73,31 @@ def _calls(log: Path) -> list[float]:
 
 
 # An admin-defined profile whose jobs cannot start for an hour (users cannot pass sbatch options).
-LATER_PROFILE = ("c.SlurmBrokerSpawner.profiles = [{'name': 'later', 'description': 'starts in an hour', "
-                 "'req_options': '--begin=now+1hour'}]")
+LATER_PROFILE = (
+    "c.SlurmBrokerSpawner.profiles = [{'name': 'later', 'description': 'starts in an hour', "
+    "'req_options': '--begin=now+1hour'}]"
+)
 
 
 @pytest.fixture(scope="module")
 def stack_options(slurm_cluster, squeue_log, tmp_path_factory):
     """The module's ``stack`` (conftest.py): SlurmBrokerSpawner, the squeue wrapper first on PATH."""
     workdir = str(tmp_path_factory.mktemp("slurm-stack"))
-    yield dict(workdir=workdir, path=f"{squeue_log.parent}{os.pathsep}{tool_path()}", logs="e2e-slurm-logs",
-               poll_interval=1, reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-               extra_hub_config=hub_config(workdir, LATER_PROFILE))
+    yield dict(
+        workdir=workdir,
+        path=f"{squeue_log.parent}{os.pathsep}{tool_path()}",
+        logs="e2e-slurm-logs",
+        poll_interval=1,
+        reconcile_interval=1.0,
+        spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+        extra_hub_config=hub_config(workdir, LATER_PROFILE),
+    )
     spawns = TIMINGS.get("spawn", [])  # after the stack has stopped
     if spawns:
-        print(f"\n[slurm] single spawns to ready: median {statistics.median(spawns):.1f} s over {len(spawns)}: "
-              + ", ".join(f"{t:.1f}" for t in spawns))
+        print(
+            f"\n[slurm] single spawns to ready: median {statistics.median(spawns):.1f} s over {len(spawns)}: "
+            + ", ".join(f"{t:.1f}" for t in spawns)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +137,11 @@ def test_spawn_status_kernel_stop_on_slurm(hub, stack):
 
     # Slurm's walltime warning (simulated at once with scancel --signal): the agent reports it
     run("scancel", "--batch", "--signal=USR1", job_id, check=True)
-    wait_until(lambda: hub.broker(f"/api/sessions/{session['id']}")[1].get("walltime_warning"), 15,
-               what="walltime warning in the broker's session")
+    wait_until(
+        lambda: hub.broker(f"/api/sessions/{session['id']}")[1].get("walltime_warning"),
+        15,
+        what="walltime warning in the broker's session",
+    )
 
     hub.stop(user)
     assert f"/user/{user}" not in hub.proxy_routes()
@@ -196,8 +215,12 @@ def test_hub_restart_keeps_running_server(hub, stack):
 
     stack.stop_service("hub")
     stack.start_hub()
-    wait_until(lambda: hub.through_proxy(user, "api/status")[0] == 200, 30, interval=0.5,
-               what="server usable through CHP after the hub restart")
+    wait_until(
+        lambda: hub.through_proxy(user, "api/status")[0] == 200,
+        30,
+        interval=0.5,
+        what="server usable through CHP after the hub restart",
+    )
     _, info = hub.api(hub.user_path(user))
     assert info["servers"][""]["ready"]
     state = info["servers"][""].get("state") or {}
@@ -236,10 +259,12 @@ def test_twenty_sessions_one_squeue_per_interval(hub, stack, squeue_log):
     # one periodic squeue per interval; +2 for the window's two edges (a query just before it
     # ends and one just after it starts can both fall inside)
     allowed = window / SLURM_POLL_INTERVAL + 2
-    print(f"\n[slurm] 20 concurrent spawns: wall {spawn_wall:.1f} s, per spawn median "
-          f"{statistics.median(times):.1f} s (max {max(times):.1f}); squeue calls during spawning: {spawn_calls}; "
-          f"steady {window:.0f} s: {len(in_window)} squeue calls (allowed <= {allowed:.0f}; "
-          f"stock batchspawner would need ~{20 * window:.0f})")
+    print(
+        f"\n[slurm] 20 concurrent spawns: wall {spawn_wall:.1f} s, per spawn median "
+        f"{statistics.median(times):.1f} s (max {max(times):.1f}); squeue calls during spawning: {spawn_calls}; "
+        f"steady {window:.0f} s: {len(in_window)} squeue calls (allowed <= {allowed:.0f}; "
+        f"stock batchspawner would need ~{20 * window:.0f})"
+    )
     assert len(in_window) <= allowed
     assert len(in_window) >= window / SLURM_POLL_INTERVAL / 2  # it does poll
     live = _live_jobs()
@@ -258,16 +283,24 @@ def test_twenty_sessions_one_squeue_per_interval(hub, stack, squeue_log):
 @pytest.fixture(scope="module")
 def remote_stack(slurm_cluster, sshd, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("slurm-remote-stack"))
-    extra = "\n".join([
-        'c.SlurmBrokerSpawner.login_node_host = "127.0.0.1"',
-        f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
-        'c.SlurmBrokerSpawner.login_node_user = "root"',
-        f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
-        f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
-    ])
-    with running_stack(workdir, path=tool_path(), logs="e2e-slurm-remote-logs", poll_interval=2, reconcile_interval=1.0,
-                       spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                       extra_hub_config=hub_config(workdir, extra)) as s:
+    extra = "\n".join(
+        [
+            'c.SlurmBrokerSpawner.login_node_host = "127.0.0.1"',
+            f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
+            'c.SlurmBrokerSpawner.login_node_user = "root"',
+            f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
+            f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
+        ]
+    )
+    with running_stack(
+        workdir,
+        path=tool_path(),
+        logs="e2e-slurm-remote-logs",
+        poll_interval=2,
+        reconcile_interval=1.0,
+        spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+        extra_hub_config=hub_config(workdir, extra),
+    ) as s:
         yield s
 
 
@@ -292,8 +325,6 @@ def test_remote_submission_ten_spawns_one_ssh_connection(remote_stack, sshd):
     assert "BROKER_ENROL_SECRET=" not in log and "JUPYTERHUB_API_TOKEN=" not in log
 
 
-
-
 # -- identity models ---------------------------------------------------------------------------
 
 
@@ -304,9 +335,15 @@ def _identity_stack(tmp_path_factory, name: str, extra: str) -> AbstractContextM
     os.makedirs(out_dir, exist_ok=True)
     # the Stack's notebook_dir is inside its 0700 work dir: serve the job's cwd (the home) instead
     extra += '\nc.Spawner.notebook_dir = ""'
-    return running_stack(workdir, path=tool_path(), logs=f"e2e-slurm-{name}-logs", poll_interval=2,
-                         reconcile_interval=1.0, spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                         extra_hub_config=hub_config(workdir, extra, out_dir=out_dir))
+    return running_stack(
+        workdir,
+        path=tool_path(),
+        logs=f"e2e-slurm-{name}-logs",
+        poll_interval=2,
+        reconcile_interval=1.0,
+        spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+        extra_hub_config=hub_config(workdir, extra, out_dir=out_dir),
+    )
 
 
 def _ancestors(path: str) -> list[str]:
@@ -344,7 +381,10 @@ def unix_user():
                 if not mode & 0o001:
                     os.chmod(parent, mode | 0o001)
                     restored.append((parent, mode))
-        if run("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode != 0:
+        if (
+            run("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode
+            != 0
+        ):
             pytest.fail(f"{sys.executable} cannot be run by a normal user here")
         yield pwd.getpwnam(name)
     finally:

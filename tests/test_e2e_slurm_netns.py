@@ -23,8 +23,12 @@ from harness import running_stack, tool_path
 from reliability import NodeNetwork, have_netns, sh
 from slurm_cluster import hub_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(600),
-              pytest.mark.usefixtures("cancel_leftover_jobs")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slurm,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("cancel_leftover_jobs"),
+]
 
 
 def _firewall(net: NodeNetwork, ssh_port: int) -> None:
@@ -46,8 +50,10 @@ table inet node {{
 
 
 def _node_can_connect(net: NodeNetwork, host: str, port: int) -> bool:
-    code = (f"import socket,sys\ns=socket.socket();s.settimeout(2)\n"
-            f"sys.exit(0 if s.connect_ex(({host!r},{port}))==0 else 1)")
+    code = (
+        f"import socket,sys\ns=socket.socket();s.settimeout(2)\n"
+        f"sys.exit(0 if s.connect_ex(({host!r},{port}))==0 else 1)"
+    )
     return subprocess.run([*net.prefix(), "python3", "-c", code], capture_output=True, timeout=20).returncode == 0
 
 
@@ -68,11 +74,18 @@ def test_spawn_from_an_outbound_only_node(node_net, tmp_path_factory, slurm_clus
     decoy.bind((net.hub_ip, free_port()))
     decoy.listen()
     try:
-        with running_stack(workdir, path=tool_path(), logs="e2e-slurm-netns-logs", poll_interval=2,
-                           reconcile_interval=1.0, broker_ssh_host=net.hub_ip,
-                           spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-                           extra_hub_config=hub_config(workdir, "c.SlurmBrokerSpawner.agent_command = "
-                                                       + repr(" ".join(net.prefix()) + " node-agent run --"))) as stack:
+        with running_stack(
+            workdir,
+            path=tool_path(),
+            logs="e2e-slurm-netns-logs",
+            poll_interval=2,
+            reconcile_interval=1.0,
+            broker_ssh_host=net.hub_ip,
+            spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
+            extra_hub_config=hub_config(
+                workdir, "c.SlurmBrokerSpawner.agent_command = " + repr(" ".join(net.prefix()) + " node-agent run --")
+            ),
+        ) as stack:
             _firewall(net, stack.ssh_port)  # the broker's SSH port is known once it has bound it
             assert not _node_can_connect(net, net.hub_ip, decoy.getsockname()[1])
             assert not _node_can_connect(net, "127.0.0.1", stack.hub_port)  # the hub API is not reachable

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.asyncio
 
 SHARED = "127.0.0.1"  # the attacker's and the honest agent's node (or NAT) address
 
-NOTEBOOK = r'''
+NOTEBOOK = r"""
 import asyncio, os, sys
 sock = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--ServerApp.sock="))
 parent = os.getppid()
@@ -58,7 +58,7 @@ async def main():
         await asyncio.sleep(0.5)
 
 asyncio.run(main())
-'''
+"""
 
 FLOOD = r'''
 import asyncio, json, os, sys
@@ -141,9 +141,16 @@ class FairHarness(Harness):
 
     async def fail_login(self, source: str, session_id: str) -> None:
         with pytest.raises(asyncssh.PermissionDenied):
-            await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), username=session_id,
-                                   password="enrol wrong-secret ssh-ed25519 AAAA", client_keys=None,
-                                   preferred_auth="password", **self.ssh_options())
+            await asyncssh.connect(
+                "127.0.0.1",
+                self.broker.ssh_port,
+                local_addr=(source, 0),
+                username=session_id,
+                password="enrol wrong-secret ssh-ed25519 AAAA",
+                client_keys=None,
+                preferred_auth="password",
+                **self.ssh_options(),
+            )
 
     async def spawn_asyncssh_agent(self, source: str, user: str) -> tuple[float, asyncssh.SSHClientConnection]:
         """Register a session, then behave like its agent from *source*: enrol, forward the
@@ -152,9 +159,16 @@ class FairHarness(Harness):
         session, secret = await self.session(user)
         key = asyncssh.generate_private_key("ssh-ed25519")
         pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-        conn = await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), username=session.id,
-                                      password=f"enrol {secret} {pub}", client_keys=None, preferred_auth="password",
-                                      **self.ssh_options())
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            self.broker.ssh_port,
+            local_addr=(source, 0),
+            username=session.id,
+            password=f"enrol {secret} {pub}",
+            client_keys=None,
+            preferred_auth="password",
+            **self.ssh_options(),
+        )
         await conn.forward_remote_port_to_path("127.0.0.1", 0, await self.serve_unix(f"nb-{user}"))
         _, writer = await conn.open_connection(CONTROL_HOST, CONTROL_PORT)
         writer.write(b'{"type": "ready"}\n')
@@ -169,23 +183,35 @@ class FairHarness(Harness):
         script = os.path.join(self.tmp, "notebook.py")
         with open(script, "w") as f:
             f.write(NOTEBOOK)
-        env = dict(os.environ, BROKER_SSH_HOST="127.0.0.1", BROKER_SSH_PORT=str(self.broker.ssh_port),
-                   BROKER_HOST_KEY=self.broker.host_key.export_public_key("openssh").decode(),
-                   BROKER_SESSION_ID=session.id, BROKER_ENROL_SECRET=secret,
-                   JUPYTERHUB_API_URL=f"http://127.0.0.1:{self.hub_api_port}/hub/api",
-                   JUPYTERHUB_SERVICE_PREFIX=f"/user/{user}/", NODE_AGENT_RUNTIME_DIR=os.path.join(self.tmp, "rt"),
-                   NODE_AGENT_JOB_ID=f"job-{user}")
+        env = dict(
+            os.environ,
+            BROKER_SSH_HOST="127.0.0.1",
+            BROKER_SSH_PORT=str(self.broker.ssh_port),
+            BROKER_HOST_KEY=self.broker.host_key.export_public_key("openssh").decode(),
+            BROKER_SESSION_ID=session.id,
+            BROKER_ENROL_SECRET=secret,
+            JUPYTERHUB_API_URL=f"http://127.0.0.1:{self.hub_api_port}/hub/api",
+            JUPYTERHUB_SERVICE_PREFIX=f"/user/{user}/",
+            NODE_AGENT_RUNTIME_DIR=os.path.join(self.tmp, "rt"),
+            NODE_AGENT_JOB_ID=f"job-{user}",
+        )
         log = open(os.path.join(self.tmp, f"agent-{user}.log"), "wb")
         proc = await asyncio.create_subprocess_exec(
-            os.path.join(os.path.dirname(sys.executable), "node-agent"), "run", "--", sys.executable, script,
-            env=env, stdout=log, stderr=asyncio.subprocess.STDOUT)
+            os.path.join(os.path.dirname(sys.executable), "node-agent"),
+            "run",
+            "--",
+            sys.executable,
+            script,
+            env=env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         self.agents.append(proc)
         return session.id, proc, t0
 
     def agent_log(self, user: str) -> str:
         with open(os.path.join(self.tmp, f"agent-{user}.log"), errors="replace") as f:
             return f.read()
-
 
 
 async def _hub_api() -> asyncio.base_events.Server:
@@ -203,9 +229,15 @@ async def make(tmp_path):
     async def factory(**admission_kw) -> FairHarness:
         hub = await _hub_api()
         store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
-        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                        hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]), chp=None, keepalive_interval=0,
-                        login_timeout=30, admission=AdmissionControl(**admission_kw))
+        broker = Broker(
+            store=store,
+            host_key=asyncssh.generate_private_key("ssh-ed25519"),
+            hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]),
+            chp=None,
+            keepalive_interval=0,
+            login_timeout=30,
+            admission=AdmissionControl(**admission_kw),
+        )
         await broker.start()
         h = FairHarness(broker, str(tmp_path), hub.sockets[0].getsockname()[1])
         made.append((h, hub, store))
@@ -312,12 +344,19 @@ async def test_honest_agent_behind_a_penalised_flooded_address_gets_ready(make, 
     assert max(others_attack) <= 2 * max(others_baseline) + 0.25, (others_baseline, others_attack)
     assert _metric(h, "broker_agent_throttled_total") == after["throttled"]
     assert _metric(h, "broker_agent_evicted_total") == after["evicted"]
-    record("fair admission: penalised and flooded address", idle_connections=300, defer_accept=defer_accept,
-           honest_ready_s=round(honest_s, 2), honest_baseline_s=round(honest_baseline, 2),
-           others_baseline_max_s=round(max(others_baseline), 3), others_attack_max_s=round(max(others_attack), 3),
-           others_baseline_median_s=round(statistics.median(others_baseline), 3),
-           others_attack_median_s=round(statistics.median(others_attack), 3),
-           flood=during, admission=after)
+    record(
+        "fair admission: penalised and flooded address",
+        idle_connections=300,
+        defer_accept=defer_accept,
+        honest_ready_s=round(honest_s, 2),
+        honest_baseline_s=round(honest_baseline, 2),
+        others_baseline_max_s=round(max(others_baseline), 3),
+        others_attack_max_s=round(max(others_attack), 3),
+        others_baseline_median_s=round(statistics.median(others_baseline), 3),
+        others_attack_median_s=round(statistics.median(others_attack), 3),
+        flood=during,
+        admission=after,
+    )
 
 
 async def test_enrolled_agent_reconnects_through_a_penalised_flooded_address(make, tmp_path):
@@ -363,8 +402,13 @@ async def test_idle_hogs_rotate_out_of_a_capped_address(make, tmp_path):
     conn.close()
     assert t < 10
     assert ad.stats()["evicted"] >= rotated
-    record("fair admission: rotation at the cap", per_source_cap=8, idle_connections=40,
-           admissions_in_4s=rotated, honest_ready_s=round(t, 2))
+    record(
+        "fair admission: rotation at the cap",
+        per_source_cap=8,
+        idle_connections=40,
+        admissions_in_4s=rotated,
+        honest_ready_s=round(t, 2),
+    )
 
 
 async def test_identified_flood_gets_no_more_than_the_throttle_rate(make, tmp_path):
@@ -400,8 +444,14 @@ async def test_identified_flood_gets_no_more_than_the_throttle_rate(make, tmp_pa
     assert admissions <= (t1 - t0) / 0.5 + 1, f"{admissions} admissions in {t1 - t0:.1f} s"
     assert ad.admitted(SHARED) == ad.max_preauth_per_source
     assert max(others_attack) <= 2 * max(others_baseline) + 0.25, (others_baseline, others_attack)
-    record("fair admission: identified flood (limit)", connections=300, seconds=round(t1 - t0, 1),
-           flood_connections_per_s=round((after["opened"] - before["opened"]) / (t1 - t0)),
-           admissions=admissions, broker_cpu_share=round((cpu1 - cpu0) / (t1 - t0), 2),
-           same_address_agent=same, others_baseline_max_s=round(max(others_baseline), 3),
-           others_attack_max_s=round(max(others_attack), 3))
+    record(
+        "fair admission: identified flood (limit)",
+        connections=300,
+        seconds=round(t1 - t0, 1),
+        flood_connections_per_s=round((after["opened"] - before["opened"]) / (t1 - t0)),
+        admissions=admissions,
+        broker_cpu_share=round((cpu1 - cpu0) / (t1 - t0), 2),
+        same_address_agent=same,
+        others_baseline_max_s=round(max(others_baseline), 3),
+        others_attack_max_s=round(max(others_attack), 3),
+    )

@@ -42,9 +42,14 @@ FAST_AGENT = (
 @pytest.fixture(scope="module")
 def stack_options():
     """The module's ``stack`` (conftest.py)."""
-    return dict(name="faults", logs="faults-logs", poll_interval=2, reconcile_interval=1.0,
-                extra_broker_args=["--Broker.keepalive_interval=2", "--Broker.keepalive_count_max=3"],
-                extra_hub_config=FAST_AGENT)
+    return dict(
+        name="faults",
+        logs="faults-logs",
+        poll_interval=2,
+        reconcile_interval=1.0,
+        extra_broker_args=["--Broker.keepalive_interval=2", "--Broker.keepalive_count_max=3"],
+        extra_hub_config=FAST_AGENT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +142,7 @@ def test_broker_kill9_with_several_sessions(hub, stack):
         assert after["agent_connected"]
         _, result = hub.run_code(u, "v", kernel_id=kernels[u])
         assert result == str(users.index(u) * 1000 + 7), "kernel state lost"
-        tail = job_output(hub, before[u]["job_id"])[outputs_before[u]:]
+        tail = job_output(hub, before[u]["job_id"])[outputs_before[u] :]
         delays[u] = [float(x) for x in re.findall(r"retrying .*delay=([0-9.]+)", tail)]
         assert delays[u], f"{u}: agent did not log its retries:\n{tail}"
         assert max(delays[u]) <= 4.0 + 1e-6, "delay above the configured cap"
@@ -145,8 +150,13 @@ def test_broker_kill9_with_several_sessions(hub, stack):
     # (delays are logged to 0.01 s, so two agents may share one value by chance, not a sequence)
     sequences = [tuple(d[:3]) for d in delays.values()]
     assert len(set(sequences)) == len(sequences) and len({d[0] for d in delays.values()}) > 1, delays
-    record("broker kill -9", sessions=len(users), down_s=down, all_routes_back_s=round(back_after, 2),
-           retry_delays={u: d[:6] for u, d in delays.items()})
+    record(
+        "broker kill -9",
+        sessions=len(users),
+        down_s=down,
+        all_routes_back_s=round(back_after, 2),
+        retry_delays={u: d[:6] for u, d in delays.items()},
+    )
     for u in users:
         hub.stop(u)
 
@@ -175,8 +185,12 @@ def test_hub_restart_reloads_spawner_state(hub, stack):
 # -- agent and server killed ------------------------------------------------------------------
 def _wait_gone(hub: Hub, user: str, session_id: str, timeout: float = 30) -> float:
     t0 = time.monotonic()
-    wait_until(lambda: not hub.api(hub.user_path(user))[1].get("servers"), timeout, interval=0.2,
-               what=f"hub poll to notice {user}'s server is gone")
+    wait_until(
+        lambda: not hub.api(hub.user_path(user))[1].get("servers"),
+        timeout,
+        interval=0.2,
+        what=f"hub poll to notice {user}'s server is gone",
+    )
     noticed = time.monotonic() - t0
     s = hub.broker(f"/api/sessions/{session_id}")[1]
     assert s["state"] == "closed" and s["end_reason"], s
@@ -206,11 +220,18 @@ def test_singleuser_crash_closes_session_with_reason(hub, stack):
     s = hub.broker(f"/api/sessions/{session['id']}")[1]
     assert "server exited with status" in s["end_reason"], s
     assert s["exit_status"] not in (None, 0), s
-    wait_until(lambda: os.path.exists(os.path.join(hub.job_dir(session["job_id"]), "exit_status")) or
-               "server exited" in job_output(hub, session["job_id"]), 15, what="job end")
+    wait_until(
+        lambda: (
+            os.path.exists(os.path.join(hub.job_dir(session["job_id"]), "exit_status"))
+            or "server exited" in job_output(hub, session["job_id"])
+        ),
+        15,
+        what="job end",
+    )
     assert "server exited" in job_output(hub, session["job_id"])
-    record("singleuser SIGKILL", hub_noticed_s=round(noticed, 2), end_reason=s["end_reason"],
-           exit_status=s["exit_status"])
+    record(
+        "singleuser SIGKILL", hub_noticed_s=round(noticed, 2), end_reason=s["end_reason"], exit_status=s["exit_status"]
+    )
 
 
 # -- SIGTERM during a large transfer ----------------------------------------------------------
@@ -225,8 +246,10 @@ def test_broker_sigterm_during_large_transfer_is_graceful(hub, stack):
     started = threading.Event()
 
     def download() -> None:
-        req = urllib.request.Request(stack.public_url + hub.prefix(user) + "files/big.bin",
-                                     headers={"Authorization": f"token {stack.admin_token}"})
+        req = urllib.request.Request(
+            stack.public_url + hub.prefix(user) + "files/big.bin",
+            headers={"Authorization": f"token {stack.admin_token}"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 while True:
@@ -262,8 +285,13 @@ def test_broker_sigterm_during_large_transfer_is_graceful(hub, stack):
     assert bytes_out >= got["bytes"] * 0.9, (bytes_out, got)  # counters flushed at stop
     stack.start_broker()
     wait_until(lambda: route_works(hub, user), 60, interval=0.3, what="route after broker restart")
-    record("broker SIGTERM mid-transfer", downloaded_mib=got["bytes"] >> 20, stop_s=round(stop_s, 2),
-           exit_status=rc, bytes_out_flushed=bytes_out)
+    record(
+        "broker SIGTERM mid-transfer",
+        downloaded_mib=got["bytes"] >> 20,
+        stop_s=round(stop_s, 2),
+        exit_status=rc,
+        bytes_out_flushed=bytes_out,
+    )
     os.unlink(big)
     hub.stop(user)
 
@@ -276,12 +304,19 @@ def node_stack(tmp_path_factory):
     net = NodeNetwork(7).create()
     keepalive, count = 1, 3
     try:
-        with running_stack(str(tmp_path_factory.mktemp("netcut")), path=tool_path(), logs="netcut-logs",
-                           poll_interval=2, reconcile_interval=1.0, broker_ssh_host=net.hub_ip,
-                           extra_broker_args=[f"--Broker.keepalive_interval={keepalive}",
-                                              f"--Broker.keepalive_count_max={count}"],
-                           extra_hub_config=FAST_AGENT + "c.LocalBrokerSpawner.agent_command = "
-                           + repr(" ".join(net.prefix()) + " node-agent run --") + "\n") as s:
+        with running_stack(
+            str(tmp_path_factory.mktemp("netcut")),
+            path=tool_path(),
+            logs="netcut-logs",
+            poll_interval=2,
+            reconcile_interval=1.0,
+            broker_ssh_host=net.hub_ip,
+            extra_broker_args=[f"--Broker.keepalive_interval={keepalive}", f"--Broker.keepalive_count_max={count}"],
+            extra_hub_config=FAST_AGENT
+            + "c.LocalBrokerSpawner.agent_command = "
+            + repr(" ".join(net.prefix()) + " node-agent run --")
+            + "\n",
+        ) as s:
             s.net = net  # type: ignore[attr-defined]
             s.keepalive_bound = keepalive * (count + 1)  # type: ignore[attr-defined]
             try:
@@ -303,8 +338,12 @@ def test_node_network_cut_and_half_open_detection(node_stack):
     cut = size(10, 30)
     net.link(False)
     t0 = time.monotonic()
-    wait_until(lambda: not hub.session_of(user)["agent_connected"], stack.keepalive_bound + 5, interval=0.1,
-               what="broker to notice the half-open agent connection")
+    wait_until(
+        lambda: not hub.session_of(user)["agent_connected"],
+        stack.keepalive_bound + 5,
+        interval=0.1,
+        what="broker to notice the half-open agent connection",
+    )
     detected = time.monotonic() - t0
     assert detected <= stack.keepalive_bound + 1.5, detected
     remaining = cut - (time.monotonic() - t0)
@@ -319,6 +358,11 @@ def test_node_network_cut_and_half_open_detection(node_stack):
     assert (after["id"], after["port"]) == (before["id"], before["port"])
     wait_until(lambda: route_works(hub, user), 20, interval=0.3, what="route after the cut")
     assert hub.run_code(user, "n", kernel_id=kernel)[1] == "'survives the cut'"
-    record("node network cut", cut_s=cut, half_open_detected_s=round(detected, 2),
-           bound_s=stack.keepalive_bound, reconnected_after_link_up_s=round(reconnected, 2))
+    record(
+        "node network cut",
+        cut_s=cut,
+        half_open_detected_s=round(detected, 2),
+        bound_s=stack.keepalive_bound,
+        reconnected_after_link_up_s=round(reconnected, 2),
+    )
     hub.stop(user)

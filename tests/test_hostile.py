@@ -58,7 +58,9 @@ async def _hold_server() -> asyncio.base_events.Server:
 
 class HostileHarness(Harness):
     async def connect_from(self, source: str, **kw):
-        return await asyncssh.connect("127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), **self.ssh_options(**kw))
+        return await asyncssh.connect(
+            "127.0.0.1", self.broker.ssh_port, local_addr=(source, 0), **self.ssh_options(**kw)
+        )
 
 
 @pytest_asyncio.fixture
@@ -69,11 +71,16 @@ async def make_broker(tmp_path):
     async def make(hub_server=None, **admission_kw) -> HostileHarness:
         hub = hub_server or await echo_server()
         store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
-        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                        hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]), chp=None,
-                        keepalive_interval=0, login_timeout=admission_kw.pop("login_timeout", 10),
-                        max_hub_api_channels=admission_kw.pop("max_hub_api_channels", 64),
-                        admission=AdmissionControl(**admission_kw))
+        broker = Broker(
+            store=store,
+            host_key=asyncssh.generate_private_key("ssh-ed25519"),
+            hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]),
+            chp=None,
+            keepalive_interval=0,
+            login_timeout=admission_kw.pop("login_timeout", 10),
+            max_hub_api_channels=admission_kw.pop("max_hub_api_channels", 64),
+            admission=AdmissionControl(**admission_kw),
+        )
         await broker.start()
         h = HostileHarness(broker, str(tmp_path))
         h.servers = []
@@ -92,8 +99,17 @@ async def make_broker(tmp_path):
 
 # -- the forward-policy matrix ---------------------------------------------------------------
 CREDENTIALS = ["valid", "expired", "other session's", "revoked", "replayed"]
-REQUESTS = ["remote forward 127.0.0.1:0", "remote forward fixed port", "remote forward 0.0.0.0",
-            "direct to hub API", "direct elsewhere", "unix-socket forward", "exec", "shell", "subsystem"]
+REQUESTS = [
+    "remote forward 127.0.0.1:0",
+    "remote forward fixed port",
+    "remote forward 0.0.0.0",
+    "direct to hub API",
+    "direct elsewhere",
+    "unix-socket forward",
+    "exec",
+    "shell",
+    "subsystem",
+]
 LOGIN_REFUSED = "login refused"
 EXPECTED: dict[str, dict[str, str]] = {
     "valid": {
@@ -228,7 +244,9 @@ GARBAGE = {
     "version line of 64 KiB, no newline": b"SSH-2.0-" + b"A" * 65536,
     "NUL flood": b"\0" * 100_000,
     "oversized packet (length 2 GiB)": b"SSH-2.0-evil\r\n" + struct.pack(">IB", 0x7FFFFFFF, 4) + os.urandom(1024),
-    "oversized packet (length 1 MiB, body sent)": b"SSH-2.0-evil\r\n" + struct.pack(">IB", 1 << 20, 4) + b"\0" * (1 << 20),
+    "oversized packet (length 1 MiB, body sent)": b"SSH-2.0-evil\r\n"
+    + struct.pack(">IB", 1 << 20, 4)
+    + b"\0" * (1 << 20),
 }
 
 
@@ -257,8 +275,9 @@ async def test_garbage_storm_keeps_memory_steady(make_broker):
     payloads = list(GARBAGE.values())
 
     async def storm(n: int) -> None:
-        await asyncio.gather(*[loop.run_in_executor(None, _raw, h.broker.ssh_port, payloads[i % len(payloads)])
-                               for i in range(n)])
+        await asyncio.gather(
+            *[loop.run_in_executor(None, _raw, h.broker.ssh_port, payloads[i % len(payloads)]) for i in range(n)]
+        )
 
     await storm(rounds // 3)  # warm-up: allocator and caches settle
     before = rss_kib()
@@ -271,8 +290,9 @@ async def test_garbage_storm_keeps_memory_steady(make_broker):
 
 
 # -- slowloris, caps, login timeout ----------------------------------------------------------
-async def _idle_connections(n: int, port: int, source: str = ATTACKER,
-                            ident: bool = False) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def _idle_connections(
+    n: int, port: int, source: str = ATTACKER, ident: bool = False
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """n TCP connections that send nothing (or, with *ident*, only an SSH identification line:
     the kernel then hands them to the broker at once instead of after TCP_DEFER_ACCEPT)."""
     conns = []
@@ -333,8 +353,9 @@ async def test_slowloris_from_one_source_is_throttled_and_does_not_block_another
     then gets about one admission per second, each replacing its oldest idle connection; another
     source enrols at once; login timeout (also the longest wait) ends the rest."""
     n, per_source, room, login_timeout = 200, 32, 32, 6.0
-    h = await make_broker(max_preauth_per_source=per_source, max_waiting_per_source=room, max_preauth_total=0,
-                          login_timeout=login_timeout)
+    h = await make_broker(
+        max_preauth_per_source=per_source, max_waiting_per_source=room, max_preauth_total=0, login_timeout=login_timeout
+    )
     ad = h.broker.admission
     idle = await _idle_connections(n, h.broker.ssh_port)
     # the kernel hands silent connections over after TCP_DEFER_ACCEPT (1 s); wait until all arrived
@@ -367,9 +388,16 @@ async def test_slowloris_from_one_source_is_throttled_and_does_not_block_another
     t0 = time.monotonic()
     open_ones = [r for (r, _), st in zip(idle, seen, strict=False) if st in ("banner", "nothing")]
     assert all(await asyncio.gather(*[_closed_soon(r, login_timeout + 3) for r in open_ones]))
-    record("slowloris", idle_connections=n, admitted=per_source, waiting=room,
-           evicted_at_once=seen.count("closed"), admissions_in_2_5s=rotated, honest_enrol_s=round(enrol_s, 3),
-           all_dropped_after_s=round(time.monotonic() - t0, 2))
+    record(
+        "slowloris",
+        idle_connections=n,
+        admitted=per_source,
+        waiting=room,
+        evicted_at_once=seen.count("closed"),
+        admissions_in_2_5s=rotated,
+        honest_enrol_s=round(enrol_s, 3),
+        all_dropped_after_s=round(time.monotonic() - t0, 2),
+    )
     for _, w in idle:
         w.close()
     conn.close()
@@ -380,7 +408,7 @@ async def test_capped_source_waits_without_banner_and_rotates(make_broker):
     evicts the older pre-auth connection of its source; garbage from a throttled source is closed
     before the banner."""
     h = await make_broker(max_preauth_per_source=1, max_preauth_total=0)
-    (r1, w1), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    ((r1, w1),) = await _idle_connections(1, h.broker.ssh_port, ident=True)
     assert await _observe(r1, 1.0) == "banner"  # admitted
     t0 = time.monotonic()
     (r2, w2), (r3, w3) = await _idle_connections(2, h.broker.ssh_port, ident=True)
@@ -391,8 +419,9 @@ async def test_capped_source_waits_without_banner_and_rotates(make_broker):
     waited = time.monotonic() - t0
     assert 0.45 <= waited <= 1.8, waited  # one admission per second, jittered x[0.5, 1.5]
     assert await _observe(r2, 1.0) == "evicted"
-    got, seconds = await asyncio.get_running_loop().run_in_executor(None, _raw, h.broker.ssh_port,
-                                                                     b"GET / HTTP/1.1\r\n\r\n")
+    got, seconds = await asyncio.get_running_loop().run_in_executor(
+        None, _raw, h.broker.ssh_port, b"GET / HTTP/1.1\r\n\r\n"
+    )
     assert got == b"" and seconds < 2  # garbage while throttled: closed before any banner
     for w in (w1, w2, w3):
         w.close()
@@ -402,9 +431,9 @@ async def test_full_waiting_room_refuses_before_the_banner(make_broker):
     """Without a waiting room (max_waiting_per_source=0) a throttled source is refused outright,
     as before: closed at once, no banner."""
     h = await make_broker(max_preauth_per_source=1, max_waiting_per_source=0, max_preauth_total=0)
-    (r1, w1), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    ((r1, w1),) = await _idle_connections(1, h.broker.ssh_port, ident=True)
     assert (await asyncio.wait_for(r1.readline(), 5)).startswith(b"SSH-2.0-")  # admitted: banner
-    (r2, w2), = await _idle_connections(1, h.broker.ssh_port, ident=True)
+    ((r2, w2),) = await _idle_connections(1, h.broker.ssh_port, ident=True)
     assert await _observe(r2, 5) == "closed"  # refused before the banner: nothing at all
     assert h.broker.admission.refused_total == 1
     for w in (w1, w2):
@@ -442,8 +471,13 @@ async def test_total_preauth_cap_queues_instead_of_refusing(make_broker):
 # -- penalties -------------------------------------------------------------------------------
 async def _fail_login(h: HostileHarness, source: str, session_id: str) -> str:
     try:
-        conn = await h.connect_from(source, username=session_id, password="enrol wrong-secret ssh-ed25519 AAAA",
-                                    client_keys=None, preferred_auth="password")
+        conn = await h.connect_from(
+            source,
+            username=session_id,
+            password="enrol wrong-secret ssh-ed25519 AAAA",
+            client_keys=None,
+            preferred_auth="password",
+        )
         conn.close()
         return "logged in?!"
     except asyncssh.PermissionDenied:
@@ -485,8 +519,14 @@ async def test_repeated_auth_failures_throttle_the_source(make_broker):
     assert await _fail_login(h, ATTACKER, session.id) == "denied"
     left = h.broker.admission.penalty_left(ATTACKER)
     assert 18 < left <= 20, left
-    record("penalties", threshold=5, first_penalty_s=10, second_penalty_s=round(left, 2),
-           unthrottled_login_s=round(unthrottled_s, 3), throttled_answers_at_s=[round(t, 2) for t in at])
+    record(
+        "penalties",
+        threshold=5,
+        first_penalty_s=10,
+        second_penalty_s=round(left, 2),
+        unthrottled_login_s=round(unthrottled_s, 3),
+        throttled_answers_at_s=[round(t, 2) for t in at],
+    )
 
 
 async def test_many_attempts_on_one_connection_are_cut_off(make_broker):
@@ -501,8 +541,15 @@ async def test_many_attempts_on_one_connection_are_cut_off(make_broker):
             return f"enrol wrong{attempts} ssh-ed25519 AAAA" if attempts < 50 else None
 
     with pytest.raises((asyncssh.PermissionDenied, asyncssh.ConnectionLost, asyncssh.DisconnectError)):
-        await asyncssh.connect("127.0.0.1", h.broker.ssh_port, username=session.id, client_factory=Client,
-                               client_keys=None, preferred_auth="password", **h.ssh_options())
+        await asyncssh.connect(
+            "127.0.0.1",
+            h.broker.ssh_port,
+            username=session.id,
+            client_factory=Client,
+            client_keys=None,
+            preferred_auth="password",
+            **h.ssh_options(),
+        )
     assert attempts <= 7
 
 
@@ -551,8 +598,14 @@ async def _login_with_raw_username(h: HostileHarness, name: str) -> str:
             conn._username = name  # what goes on the wire in USERAUTH_REQUEST
 
     try:
-        conn = await h.connect_from(ATTACKER, username="placeholder", client_factory=RawName,
-                                    password="enrol x ssh-ed25519 AAAA", client_keys=None, preferred_auth="password")
+        conn = await h.connect_from(
+            ATTACKER,
+            username="placeholder",
+            client_factory=RawName,
+            password="enrol x ssh-ed25519 AAAA",
+            client_keys=None,
+            preferred_auth="password",
+        )
         conn.close()
         return "logged in?!"
     except asyncssh.PermissionDenied:

@@ -1,10 +1,10 @@
 """HPC-side config: validation errors name the option and the reason."""
 
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from node_agent import hpc_config as hc
 
@@ -43,49 +43,64 @@ def test_overlay_size_message_exact():
     assert str(e) == "hpc config error: overlay.size: must be like '2G' or '512M', got 'big'"
 
 
-@pytest.mark.parametrize("data, option, reason", [
-    ({"maintenance": {"enabled": "yes"}}, "maintenance.enabled", "must be true or false"),
-    ({"maintenance": {"allowed_users": "alice"}}, "maintenance.allowed_users",
-     "must be a list of strings"),
-    ({"overlay": {"size": "1K"}}, "overlay.size", "at least 4M"),
-    ({"overlay": {"lock_timeout": 0}}, "overlay.lock_timeout", "must be >= 1"),
-    ({"overlay": {"lock_timeout": True}}, "overlay.lock_timeout", "must be an integer"),
-    ({"overlay": {"check": "full"}}, "overlay.check", "must be one of"),
-    ({"overlay": {"location": "relative/{user}.img"}}, "overlay.location", "absolute path"),
-    ({"overlay": {"location": "/x/{username}.img"}}, "overlay.location",
-     "unknown placeholder {username}"),
-    ({"overlay": {"location": "/x/{user!r}.img"}}, "overlay.location", "format spec"),
-    ({"storage": {"home_root": "/x/{home}"}}, "storage.home_root", "unknown placeholder {home}"),
-    ({"storage": {"home_mode": "rwx"}}, "storage.home_mode", "octal mode"),
-    ({"storage": {"scratch_dir": "$NO_SUCH_VAR_HOPEFULLY/x"}}, "storage.scratch_dir",
-     "$NO_SUCH_VAR_HOPEFULLY is not set"),
-    ({"container": {"contain": "containal"}}, "container.contain", "did you mean 'containall'"),
-    ({"container": {"binds": ["/data:/data:rx"]}}, "container.binds", "'ro' or 'rw'"),
-    ({"container": {"binds": ["/a,/b"]}}, "container.binds", "one bind per list item"),
-    ({"container": {"extra_binds": ["data:/data"]}}, "container.extra_binds", "absolute path"),
-    ({"container": {"home": "home"}}, "container.home", "absolute path"),
-    ({"container": {"runtime": "my apptainer"}}, "container.runtime", "program name"),
-    ({"container": {"gpu_flag": "nv"}}, "container.gpu_flag", "runtime flag"),
-    ({"container": {"no_mount": ["tmp,cwd"]}}, "container.no_mount", "without ','"),
-    ({"container": {"image": "images/x.sif"}}, "container.image", "absolute path"),
-    ({"webdav": {"enabled": True}}, "webdav.mount_command", "required when webdav.enabled"),
-    ({"webdav": {"enabled": True, "mount_command": ["mount", "{url}"]}}, "webdav.mount_command",
-     "{mount_point}"),
-    ({"webdav": {"mount_command": ["m", "{password}"]}}, "webdav.mount_command",
-     "unknown placeholder {password}"),
-    ({"webdav": {"enabled": True, "mount_command": ["m", "{mount_point}"],
-                 "url": "ftp://x.org/"}}, "webdav.url", "https or http"),
-    ({"webdav": {"unmount_command": ["umount", "{url}"]}}, "webdav.unmount_command",
-     "unknown placeholder {url}"),
-    ({"webdav": {"enabled": True, "mount_command": ["m", "{mount_point}"],
-                 "unmount_command": ["{home}/umount", "{mount_point}"]}},
-     "webdav.unmount_command", "item 0 (the program) must not contain a placeholder"),
-    ({"webdav": {"unmount_command": "umount"}}, "webdav.unmount_command", "list of strings"),
-    ({"webdav": {"credential_env": {"RCLONE PASS": "X"}}}, "webdav.credential_env",
-     "not a valid environment variable name"),
-    ({"logging": {"debug": 1}}, "logging.debug", "must be true or false"),
-    ({"nbgrader": {"exchange_dir": "srv/ex"}}, "nbgrader.exchange_dir", "absolute path"),
-])
+@pytest.mark.parametrize(
+    "data, option, reason",
+    [
+        ({"maintenance": {"enabled": "yes"}}, "maintenance.enabled", "must be true or false"),
+        ({"maintenance": {"allowed_users": "alice"}}, "maintenance.allowed_users", "must be a list of strings"),
+        ({"overlay": {"size": "1K"}}, "overlay.size", "at least 4M"),
+        ({"overlay": {"lock_timeout": 0}}, "overlay.lock_timeout", "must be >= 1"),
+        ({"overlay": {"lock_timeout": True}}, "overlay.lock_timeout", "must be an integer"),
+        ({"overlay": {"check": "full"}}, "overlay.check", "must be one of"),
+        ({"overlay": {"location": "relative/{user}.img"}}, "overlay.location", "absolute path"),
+        ({"overlay": {"location": "/x/{username}.img"}}, "overlay.location", "unknown placeholder {username}"),
+        ({"overlay": {"location": "/x/{user!r}.img"}}, "overlay.location", "format spec"),
+        ({"storage": {"home_root": "/x/{home}"}}, "storage.home_root", "unknown placeholder {home}"),
+        ({"storage": {"home_mode": "rwx"}}, "storage.home_mode", "octal mode"),
+        (
+            {"storage": {"scratch_dir": "$NO_SUCH_VAR_HOPEFULLY/x"}},
+            "storage.scratch_dir",
+            "$NO_SUCH_VAR_HOPEFULLY is not set",
+        ),
+        ({"container": {"contain": "containal"}}, "container.contain", "did you mean 'containall'"),
+        ({"container": {"binds": ["/data:/data:rx"]}}, "container.binds", "'ro' or 'rw'"),
+        ({"container": {"binds": ["/a,/b"]}}, "container.binds", "one bind per list item"),
+        ({"container": {"extra_binds": ["data:/data"]}}, "container.extra_binds", "absolute path"),
+        ({"container": {"home": "home"}}, "container.home", "absolute path"),
+        ({"container": {"runtime": "my apptainer"}}, "container.runtime", "program name"),
+        ({"container": {"gpu_flag": "nv"}}, "container.gpu_flag", "runtime flag"),
+        ({"container": {"no_mount": ["tmp,cwd"]}}, "container.no_mount", "without ','"),
+        ({"container": {"image": "images/x.sif"}}, "container.image", "absolute path"),
+        ({"webdav": {"enabled": True}}, "webdav.mount_command", "required when webdav.enabled"),
+        ({"webdav": {"enabled": True, "mount_command": ["mount", "{url}"]}}, "webdav.mount_command", "{mount_point}"),
+        ({"webdav": {"mount_command": ["m", "{password}"]}}, "webdav.mount_command", "unknown placeholder {password}"),
+        (
+            {"webdav": {"enabled": True, "mount_command": ["m", "{mount_point}"], "url": "ftp://x.org/"}},
+            "webdav.url",
+            "https or http",
+        ),
+        ({"webdav": {"unmount_command": ["umount", "{url}"]}}, "webdav.unmount_command", "unknown placeholder {url}"),
+        (
+            {
+                "webdav": {
+                    "enabled": True,
+                    "mount_command": ["m", "{mount_point}"],
+                    "unmount_command": ["{home}/umount", "{mount_point}"],
+                }
+            },
+            "webdav.unmount_command",
+            "item 0 (the program) must not contain a placeholder",
+        ),
+        ({"webdav": {"unmount_command": "umount"}}, "webdav.unmount_command", "list of strings"),
+        (
+            {"webdav": {"credential_env": {"RCLONE PASS": "X"}}},
+            "webdav.credential_env",
+            "not a valid environment variable name",
+        ),
+        ({"logging": {"debug": 1}}, "logging.debug", "must be true or false"),
+        ({"nbgrader": {"exchange_dir": "srv/ex"}}, "nbgrader.exchange_dir", "absolute path"),
+    ],
+)
 def test_bad_values_name_option_and_reason(data, option, reason):
     merged = {**IMG, **data}
     if "container" in data:
@@ -97,15 +112,13 @@ def test_bad_values_name_option_and_reason(data, option, reason):
 
 
 def test_several_errors_reported_at_once():
-    e = errors_of({**IMG, "overlay": {"size": "big", "create": "no"},
-                   "logging": {"per_day": "x"}})
+    e = errors_of({**IMG, "overlay": {"size": "big", "create": "no"}, "logging": {"per_day": "x"}})
     assert {o for o, _ in e.errors} == {"overlay.size", "overlay.create", "logging.per_day"}
 
 
 def test_unknown_option_did_you_mean():
     e = errors_of({**IMG, "overlay": {"sise": "2G"}})
-    assert str(e) == ("hpc config error: overlay.sise: unknown option "
-                      "(did you mean 'overlay.size'?)")
+    assert str(e) == ("hpc config error: overlay.sise: unknown option (did you mean 'overlay.size'?)")
 
 
 def test_unknown_section_and_top_level_option():
@@ -133,17 +146,18 @@ def test_file_errors_mention_source(tmp_path):
     p.write_text('[container]\nimage = "/x.sif"\n[overlay]\nsize = "big"\n')
     with pytest.raises(hc.HpcConfigError) as ei:
         hc.load_config(p)
-    assert str(ei.value) == (f"hpc config error ({p}): overlay.size: must be like '2G' or "
-                             f"'512M', got 'big'")
+    assert str(ei.value) == (f"hpc config error ({p}): overlay.size: must be like '2G' or '512M', got 'big'")
 
 
 def test_user_paths_and_templates(tmp_path):
-    c = hc.config_from_dict({
-        "storage": {"scratch_dir": str(tmp_path), "home_root": "{scratch_dir}/h"},
-        "overlay": {"location": "{home}/.overlay.img"},
-        "logging": {"dir": "{scratch_dir}/log/{user}"},
-        "container": {"image": "/x.sif", "home": "/home/u"},
-    })
+    c = hc.config_from_dict(
+        {
+            "storage": {"scratch_dir": str(tmp_path), "home_root": "{scratch_dir}/h"},
+            "overlay": {"location": "{home}/.overlay.img"},
+            "logging": {"dir": "{scratch_dir}/log/{user}"},
+            "container": {"image": "/x.sif", "home": "/home/u"},
+        }
+    )
     p = c.user_paths("Ann Lee")
     assert p.safe_user == "Ann_20Lee"
     assert p.home == f"{tmp_path}/h/Ann_20Lee"
@@ -166,10 +180,19 @@ def test_bad_usernames_rejected(bad):
         hc.safe_username(bad)
 
 
-@pytest.mark.parametrize("name, safe", [
-    ("alice", "alice"), ("a.b-c", "a.b-c"), ("a_b", "a_5fb"), (".hidden", "_2ehidden"),
-    ("-rf", "_2drf"), ("jürgen", "j_c3_bcrgen"), ("x@y.org", "x_40y.org"), ("a:b", "a_3ab"),
-])
+@pytest.mark.parametrize(
+    "name, safe",
+    [
+        ("alice", "alice"),
+        ("a.b-c", "a.b-c"),
+        ("a_b", "a_5fb"),
+        (".hidden", "_2ehidden"),
+        ("-rf", "_2drf"),
+        ("jürgen", "j_c3_bcrgen"),
+        ("x@y.org", "x_40y.org"),
+        ("a:b", "a_3ab"),
+    ],
+)
 def test_username_mapping(name, safe):
     assert hc.safe_username(name) == safe
 
@@ -180,8 +203,7 @@ def test_username_mapping_is_one_to_one():
 
 
 def test_maintenance_allow_list_patterns():
-    c = hc.config_from_dict({**IMG, "maintenance": {"enabled": True,
-                                                    "allowed_users": ["root", "admin-*"]}})
+    c = hc.config_from_dict({**IMG, "maintenance": {"enabled": True, "allowed_users": ["root", "admin-*"]}})
     assert c.is_maintenance_blocked("alice")
     assert c.is_maintenance_blocked("")
     assert not c.is_maintenance_blocked("admin-bob")
@@ -189,9 +211,11 @@ def test_maintenance_allow_list_patterns():
 
 
 def test_dump_toml_round_trip():
-    data = {"container": {"image": "/a \"b\"\\.sif", "binds": ["/x:/y:ro"], "enabled": True},
-            "webdav": {"credential_env": {"RCLONE_WEBDAV_PASS": "NODE_AGENT_WEBDAV_PASSWORD"}},
-            "overlay": {"lock_timeout": 5}}
+    data = {
+        "container": {"image": '/a "b"\\.sif', "binds": ["/x:/y:ro"], "enabled": True},
+        "webdav": {"credential_env": {"RCLONE_WEBDAV_PASS": "NODE_AGENT_WEBDAV_PASSWORD"}},
+        "overlay": {"lock_timeout": 5},
+    }
     text = hc.dump_toml(data, header="# hi")
     assert tomllib.loads(text) == data
     hc.config_from_dict(tomllib.loads(text))

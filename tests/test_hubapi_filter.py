@@ -22,8 +22,9 @@ from broker.hubapi import (
 POLICY = HubApiPolicy(max_body=1000, rate=0)
 
 
-def req(target: str = "/hub/api/user", method: str = "GET", headers: str = "", body: bytes = b"",
-        version: str = "HTTP/1.1") -> bytes:
+def req(
+    target: str = "/hub/api/user", method: str = "GET", headers: str = "", body: bytes = b"", version: str = "HTTP/1.1"
+) -> bytes:
     return f"{method} {target} {version}\r\nHost: hub\r\n{headers}\r\n".encode() + body
 
 
@@ -39,28 +40,78 @@ def status_of(ex: HubApiExchange) -> int | None:
 
 
 # -- paths ----------------------------------------------------------------------------------
-ALLOWED = ["/hub/api", "/hub/api/", "/hub/api/user", "/hub/api/users/alice/activity", "/hub/api/oauth2/token",
-           "/hub/api/users?state=active&offset=0", "/hub/api/users/%C3%A9l%C3%A8ve", "/hub/api/users/a%2Fb",
-           "/hub/api/users/alice/tokens/a.b", "/hub/api/users/..alice"]
+ALLOWED = [
+    "/hub/api",
+    "/hub/api/",
+    "/hub/api/user",
+    "/hub/api/users/alice/activity",
+    "/hub/api/oauth2/token",
+    "/hub/api/users?state=active&offset=0",
+    "/hub/api/users/%C3%A9l%C3%A8ve",
+    "/hub/api/users/a%2Fb",
+    "/hub/api/users/alice/tokens/a.b",
+    "/hub/api/users/..alice",
+]
 
 DENIED = [
-    "/hub/login", "/hub/login?next=/hub/admin", "/hub/admin", "/hub/home", "/", "/hub/", "/hub/apix",
-    "/hub/api;/../login", "/user/alice/api", "/hub/ap%69/user", "/HUB/API/user",
+    "/hub/login",
+    "/hub/login?next=/hub/admin",
+    "/hub/admin",
+    "/hub/home",
+    "/",
+    "/hub/",
+    "/hub/apix",
+    "/hub/api;/../login",
+    "/user/alice/api",
+    "/hub/ap%69/user",
+    "/HUB/API/user",
     # traversal, raw and encoded (any case, double encoded, mixed), ;-parameters
-    "/hub/api/../login", "/hub/api/./../login", "/hub/api/..", "/hub/api/%2e%2e/login", "/hub/api/%2E%2E/login",
-    "/hub/api/.%2e/login", "/hub/api/%2e./login", "/hub/api/%252e%252e/login", "/hub/api/%25252e%25252e/login",
-    "/hub/api/..%2flogin", "/hub/api/..%2Flogin", "/hub/api/%2e%2e%2flogin", "/hub/api/..;/login",
-    "/hub/api/%2e%2e;x/login", "/hub/api/.", "/hub/api/users/.",
+    "/hub/api/../login",
+    "/hub/api/./../login",
+    "/hub/api/..",
+    "/hub/api/%2e%2e/login",
+    "/hub/api/%2E%2E/login",
+    "/hub/api/.%2e/login",
+    "/hub/api/%2e./login",
+    "/hub/api/%252e%252e/login",
+    "/hub/api/%25252e%25252e/login",
+    "/hub/api/..%2flogin",
+    "/hub/api/..%2Flogin",
+    "/hub/api/%2e%2e%2flogin",
+    "/hub/api/..;/login",
+    "/hub/api/%2e%2e;x/login",
+    "/hub/api/.",
+    "/hub/api/users/.",
     # empty segments
-    "//hub/api/user", "/hub//api/user", "/hub/api//user", "/hub/api/%2f%2fx", "/hub/api%2f..%2flogin",
+    "//hub/api/user",
+    "/hub//api/user",
+    "/hub/api//user",
+    "/hub/api/%2f%2fx",
+    "/hub/api%2f..%2flogin",
     # backslashes
-    "/hub/api/..\\login", "/hub/api\\..\\login", "/hub/api/%5c..%5clogin", "/hub/api/%5C",
+    "/hub/api/..\\login",
+    "/hub/api\\..\\login",
+    "/hub/api/%5c..%5clogin",
+    "/hub/api/%5C",
     # not origin-form
-    "http://127.0.0.1:8081/hub/api/user", "https://hub/hub/api/", "hub:8081", "*", "hub/api/user",
+    "http://127.0.0.1:8081/hub/api/user",
+    "https://hub/hub/api/",
+    "hub:8081",
+    "*",
+    "hub/api/user",
     # escapes and characters
-    "/hub/api/%zz", "/hub/api/%", "/hub/api/%2", "/hub/api/%00", "/hub/api/%0d%0aX-Remote-User:%20a",
-    "/hub/api/a%09b", "/hub/api/<x>", "/hub/api/{x}", "/hub/api/\xe9", "/hub/api/user#frag",
-    "/hub/api/%2525252e", "/hub/api/" + "%25" * 3 + "2e",
+    "/hub/api/%zz",
+    "/hub/api/%",
+    "/hub/api/%2",
+    "/hub/api/%00",
+    "/hub/api/%0d%0aX-Remote-User:%20a",
+    "/hub/api/a%09b",
+    "/hub/api/<x>",
+    "/hub/api/{x}",
+    "/hub/api/\xe9",
+    "/hub/api/user#frag",
+    "/hub/api/%2525252e",
+    "/hub/api/" + "%25" * 3 + "2e",
 ]
 
 
@@ -84,8 +135,9 @@ def test_everything_else_is_refused_and_nothing_forwarded(target):
     assert target.encode() not in body  # the answer never echoes the client's input
 
 
-@pytest.mark.parametrize("target", ["/hub/login", "/hub/admin", "/hub/home", "/hub/api/../login",
-                                    "http://127.0.0.1:8081/hub/api/user"])
+@pytest.mark.parametrize(
+    "target", ["/hub/login", "/hub/admin", "/hub/home", "/hub/api/../login", "http://127.0.0.1:8081/hub/api/user"]
+)
 def test_policy_refusals_are_403(target):
     ex, out = run(req(target))
     assert status_of(ex) == 403 and out == b""
@@ -130,20 +182,29 @@ def test_api_methods_pass(method):
     assert ex.denial is None and out == req("/hub/api/users/a", method)
 
 
-@pytest.mark.parametrize("headers", ["Upgrade: websocket\r\nConnection: Upgrade\r\n", "Upgrade: h2c\r\n",
-                                     "Connection: keep-alive, Upgrade\r\n", "HTTP2-Settings: AAMAAABkAAQAAP__\r\n"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+        "Upgrade: h2c\r\n",
+        "Connection: keep-alive, Upgrade\r\n",
+        "HTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+    ],
+)
 def test_protocol_upgrades_are_refused(headers):
     ex, out = run(req("/hub/api/user", headers=headers))
     assert status_of(ex) == 403 and out == b""
 
 
 # -- headers ---------------------------------------------------------------------------------
-FORGED = ("X-Forwarded-For: 127.0.0.2\r\nx-forwarded-proto: https\r\nX-FORWARDED-HOST: evil\r\n"
-          "X_Forwarded_For: 127.0.0.2\r\nForwarded: for=127.0.0.2\r\nX-Real-Ip: 127.0.0.2\r\nX-Real_IP: 127.0.0.2\r\n"
-          "X-Scheme: https\r\nTrue-Client-IP: 127.0.0.2\r\nX-Client-Ip: 1.2.3.4\r\nClient-Ip: 1.2.3.4\r\n"
-          "X-Cluster-Client-Ip: 1.2.3.4\r\n"
-          "X-Remote-User: admin@uni.example\r\nx_remote_user: admin\r\nREMOTE_USER: admin\r\nRemote-User: admin\r\n"
-          "remote_user: admin\r\neppn: admin@uni.example\r\nEPPN: admin@uni.example\r\nX-Eppn: admin\r\n")
+FORGED = (
+    "X-Forwarded-For: 127.0.0.2\r\nx-forwarded-proto: https\r\nX-FORWARDED-HOST: evil\r\n"
+    "X_Forwarded_For: 127.0.0.2\r\nForwarded: for=127.0.0.2\r\nX-Real-Ip: 127.0.0.2\r\nX-Real_IP: 127.0.0.2\r\n"
+    "X-Scheme: https\r\nTrue-Client-IP: 127.0.0.2\r\nX-Client-Ip: 1.2.3.4\r\nClient-Ip: 1.2.3.4\r\n"
+    "X-Cluster-Client-Ip: 1.2.3.4\r\n"
+    "X-Remote-User: admin@uni.example\r\nx_remote_user: admin\r\nREMOTE_USER: admin\r\nRemote-User: admin\r\n"
+    "remote_user: admin\r\neppn: admin@uni.example\r\nEPPN: admin@uni.example\r\nX-Eppn: admin\r\n"
+)
 KEPT = "Authorization: token abc\r\nAccept: application/json\r\nX-Custom_Thing:  keep me \r\nCookie: a=b\r\n"
 
 
@@ -155,9 +216,12 @@ def test_forwarding_and_identity_headers_are_stripped_others_kept_byte_for_byte(
 
 def test_stripped_identity_headers_are_configurable():
     policy = HubApiPolicy(strip_headers=("X-Shib-Principal",), rate=0)
-    ex, out = run(req("/hub/api/user", headers="x_shib_principal: admin\r\nX-Remote-User: kept\r\nX-Real-Ip: 1.1.1.1\r\n"),
-                  policy)
-    assert ex.denial is None and out == req("/hub/api/user", headers="X-Remote-User: kept\r\n")  # forwarding headers: always
+    ex, out = run(
+        req("/hub/api/user", headers="x_shib_principal: admin\r\nX-Remote-User: kept\r\nX-Real-Ip: 1.1.1.1\r\n"), policy
+    )
+    assert ex.denial is None and out == req(
+        "/hub/api/user", headers="X-Remote-User: kept\r\n"
+    )  # forwarding headers: always
     assert {"X-Remote-User", "REMOTE_USER", "eppn"} <= set(DEFAULT_STRIP_HEADERS)
     with pytest.raises(ValueError):
         HubApiPolicy(strip_headers=("bad name",))
@@ -193,8 +257,12 @@ def test_a_request_hidden_in_a_body_is_data_and_the_one_after_it_is_checked():
 def test_bodies_may_contain_anything():
     body = b'{\n  "a": "\r\n\r\nGET /hub/login HTTP/1.1\n\n",\n  "b": "\x00\xff"\n}\n'
     a = req("/hub/api/users", "POST", f"Content-Length: {len(body)}\r\n", body)
-    chunked = req("/hub/api/users", "POST", "Transfer-Encoding: chunked\r\n",
-                  f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    chunked = req(
+        "/hub/api/users",
+        "POST",
+        "Transfer-Encoding: chunked\r\n",
+        f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+    )
     ex, out = run(a + chunked + req("/hub/api/user"))
     assert ex.denial is None and out == a + chunked + req("/hub/api/user") and ex.requests == 3
 
@@ -202,11 +270,15 @@ def test_bodies_may_contain_anything():
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
 def test_split_packets_give_the_same_result(size):
     body = b"3\r\nabc\r\n0\r\n\r\n"
-    stream = (b"\r\n" + req("/hub/api/user", headers=FORGED) +
-              req("/hub/api/x", "POST", "Transfer-Encoding: chunked\r\n", body) +
-              req("/hub/api/y", "PUT", "Content-Length: 5\r\n", b"12345") + req("/hub/home"))
+    stream = (
+        b"\r\n"
+        + req("/hub/api/user", headers=FORGED)
+        + req("/hub/api/x", "POST", "Transfer-Encoding: chunked\r\n", body)
+        + req("/hub/api/y", "PUT", "Content-Length: 5\r\n", b"12345")
+        + req("/hub/home")
+    )
     whole_ex, whole = run(stream)
-    pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+    pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
     split_ex, split = run(pieces)
     assert split == whole and split_ex.denial == whole_ex.denial and whole_ex.requests == 3
     assert status_of(split_ex) == 403 and b"X-Forwarded-For" not in split
@@ -230,8 +302,11 @@ def test_chunked_body_over_the_cap_is_413_and_aborts():
     ex, out = run([head, b"3e8\r\n" + b"x" * 1000 + b"\r\n", b"1\r\ny\r\n0\r\n\r\n"])
     assert status_of(ex) == 413 and ex.denial.abort
     assert out == head + b"3e8\r\n" + b"x" * 1000 + b"\r\n"  # never more than the cap
-    assert HubApiExchange(HubApiPolicy(max_body=0, rate=0)).from_client(
-        req("/hub/api/user", "POST", "Content-Length: 99999999\r\n")).startswith(b"POST")  # 0: no cap
+    assert (
+        HubApiExchange(HubApiPolicy(max_body=0, rate=0))
+        .from_client(req("/hub/api/user", "POST", "Content-Length: 99999999\r\n"))
+        .startswith(b"POST")
+    )  # 0: no cap
 
 
 # -- rate cap --------------------------------------------------------------------------------
@@ -321,16 +396,19 @@ def test_malformed_requests(case):
     assert ex.answer().startswith(f"HTTP/1.1 {code} ".encode())
 
 
-@pytest.mark.parametrize("body, why", [
-    (b"zz\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
-    (b"0x5\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
-    (b" 5\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
-    (b"5\r\nhelloXX0\r\n\r\n", "chunk data not followed by CRLF"),
-    (b"5\nhello\r\n0\r\n\r\n", "malformed chunk line"),
-    (b"0\r\nX-Remote-User: admin\r\n\r\n", "trailers are not accepted"),
-    (b"1" * 2000, "malformed chunk line"),
-    (b"11111111111111111\r\n", "malformed chunk size"),
-])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"zz\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
+        (b" 5\r\nhello\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"5\r\nhelloXX0\r\n\r\n", "chunk data not followed by CRLF"),
+        (b"5\nhello\r\n0\r\n\r\n", "malformed chunk line"),
+        (b"0\r\nX-Remote-User: admin\r\n\r\n", "trailers are not accepted"),
+        (b"1" * 2000, "malformed chunk line"),
+        (b"11111111111111111\r\n", "malformed chunk size"),
+    ],
+)
 def test_malformed_chunked_bodies_abort(body, why):
     head = req("/hub/api/user", "POST", "Transfer-Encoding: chunked\r\n")
     ex, out = run([head, body])

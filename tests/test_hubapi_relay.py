@@ -50,8 +50,9 @@ FORGED = {"X-Forwarded-For": "127.0.0.2", "X-Remote-User": "boss@uni.example"}
 SP_ADDR = "127.0.0.2"
 
 
-def http_request(path: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes = b"",
-                 extra: str = "") -> bytes:
+def http_request(
+    path: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes = b"", extra: str = ""
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: hub"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body:
         lines.append(f"Content-Length: {len(body)}")
@@ -89,8 +90,12 @@ class RecordingHub:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        seen = {"method": request.method, "path": request.raw_path, "body": len(body),
-                "headers": [k for k, _ in request.raw_headers]}
+        seen = {
+            "method": request.method,
+            "path": request.raw_path,
+            "body": len(body),
+            "headers": [k for k, _ in request.raw_headers],
+        }
         self.seen.append(seen)
         return web.json_response({**seen, "headers": [h.decode("latin-1") for h in seen["headers"]]})
 
@@ -120,9 +125,15 @@ async def relay_env(tmp_path):
     async def make(**policy_kw) -> tuple[Harness, RecordingHub]:
         hub = await RecordingHub().start()
         store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
-        broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                        hub_api=("127.0.0.1", hub.port), chp=None, keepalive_interval=0, login_timeout=10,
-                        **{f"hub_api_{k}": v for k, v in policy_kw.items()})
+        broker = Broker(
+            store=store,
+            host_key=asyncssh.generate_private_key("ssh-ed25519"),
+            hub_api=("127.0.0.1", hub.port),
+            chp=None,
+            keepalive_interval=0,
+            login_timeout=10,
+            **{f"hub_api_{k}": v for k, v in policy_kw.items()},
+        )
         await broker.start()
         h = Harness(broker, str(tmp_path))
         h.servers = []
@@ -142,11 +153,26 @@ async def _enrolled(h: Harness, user: str = "zoe"):
     return session, conn, key
 
 
-STRIPPED = {"x-forwarded-for", "x-forwarded-proto", "forwarded", "x-real-ip", "x-remote-user", "remote-user",
-            "remote_user", "eppn"}
-FORGED_ALL = {"X-Forwarded-For": "127.0.0.2", "X-Forwarded-Proto": "https", "Forwarded": "for=127.0.0.2",
-              "X-Real-Ip": "127.0.0.2", "X-Remote-User": "boss@uni.example", "REMOTE_USER": "boss",
-              "eppn": "boss@uni.example", "Authorization": "token kept"}
+STRIPPED = {
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+    "x-remote-user",
+    "remote-user",
+    "remote_user",
+    "eppn",
+}
+FORGED_ALL = {
+    "X-Forwarded-For": "127.0.0.2",
+    "X-Forwarded-Proto": "https",
+    "Forwarded": "for=127.0.0.2",
+    "X-Real-Ip": "127.0.0.2",
+    "X-Remote-User": "boss@uni.example",
+    "REMOTE_USER": "boss",
+    "eppn": "boss@uni.example",
+    "Authorization": "token kept",
+}
 
 
 @pytest.mark.asyncio
@@ -154,12 +180,14 @@ async def test_broker_channel_keep_alive_chunked_and_stripped_headers(relay_env)
     h, hub = await relay_env(rate=0)
     _, conn, _ = await _enrolled(h)
     reader, writer = await conn.open_connection("127.0.0.1", hub.port)
-    chunked = (b"POST /hub/api/users/zoe/activity HTTP/1.1\r\nHost: hub\r\nTransfer-Encoding: chunked\r\n"
-               b"X-Remote-User: boss\r\n\r\n" + b"4\r\n{\"a\"\r\n" + b"3\r\n:1}\r\n" + b"0\r\n\r\n")
+    chunked = (
+        b"POST /hub/api/users/zoe/activity HTTP/1.1\r\nHost: hub\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Remote-User: boss\r\n\r\n" + b'4\r\n{"a"\r\n' + b"3\r\n:1}\r\n" + b"0\r\n\r\n"
+    )
     # three pipelined requests on one channel, sent in awkward pieces
     stream = http_request("/hub/api/user", FORGED_ALL) + chunked + http_request("/hub/api/", {"X-Real-Ip": "1.1.1.1"})
     for i in range(0, len(stream), 7):
-        writer.write(stream[i:i + 7])
+        writer.write(stream[i : i + 7])
         await asyncio.sleep(0)
     answers = [await read_response(reader) for _ in range(3)]
     assert [a[0] for a in answers] == [200, 200, 200]
@@ -330,8 +358,13 @@ USER = "alice"
 
 @pytest.fixture(scope="module")
 def shib_stack(tmp_path_factory):
-    with running_stack(str(tmp_path_factory.mktemp("hubapi") / "stack"), path=tool_path(), logs="hubapi-relay-logs",
-                       extra_hub_config=SHIB_CONFIG, poll_interval=2) as s:
+    with running_stack(
+        str(tmp_path_factory.mktemp("hubapi") / "stack"),
+        path=tool_path(),
+        logs="hubapi-relay-logs",
+        extra_hub_config=SHIB_CONFIG,
+        poll_interval=2,
+    ) as s:
         Hub(s).spawn(USER)
         yield s
 
@@ -420,15 +453,27 @@ def test_forged_login_from_inside_a_notebook_is_refused_by_the_node_local_relay(
 async def _raw_channel(stack: Stack, probes: list[tuple[str, dict[str, str]]]) -> list[tuple[int, list[str], bytes]]:
     """Enrol a session of our own with the broker, then talk to the hub API over a raw SSH
     direct channel, skipping any node-local relay (what a hostile agent would do)."""
-    status, sess = request(stack.broker_url + "/api/sessions", stack.broker_token, "POST",
-                           {"user": "mallory", "server_name": "", "routespec": "/user/mallory/"}, scheme="Bearer")
+    status, sess = request(
+        stack.broker_url + "/api/sessions",
+        stack.broker_token,
+        "POST",
+        {"user": "mallory", "server_name": "", "routespec": "/user/mallory/"},
+        scheme="Bearer",
+    )
     assert status == 201, sess
     key = asyncssh.generate_private_key("ssh-ed25519")
     pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
     conn = await asyncssh.connect(
-        sess["ssh"]["host"], sess["ssh"]["port"], username=sess["id"], password=f"enrol {sess['secret']} {pub}",
-        known_hosts=([asyncssh.import_public_key(sess["ssh"]["host_key"])], [], []), client_keys=None,
-        preferred_auth="password", agent_path=None, config=None)
+        sess["ssh"]["host"],
+        sess["ssh"]["port"],
+        username=sess["id"],
+        password=f"enrol {sess['secret']} {pub}",
+        known_hosts=([asyncssh.import_public_key(sess["ssh"]["host_key"])], [], []),
+        client_keys=None,
+        preferred_auth="password",
+        agent_path=None,
+        config=None,
+    )
     out = []
     try:
         for path, headers in probes:
@@ -450,9 +495,9 @@ def test_forged_login_over_a_raw_channel_is_refused_by_the_broker(shib_stack):
     probes = [(p, FORGED if forge else {}) for p, forge in PROBES]
     probes += [("/hub/api/", {}), ("/hub/api/user", {"Authorization": f"token {token}", **FORGED})]
     results = asyncio.run(_raw_channel(shib_stack, probes))
-    for (path, _), (code, cookies, _) in zip(probes[:len(PROBES)], results, strict=False):
+    for (path, _), (code, cookies, _) in zip(probes[: len(PROBES)], results, strict=False):
         assert (path, code, cookies) == (path, 403, [])
-    version, user_model = results[len(PROBES):]
+    version, user_model = results[len(PROBES) :]
     assert version[0] == 200 and "version" in json.loads(version[2])
     assert user_model[0] == 200 and json.loads(user_model[2])["name"] == USER
     assert shib_stack.log_text("broker").count("hub API request refused") >= len(PROBES)
@@ -471,8 +516,12 @@ def test_single_user_server_activity_reports_pass_the_relay(shib_stack):
     time.sleep(1.0)
     mark = datetime.datetime.now(datetime.timezone.utc)
     hub.run_code(USER, "2+2")  # kernel activity; the server reports it every 2 s through the relay
-    after = wait_until(lambda: (t := _server_last_activity(hub)) >= mark and t, 30, 0.5,
-                       what="the hub's last_activity of the server to advance")
+    after = wait_until(
+        lambda: (t := _server_last_activity(hub)) >= mark and t,
+        30,
+        0.5,
+        what="the hub's last_activity of the server to advance",
+    )
     assert after > before
     # it came from the server's activity report (the hub does not poll CHP during this test)
     assert f"200 POST /hub/api/users/{USER}/activity ({USER}@127.0.0.1)" in shib_stack.log_text("hub")

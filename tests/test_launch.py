@@ -36,20 +36,39 @@ def run_launch(args, env_extra=None, cwd=None, timeout=60):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_AGENT", "JUPYTERHUB"))}
     env["PYTHONPATH"] = str(REPO)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "node_agent.launch", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "node_agent.launch", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 # ---- build_container_argv -------------------------------------------------------------------
+
 
 def test_cpu_argv_exact():
     c = cfg(storage={"scratch_dir": "/s"})
     argv = la.build_container_argv(c, "alice", False, ["jupyterhub-singleuser", "--debug"])
     assert argv == [
-        "apptainer", "exec", "--contain", "--pid",
-        "--home", "/s/homes/alice:/home/jovyan", "--pwd", "/home/jovyan",
-        "--overlay", "/s/overlays/alice.img",
-        "/img/cpu.sif", "node-agent", "run", "--", "jupyterhub-singleuser", "--debug",
+        "apptainer",
+        "exec",
+        "--contain",
+        "--pid",
+        "--home",
+        "/s/homes/alice:/home/jovyan",
+        "--pwd",
+        "/home/jovyan",
+        "--overlay",
+        "/s/overlays/alice.img",
+        "/img/cpu.sif",
+        "node-agent",
+        "run",
+        "--",
+        "jupyterhub-singleuser",
+        "--debug",
     ]
 
 
@@ -67,40 +86,65 @@ def test_gpu_argv_uses_gpu_image_and_flag():
 
 def test_no_container_argv():
     c = hc.config_from_dict({"container": {"enabled": False}})
-    assert la.build_container_argv(c, "alice", True, ["jupyterhub-singleuser"]) == \
-        ["node-agent", "run", "--", "jupyterhub-singleuser"]
+    assert la.build_container_argv(c, "alice", True, ["jupyterhub-singleuser"]) == [
+        "node-agent",
+        "run",
+        "--",
+        "jupyterhub-singleuser",
+    ]
     c2 = hc.config_from_dict({"container": {"enabled": False, "inner_command": []}})
     assert la.build_container_argv(c2, "alice", False, ["a", "b c"]) == ["a", "b c"]
 
 
 def test_binds_no_mount_extra_args_and_containall():
-    c = cfg(storage={"scratch_dir": "/s"},
-            overlay={"enabled": False},
-            container={"binds": ["/opt/sw:/opt/sw:ro", "/data/{user}"],
-                       "extra_binds": ["{home_root}/shared:{container_home}/shared"],
-                       "no_mount": ["tmp", "cwd", "/etc/hosts"],
-                       "extra_args": ["--writable-tmpfs"], "contain": "containall",
-                       "workdir": "/work", "home": "/home/u"},
-            nbgrader={"exchange_dir": "/srv/ex", "config_file": "{scratch_dir}/nbgrader_config.py"})
+    c = cfg(
+        storage={"scratch_dir": "/s"},
+        overlay={"enabled": False},
+        container={
+            "binds": ["/opt/sw:/opt/sw:ro", "/data/{user}"],
+            "extra_binds": ["{home_root}/shared:{container_home}/shared"],
+            "no_mount": ["tmp", "cwd", "/etc/hosts"],
+            "extra_args": ["--writable-tmpfs"],
+            "contain": "containall",
+            "workdir": "/work",
+            "home": "/home/u",
+        },
+        nbgrader={"exchange_dir": "/srv/ex", "config_file": "{scratch_dir}/nbgrader_config.py"},
+    )
     argv = la.build_container_argv(c, "a b", False, ["cmd"], webdav=True)
     assert argv == [
-        "apptainer", "exec", "--containall",
-        "--home", "/s/homes/a_20b:/home/u", "--pwd", "/work",
-        "--bind", "/opt/sw:/opt/sw:ro",
-        "--bind", "/data/a_20b",
-        "--bind", "/s/homes/shared:/home/u/shared",
-        "--bind", "/srv/ex:/srv/nbgrader/exchange:rw",
-        "--bind", "/s/nbgrader_config.py:/etc/jupyter/nbgrader_config.py:ro",
-        "--bind", "/s/homes/a_20b/WebDAV:/home/u/WebDAV",
-        "--no-mount", "tmp,cwd,/etc/hosts",
+        "apptainer",
+        "exec",
+        "--containall",
+        "--home",
+        "/s/homes/a_20b:/home/u",
+        "--pwd",
+        "/work",
+        "--bind",
+        "/opt/sw:/opt/sw:ro",
+        "--bind",
+        "/data/a_20b",
+        "--bind",
+        "/s/homes/shared:/home/u/shared",
+        "--bind",
+        "/srv/ex:/srv/nbgrader/exchange:rw",
+        "--bind",
+        "/s/nbgrader_config.py:/etc/jupyter/nbgrader_config.py:ro",
+        "--bind",
+        "/s/homes/a_20b/WebDAV:/home/u/WebDAV",
+        "--no-mount",
+        "tmp,cwd,/etc/hosts",
         "--writable-tmpfs",
-        "/img/cpu.sif", "node-agent", "run", "--", "cmd",
+        "/img/cpu.sif",
+        "node-agent",
+        "run",
+        "--",
+        "cmd",
     ]
 
 
 def test_missing_extra_bind_skipped_fixed_kept(tmp_path):
-    c = cfg(container={"binds": ["/nonexistent/fixed"],
-                       "extra_binds": [f"{tmp_path}:/x", "/nonexistent/extra:/y"]})
+    c = cfg(container={"binds": ["/nonexistent/fixed"], "extra_binds": [f"{tmp_path}:/x", "/nonexistent/extra:/y"]})
     argv = la.build_container_argv(c, "u", False, ["c"], path_exists=os.path.exists)
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
     assert binds == ["/nonexistent/fixed", f"{tmp_path}:/x"]
@@ -108,8 +152,7 @@ def test_missing_extra_bind_skipped_fixed_kept(tmp_path):
 
 def test_overlay_overrides():
     c = cfg(storage={"scratch_dir": "/s"})
-    argv = la.build_container_argv(c, "u", False, ["c"], overlay="/o.img", overlay_readonly=True,
-                                   home_source="/tmp/h")
+    argv = la.build_container_argv(c, "u", False, ["c"], overlay="/o.img", overlay_readonly=True, home_source="/tmp/h")
     assert "/o.img:ro" in argv and "/tmp/h:/home/jovyan" in argv
     assert "--overlay" not in la.build_container_argv(c, "u", False, ["c"], overlay=None)
 
@@ -118,7 +161,7 @@ def test_user_args_stay_single_elements():
     c = cfg()
     inner = ["sh", "-c", "echo $HOME; rm -rf / # ; `x`", "--bind", "/etc:/x"]
     argv = la.build_container_argv(c, "u", False, inner)
-    assert argv[-len(inner):] == inner
+    assert argv[-len(inner) :] == inner
     assert argv.index("--") > argv.index("/img/cpu.sif")
 
 
@@ -145,32 +188,38 @@ def test_container_env_containall_forwards_by_environment():
 
 # ---- WebDAV ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url, reason", [
-    ("ftp://dav.example.org/x", "scheme"),
-    ("file:///etc/passwd", "scheme"),
-    ("https:///nohost", "host"),
-    ("https://user:pw@dav.example.org/", "credentials"),
-    ("https://dav.example.org/a b", "whitespace"),
-    ("https://dav.example.org/\nx", "whitespace"),
-    ("https://-oProxyCommand=x/", "host"),
-    ("https://dav.example.org:99999/", "malformed"),
-    ("--help", "scheme"),
-    ("", "empty"),
-])
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("ftp://dav.example.org/x", "scheme"),
+        ("file:///etc/passwd", "scheme"),
+        ("https:///nohost", "host"),
+        ("https://user:pw@dav.example.org/", "credentials"),
+        ("https://dav.example.org/a b", "whitespace"),
+        ("https://dav.example.org/\nx", "whitespace"),
+        ("https://-oProxyCommand=x/", "host"),
+        ("https://dav.example.org:99999/", "malformed"),
+        ("--help", "scheme"),
+        ("", "empty"),
+    ],
+)
 def test_webdav_url_validation(url, reason):
     with pytest.raises(ValueError, match=reason):
         hc.validate_webdav_url(url)
 
 
 def test_webdav_argv_template_keeps_url_one_element():
-    c = cfg(storage={"scratch_dir": "/s"},
-            webdav={"enabled": True,
-                    "mount_command": ["rclone", "mount", "--webdav-url={url}", ":webdav:",
-                                      "{mount_point}"]})
+    c = cfg(
+        storage={"scratch_dir": "/s"},
+        webdav={
+            "enabled": True,
+            "mount_command": ["rclone", "mount", "--webdav-url={url}", ":webdav:", "{mount_point}"],
+        },
+    )
     url = "https://dav.example.org/x;$(touch${IFS}/tmp/pwned)`id`|&'\"{mount_point}"
     argv = la.build_webdav_argv(c, c.user_paths("alice"), url)
-    assert argv == ["rclone", "mount", "--webdav-url=" + url, ":webdav:",
-                    "/s/homes/alice/WebDAV"]
+    assert argv == ["rclone", "mount", "--webdav-url=" + url, ":webdav:", "/s/homes/alice/WebDAV"]
 
 
 FAKE_MOUNT = r"""#!/usr/bin/env python3
@@ -186,7 +235,9 @@ def test_webdav_mount_in_real_launch(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "mount.json"
     pwned = tmp_path / "pwned"
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [container]
@@ -197,11 +248,19 @@ def test_webdav_mount_in_real_launch(tmp_path):
         required = true
         mount_command = ["{fake}", "--url", "{{url}}", "{{mount_point}}"]
         credential_env = {{ DAV_PASS = "NODE_AGENT_WEBDAV_PASSWORD", DAV_USER = "NODE_AGENT_WEBDAV_USER" }}
-    """)
+    """,
+    )
     url = f"https://dav.example.org/remote.php;touch${{IFS}}{pwned};$(touch${{IFS}}{pwned})&&`id`"
-    r = run_launch(["--config", str(conf), "--", "true"], {
-        "JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": url, "FAKE_MOUNT_OUT": str(out),
-        "NODE_AGENT_WEBDAV_PASSWORD": SECRET, "NODE_AGENT_WEBDAV_USER": "alice"})
+    r = run_launch(
+        ["--config", str(conf), "--", "true"],
+        {
+            "JUPYTERHUB_USER": "alice",
+            "NODE_AGENT_WEBDAV_URL": url,
+            "FAKE_MOUNT_OUT": str(out),
+            "NODE_AGENT_WEBDAV_PASSWORD": SECRET,
+            "NODE_AGENT_WEBDAV_USER": "alice",
+        },
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     assert got["argv"] == ["--url", url, f"{tmp_path}/scratch/homes/alice/WebDAV"]
@@ -212,7 +271,9 @@ def test_webdav_mount_in_real_launch(tmp_path):
 
 
 def test_webdav_bad_url_refused(tmp_path):
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}"
         [container]
@@ -220,15 +281,20 @@ def test_webdav_bad_url_refused(tmp_path):
         [webdav]
         enabled = true
         mount_command = ["/bin/true", "{{url}}", "{{mount_point}}"]
-    """)
-    r = run_launch(["--config", str(conf), "--", "true"],
-                   {"JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": "file:///etc/shadow"})
+    """,
+    )
+    r = run_launch(
+        ["--config", str(conf), "--", "true"],
+        {"JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": "file:///etc/shadow"},
+    )
     assert r.returncode == la.EX_USAGE
     assert "webdav: refusing URL from $NODE_AGENT_WEBDAV_URL" in r.stderr
 
 
 def test_webdav_optional_mount_failure_continues(tmp_path):
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}"
         [container]
@@ -238,17 +304,20 @@ def test_webdav_optional_mount_failure_continues(tmp_path):
         enabled = true
         url = "https://dav.example.org/"
         mount_command = ["/bin/false", "{{url}}", "{{mount_point}}"]
-    """)
-    r = run_launch(["--config", str(conf), "--", "sh", "-c", "echo ran"],
-                   {"JUPYTERHUB_USER": "alice"})
+    """,
+    )
+    r = run_launch(["--config", str(conf), "--", "sh", "-c", "echo ran"], {"JUPYTERHUB_USER": "alice"})
     assert r.returncode == 0 and r.stdout.strip() == "ran"
     assert "continuing without the share" in r.stderr
 
 
 # ---- main(): maintenance, config errors, user names, real no-container runs ----------------
 
+
 def maintenance_conf(tmp_path):
-    return write_config(tmp_path / "hpc.toml", f"""
+    return write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [maintenance]
         enabled = true
         message = "Down for upgrades until 14:00."
@@ -257,14 +326,14 @@ def maintenance_conf(tmp_path):
         scratch_dir = "{tmp_path}/scratch"
         [container]
         image = "/img/cpu.sif"
-    """)
+    """,
+    )
 
 
 def test_maintenance_exits_at_once_with_message(tmp_path):
     conf = maintenance_conf(tmp_path)
     t0 = time.monotonic()
-    r = run_launch(["--config", str(conf), "--", "jupyterhub-singleuser"],
-                   {"JUPYTERHUB_USER": "alice"})
+    r = run_launch(["--config", str(conf), "--", "jupyterhub-singleuser"], {"JUPYTERHUB_USER": "alice"})
     assert r.returncode == la.EX_MAINTENANCE == 75
     assert r.stderr.splitlines()[0] == "NODE-AGENT-MAINTENANCE: Down for upgrades until 14:00."
     assert time.monotonic() - t0 < 5
@@ -281,10 +350,13 @@ def test_maintenance_allow_list(tmp_path, user):
 
 
 def test_config_error_exit_78(tmp_path):
-    conf = write_config(tmp_path / "hpc.toml", """
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        """
         [overlay]
         size = "big"
-    """)
+    """,
+    )
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "alice"})
     assert r.returncode == la.EX_CONFIG
     assert "overlay.size: must be like '2G' or '512M', got 'big'" in r.stderr
@@ -297,8 +369,7 @@ def test_no_config_found(tmp_path):
 
 def test_config_from_env_variable(tmp_path):
     conf = write_config(tmp_path / "hpc.toml", '[container]\nimage = "/i.sif"\n')
-    r = run_launch(["--dry-run", "--", "x"],
-                   {"JUPYTERHUB_USER": "a", "NODE_AGENT_HPC_CONFIG": str(conf)})
+    r = run_launch(["--dry-run", "--", "x"], {"JUPYTERHUB_USER": "a", "NODE_AGENT_HPC_CONFIG": str(conf)})
     assert r.returncode == 0, r.stderr
 
 
@@ -309,12 +380,15 @@ def test_missing_command_is_usage_error(tmp_path):
 
 @pytest.mark.parametrize("user", ["", "../../etc", "a/b", ".."])
 def test_bad_user_refused(tmp_path, user):
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [container]
         enabled = false
-    """)
+    """,
+    )
     r = run_launch(["--config", str(conf), "--", "true"], {"JUPYTERHUB_USER": user})
     assert r.returncode == la.EX_NOUSER, r.stderr
     assert "refusing $JUPYTERHUB_USER" in r.stderr
@@ -322,7 +396,9 @@ def test_bad_user_refused(tmp_path, user):
 
 
 def no_container_conf(tmp_path, extra=""):
-    return write_config(tmp_path / "hpc.toml", f"""
+    return write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [container]
@@ -330,15 +406,17 @@ def no_container_conf(tmp_path, extra=""):
         inner_command = []
         [logging]
         debug = true
-    """ + textwrap.dedent(extra))
+    """
+        + textwrap.dedent(extra),
+    )
 
 
 def test_no_container_run_env_home_and_logs(tmp_path):
     conf = no_container_conf(tmp_path)
-    r = run_launch(["--config", str(conf), "--", "sh", "-c",
-                    'echo "$HOME|$JUPYTERHUB_API_TOKEN|$(pwd)"; echo data > "$HOME/f"'],
-                   {"JUPYTERHUB_USER": "Ann Lee", "JUPYTERHUB_API_TOKEN": SECRET,
-                    "NODE_AGENT_SECRET": SECRET})
+    r = run_launch(
+        ["--config", str(conf), "--", "sh", "-c", 'echo "$HOME|$JUPYTERHUB_API_TOKEN|$(pwd)"; echo data > "$HOME/f"'],
+        {"JUPYTERHUB_USER": "Ann Lee", "JUPYTERHUB_API_TOKEN": SECRET, "NODE_AGENT_SECRET": SECRET},
+    )
     assert r.returncode == 0, r.stderr
     home = tmp_path / "scratch" / "homes" / "Ann_20Lee"
     assert r.stdout.strip() == f"{home}|{SECRET}|{home}"
@@ -360,7 +438,9 @@ def test_exec_failure_reported(tmp_path):
 def test_runtime_missing_names_option(tmp_path):
     img = tmp_path / "x.sif"
     img.write_text("")
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -368,14 +448,17 @@ def test_runtime_missing_names_option(tmp_path):
         [container]
         runtime = "no-such-runtime-xyz"
         image = "{img}"
-    """)
+    """,
+    )
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "a"})
     assert r.returncode == la.EX_UNAVAILABLE
     assert "container.runtime: 'no-such-runtime-xyz' not found on PATH" in r.stderr
 
 
 def test_image_missing_names_option(tmp_path):
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -383,7 +466,8 @@ def test_image_missing_names_option(tmp_path):
         [container]
         runtime = "/bin/true"
         image = "{tmp_path}/missing.sif"
-    """)
+    """,
+    )
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "a"})
     assert r.returncode == la.EX_UNAVAILABLE
     assert f"container.image: image {tmp_path}/missing.sif does not exist" in r.stderr
@@ -397,7 +481,9 @@ def test_load_command_changes_path(tmp_path):
     fake.chmod(0o755)
     img = tmp_path / "x.sif"
     img.write_text("")
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -407,10 +493,10 @@ def test_load_command_changes_path(tmp_path):
         load_command = "echo noise; export PATH={bindir}:$PATH LOADED=yes"
         load_shell = ["/bin/sh", "-c"]
         image = "{img}"
-    """)
+    """,
+    )
     out = tmp_path / "out"
-    r = run_launch(["--config", str(conf), "--", "cmd", "a b"],
-                   {"JUPYTERHUB_USER": "a", "OUT": str(out)})
+    r = run_launch(["--config", str(conf), "--", "cmd", "a b"], {"JUPYTERHUB_USER": "a", "OUT": str(out)})
     assert r.returncode == 0, r.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "exec" and lines[-3:] == ["cmd", "a b", "loaded=yes"]
@@ -419,7 +505,9 @@ def test_load_command_changes_path(tmp_path):
 def test_load_command_failure(tmp_path):
     img = tmp_path / "x.sif"
     img.write_text("")
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -428,7 +516,8 @@ def test_load_command_failure(tmp_path):
         load_command = "echo 'module: apptainer not found' >&2; exit 3"
         load_shell = ["/bin/sh", "-c"]
         image = "{img}"
-    """)
+    """,
+    )
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "a"})
     assert r.returncode == la.EX_UNAVAILABLE
     assert "container.load_command failed (exit 3): module: apptainer not found" in r.stderr
@@ -437,7 +526,9 @@ def test_load_command_failure(tmp_path):
 def test_corrupt_overlay_stops_launch(tmp_path):
     img = tmp_path / "x.sif"
     img.write_text("")
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -445,7 +536,8 @@ def test_corrupt_overlay_stops_launch(tmp_path):
         [container]
         runtime = "/bin/echo"
         image = "{img}"
-    """)
+    """,
+    )
     ovl = tmp_path / "scratch" / "overlays" / "alice.img"
     ovl.parent.mkdir(parents=True)
     ovl.write_bytes(b"\0" * 65536)
@@ -459,7 +551,9 @@ def test_overlay_created_and_busy_falls_back_to_readonly(tmp_path):
     job makes a second launch use the overlay read-only."""
     img = tmp_path / "x.sif"
     img.write_text("")
-    conf = write_config(tmp_path / "hpc.toml", f"""
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -467,12 +561,14 @@ def test_overlay_created_and_busy_falls_back_to_readonly(tmp_path):
         [container]
         runtime = "/bin/echo"
         image = "{img}"
-    """)
+    """,
+    )
     ovl = tmp_path / "scratch" / "overlays" / "bob.img"
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "bob"})
     assert r.returncode == 0, r.stderr
     assert f"--overlay {ovl} " in r.stdout
     from node_agent.overlay import InUseLock
+
     lock = InUseLock(str(ovl))
     assert lock.try_acquire()
     try:
@@ -491,8 +587,12 @@ def tiny_image(tmp_path_factory):
     ensure_apptainer()
     out = tmp_path_factory.mktemp("tiny") / "tiny.sif"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, str(REPO / "singularity" / "tiny" / "build.py"),
-                        "--output", str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "singularity" / "tiny" / "build.py"), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0:
         pytest.fail(f"tiny image build failed: {r.stderr[-2000:]}")
     print(f"tiny image built in {time.monotonic() - t0:.1f}s: {r.stdout.strip()}")
@@ -500,7 +600,9 @@ def tiny_image(tmp_path_factory):
 
 
 def apptainer_conf(tmp_path, image, contain="contain-pid"):
-    return write_config(tmp_path / "hpc.toml", f"""
+    return write_config(
+        tmp_path / "hpc.toml",
+        f"""
         [storage]
         scratch_dir = "{tmp_path}/scratch"
         [overlay]
@@ -509,11 +611,14 @@ def apptainer_conf(tmp_path, image, contain="contain-pid"):
         image = "{image}"
         contain = "{contain}"
         inner_command = []
-    """)
+    """,
+    )
 
 
-SCRIPT = ('echo "$1" >> "$HOME/home-file"; echo "$1" >> /opt/overlay-file; '
-          'echo "home=$HOME token=${JUPYTERHUB_API_TOKEN:+set}"; cat "$HOME/home-file" /opt/overlay-file')
+SCRIPT = (
+    'echo "$1" >> "$HOME/home-file"; echo "$1" >> /opt/overlay-file; '
+    'echo "home=$HOME token=${JUPYTERHUB_API_TOKEN:+set}"; cat "$HOME/home-file" /opt/overlay-file'
+)
 
 
 @pytest.mark.apptainer
@@ -521,11 +626,9 @@ SCRIPT = ('echo "$1" >> "$HOME/home-file"; echo "$1" >> /opt/overlay-file; '
 def test_apptainer_home_and_overlay_persist(tmp_path, tiny_image, contain):
     conf = apptainer_conf(tmp_path, tiny_image, contain)
     env = {"JUPYTERHUB_USER": "carol", "JUPYTERHUB_API_TOKEN": SECRET}
-    r1 = run_launch(["--config", str(conf), "--", "sh", "-c", SCRIPT, "sh", "run1"], env,
-                    timeout=120)
+    r1 = run_launch(["--config", str(conf), "--", "sh", "-c", SCRIPT, "sh", "run1"], env, timeout=120)
     assert r1.returncode == 0, r1.stderr
-    r2 = run_launch(["--config", str(conf), "--", "sh", "-c", SCRIPT, "sh", "run2"], env,
-                    timeout=120)
+    r2 = run_launch(["--config", str(conf), "--", "sh", "-c", SCRIPT, "sh", "run2"], env, timeout=120)
     assert r2.returncode == 0, r2.stderr
     lines = r2.stdout.strip().splitlines()
     assert lines == ["home=/home/jovyan token=set", "run1", "run2", "run1", "run2"]
@@ -542,22 +645,43 @@ def test_apptainer_concurrent_jobs_one_overlay(tmp_path, tiny_image):
     conf = apptainer_conf(tmp_path, tiny_image)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JUPYTERHUB_USER": "dave"}
     first = subprocess.Popen(
-        [sys.executable, "-m", "node_agent.launch", "--config", str(conf), "--", "sh", "-c",
-         "echo first > /opt/f; touch $HOME/started; sleep 5"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "node_agent.launch",
+            "--config",
+            str(conf),
+            "--",
+            "sh",
+            "-c",
+            "echo first > /opt/f; touch $HOME/started; sleep 5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     home = tmp_path / "scratch" / "homes" / "dave"
     deadline = time.monotonic() + 60
     while not (home / "started").exists():
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    r2 = run_launch(["--config", str(conf), "--", "sh", "-c",
-                     "cat /opt/f 2>/dev/null || echo nofile; echo second > /opt/g && echo wrote"],
-                    {"JUPYTERHUB_USER": "dave"}, timeout=120)
+    r2 = run_launch(
+        [
+            "--config",
+            str(conf),
+            "--",
+            "sh",
+            "-c",
+            "cat /opt/f 2>/dev/null || echo nofile; echo second > /opt/g && echo wrote",
+        ],
+        {"JUPYTERHUB_USER": "dave"},
+        timeout=120,
+    )
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert r2.returncode != 0 or "wrote" not in r2.stdout, "second job must not write the overlay"
     assert "read-only" in r2.stderr
     ovdir = tmp_path / "scratch" / "overlays"
-    assert sorted(p.name for p in ovdir.iterdir()) == ["dave.img", "dave.img.inuse",
-                                                        "dave.img.lock"]
+    assert sorted(p.name for p in ovdir.iterdir()) == ["dave.img", "dave.img.inuse", "dave.img.lock"]

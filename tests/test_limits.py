@@ -80,13 +80,21 @@ def test_open_source_is_admitted_at_once_and_waits_at_its_cap():
     verdict, why = ac.arrive("10.0.0.1", Conn())
     assert verdict == "wait" and "cap of 2" in why  # throttled, not refused
     assert ac.arrive("10.0.0.2", Conn())[0] == "admit"  # other sources unaffected
-    assert ac.stats() == {"preauth": 4, "waiting": 1, "refused": 0, "throttled": 1, "evicted": 0,
-                          "penalties": 0, "penalised_sources": 0}
+    assert ac.stats() == {
+        "preauth": 4,
+        "waiting": 1,
+        "refused": 0,
+        "throttled": 1,
+        "evicted": 0,
+        "penalties": 0,
+        "penalised_sources": 0,
+    }
 
 
 def test_throttled_source_gets_about_one_admission_per_interval_with_jitter():
-    ac, clock = control(max_preauth_per_source=0, max_waiting_per_source=500, penalty_threshold=1,
-                        penalty_base=1000, max_wait=1000)
+    ac, clock = control(
+        max_preauth_per_source=0, max_waiting_per_source=500, penalty_threshold=1, penalty_base=1000, max_wait=1000
+    )
     ac.auth_failed("10.0.0.9")  # penalised (for the whole test): throttled below any cap
     for _ in range(200):
         assert ac.arrive("10.0.0.9", Conn("identified"))[0] == "wait"
@@ -240,7 +248,9 @@ def test_waiting_longer_than_max_wait_closes_the_connection():
 
 
 def test_exempt_networks_are_neither_penalised_nor_throttled():
-    ac, _ = control(max_preauth_per_source=1, max_preauth_total=10, penalty_threshold=1, penalty_exempt=["192.168.0.0/16"])
+    ac, _ = control(
+        max_preauth_per_source=1, max_preauth_total=10, penalty_threshold=1, penalty_exempt=["192.168.0.0/16"]
+    )
     assert not ac.auth_failed("192.168.1.5")
     assert ac.arrive("192.168.1.5", Conn())[0] == "admit" and ac.arrive("192.168.1.5", Conn())[0] == "admit"
     assert ac.auth_failed("10.1.1.1")

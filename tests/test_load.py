@@ -88,9 +88,19 @@ def test_many_concurrent_clients_through_chp_and_tunnels(hub, stack):
     lat = sorted(stats["latencies"])
     p50 = lat[len(lat) // 2] if lat else None
     p99 = lat[int(len(lat) * 0.99)] if lat else None
-    record("load: concurrent clients", clients=n, seconds=seconds, requests_ok=stats["ok"], errors=stats["errors"],
-           error_kinds=stats["kinds"], req_per_s=round(stats["ok"] / took), p50_ms=round(p50 * 1000, 1) if p50 else None,
-           p99_ms=round(p99 * 1000, 1) if p99 else None, broker_rss_before_kib=before, broker_rss_after_kib=after)
+    record(
+        "load: concurrent clients",
+        clients=n,
+        seconds=seconds,
+        requests_ok=stats["ok"],
+        errors=stats["errors"],
+        error_kinds=stats["kinds"],
+        req_per_s=round(stats["ok"] / took),
+        p50_ms=round(p50 * 1000, 1) if p50 else None,
+        p99_ms=round(p99 * 1000, 1) if p99 else None,
+        broker_rss_before_kib=before,
+        broker_rss_after_kib=after,
+    )
     assert stats["errors"] == 0, stats["kinds"]
     assert stats["ok"] >= n, "every client completed at least one request"
     assert after - before < size(64, 160) * 1024, f"broker RSS grew {before} -> {after} KiB"
@@ -112,8 +122,12 @@ def test_slow_reader_does_not_grow_broker_memory(hub, stack):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", stack.public_port))
-    s.sendall((f"GET {Hub.prefix(user)}files/slow.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               f"Authorization: token {stack.admin_token}\r\nConnection: close\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET {Hub.prefix(user)}files/slow.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: token {stack.admin_token}\r\nConnection: close\r\n\r\n"
+        ).encode()
+    )
     got = 0
     stop = threading.Event()
 
@@ -136,8 +150,14 @@ def test_slow_reader_does_not_grow_broker_memory(hub, stack):
         sampler.join()
         s.close()
     peak = max(samples + [before])
-    record("load: slow reader", file_mib=file_mib, seconds=seconds, bytes_read=got,
-           broker_rss_before_kib=before, broker_rss_peak_kib=peak)
+    record(
+        "load: slow reader",
+        file_mib=file_mib,
+        seconds=seconds,
+        bytes_read=got,
+        broker_rss_before_kib=before,
+        broker_rss_peak_kib=peak,
+    )
     assert got > 0
     # without flow control the broker would buffer the file (300 MiB) from the fast agent side
     assert peak - before < 32 * 1024, f"broker RSS grew {before} -> {peak} KiB with a slow reader"
@@ -172,8 +192,12 @@ def test_real_agent_enrols_during_slowloris(hub, stack):
             c.close()
     assert refused_at_once >= 200 - 64 - 32 - 3, "beyond the cap (64) and waiting room (32) the rest are closed"
     assert hub.through_proxy("during-slowloris", "api/status")[0] == 200
-    record("slowloris vs real agent", idle_connections=200, refused_at_once=refused_at_once,
-           spawn_to_ready_s=round(spawn_s, 2))
+    record(
+        "slowloris vs real agent",
+        idle_connections=200,
+        refused_at_once=refused_at_once,
+        spawn_to_ready_s=round(spawn_s, 2),
+    )
     hub.stop("during-slowloris")
 
 

@@ -275,9 +275,7 @@ def make_spawner(spool: Path, **kw):
     from hub_plugin.local import LocalBatchSpawner
 
     user = SimpleNamespace(name="lbtestuser", url="/user/lbtestuser/", escaped_name="lbtestuser")
-    hub = SimpleNamespace(
-        public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/"
-    )
+    hub = SimpleNamespace(public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
     return LocalBatchSpawner(
         user=user,
         hub=hub,

@@ -57,9 +57,15 @@ def val(m: dict, name: str, **labels) -> float:
 async def env(tmp_path):
     echo = await echo_server()
     store = SessionStore(str(tmp_path / "broker.sqlite"))
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                    hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=None,
-                    keepalive_interval=0, login_timeout=1.0, counters_flush_interval=0.2)
+    broker = Broker(
+        store=store,
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]),
+        chp=None,
+        keepalive_interval=0,
+        login_timeout=1.0,
+        counters_flush_interval=0.2,
+    )
     await broker.start()
     api = BrokerAPI(broker, TOKEN, "127.0.0.1", metrics_token=METRICS_TOKEN)
     runner = web.AppRunner(api.app, access_log=None)
@@ -92,8 +98,11 @@ async def test_metrics_auth_deny_by_default(env):
     # the metrics token is valid for nothing else (read-only: it cannot even list sessions)
     for path in ("/api/sessions", "/api/health", "/api/nope"):
         assert (await env.get(path, METRICS_TOKEN))[0] == 401, path
-    async with env.http.post(env.url + "/api/sessions", json={"user": "x", "routespec": "/x/"},
-                             headers={"Authorization": f"Bearer {METRICS_TOKEN}"}) as r:
+    async with env.http.post(
+        env.url + "/api/sessions",
+        json={"user": "x", "routespec": "/x/"},
+        headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+    ) as r:
         assert r.status == 401
     async with env.http.post(env.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}) as r:
         assert r.status == 401

@@ -41,8 +41,14 @@ pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(400)]
 
 COURSE = "cs101"
 ASSIGNMENT = "ps1"
-NBGRADER_PACKAGES = ["nbgrader", "ipywidgets", "notebook", "rapidfuzz", "jupyterlab_widgets",
-                     "widgetsnbextension"]  # what `pip install nbgrader` adds to this project's venv
+NBGRADER_PACKAGES = [
+    "nbgrader",
+    "ipywidgets",
+    "notebook",
+    "rapidfuzz",
+    "jupyterlab_widgets",
+    "widgetsnbextension",
+]  # what `pip install nbgrader` adds to this project's venv
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +64,23 @@ def image(tmp_path_factory):
 def nbgrader_dir(tmp_path_factory):
     target = tmp_path_factory.mktemp("nbgrader-pkgs")
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-deps", "--target", str(target), *NBGRADER_PACKAGES],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(target),
+            *NBGRADER_PACKAGES,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode != 0:
         pytest.skip(f"pip install nbgrader failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
     print(f"nbgrader installed with pip --target in {time.monotonic() - t0:.1f}s")
@@ -78,16 +98,24 @@ def make_config(tmp_path: Path, image: Path, extra_binds: list[str] = (), env: d
     for k, v in (env or {}).items():
         extra_env += ["--env", f"{k}={v}"]
     extra_env += tmp_bind_workdir(tmp_path / "container-workdir")
-    cfg = hc.config_from_dict({
-        "storage": {"scratch_dir": str(scratch)},
-        "overlay": {"enabled": False},
-        "container": {"image": str(image), "contain": "contain-pid",
-                      "binds": python_binds() + list(extra_binds), "extra_args": extra_env,
-                      "inner_command": []},
-        "nbgrader": {"exchange_dir": "{scratch_dir}/nbgrader-exchange",
-                     "exchange_mount": "/srv/nbgrader/exchange",
-                     "config_file": "{scratch_dir}/nbgrader_config.py"},
-    })
+    cfg = hc.config_from_dict(
+        {
+            "storage": {"scratch_dir": str(scratch)},
+            "overlay": {"enabled": False},
+            "container": {
+                "image": str(image),
+                "contain": "contain-pid",
+                "binds": python_binds() + list(extra_binds),
+                "extra_args": extra_env,
+                "inner_command": [],
+            },
+            "nbgrader": {
+                "exchange_dir": "{scratch_dir}/nbgrader-exchange",
+                "exchange_mount": "/srv/nbgrader/exchange",
+                "config_file": "{scratch_dir}/nbgrader_config.py",
+            },
+        }
+    )
     return cfg, scratch, exchange
 
 
@@ -136,24 +164,52 @@ echo "2025-01-01 10:00:00.000000 UTC" > "$sub/timestamp.txt"
 
 
 SOURCE_NB = {
-    "cells": [{
-        "cell_type": "code", "execution_count": None, "id": "answer-cell", "outputs": [],
-        "metadata": {"nbgrader": {"grade": False, "grade_id": "answer", "locked": False,
-                                  "schema_version": 3, "solution": True, "task": False}},
-        "source": ["### BEGIN SOLUTION\n", "answer = 42\n", "### END SOLUTION"]}],
-    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                "language": "python"}},
-    "nbformat": 4, "nbformat_minor": 5,
+    "cells": [
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "answer-cell",
+            "outputs": [],
+            "metadata": {
+                "nbgrader": {
+                    "grade": False,
+                    "grade_id": "answer",
+                    "locked": False,
+                    "schema_version": 3,
+                    "solution": True,
+                    "task": False,
+                }
+            },
+            "source": ["### BEGIN SOLUTION\n", "answer = 42\n", "### END SOLUTION"],
+        }
+    ],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
 def nbgrader_host(args: list[str], course_root: Path, pkgs: Path, exchange: Path):
-    env = dict(os.environ, PYTHONPATH=str(pkgs),
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ, PYTHONPATH=str(pkgs), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
     env.pop("JUPYTERHUB_USER", None)
-    r = subprocess.run([sys.executable, "-m", "nbgrader", *args, f"--course={COURSE}",
-                        f"--CourseDirectory.root={course_root}", f"--Exchange.root={exchange}"],
-                       cwd=course_root, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbgrader",
+            *args,
+            f"--course={COURSE}",
+            f"--CourseDirectory.root={course_root}",
+            f"--Exchange.root={exchange}",
+        ],
+        cwd=course_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, f"nbgrader {args}: {r.stderr[-2000:]}"
     return r
 
@@ -161,8 +217,7 @@ def nbgrader_host(args: list[str], course_root: Path, pkgs: Path, exchange: Path
 def test_real_nbgrader_release_fetch_submit_collect(tmp_path, image, nbgrader_dir):
     t0 = time.monotonic()
     pkgs = str(nbgrader_dir)
-    cfg, scratch, exchange = make_config(tmp_path, image, extra_binds=[f"{pkgs}:{pkgs}:ro"],
-                                         env={"PYTHONPATH": pkgs})
+    cfg, scratch, exchange = make_config(tmp_path, image, extra_binds=[f"{pkgs}:{pkgs}:ro"], env={"PYTHONPATH": pkgs})
     # instructor, on the host: generate + release with real nbgrader
     course = tmp_path / "course"
     (course / "source" / ASSIGNMENT).mkdir(parents=True)
@@ -209,5 +264,7 @@ EOF
     nbgrader_host(["collect", ASSIGNMENT], course, nbgrader_dir, exchange)
     collected = course / "submitted" / "stud1" / ASSIGNMENT / "problem1.ipynb"
     assert "student's answer" in collected.read_text()
-    print(f"instructor generate+release {t_release:.1f}s, student list+fetch+submit in the "
-          f"container {t_student:.1f}s, total {time.monotonic() - t0:.1f}s")
+    print(
+        f"instructor generate+release {t_release:.1f}s, student list+fetch+submit in the "
+        f"container {t_student:.1f}s, total {time.monotonic() - t0:.1f}s"
+    )

@@ -31,10 +31,21 @@ def parts():
 
 # -- parsing ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,secs", [
-    ("30", 1800), ("30:15", 1815), ("1:00:00", 3600), ("2-00", 172800), ("1-02:30", 95400),
-    ("1-00:00:01", 86401), ("infinite", None), ("UNLIMITED", None), ("", None),
-])
+
+@pytest.mark.parametrize(
+    "text,secs",
+    [
+        ("30", 1800),
+        ("30:15", 1815),
+        ("1:00:00", 3600),
+        ("2-00", 172800),
+        ("1-02:30", 95400),
+        ("1-00:00:01", 86401),
+        ("infinite", None),
+        ("UNLIMITED", None),
+        ("", None),
+    ],
+)
 def test_parse_slurm_time(text, secs):
     assert resources.parse_slurm_time(text) == secs
 
@@ -45,8 +56,9 @@ def test_parse_slurm_time_rejects(bad):
         resources.parse_slurm_time(bad)
 
 
-@pytest.mark.parametrize("text,secs", [("2", 7200), ("1.5", 5400), ("0:45", 2700), ("1:30:00", 5400),
-                                       ("1-00:00", 86400)])
+@pytest.mark.parametrize(
+    "text,secs", [("2", 7200), ("1.5", 5400), ("0:45", 2700), ("1:30:00", 5400), ("1-00:00", 86400)]
+)
 def test_parse_walltime(text, secs):
     assert resources.parse_walltime(text) == secs
 
@@ -87,34 +99,60 @@ def test_local_partition_is_this_machine():
 
 # -- validation ------------------------------------------------------------------------------
 
+
 def test_defaults_and_normalization():
     out = resources.validate_options({}, parts())
-    assert out == {"profile": "", "partition": "debug", "nprocs": "1", "memory": "", "ngpus": "",
-                   "runtime": "01:00:00", "image": "compute"}
-    form = {"partition": ["gpu"], "nprocs": ["8"], "memory": ["16"], "ngpus": ["2"], "runtime": ["12"],
-            "image": ["gpu"]}
+    assert out == {
+        "profile": "",
+        "partition": "debug",
+        "nprocs": "1",
+        "memory": "",
+        "ngpus": "",
+        "runtime": "01:00:00",
+        "image": "compute",
+    }
+    form = {
+        "partition": ["gpu"],
+        "nprocs": ["8"],
+        "memory": ["16"],
+        "ngpus": ["2"],
+        "runtime": ["12"],
+        "image": ["gpu"],
+    }
     assert resources.validate_options(form, parts()) == {
-        "profile": "", "partition": "gpu", "nprocs": "8", "memory": "16G", "ngpus": "2",
-        "runtime": "12:00:00", "image": "gpu"}
+        "profile": "",
+        "partition": "gpu",
+        "nprocs": "8",
+        "memory": "16G",
+        "ngpus": "2",
+        "runtime": "12:00:00",
+        "image": "gpu",
+    }
     # REST API bodies use scalars
-    assert resources.validate_options({"partition": "long", "nprocs": 2, "runtime": "3-00:00"}, parts())["runtime"] == "3-00:00:00"
+    assert (
+        resources.validate_options({"partition": "long", "nprocs": 2, "runtime": "3-00:00"}, parts())["runtime"]
+        == "3-00:00:00"
+    )
 
 
-@pytest.mark.parametrize("form,words", [
-    ({"partition": "nope"}, ["Partition 'nope' does not exist", "debug, long, gpu"]),
-    ({"partition": "old"}, ["not available"]),
-    ({"nprocs": "5"}, ["CPUs: 5 requested", "at most 4"]),
-    ({"nprocs": "0"}, ["at least 1"]),
-    ({"nprocs": "two"}, ["not a whole number"]),
-    ({"memory": "9"}, ["Memory: 9G requested", "at most 7 GB"]),
-    ({"memory": "lots"}, ["not a size"]),
-    ({"ngpus": "1"}, ["GPUs: 1 requested", "has no GPUs"]),
-    ({"partition": "gpu", "ngpus": "5"}, ["at most 4"]),
-    ({"runtime": "2"}, ["Walltime: 2 h 00 min requested", "at most 1 h 00 min"]),
-    ({"runtime": "whenever"}, ["not a duration"]),
-    ({"image": "windows"}, ["Image: 'windows' is not one of"]),
-    ({"image": "gpu"}, ["GPU image needs at least one GPU"]),
-])
+@pytest.mark.parametrize(
+    "form,words",
+    [
+        ({"partition": "nope"}, ["Partition 'nope' does not exist", "debug, long, gpu"]),
+        ({"partition": "old"}, ["not available"]),
+        ({"nprocs": "5"}, ["CPUs: 5 requested", "at most 4"]),
+        ({"nprocs": "0"}, ["at least 1"]),
+        ({"nprocs": "two"}, ["not a whole number"]),
+        ({"memory": "9"}, ["Memory: 9G requested", "at most 7 GB"]),
+        ({"memory": "lots"}, ["not a size"]),
+        ({"ngpus": "1"}, ["GPUs: 1 requested", "has no GPUs"]),
+        ({"partition": "gpu", "ngpus": "5"}, ["at most 4"]),
+        ({"runtime": "2"}, ["Walltime: 2 h 00 min requested", "at most 1 h 00 min"]),
+        ({"runtime": "whenever"}, ["not a duration"]),
+        ({"image": "windows"}, ["Image: 'windows' is not one of"]),
+        ({"image": "gpu"}, ["GPU image needs at least one GPU"]),
+    ],
+)
 def test_invalid_choices_have_clear_messages(form, words):
     with pytest.raises(resources.OptionsError) as e:
         resources.validate_options(form, parts())
@@ -124,13 +162,21 @@ def test_invalid_choices_have_clear_messages(form, words):
 
 
 def test_unknown_memory_limit_is_not_enforced():
-    out = resources.validate_options({"partition": "old-up", "memory": "64"}, [resources.Partition("old-up", memory_mb=1)])
+    out = resources.validate_options(
+        {"partition": "old-up", "memory": "64"}, [resources.Partition("old-up", memory_mb=1)]
+    )
     assert out["memory"] == "64G"
 
 
 PROFILES = [
-    {"name": "course", "display_name": "Course", "description": "2 CPUs, 2 h", "req_nprocs": "2",
-     "req_runtime": "2:00:00", "req_partition": "long"},
+    {
+        "name": "course",
+        "display_name": "Course",
+        "description": "2 CPUs, 2 h",
+        "req_nprocs": "2",
+        "req_runtime": "2:00:00",
+        "req_partition": "long",
+    },
     {"name": "gpu-small", "req_partition": "gpu", "req_ngpus": "1", "image": "gpu"},
     {"name": "too-big", "req_nprocs": "99"},
 ]
@@ -161,24 +207,36 @@ def test_profile_config_errors_name_the_profile():
 
 def test_render_form_escapes_and_preselects():
     p = parts() + [resources.Partition('x"><script>', cpus=1)]
-    html = render_form(p, profiles=PROFILES, current={"partition": "gpu", "nprocs": "8", "memory": "16G",
-                                                          "runtime": "02:00:00", "image": "gpu", "profile": "custom"})
+    html = render_form(
+        p,
+        profiles=PROFILES,
+        current={
+            "partition": "gpu",
+            "nprocs": "8",
+            "memory": "16G",
+            "runtime": "02:00:00",
+            "image": "gpu",
+            "profile": "custom",
+        },
+    )
     for name in ("partition", "nprocs", "memory", "ngpus", "runtime", "image", "profile"):
         assert f'name="{name}"' in html
     assert '<option value="gpu" selected>' in html and 'value="16"' in html and 'value="2:00"' in html
-    assert "<script>\"" not in html and "x&quot;&gt;&lt;script&gt;" in html
+    assert '<script>"' not in html and "x&quot;&gt;&lt;script&gt;" in html
     assert '<option value="old" disabled>' in html
 
 
 # -- the spawner hooks -----------------------------------------------------------------------
+
 
 def local_spawner(**kw):
     user = mock.Mock()
     user.name = "zoe"
     user.url = "/user/zoe/"
     user.escaped_name = "zoe"
-    hub = mock.Mock(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/", public_host="",
-                    url="http://127.0.0.1:8081/hub/")
+    hub = mock.Mock(
+        api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/", public_host="", url="http://127.0.0.1:8081/hub/"
+    )
     return LocalBrokerSpawner(user=user, hub=hub, **kw)
 
 
@@ -223,9 +281,16 @@ async def test_slurm_form_uses_sinfo_once_per_cache_period():
 async def test_apply_sets_req_traits_resets_and_sanitizes():
     ResourceOptionsMixin._partition_cache.clear()
     s = slurm_spawner(req_runtime="0:30:00", req_memory="2G")
-    await s.apply_user_options(s, {"partition": "gpu", "nprocs": "8", "ngpus": "2", "image": "gpu",
-                                   "cmd": "rm -rf ~", "options": "--uid=0"})
-    assert (s.req_partition, s.req_nprocs, s.req_memory, s.req_ngpus, s.req_runtime) == ("gpu", "8", "2G", "2", "00:30:00")
+    await s.apply_user_options(
+        s, {"partition": "gpu", "nprocs": "8", "ngpus": "2", "image": "gpu", "cmd": "rm -rf ~", "options": "--uid=0"}
+    )
+    assert (s.req_partition, s.req_nprocs, s.req_memory, s.req_ngpus, s.req_runtime) == (
+        "gpu",
+        "8",
+        "2G",
+        "2",
+        "00:30:00",
+    )
     assert set(s.user_options) == {"profile", "partition", "nprocs", "memory", "ngpus", "runtime", "image"}
     # the next spawn without options starts from the configuration again
     await s.apply_user_options(s, {})
@@ -272,8 +337,10 @@ async def test_walltime_status_warning_notice_enforcement_and_state():
     s.session_id, s.job_id = "sid", "7"
     s._configured = {}
     base_poll = mock.AsyncMock(return_value=None)
-    with mock.patch("hub_plugin.mixin.BrokerSpawnerMixin.poll", base_poll), \
-         mock.patch.object(type(s), "stop", mock.AsyncMock()) as stop:
+    with (
+        mock.patch("hub_plugin.mixin.BrokerSpawnerMixin.poll", base_poll),
+        mock.patch.object(type(s), "stop", mock.AsyncMock()) as stop,
+    ):
         s.last_session = {"state": "ready", "walltime_warning": "the job is close to its time limit"}
         assert await s.poll() is None
         assert s.walltime_status()["notice"] == "the job is close to its time limit"
@@ -284,6 +351,7 @@ async def test_walltime_status_warning_notice_enforcement_and_state():
 
 
 # -- progress stages -------------------------------------------------------------------------
+
 
 class ScriptedBroker:
     """Answers wait_session with the given states in turn."""
@@ -338,8 +406,9 @@ def messages(s):
 
 @pytest.mark.asyncio
 async def test_progress_stages_in_order_with_rising_percentages():
-    s, broker = scripted_spawner(["registered", "registered", "connected", "ready"],
-                                 [JobStatus.PENDING, JobStatus.RUNNING])
+    s, broker = scripted_spawner(
+        ["registered", "registered", "connected", "ready"], [JobStatus.PENDING, JobStatus.RUNNING]
+    )
     assert await run_start(s, broker) == "http://127.0.0.1:4000"
     ev = messages(s)
     texts = [m for _, m in ev]
@@ -359,8 +428,11 @@ async def test_fast_ready_still_reports_every_stage():
 
 @pytest.mark.asyncio
 async def test_job_failure_carries_state_and_log_tail():
-    s, broker = scripted_spawner(["registered"], [JobStatus.RUNNING, JobStatus.NOTFOUND],
-                                 tail="line 1\nImportError: no module named jupyterhub\n")
+    s, broker = scripted_spawner(
+        ["registered"],
+        [JobStatus.RUNNING, JobStatus.NOTFOUND],
+        tail="line 1\nImportError: no module named jupyterhub\n",
+    )
     with pytest.raises(RuntimeError) as e:
         await run_start(s, broker)
     msg = str(e.value)
@@ -369,13 +441,15 @@ async def test_job_failure_carries_state_and_log_tail():
 
 @pytest.mark.asyncio
 async def test_maintenance_and_refused_submit_messages():
-    s, broker = scripted_spawner(["registered"], [JobStatus.NOTFOUND],
-                                 tail="NODE-AGENT-MAINTENANCE: Back at 14:00\n")
+    s, broker = scripted_spawner(["registered"], [JobStatus.NOTFOUND], tail="NODE-AGENT-MAINTENANCE: Back at 14:00\n")
     with pytest.raises(RuntimeError, match="^Back at 14:00$"):
         await run_start(s, broker)
     s, broker = scripted_spawner(["registered"], [JobStatus.RUNNING])
-    s.submit_batch_script = mock.AsyncMock(side_effect=RuntimeError(
-        "sbatch: error: Batch job submission failed: Requested node configuration is not available"))
+    s.submit_batch_script = mock.AsyncMock(
+        side_effect=RuntimeError(
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+        )
+    )
     with pytest.raises(RuntimeError, match="The batch system refused the job: sbatch: error: .*not available"):
         await run_start(s, broker)
 

@@ -15,8 +15,7 @@ from node_agent import overlay as ov
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 16 << 20
 
-pytestmark = pytest.mark.skipif(ov.find_tool("mkfs.ext3") is None,
-                                reason="mkfs.ext3 (e2fsprogs) not installed")
+pytestmark = pytest.mark.skipif(ov.find_tool("mkfs.ext3") is None, reason="mkfs.ext3 (e2fsprogs) not installed")
 
 # each worker waits for a common start time, then races to create the same overlay
 WORKER = r"""
@@ -26,18 +25,24 @@ from node_agent import overlay as ov
 path, start = sys.argv[2], float(sys.argv[3])
 while time.time() < start:
     pass
-r = ov.ensure_overlay(path, %d, lock_timeout=60)
+r = ov.ensure_overlay(path, SIZE, lock_timeout=60)
 print(json.dumps({"created": r.created, "size": r.size}))
-""" % SIZE
+""".replace("SIZE", str(SIZE))
 
 
 def test_concurrent_creation_yields_one_valid_overlay(tmp_path):
     img = tmp_path / "overlays" / "alice.img"
     n = 6
     start = time.time() + 1.0
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(REPO), str(img), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(REPO), str(img), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -49,8 +54,7 @@ def test_concurrent_creation_yields_one_valid_overlay(tmp_path):
     # nothing half-written left behind; only the image and its lock file
     assert sorted(os.listdir(img.parent)) == ["alice.img", "alice.img.lock"]
     # apptainer's layout is inside
-    out = subprocess.run([ov.find_tool("debugfs"), "-R", "ls -l /", str(img)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([ov.find_tool("debugfs"), "-R", "ls -l /", str(img)], capture_output=True, text=True).stdout
     assert "upper" in out and "work" in out
 
 

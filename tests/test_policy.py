@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker.policy import CONTROL_HOST, CONTROL_PORT, Decision, decide_direct, decide_remote_forward
@@ -88,5 +90,5 @@ def test_direct_other_hub_addresses(hub_api, host, port, allowed):
 
 def test_decision_is_immutable():
     d = decide_remote_forward("127.0.0.1", 0, authenticated=True, has_forward=False)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         d.allowed = False  # type: ignore[misc]

@@ -30,8 +30,7 @@ FORM_NOTE = "Your server gets a node to itself"
 def make(name: str = "root", **kw) -> SlurmBrokerSpawner:
     user = SimpleNamespace(name=name, url=f"/user/{name}/", escaped_name=name)
     hub = SimpleNamespace(public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
-    sp = SlurmBrokerSpawner(user=user, hub=hub, cmd=["jupyterhub-singleuser"], req_homedir="/tmp",
-                            **kw)
+    sp = SlurmBrokerSpawner(user=user, hub=hub, cmd=["jupyterhub-singleuser"], req_homedir="/tmp", **kw)
     sp._broker_env = {"BROKER_ENROL_SECRET": "x" * 32, "BROKER_SESSION_ID": "s1"}
     return sp
 
@@ -49,8 +48,7 @@ def sbatch_lines(script: str) -> list[str]:
 @pytest.mark.asyncio
 async def test_service_account_without_container_gets_exclusive_node():
     sp = make()
-    assert (sp.submit_as, sp.node_exclusivity, sp.agent_command) == ("service", "node",
-                                                                       "node-agent run --")
+    assert (sp.submit_as, sp.node_exclusivity, sp.agent_command) == ("service", "node", "node-agent run --")
     script = await script_of(sp)
     assert "#SBATCH --exclusive" in sbatch_lines(script), script
     assert "--exclusive=user" not in script  # the shared account is ONE Slurm user
@@ -64,11 +62,14 @@ async def test_turned_off_no_exclusive():
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("kw", [
-    {"agent_command": "node-agent launch --config /etc/node-agent/hpc.toml --"},
-    {"jobs_in_container": True},
-    {"submit_as": "user"},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"agent_command": "node-agent launch --config /etc/node-agent/hpc.toml --"},
+        {"jobs_in_container": True},
+        {"submit_as": "user"},
+    ],
+)
 async def test_not_needed_with_a_container_or_per_user_accounts(kw):
     script = await script_of(make(**kw))
     assert "--exclusive" not in script, script
@@ -121,8 +122,7 @@ async def test_submitted_script_carries_it_and_users_cannot_remove_it(tmp_path):
 @pytest.mark.asyncio
 async def test_site_batch_script_without_the_line_gets_it_on_the_command_line(tmp_path):
     cmd, record = fake_sbatch(tmp_path)
-    own = DEFAULT_BATCH_SCRIPT.replace("{% if node_exclusive %}#SBATCH {{node_exclusive}}\n"
-                                       "{% endif %}", "")
+    own = DEFAULT_BATCH_SCRIPT.replace("{% if node_exclusive %}#SBATCH {{node_exclusive}}\n{% endif %}", "")
     assert own != DEFAULT_BATCH_SCRIPT
     await make(batch_submit_cmd=cmd, batch_script=own).submit_batch_script()
     sent = json.loads(record.read_text())
@@ -163,6 +163,9 @@ async def test_job_tells_launch_when_the_hub_counts_on_a_container(tmp_path):
     await launch.submit_batch_script()
     export = [a for a in json.loads(record.read_text())["argv"] if a.startswith("--export=")]
     assert slurm.EXPECT_CONTAINER_ENV in export[0].split("=", 1)[1].split(","), export
-    for sp in (make(), make(agent_command="node-agent launch --config /x --", jobs_in_container=False),
-               make(agent_command="node-agent launch --config /x --", submit_as="user")):
+    for sp in (
+        make(),
+        make(agent_command="node-agent launch --config /x --", jobs_in_container=False),
+        make(agent_command="node-agent launch --config /x --", submit_as="user"),
+    ):
         assert slurm.EXPECT_CONTAINER_ENV not in sp.get_env()

@@ -227,9 +227,7 @@ async def test_poller_through_login_node_runner(jobs, sshd, login_runner):
 async def test_ten_submissions_share_one_ssh_connection(jobs, sshd, login_runner):
     accepted0 = sshd.accepted()
     script = f"#!/bin/bash\n#SBATCH -J {JOB_TAG}\n#SBATCH -o /dev/null\nsleep 300\n"
-    results = await asyncio.gather(
-        *(login_runner.run(["sbatch", "--parsable"], input=script) for _ in range(10))
-    )
+    results = await asyncio.gather(*(login_runner.run(["sbatch", "--parsable"], input=script) for _ in range(10)))
     for status, out, err in results:
         assert status == 0, err
         jobs.ids.append(out.strip())
@@ -261,18 +259,14 @@ async def test_secret_env_never_on_command_lines_logs_or_script(jobs, sshd, logi
 
     async def watch_ps():
         while not stop.is_set():
-            p = await asyncio.create_subprocess_exec(
-                "ps", "-eww", "-o", "args=", stdout=asyncio.subprocess.PIPE
-            )
+            p = await asyncio.create_subprocess_exec("ps", "-eww", "-o", "args=", stdout=asyncio.subprocess.PIPE)
             out, _ = await p.communicate()
             seen_cmdlines.append(out.decode(errors="replace"))
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch_ps())
     try:
-        r = await login_runner.run(
-            ["bash", "-c", 'sleep 1.5; printf %s "$HUB_TEST_SECRET" | sha256sum'], env=env
-        )
+        r = await login_runner.run(["bash", "-c", 'sleep 1.5; printf %s "$HUB_TEST_SECRET" | sha256sum'], env=env)
     finally:
         stop.set()
         await watcher
@@ -284,12 +278,7 @@ async def test_secret_env_never_on_command_lines_logs_or_script(jobs, sshd, logi
 
     # 2. a job submitted with the secret in its environment: it arrives, the script has no trace
     out_file = tmp_path / "job.out"
-    script = (
-        "#!/bin/bash\n"
-        f"#SBATCH -J {JOB_TAG}\n"
-        f"#SBATCH -o {out_file}\n"
-        'printf %s "$HUB_TEST_SECRET" | sha256sum\n'
-    )
+    script = f'#!/bin/bash\n#SBATCH -J {JOB_TAG}\n#SBATCH -o {out_file}\nprintf %s "$HUB_TEST_SECRET" | sha256sum\n'
     r = await login_runner.run(["sbatch", "--parsable", "--export=HUB_TEST_SECRET"], input=script, env=env)
     assert r.exit_status == 0, r.stderr
     job_id = r.stdout.strip()

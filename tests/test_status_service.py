@@ -46,8 +46,13 @@ c.JupyterHub.load_roles.append({{"name": "user", "scopes": ["self", "access:serv
 @pytest.fixture(scope="module")
 def stack_options():
     """The module's ``stack`` (conftest.py): the status service from docs/admin.md's config."""
-    return dict(name="stack", logs="status-service-logs", poll_interval=2, reconcile_interval=1.0,
-                extra_hub_config=SERVICE_CONFIG.format(port=free_port(), repo=REPO, admin_password=ADMIN_PASSWORD))
+    return dict(
+        name="stack",
+        logs="status-service-logs",
+        poll_interval=2,
+        reconcile_interval=1.0,
+        extra_hub_config=SERVICE_CONFIG.format(port=free_port(), repo=REPO, admin_password=ADMIN_PASSWORD),
+    )
 
 
 class Browser:
@@ -67,7 +72,9 @@ class Browser:
     def login(self, user: str, password: str) -> None:
         status, page, _ = self.get("/hub/login")
         assert status == 200, page[:500]
-        xsrf = re.search(r'name="_xsrf"[^>]*?value="([^"]+)"', page) or re.search(r'value="([^"]+)"[^>]*?name="_xsrf"', page)
+        xsrf = re.search(r'name="_xsrf"[^>]*?value="([^"]+)"', page) or re.search(
+            r'value="([^"]+)"[^>]*?name="_xsrf"', page
+        )
         form = {"username": user, "password": password}
         if xsrf:
             form["_xsrf"] = xsrf.group(1)
@@ -87,7 +94,7 @@ def test_admin_sees_live_tunnels_non_admin_gets_403(stack):
     status, page, url = admin.get("/services/broker-status/")
     assert status == 200, (status, url, page[:1000])
     assert urllib.parse.urlparse(url).path == "/services/broker-status/"
-    table = page[page.index('<table id="sessions">'):]
+    table = page[page.index('<table id="sessions">') :]
     row = re.search(r"<tr><td>spawned-user</td>(.*?)</tr>", table)
     assert row, table[:2000]
     cells = re.findall(r"<td>(.*?)</td>", row.group(0))

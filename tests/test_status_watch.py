@@ -20,10 +20,16 @@ def served(tmp_path):
 
 def test_watch_redraws_until_ctrl_c(served, tmp_path):
     env = clean_env(tmp_path, BROKER_API_TOKEN=TOKEN, TERM="xterm")
-    child = pexpect.spawn(sys.executable, ["-m", "broker.app", "status", "--watch", "--interval", "0.3",
-                                           f"--BrokerApp.api_url={served.api_url}"],
-                          env=env, cwd=str(tmp_path), encoding="utf-8", timeout=20, dimensions=(40, 250),
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if this run ignores ^C
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "broker.app", "status", "--watch", "--interval", "0.3", f"--BrokerApp.api_url={served.api_url}"],
+        env=env,
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=20,
+        dimensions=(40, 250),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # even if this run ignores ^C
     try:
         child.expect(r"every 0\.3s")
         child.expect(r"\(no live sessions\)")
@@ -44,11 +50,28 @@ def test_watch_redraws_until_ctrl_c(served, tmp_path):
 def test_watch_bad_interval_and_bad_token(served, tmp_path):
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "broker.app", "status", "--watch", "--interval", "0",
-                        f"--BrokerApp.api_url={served.api_url}"], env=clean_env(tmp_path, BROKER_API_TOKEN=TOKEN),
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker.app",
+            "status",
+            "--watch",
+            "--interval",
+            "0",
+            f"--BrokerApp.api_url={served.api_url}",
+        ],
+        env=clean_env(tmp_path, BROKER_API_TOKEN=TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert r.returncode == 2 and "--interval" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "broker.app", "status", "--watch", f"--BrokerApp.api_url={served.api_url}"],
-                       env=clean_env(tmp_path, BROKER_API_TOKEN="wrong-token-0123456789"),
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.app", "status", "--watch", f"--BrokerApp.api_url={served.api_url}"],
+        env=clean_env(tmp_path, BROKER_API_TOKEN="wrong-token-0123456789"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert r.returncode == 1 and "401" in r.stderr

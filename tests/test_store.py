@@ -15,9 +15,17 @@ from broker.store import Session, SessionStore
 
 
 def make(sid: str = "s1", port: int = 40001, state: str = "registered", user: str = "zoe", **kw) -> Session:
-    return Session(id=sid, user=user, server_name=kw.pop("server_name", ""), routespec=f"/user/{user}/",
-                   state=state, port=port, created=kw.pop("created", time.time()),
-                   secret_hash=kw.pop("secret_hash", hash_secret("sekrit-" + sid)), **kw)
+    return Session(
+        id=sid,
+        user=user,
+        server_name=kw.pop("server_name", ""),
+        routespec=f"/user/{user}/",
+        state=state,
+        port=port,
+        created=kw.pop("created", time.time()),
+        secret_hash=kw.pop("secret_hash", hash_secret("sekrit-" + sid)),
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -179,8 +187,17 @@ def test_add_bytes(store, db_path):
     assert (rb["bytes_in"], rb["bytes_out"]) == (1, 2)
 
 
-@pytest.mark.parametrize("fields", [{"bogus": 1}, {"id": "other"}, {"user; DROP TABLE sessions; --": 1},
-                                    {"state": "running"}, {"state": ""}, {"state": "READY"}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"bogus": 1},
+        {"id": "other"},
+        {"user; DROP TABLE sessions; --": 1},
+        {"state": "running"},
+        {"state": ""},
+        {"state": "READY"},
+    ],
+)
 def test_update_rejects_unknown_fields_and_states(store, fields):
     store.create(make())
     before = store.get("s1")

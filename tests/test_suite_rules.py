@@ -39,9 +39,14 @@ def imported_test_modules(tree: ast.AST) -> list[tuple[int, str]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = [node.module] if node.module else [a.name for a in node.names]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             names = [node.args[0].value]
         found += [(node.lineno, n) for n in names if n.split(".")[0].startswith("test_")]
     return found
@@ -58,9 +63,12 @@ def environ_writes(tree: ast.AST) -> list[tuple[int, str]]:
             environ_names |= {a.asname or a.name for a in node.names if a.name == "environ"}
 
     def is_environ(n: ast.AST) -> bool:
-        return ((isinstance(n, ast.Attribute) and n.attr == "environ"
-                 and isinstance(n.value, ast.Name) and n.value.id in os_names)
-                or (isinstance(n, ast.Name) and n.id in environ_names))
+        return (
+            isinstance(n, ast.Attribute)
+            and n.attr == "environ"
+            and isinstance(n.value, ast.Name)
+            and n.value.id in os_names
+        ) or (isinstance(n, ast.Name) and n.id in environ_names)
 
     found = []
     for node in ast.walk(tree):
@@ -98,47 +106,60 @@ def test_the_suite_has_modules_to_check():
 
 def test_no_module_of_the_suite_imports_a_test_module():
     bad = _violations(imported_test_modules)
-    assert not bad, "import shared helpers from tests/harness.py (or another helper module), not from a test module:\n" + "\n".join(bad)
+    assert not bad, (
+        "import shared helpers from tests/harness.py (or another helper module), not from a test module:\n"
+        + "\n".join(bad)
+    )
 
 
 def test_no_module_of_the_suite_writes_to_the_process_environment():
     bad = _violations(environ_writes)
-    assert not bad, ("use monkeypatch.setenv, env= for child processes, or the stack factory's path=, "
-                     "instead of:\n" + "\n".join(bad))
+    assert not bad, (
+        "use monkeypatch.setenv, env= for child processes, or the stack factory's path=, instead of:\n" + "\n".join(bad)
+    )
 
 
-@pytest.mark.parametrize("code", [
-    "import test_api",
-    "from test_tunnel_security import Harness",
-    "def f():\n    from test_e2e_apptainer import build_image",
-    "import importlib\nimportlib.import_module('test_x')",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import test_api",
+        "from test_tunnel_security import Harness",
+        "def f():\n    from test_e2e_apptainer import build_image",
+        "import importlib\nimportlib.import_module('test_x')",
+    ],
+)
 def test_the_import_rule_catches(code):
     assert imported_test_modules(ast.parse(code))
 
 
-@pytest.mark.parametrize("code", [
-    "import os\nos.environ['PATH'] = 'x'",
-    "import os\ndel os.environ['X']",
-    "import os\nos.environ['PATH'] += ':x'",
-    "import os\nos.environ.update(A='1')",
-    "import os\nos.environ.setdefault('A', '1')",
-    "import os\nos.environ.pop('A', None)",
-    "import os\nos.putenv('A', '1')",
-    "import os as o\no.environ['A'] = '1'",
-    "from os import environ\nenviron['A'] = '1'",
-    "import os\nos.environ = {}",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nos.environ['PATH'] = 'x'",
+        "import os\ndel os.environ['X']",
+        "import os\nos.environ['PATH'] += ':x'",
+        "import os\nos.environ.update(A='1')",
+        "import os\nos.environ.setdefault('A', '1')",
+        "import os\nos.environ.pop('A', None)",
+        "import os\nos.putenv('A', '1')",
+        "import os as o\no.environ['A'] = '1'",
+        "from os import environ\nenviron['A'] = '1'",
+        "import os\nos.environ = {}",
+    ],
+)
 def test_the_environ_rule_catches(code):
     assert environ_writes(ast.parse(code))
 
 
-@pytest.mark.parametrize("code", [
-    "import os\nx = os.environ['PATH']",
-    "import os\nenv = dict(os.environ, PATH='x')",
-    "def t(monkeypatch):\n    monkeypatch.setenv('A', '1')",
-    "import os\nfrom unittest import mock\nmock.patch.dict(os.environ, {'A': '1'})",
-    "env = {}\nenv['PATH'] = 'x'",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nx = os.environ['PATH']",
+        "import os\nenv = dict(os.environ, PATH='x')",
+        "def t(monkeypatch):\n    monkeypatch.setenv('A', '1')",
+        "import os\nfrom unittest import mock\nmock.patch.dict(os.environ, {'A': '1'})",
+        "env = {}\nenv['PATH'] = 'x'",
+    ],
+)
 def test_the_environ_rule_allows(code):
     assert not environ_writes(ast.parse(code))

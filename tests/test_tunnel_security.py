@@ -90,8 +90,14 @@ async def test_key_of_one_session_cannot_serve_another(harness):
 async def test_no_credentials_refused(harness):
     session, _ = await harness.session()
     with pytest.raises(asyncssh.PermissionDenied):
-        await asyncssh.connect("127.0.0.1", harness.broker.ssh_port, username=session.id, client_keys=None,
-                               password=None, **harness.ssh_options())
+        await asyncssh.connect(
+            "127.0.0.1",
+            harness.broker.ssh_port,
+            username=session.id,
+            client_keys=None,
+            password=None,
+            **harness.ssh_options(),
+        )
 
 
 @pytest.mark.parametrize("host,port", [("127.0.0.1", 8083), ("0.0.0.0", 0), ("", 0), ("::", 0), ("10.0.0.1", 0)])
@@ -219,9 +225,14 @@ async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
     proxy = Chp().start()
     echo = await echo_server()
     store = SessionStore(str(tmp_path / "b.sqlite"))
-    broker = Broker(store=store, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                    hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]), chp=ChpClient(proxy.api_url, proxy.token),
-                    keepalive_interval=0, config=Config(RoutePublisher={"reconcile_interval": 0.5}))
+    broker = Broker(
+        store=store,
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        hub_api=("127.0.0.1", echo.sockets[0].getsockname()[1]),
+        chp=ChpClient(proxy.api_url, proxy.token),
+        keepalive_interval=0,
+        config=Config(RoutePublisher={"reconcile_interval": 0.5}),
+    )
     await broker.start()
     h = Harness(broker, str(tmp_path))
     h.servers = []
@@ -244,8 +255,11 @@ async def test_odd_usernames_through_broker_and_route_publishing(tmp_path):
                     assert resp.status == 200, (name, resp.status)
                     # CHP passes the path on: the server behind the tunnel saw this user's prefix
                     assert (await resp.text()).startswith(routespec)
-        routes = json.loads(urllib.request.urlopen(urllib.request.Request(
-            proxy.api_url + "/api/routes", headers={"Authorization": f"token {proxy.token}"})).read())
+        routes = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(proxy.api_url + "/api/routes", headers={"Authorization": f"token {proxy.token}"})
+            ).read()
+        )
         for s in broker.store.list():
             assert routes[f"/user/{s.user}"]["target"] == s.target
             assert routes[f"/user/{s.user}"]["user"] == s.user

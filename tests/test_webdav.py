@@ -67,19 +67,20 @@ DAVFS_TEMPLATE = ["/usr/sbin/mount.davfs", "{url}", "{mount_point}", "-o", "user
 
 
 def _cfg(tmp_path, template=DAVFS_TEMPLATE, **extra):
-    return hc.config_from_dict({
-        "storage": {"scratch_dir": str(tmp_path / "scratch")},
-        "container": {"enabled": False, "inner_command": []},
-        "webdav": {"enabled": True, "mount_command": list(template), **extra},
-    })
+    return hc.config_from_dict(
+        {
+            "storage": {"scratch_dir": str(tmp_path / "scratch")},
+            "container": {"enabled": False, "inner_command": []},
+            "webdav": {"enabled": True, "mount_command": list(template), **extra},
+        }
+    )
 
 
 @pytest.mark.parametrize("url", HOSTILE_OK)
 def test_hostile_url_is_one_argv_element(tmp_path, url):
     c = _cfg(tmp_path)
     argv = la.build_webdav_argv(c, c.user_paths("alice"), url)
-    assert argv == ["/usr/sbin/mount.davfs", url, f"{tmp_path}/scratch/homes/alice/WebDAV",
-                    "-o", "username=anonymous"]
+    assert argv == ["/usr/sbin/mount.davfs", url, f"{tmp_path}/scratch/homes/alice/WebDAV", "-o", "username=anonymous"]
     # placeholders inside the value are not expanded again
     assert argv[1] == url
 
@@ -97,40 +98,54 @@ def test_invalid_url_rejected(tmp_path, url, reason):
         la.build_webdav_argv(c, c.user_paths("alice"), url)
 
 
-RECORDER = "#!/bin/sh\necho \"$@\" >> \"$0.calls\"\n"
+RECORDER = '#!/bin/sh\necho "$@" >> "$0.calls"\n'
 
 
 def _launch(conf: Path, env_extra: dict, cmd: list[str], timeout=90):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_AGENT", "JUPYTERHUB"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "node_agent.launch", "--config", str(conf), "--",
-                           *cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "node_agent.launch", "--config", str(conf), "--", *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def _write_conf(path: Path, scratch: Path, template: list[str], container: str = "",
-                url: str = "", required: bool = True, unmount: list[str] | None = None,
-                extra: str = "") -> Path:
+def _write_conf(
+    path: Path,
+    scratch: Path,
+    template: list[str],
+    container: str = "",
+    url: str = "",
+    required: bool = True,
+    unmount: list[str] | None = None,
+    extra: str = "",
+) -> Path:
     tmpl = json.dumps(template)
     umount = "" if unmount is None else f"unmount_command = {json.dumps(unmount)}"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [storage]
         scratch_dir = "{scratch}"
         [overlay]
         enabled = false
         [container]
-        {container or 'enabled = false'}
+        {container or "enabled = false"}
         inner_command = []
         [webdav]
         enabled = true
-        required = {'true' if required else 'false'}
+        required = {"true" if required else "false"}
         url = "{url}"
         mount_command = {tmpl}
         container_mount_point = "/home/jovyan/WebDAV"
         timeout = 30
         {umount}
         {extra}
-    """))
+    """)
+    )
     return path
 
 
@@ -140,8 +155,7 @@ def test_launch_refuses_bad_url_without_running_the_mount(tmp_path, url, _reason
     rec.write_text(RECORDER)
     rec.chmod(0o755)
     conf = _write_conf(tmp_path / "hpc.toml", tmp_path / "scratch", [str(rec), "{url}", "{mount_point}"])
-    r = _launch(conf, {"JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": url},
-                ["sh", "-c", "echo should-not-run"])
+    r = _launch(conf, {"JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": url}, ["sh", "-c", "echo should-not-run"])
     assert r.returncode == la.EX_USAGE, r.stderr
     assert "webdav: refusing URL from $NODE_AGENT_WEBDAV_URL" in r.stderr
     assert "should-not-run" not in r.stdout
@@ -150,26 +164,32 @@ def test_launch_refuses_bad_url_without_running_the_mount(tmp_path, url, _reason
 
 def test_launch_passes_hostile_url_as_one_argument(tmp_path):
     rec = tmp_path / "mount-recorder"
-    rec.write_text("#!/usr/bin/env python3\nimport json, sys\n"
-                   "json.dump(sys.argv[1:], open(sys.argv[0] + '.json', 'w'))\n")
+    rec.write_text(
+        "#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open(sys.argv[0] + '.json', 'w'))\n"
+    )
     rec.chmod(0o755)
     pwned = tmp_path / "pwned"
     url = f"https://dav.example.org/x;touch${{IFS}}{pwned};$(touch${{IFS}}{pwned})`touch${{IFS}}{pwned}`"
     conf = _write_conf(tmp_path / "hpc.toml", tmp_path / "scratch", [str(rec), "{url}", "{mount_point}"])
     r = _launch(conf, {"JUPYTERHUB_USER": "alice", "NODE_AGENT_WEBDAV_URL": url}, ["true"])
     assert r.returncode == 0, r.stderr
-    assert json.loads(Path(str(rec) + ".json").read_text()) == [
-        url, f"{tmp_path}/scratch/homes/alice/WebDAV"]
+    assert json.loads(Path(str(rec) + ".json").read_text()) == [url, f"{tmp_path}/scratch/homes/alice/WebDAV"]
     assert not pwned.exists()
 
 
 # ---- a real davfs2 mount of a local wsgidav server ------------------------------------------
 
+
 def _ensure_davfs() -> str:
     if shutil.which("mount.davfs", path="/usr/sbin:/sbin:/usr/bin") is None and os.geteuid() == 0:
         t0 = time.monotonic()
-        r = subprocess.run(["apt-get", "install", "-y", "-q", "davfs2"], capture_output=True,
-                           text=True, timeout=300, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        r = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "davfs2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
         print(f"apt-get install davfs2: exit {r.returncode} in {time.monotonic() - t0:.1f}s")
     path = shutil.which("mount.davfs", path="/usr/sbin:/sbin:/usr/bin")
     if path is None:
@@ -186,9 +206,23 @@ def dav_server(tmp_path_factory):
     conf.write_text("ask_auth 0\nuse_locks 0\n")  # never prompt (stdin is /dev/null)
     pkgs = tmp_path_factory.mktemp("wsgidav-pkgs")
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", "--target", str(pkgs), "wsgidav", "cheroot"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(pkgs),
+            "wsgidav",
+            "cheroot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode != 0:
         pytest.skip(f"pip install wsgidav cheroot failed: {r.stderr.strip()[-300:]}")
     print(f"wsgidav installed in {time.monotonic() - t0:.1f}s")
@@ -196,15 +230,35 @@ def dav_server(tmp_path_factory):
     (root / "hello.txt").write_text("hello from the share\n")
     port = free_port()
     log = open(root.parent / "wsgidav.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "wsgidav.server.server_cli", "--host", "127.0.0.1",
-                             "--port", str(port), "--root", str(root), "--auth", "anonymous",
-                             "--server", "cheroot"],
-                            env=dict(os.environ, PYTHONPATH=str(pkgs)), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsgidav.server.server_cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            "--auth",
+            "anonymous",
+            "--server",
+            "cheroot",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(pkgs)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/hello.txt", 30, proc, "wsgidav")
-        yield {"url": f"http://127.0.0.1:{port}/", "root": root, "davfs": davfs,
-               "template": [davfs, "{url}", "{mount_point}", "-o", f"conf={conf}"]}
+        yield {
+            "url": f"http://127.0.0.1:{port}/",
+            "root": root,
+            "davfs": davfs,
+            "template": [davfs, "{url}", "{mount_point}", "-o", f"conf={conf}"],
+        }
     finally:
         proc.terminate()
         proc.wait(10)
@@ -229,18 +283,23 @@ def _davfs_daemons(mp: Path) -> list[str]:
 
 def test_real_davfs_mount_through_launch(tmp_path, dav_server):
     scratch = tmp_path / "scratch"
-    conf = _write_conf(tmp_path / "hpc.toml", scratch,
-                       dav_server["template"],
-                       url=dav_server["url"])
+    conf = _write_conf(tmp_path / "hpc.toml", scratch, dav_server["template"], url=dav_server["url"])
     mp = scratch / "homes" / "alice" / "WebDAV"
     t0 = time.monotonic()
     try:
         # the job sees the share mounted, writes to it, and exits 3
-        r = _launch(conf, {"JUPYTERHUB_USER": "alice"},
-                    ["sh", "-c", "cat \"$HOME/WebDAV/hello.txt\" && "
-                                 "echo written-by-the-job > \"$HOME/WebDAV/from-job.txt\" && "
-                                 f"grep -q ' {mp} ' /proc/mounts && echo mounted-during-job; "
-                                 "exit 3"])
+        r = _launch(
+            conf,
+            {"JUPYTERHUB_USER": "alice"},
+            [
+                "sh",
+                "-c",
+                'cat "$HOME/WebDAV/hello.txt" && '
+                'echo written-by-the-job > "$HOME/WebDAV/from-job.txt" && '
+                f"grep -q ' {mp} ' /proc/mounts && echo mounted-during-job; "
+                "exit 3",
+            ],
+        )
         elapsed = time.monotonic() - t0
         if r.returncode != 0 and "mount command failed" in r.stderr:
             pytest.skip(f"davfs2 cannot mount here: {r.stderr.strip()[-300:]}")
@@ -262,9 +321,14 @@ def _launch_bg(conf: Path, env_extra: dict, cmd: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_AGENT", "JUPYTERHUB"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.update(env_extra)
-    return subprocess.Popen([sys.executable, "-m", "node_agent.launch", "--config", str(conf),
-                             "--", *cmd], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    return subprocess.Popen(
+        [sys.executable, "-m", "node_agent.launch", "--config", str(conf), "--", *cmd],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_signals,
+    )
 
 
 def _default_signals() -> None:
@@ -288,21 +352,25 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 # The job: note its pid, mark readiness, and wait for signals (trap runs between short sleeps).
-WAITER = ("echo $$ > \"$MARK.pid\"; "
-          "trap 'echo got-usr1 >> \"$MARK.log\"' USR1; "
-          "trap 'echo got-term >> \"$MARK.log\"; exit 7' TERM; "
-          "touch \"$MARK.ready\"; while :; do sleep 0.05; done")
+WAITER = (
+    'echo $$ > "$MARK.pid"; '
+    "trap 'echo got-usr1 >> \"$MARK.log\"' USR1; "
+    "trap 'echo got-term >> \"$MARK.log\"; exit 7' TERM; "
+    'touch "$MARK.ready"; while :; do sleep 0.05; done'
+)
 
 
 def test_real_davfs_sigterm_reaches_job_and_share_is_unmounted(tmp_path, dav_server):
     scratch = tmp_path / "scratch"
-    conf = _write_conf(tmp_path / "hpc.toml", scratch, dav_server["template"],
-                       url=dav_server["url"])
+    conf = _write_conf(tmp_path / "hpc.toml", scratch, dav_server["template"], url=dav_server["url"])
     mp = scratch / "homes" / "carol" / "WebDAV"
     mark = tmp_path / "mark"
     try:
-        p = _launch_bg(conf, {"JUPYTERHUB_USER": "carol", "MARK": str(mark)},
-                       ["sh", "-c", "echo from-job > \"$HOME/WebDAV/sig.txt\"; " + WAITER])
+        p = _launch_bg(
+            conf,
+            {"JUPYTERHUB_USER": "carol", "MARK": str(mark)},
+            ["sh", "-c", 'echo from-job > "$HOME/WebDAV/sig.txt"; ' + WAITER],
+        )
         try:
             _wait_for(mark.with_suffix(".ready"), p)
         except pytest.fail.Exception:
@@ -344,15 +412,25 @@ def test_real_davfs_mount_bound_into_container(tmp_path, dav_server):
     ensure_apptainer()
     image = build_image(tmp_path / "image" / "img.sif")
     scratch = tmp_path / "scratch"
-    conf = _write_conf(tmp_path / "hpc.toml", scratch,
-                       dav_server["template"],
-                       container=f'enabled = true\nimage = "{image}"\ncontain = "contain-pid"',
-                       url=dav_server["url"])
+    conf = _write_conf(
+        tmp_path / "hpc.toml",
+        scratch,
+        dav_server["template"],
+        container=f'enabled = true\nimage = "{image}"\ncontain = "contain-pid"',
+        url=dav_server["url"],
+    )
     mp = scratch / "homes" / "bob" / "WebDAV"
     try:
-        r = _launch(conf, {"JUPYTERHUB_USER": "bob"},
-                    ["/bin/sh", "-c", "test -f /etc/tiny-image && cat /home/jovyan/WebDAV/hello.txt"
-                                      " && echo from-container > /home/jovyan/WebDAV/c.txt"])
+        r = _launch(
+            conf,
+            {"JUPYTERHUB_USER": "bob"},
+            [
+                "/bin/sh",
+                "-c",
+                "test -f /etc/tiny-image && cat /home/jovyan/WebDAV/hello.txt"
+                " && echo from-container > /home/jovyan/WebDAV/c.txt",
+            ],
+        )
         if r.returncode != 0 and "mount command failed" in r.stderr:
             pytest.skip(f"davfs2 cannot mount here: {r.stderr.strip()[-300:]}")
         assert r.returncode == 0, r.stderr
@@ -365,9 +443,11 @@ def test_real_davfs_mount_bound_into_container(tmp_path, dav_server):
 
 # ---- supervising path with recording fake mount/unmount programs (no FUSE needed) ----------
 
-FAKE_MOUNT = "#!/bin/sh\necho \"mount $*\" >> \"$FAKE_LOG\"\n"
-FAKE_UMOUNT = ("#!/bin/sh\necho \"unmount $*\" >> \"$FAKE_LOG\"\n"
-               "if [ -n \"$FAKE_UMOUNT_FAIL\" ]; then echo 'umount: target is busy'; exit 32; fi\n")
+FAKE_MOUNT = '#!/bin/sh\necho "mount $*" >> "$FAKE_LOG"\n'
+FAKE_UMOUNT = (
+    '#!/bin/sh\necho "unmount $*" >> "$FAKE_LOG"\n'
+    "if [ -n \"$FAKE_UMOUNT_FAIL\" ]; then echo 'umount: target is busy'; exit 32; fi\n"
+)
 URL = "https://dav.example.org/remote.php/webdav/"
 
 
@@ -383,28 +463,31 @@ def fake(tmp_path):
 
     def conf(**kw):
         kw.setdefault("unmount", [str(u), "{mount_point}", "--user={user}"])
-        return _write_conf(tmp_path / "hpc.toml", scratch, [str(m), "{url}", "{mount_point}"],
-                           url=URL, **kw)
+        return _write_conf(tmp_path / "hpc.toml", scratch, [str(m), "{url}", "{mount_point}"], url=URL, **kw)
 
     def calls():
         return _read(log).splitlines()
 
-    return dict(conf=conf, calls=calls, env={"JUPYTERHUB_USER": "alice", "FAKE_LOG": str(log)},
-                mp=f"{scratch}/homes/alice/WebDAV", log=log, tmp=tmp_path)
+    return dict(
+        conf=conf,
+        calls=calls,
+        env={"JUPYTERHUB_USER": "alice", "FAKE_LOG": str(log)},
+        mp=f"{scratch}/homes/alice/WebDAV",
+        log=log,
+        tmp=tmp_path,
+    )
 
 
 @pytest.mark.parametrize("status", [0, 5, 255])
 def test_supervised_unmounts_after_job_and_passes_status(fake, status):
-    r = _launch(fake["conf"](), fake["env"],
-                ["sh", "-c", f"echo job >> \"$FAKE_LOG\"; exit {status}"])
+    r = _launch(fake["conf"](), fake["env"], ["sh", "-c", f'echo job >> "$FAKE_LOG"; exit {status}'])
     assert r.returncode == status, r.stderr
-    assert fake["calls"]() == [f"mount {URL} {fake['mp']}", "job",
-                               f"unmount {fake['mp']} --user=alice"]
+    assert fake["calls"]() == [f"mount {URL} {fake['mp']}", "job", f"unmount {fake['mp']} --user=alice"]
     assert "webdav: unmounted" in r.stderr
 
 
 def test_supervised_job_killed_by_signal_exits_128_plus_n(fake):
-    r = _launch(fake["conf"](), fake["env"], ["sh", "-c", "echo job >> \"$FAKE_LOG\"; kill -9 $$"])
+    r = _launch(fake["conf"](), fake["env"], ["sh", "-c", 'echo job >> "$FAKE_LOG"; kill -9 $$'])
     assert r.returncode == 128 + signal.SIGKILL, r.stderr
     assert fake["calls"]()[-1] == f"unmount {fake['mp']} --user=alice"
 
@@ -428,8 +511,7 @@ SIGNAL_JOB = textwrap.dedent("""
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2])
 def test_supervised_forwards_signals(fake, sig):
     mark = fake["tmp"] / "mark"
-    p = _launch_bg(fake["conf"](), dict(fake["env"], MARK=str(mark)),
-                   [sys.executable, "-c", SIGNAL_JOB])
+    p = _launch_bg(fake["conf"](), dict(fake["env"], MARK=str(mark)), [sys.executable, "-c", SIGNAL_JOB])
     _wait_for(mark.with_suffix(".ready"), p)
     assert int(mark.with_suffix(".pid").read_text()) != p.pid
     # SIGUSR1 (Slurm's --signal=B:USR1 walltime warning hits only the batch shell = launch)
@@ -447,8 +529,9 @@ def test_supervised_forwards_signals(fake, sig):
 
 def test_supervised_untrapped_sigterm_gives_143_and_unmounts(fake):
     mark = fake["tmp"] / "mark"
-    p = _launch_bg(fake["conf"](), dict(fake["env"], MARK=str(mark)),
-                   ["sh", "-c", "touch \"$MARK.ready\"; exec sleep 60"])
+    p = _launch_bg(
+        fake["conf"](), dict(fake["env"], MARK=str(mark)), ["sh", "-c", 'touch "$MARK.ready"; exec sleep 60']
+    )
     _wait_for(mark.with_suffix(".ready"), p)
     time.sleep(0.2)  # let sh exec sleep
     p.send_signal(signal.SIGTERM)
@@ -459,9 +542,11 @@ def test_supervised_untrapped_sigterm_gives_143_and_unmounts(fake):
 
 def test_unmount_failure_is_logged_without_the_environment(fake):
     secret = "s3cr3t-" + "x" * 20
-    r = _launch(fake["conf"](extra='credential_env = { DAV_PASS = "NODE_AGENT_WEBDAV_PASSWORD" }'),
-                dict(fake["env"], FAKE_UMOUNT_FAIL="1", NODE_AGENT_WEBDAV_PASSWORD=secret),
-                ["sh", "-c", "exit 4"])
+    r = _launch(
+        fake["conf"](extra='credential_env = { DAV_PASS = "NODE_AGENT_WEBDAV_PASSWORD" }'),
+        dict(fake["env"], FAKE_UMOUNT_FAIL="1", NODE_AGENT_WEBDAV_PASSWORD=secret),
+        ["sh", "-c", "exit 4"],
+    )
     assert r.returncode == 4, r.stderr  # the job's status, not the unmount's
     assert "webdav: unmount command failed" in r.stderr
     assert "exit 32" in r.stderr and "target is busy" in r.stderr
@@ -474,13 +559,12 @@ def test_unmount_failure_is_logged_without_the_environment(fake):
 def test_default_unmount_command_is_umount(tmp_path):
     c = _cfg(tmp_path)
     assert c.webdav.unmount_command == ["umount", "{mount_point}"]
-    assert la.build_unmount_argv(c, c.user_paths("alice")) == [
-        "umount", f"{tmp_path}/scratch/homes/alice/WebDAV"]
+    assert la.build_unmount_argv(c, c.user_paths("alice")) == ["umount", f"{tmp_path}/scratch/homes/alice/WebDAV"]
 
 
 # ---- without a mount made by launch nothing changes: launch execs (the job has its pid) ---
 
-PID_JOB = ["sh", "-c", "echo \"job $$\" >> \"$FAKE_LOG\""]
+PID_JOB = ["sh", "-c", 'echo "job $$" >> "$FAKE_LOG"']
 
 
 def _job_pid_is_launch_pid(conf, env, fake):
@@ -494,9 +578,13 @@ def _job_pid_is_launch_pid(conf, env, fake):
 
 
 def test_no_url_keeps_exec(fake):
-    conf = _write_conf(fake["tmp"] / "hpc2.toml", fake["tmp"] / "scratch",
-                       [str(fake["tmp"] / "fake-mount"), "{url}", "{mount_point}"],
-                       unmount=[str(fake["tmp"] / "fake-umount"), "{mount_point}"], required=False)
+    conf = _write_conf(
+        fake["tmp"] / "hpc2.toml",
+        fake["tmp"] / "scratch",
+        [str(fake["tmp"] / "fake-mount"), "{url}", "{mount_point}"],
+        unmount=[str(fake["tmp"] / "fake-umount"), "{mount_point}"],
+        required=False,
+    )
     _job_pid_is_launch_pid(conf, fake["env"], fake)
     assert fake["calls"]() == [fake["calls"]()[0]] and fake["calls"]()[0].startswith("job ")
 
@@ -507,9 +595,14 @@ def test_empty_unmount_command_keeps_exec(fake):
 
 
 def test_failed_optional_mount_keeps_exec(fake):
-    conf = _write_conf(fake["tmp"] / "hpc2.toml", fake["tmp"] / "scratch",
-                       ["/bin/false", "{url}", "{mount_point}"], url=URL, required=False,
-                       unmount=[str(fake["tmp"] / "fake-umount"), "{mount_point}"])
+    conf = _write_conf(
+        fake["tmp"] / "hpc2.toml",
+        fake["tmp"] / "scratch",
+        ["/bin/false", "{url}", "{mount_point}"],
+        url=URL,
+        required=False,
+        unmount=[str(fake["tmp"] / "fake-umount"), "{mount_point}"],
+    )
     err = _job_pid_is_launch_pid(conf, fake["env"], fake)
     assert "mount command failed" in err
 
@@ -525,8 +618,7 @@ def test_share_mounted_by_someone_else_is_left_alone(fake):
 def test_run_supervised_exec_failure_still_runs_after(tmp_path):
     called = []
     before = {s: signal.getsignal(s) for s in la.FORWARD_SIGNALS}
-    rc = la.run_supervised([str(tmp_path / "no-such-program")], dict(os.environ),
-                           lambda: called.append(1))
+    rc = la.run_supervised([str(tmp_path / "no-such-program")], dict(os.environ), lambda: called.append(1))
     assert rc == 127 and called == [1]
     assert {s: signal.getsignal(s) for s in la.FORWARD_SIGNALS} == before  # handlers restored
 
@@ -537,9 +629,14 @@ def test_run_supervised_keeps_ignored_signals_ignored(tmp_path):
     try:
         out = tmp_path / "sigign"
         rc = la.run_supervised(
-            [sys.executable, "-c", "import signal; open(%r, 'w').write(str("
-             "signal.getsignal(signal.SIGHUP) is signal.SIG_IGN))" % str(out)],
-            dict(os.environ), lambda: None)
+            [
+                sys.executable,
+                "-c",
+                f"import signal; open({str(out)!r}, 'w').write(str(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN))",
+            ],
+            dict(os.environ),
+            lambda: None,
+        )
         assert rc == 0 and out.read_text() == "True"
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:

@@ -19,19 +19,25 @@ def fake_cluster(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "sinfo").write_text(
-        "#!/bin/sh\nprintf 'batch*|(null)|up\\ngpu|gpu:a100:4(S:0-1)|up\\nlong|(null)|up\\n'\n")
+        "#!/bin/sh\nprintf 'batch*|(null)|up\\ngpu|gpu:a100:4(S:0-1)|up\\nlong|(null)|up\\n'\n"
+    )
     (bindir / "apptainer").write_text("#!/bin/sh\necho 'apptainer version 1.4.5'\n")
     for f in bindir.iterdir():
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT")}
-    env.update(PATH=f"{bindir}:/usr/bin:/bin", PYTHONPATH=str(REPO), HOME=str(tmp_path),
-               TERM="dumb")
+    env.update(PATH=f"{bindir}:/usr/bin:/bin", PYTHONPATH=str(REPO), HOME=str(tmp_path), TERM="dumb")
     return env
 
 
 def spawn(args, env):
-    return pexpect.spawn(sys.executable, ["-m", "node_agent.cli", "wizard", *args], env=env,
-                         encoding="utf-8", timeout=20, dimensions=(50, 200))
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "node_agent.cli", "wizard", *args],
+        env=env,
+        encoding="utf-8",
+        timeout=20,
+        dimensions=(50, 200),
+    )
 
 
 def test_interactive_wizard_real_terminal(tmp_path, fake_cluster):
@@ -120,17 +126,37 @@ def test_interactive_eof_writes_nothing(tmp_path, fake_cluster):
 
 def test_non_interactive_flags(tmp_path, fake_cluster):
     out = tmp_path / "hpc.toml"
-    child = spawn(["--non-interactive", "--output", str(out), "--image", "/opt/cpu.sif",
-                   "--scratch-dir", str(tmp_path / "s"), "--overlay-size", "1G",
-                   "--contain", "contain", "--no-create-home", "--debug",
-                   "--load-command", "module load singularity", "--runtime", "singularity",
-                   "--partition", "batch", "--gpu-partition", "none"], fake_cluster)
+    child = spawn(
+        [
+            "--non-interactive",
+            "--output",
+            str(out),
+            "--image",
+            "/opt/cpu.sif",
+            "--scratch-dir",
+            str(tmp_path / "s"),
+            "--overlay-size",
+            "1G",
+            "--contain",
+            "contain",
+            "--no-create-home",
+            "--debug",
+            "--load-command",
+            "module load singularity",
+            "--runtime",
+            "singularity",
+            "--partition",
+            "batch",
+            "--gpu-partition",
+            "none",
+        ],
+        fake_cluster,
+    )
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before
     c = hc.load_config(out)
-    assert (c.container.image, c.container.runtime, c.container.contain) == \
-        ("/opt/cpu.sif", "singularity", "contain")
+    assert (c.container.image, c.container.runtime, c.container.contain) == ("/opt/cpu.sif", "singularity", "contain")
     assert c.container.load_command == "module load singularity"
     assert c.overlay.size_bytes == 1 << 30
     assert c.storage.create_home is False and c.logging.debug is True
@@ -152,8 +178,7 @@ def test_non_interactive_defaults_from_cluster(tmp_path, fake_cluster):
 
 def test_no_container_mode(tmp_path, fake_cluster):
     out = tmp_path / "hpc.toml"
-    child = spawn(["--non-interactive", "-o", str(out), "--no-container", "--no-inspect"],
-                  fake_cluster)
+    child = spawn(["--non-interactive", "-o", str(out), "--no-container", "--no-inspect"], fake_cluster)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

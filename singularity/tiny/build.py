@@ -15,6 +15,7 @@ fails when building as root). Then `apptainer build OUT.sif SANDBOX` makes the S
 The image only works on hosts with the same architecture and a compatible kernel (any Linux
 that runs the host's binaries) - it is for tests, not for production (see ../cpu.def).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,49 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-PROGRAMS = ["sh", "bash", "cat", "ls", "mkdir", "rm", "env", "id", "touch", "sleep", "cp",
-            "mv", "ln", "grep", "sed", "head", "tail", "wc", "stat", "uname", "true", "false",
-            "readlink", "dirname", "basename", "printf", "test"]
+PROGRAMS = [
+    "sh",
+    "bash",
+    "cat",
+    "ls",
+    "mkdir",
+    "rm",
+    "env",
+    "id",
+    "touch",
+    "sleep",
+    "cp",
+    "mv",
+    "ln",
+    "grep",
+    "sed",
+    "head",
+    "tail",
+    "wc",
+    "stat",
+    "uname",
+    "true",
+    "false",
+    "readlink",
+    "dirname",
+    "basename",
+    "printf",
+    "test",
+]
 # on sys.path of Debian's python3 without any PYTHONPATH
 AGENT_LIB = "/usr/lib/python3/dist-packages"
-AGENT_MODULES = ["asyncssh", "cryptography", "cffi", "_cffi_backend", "pycparser",
-                 "typing_extensions", "bcrypt"]
-STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-               "__pycache__", "pydoc_data", "config-3.11-x86_64-linux-gnu"}
+AGENT_MODULES = ["asyncssh", "cryptography", "cffi", "_cffi_backend", "pycparser", "typing_extensions", "bcrypt"]
+STDLIB_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "__pycache__",
+    "pydoc_data",
+    "config-3.11-x86_64-linux-gnu",
+}
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -93,8 +128,25 @@ def base_python() -> str:
 
 def make_sandbox(root: str, with_agent: bool, python: str) -> None:
     # usr-merged layout like the host (Debian 12: /bin -> usr/bin, ...)
-    for d in ("usr/bin", "usr/lib", "usr/lib64", "usr/sbin", "etc", "tmp", "var/tmp", "home",
-              "root", "opt", "proc", "sys", "dev", "run", "mnt", "srv", "usr/local/bin"):
+    for d in (
+        "usr/bin",
+        "usr/lib",
+        "usr/lib64",
+        "usr/sbin",
+        "etc",
+        "tmp",
+        "var/tmp",
+        "home",
+        "root",
+        "opt",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "mnt",
+        "srv",
+        "usr/local/bin",
+    ):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     for link in ("bin", "lib", "lib64", "sbin"):
         host = "/" + link
@@ -110,10 +162,12 @@ def make_sandbox(root: str, with_agent: bool, python: str) -> None:
             copy_with_libs(root, p)
     # python3 + standard library (+ libraries of its extension modules)
     copy_with_libs(root, python)
-    os.symlink(os.path.basename(os.path.realpath(python)), root + "/usr/bin/python3") \
-        if not os.path.lexists(root + "/usr/bin/python3") else None
+    os.symlink(os.path.basename(os.path.realpath(python)), root + "/usr/bin/python3") if not os.path.lexists(
+        root + "/usr/bin/python3"
+    ) else None
     stdlib = subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"], text=True).strip()
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"], text=True
+    ).strip()
     os.makedirs(root + stdlib, exist_ok=True)
     for name in os.listdir(stdlib):
         if name in STDLIB_SKIP:
@@ -134,8 +188,11 @@ def make_sandbox(root: str, with_agent: bool, python: str) -> None:
     if with_agent:
         dest = root + AGENT_LIB
         os.makedirs(dest, exist_ok=True)
-        shutil.copytree(os.path.join(REPO, "node_agent"), os.path.join(dest, "node_agent"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            os.path.join(REPO, "node_agent"),
+            os.path.join(dest, "node_agent"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         for mod in AGENT_MODULES:
             spec = importlib.util.find_spec(mod)
             if spec is None or not spec.origin:
@@ -156,9 +213,11 @@ def make_sandbox(root: str, with_agent: bool, python: str) -> None:
                     break
         wrapper = root + "/usr/local/bin/node-agent"
         with open(wrapper, "w") as f:
-            f.write("#!/bin/sh\n"
-                    "exec /usr/bin/python3 -c 'import sys; from node_agent.cli import main; "
-                    "sys.exit(main())' \"$@\"\n")
+            f.write(
+                "#!/bin/sh\n"
+                "exec /usr/bin/python3 -c 'import sys; from node_agent.cli import main; "
+                'sys.exit(main())\' "$@"\n'
+            )
         os.chmod(wrapper, 0o755)
 
 
@@ -166,11 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", "-o", default=os.path.join(HERE, "tiny.sif"))
     ap.add_argument("--runtime", default=shutil.which("apptainer") or shutil.which("singularity"))
-    ap.add_argument("--with-agent", action="store_true",
-                    help="include node_agent, asyncssh and its dependencies")
+    ap.add_argument("--with-agent", action="store_true", help="include node_agent, asyncssh and its dependencies")
     ap.add_argument("--python", default=base_python(), help="interpreter to copy into the image")
-    ap.add_argument("--sandbox-only", metavar="DIR",
-                    help="only make the sandbox directory DIR (no runtime needed)")
+    ap.add_argument("--sandbox-only", metavar="DIR", help="only make the sandbox directory DIR (no runtime needed)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     if a.sandbox_only:
@@ -191,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         # the "%post" steps, run in the writable sandbox
         post = "python3 -m compileall -q /usr/lib/python3* >/dev/null 2>&1; true"
         if a.with_agent:
-            post += ("; python3 -m compileall -q " + AGENT_LIB + " >/dev/null 2>&1;"
-                     " python3 -c 'import asyncssh, node_agent'")
+            post += (
+                "; python3 -m compileall -q " + AGENT_LIB + " >/dev/null 2>&1; python3 -c 'import asyncssh, node_agent'"
+            )
         sh([a.runtime, "-s", "exec", "--writable", "--no-home", sb, "/bin/sh", "-c", post])
         t2 = time.monotonic()
         out = os.path.abspath(a.output)
@@ -202,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_out, out)
         t3 = time.monotonic()
         size = os.path.getsize(out) / 1e6
-        print(f"built {out} ({size:.0f} MB): sandbox {t1 - t0:.1f}s, post {t2 - t1:.1f}s, "
-              f"build {t3 - t2:.1f}s, total {t3 - t0:.1f}s")
+        print(
+            f"built {out} ({size:.0f} MB): sandbox {t1 - t0:.1f}s, post {t2 - t1:.1f}s, "
+            f"build {t3 - t2:.1f}s, total {t3 - t0:.1f}s"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
