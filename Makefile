@@ -32,7 +32,7 @@ demo: venv chp
 	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
 
 ## The gate (no root, no services, under 2 minutes): lint, format, types, unit tests
-CHECK_MARKERS := not e2e and not slurm and not apptainer and not site
+CHECK_MARKERS := not e2e and not slurm and not apptainer and not site and not component
 check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -34,43 +34,25 @@ _JOB_ID_RE = re.compile(r"^[0-9]+$")
 class LocalBatchSpawner(BatchSpawnerRegexStates):
     """Spawn single-user servers as jobs of the embedded local batch system."""
 
-    exec_prefix = Unicode(
-        "",
-        help="Prefix for the batch commands. Empty: jobs run as the hub's own user "
-        "(the embedded backend is for one-machine setups; batchspawner's default "
-        "'sudo -E -u {username}' is not used).",
-    ).tag(config=True)
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    exec_prefix = Unicode("", help="Prefix for the batch commands. Empty: jobs run as the hub's own user (the embedded backend is for one-machine setups; batchspawner's default 'sudo -E -u {username}' is not used).").tag(config=True)
 
-    spool_dir = Unicode(
-        "localbatch-spool",
-        help="Directory holding one sub-directory per job (script, output.log, job.json, "
-        "exit status). A relative path is taken relative to the hub's working directory. "
-        "Created with mode 0700 on the first submit; must not be writable by others.",
-    ).tag(config=True)
+    spool_dir = Unicode("localbatch-spool", help="Directory holding one sub-directory per job (script, output.log, job.json, exit status). A relative path is taken relative to the hub's working directory. Created with mode 0700 on the first submit; must not be writable by others.").tag(config=True)
 
-    localbatch_cmd = Unicode(
-        help="Shell words that run the local batch CLI, already shell-quoted. Default: "
-        "this Python interpreter (sys.executable) in isolated mode running "
-        "hub_plugin/localbatch.py by path, so it works even when the submit "
-        "environment does not put the project on sys.path.",
-    ).tag(config=True)
+    localbatch_cmd = Unicode(help="Shell words that run the local batch CLI, already shell-quoted. Default: this Python interpreter (sys.executable) in isolated mode running hub_plugin/localbatch.py by path, so it works even when the submit environment does not put the project on sys.path.").tag(config=True)
+    # fmt: on
 
     @default("localbatch_cmd")
     def _localbatch_cmd_default(self):
         return shlex.join([sys.executable, "-I", os.path.abspath(localbatch.__file__)])
 
-    cancel_grace = Float(
-        localbatch.DEFAULT_GRACE,
-        help="Seconds between SIGTERM and SIGKILL when a job is cancelled.",
-    ).tag(config=True)
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    cancel_grace = Float(localbatch.DEFAULT_GRACE, help="Seconds between SIGTERM and SIGKILL when a job is cancelled.").tag(config=True)
 
-    inherit_path = Bool(
-        True,
-        help="If the spawner environment has no PATH (JupyterHub >= 6 no longer passes "
-        "it), give the job the hub's PATH with the directory of the hub's Python "
-        "prepended, so the job finds the same jupyterhub-singleuser / node-agent "
-        "as the hub.",
-    ).tag(config=True)
+    inherit_path = Bool(True, help="If the spawner environment has no PATH (JupyterHub >= 6 no longer passes it), give the job the hub's PATH with the directory of the hub's Python prepended, so the job finds the same jupyterhub-singleuser / node-agent as the hub.").tag(config=True)
+    # fmt: on
 
     batch_script = Unicode(
         """#!/bin/bash
@@ -85,27 +67,19 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
         "named req_xyz are available as {{xyz}}.",
     ).tag(config=True)
 
-    batch_submit_cmd = Unicode(
-        "{localbatch} submit --spool {spool}",
-        help="Command that submits the script read on stdin and prints the job id. "
-        "{localbatch} and {spool} are the shell-quoted CLI and spool directory.",
-    ).tag(config=True)
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    batch_submit_cmd = Unicode("{localbatch} submit --spool {spool}", help="Command that submits the script read on stdin and prints the job id. {localbatch} and {spool} are the shell-quoted CLI and spool directory.").tag(config=True)
 
-    batch_query_cmd = Unicode(
-        "{localbatch} query --spool {spool} {job_id}",
-        help="Command that prints the job state as one line: 'RUNNING <host>', "
-        "'PENDING', 'COMPLETED 0', 'FAILED <exit>' or 'CANCELLED'.",
-    ).tag(config=True)
+    batch_query_cmd = Unicode("{localbatch} query --spool {spool} {job_id}", help="Command that prints the job state as one line: 'RUNNING <host>', 'PENDING', 'COMPLETED 0', 'FAILED <exit>' or 'CANCELLED'.").tag(config=True)
 
-    batch_cancel_cmd = Unicode(
-        "{localbatch} cancel --spool {spool} --grace {grace} {job_id}",
-        help="Command that cancels the job (SIGTERM to its session, SIGKILL after {grace} = cancel_grace seconds).",
-    ).tag(config=True)
+    batch_cancel_cmd = Unicode("{localbatch} cancel --spool {spool} --grace {grace} {job_id}", help="Command that cancels the job (SIGTERM to its session, SIGKILL after {grace} = cancel_grace seconds).").tag(config=True)
 
     # how batchspawner reads the state from the `localbatch query` line (hub_plugin.localbatch)
     state_pending_re = Unicode(r"^PENDING\b", help="Regex for a job not started yet.").tag(config=True)
     state_running_re = Unicode(r"^RUNNING\b", help="Regex for a running job.").tag(config=True)
     state_exechost_re = Unicode(r"^RUNNING\s+(\S+)", help="Regex whose first group is the host.").tag(config=True)
+    # fmt: on
 
     # Jobs run as the hub user, who may not exist in the passwd database under the
     # JupyterHub user's name: batchspawner's default (getpwnam) would raise KeyError.

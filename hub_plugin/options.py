@@ -73,41 +73,19 @@ class OptionsHTTPError(web.HTTPError):
 class ResourceOptionsMixin(WalltimeMixin):
     """Options form + validation + walltime for a broker spawner (put it first in the bases)."""
 
-    options_form_enabled = Bool(
-        True, help="Show the generated options form (partition, CPUs, memory, GPUs, walltime, image)."
-    ).tag(config=True)
-    resource_source = Unicode(
-        "auto",
-        help="Where partitions and limits come from: 'slurm' (sinfo), 'local' (this machine), or "
-        "'auto' (slurm for Slurm spawners, else local).",
-    ).tag(config=True)
-    sinfo_command = Unicode(
-        f"sinfo -h -o '{SINFO_FORMAT}'",
-        help="Command listing partitions (run like the submit command: locally or on the login node).",
-    ).tag(config=True)
-    partitions_allowed = List(Unicode(), help="Partitions offered in the form (empty: all that sinfo lists).").tag(
-        config=True
-    )
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    options_form_enabled = Bool(True, help="Show the generated options form (partition, CPUs, memory, GPUs, walltime, image).").tag(config=True)
+    resource_source = Unicode("auto", help="Where partitions and limits come from: 'slurm' (sinfo), 'local' (this machine), or 'auto' (slurm for Slurm spawners, else local).").tag(config=True)
+    sinfo_command = Unicode(f"sinfo -h -o '{SINFO_FORMAT}'", help="Command listing partitions (run like the submit command: locally or on the login node).").tag(config=True)
+    partitions_allowed = List(Unicode(), help="Partitions offered in the form (empty: all that sinfo lists).").tag(config=True)
     partitions_cache_seconds = Float(60.0, help="How long the sinfo answer is reused.").tag(config=True)
-    local_max_runtime = Unicode(
-        "24:00:00", help="Longest walltime on the local backend (Slurm time syntax; '' = no limit)."
-    ).tag(config=True)
-    default_runtime = Unicode(
-        "", help="Walltime preselected in the form (Slurm time syntax). Default: req_runtime, else 1 hour."
-    ).tag(config=True)
-    profiles = List(
-        Dict(),
-        help="Admin-defined profiles: [{'name': 'course', 'display_name': 'Course', 'description': "
-        "'2 CPUs, 4 GB, 2 h', 'req_nprocs': '2', 'req_memory': '4G', 'req_runtime': '2:00:00', "
-        "'req_partition': 'short', 'req_ngpus': '0', 'image': 'compute'}]. A profile's values are "
-        "checked against the partition's limits like a user's choice.",
-    ).tag(config=True)
-    allow_custom_resources = Bool(
-        True, help="Let users choose partition/CPUs/memory/GPUs/walltime freely (else only profiles)."
-    ).tag(config=True)
-    image_env_var = Unicode(
-        "JUPYTERHUB_IMAGE", help="Job environment variable carrying the image choice ('compute' or 'gpu')."
-    ).tag(config=True)
+    local_max_runtime = Unicode("24:00:00", help="Longest walltime on the local backend (Slurm time syntax; '' = no limit).").tag(config=True)
+    default_runtime = Unicode("", help="Walltime preselected in the form (Slurm time syntax). Default: req_runtime, else 1 hour.").tag(config=True)
+    profiles = List(Dict(), help="Admin-defined profiles: [{'name': 'course', 'display_name': 'Course', 'description': '2 CPUs, 4 GB, 2 h', 'req_nprocs': '2', 'req_memory': '4G', 'req_runtime': '2:00:00', 'req_partition': 'short', 'req_ngpus': '0', 'image': 'compute'}]. A profile's values are checked against the partition's limits like a user's choice.").tag(config=True)
+    allow_custom_resources = Bool(True, help="Let users choose partition/CPUs/memory/GPUs/walltime freely (else only profiles).").tag(config=True)
+    image_env_var = Unicode("JUPYTERHUB_IMAGE", help="Job environment variable carrying the image choice ('compute' or 'gpu').").tag(config=True)
+    # fmt: on
 
     @default("walltime_enforce")
     def _walltime_enforce_default(self) -> bool:

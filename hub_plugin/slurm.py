@@ -123,118 +123,51 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     * ``req_prologue`` / ``req_epilogue``: shell lines before / after the server
     """
 
-    batch_script = Unicode(
-        DEFAULT_BATCH_SCRIPT,
-        help="Template (jinja2) of the Slurm batch script; must contain {{cmd}} (the node agent "
-        "followed by the server command). Do not put secrets in it: the job environment is "
-        "passed by name with --export on sbatch's command line.",
-    ).tag(config=True)
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    batch_script = Unicode(DEFAULT_BATCH_SCRIPT, help="Template (jinja2) of the Slurm batch script; must contain {{cmd}} (the node agent followed by the server command). Do not put secrets in it: the job environment is passed by name with --export on sbatch's command line.").tag(config=True)
 
-    batch_submit_cmd = Unicode(
-        "sbatch --parsable",
-        help="Submit command; the script is read on stdin. --export=NAMES (and --uid when "
-        "submit_as='user') are appended.",
-    ).tag(config=True)
+    batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is read on stdin. --export=NAMES (and --uid when submit_as='user') are appended.").tag(config=True)
     batch_cancel_cmd = Unicode("scancel {job_id}", help="Cancel command.").tag(config=True)
 
-    exec_prefix = Unicode(
-        "",
-        help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).",
-    ).tag(config=True)
+    exec_prefix = Unicode("", help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).").tag(config=True)
 
-    req_srun = Unicode(
-        "",
-        help="Empty (default): the batch shell execs the node agent, so Slurm's USR1 walltime "
-        "warning reaches it directly. Set e.g. 'srun' to run it in a job step instead (the "
-        "signal then goes to the steps).",
-    ).tag(config=True)
+    req_srun = Unicode("", help="Empty (default): the batch shell execs the node agent, so Slurm's USR1 walltime warning reaches it directly. Set e.g. 'srun' to run it in a job step instead (the signal then goes to the steps).").tag(config=True)
 
-    req_walltime_warning = Integer(
-        300,
-        help="Seconds before the time limit at which Slurm sends SIGUSR1 to the node agent "
-        "(--signal=B:USR1@N; Slurm's resolution is about 60 s). 0 disables. Only has an "
-        "effect with a time limit (req_runtime or the partition's default).",
-    ).tag(config=True)
+    req_walltime_warning = Integer(300, help="Seconds before the time limit at which Slurm sends SIGUSR1 to the node agent (--signal=B:USR1@N; Slurm's resolution is about 60 s). 0 disables. Only has an effect with a time limit (req_runtime or the partition's default).").tag(config=True)
 
-    req_path = Unicode(
-        help="Directories (colon-separated) put first on the job's PATH. Default: the directory "
-        "of the hub's Python, for clusters that share the hub's installation.",
-    ).tag(config=True)
+    req_path = Unicode(help="Directories (colon-separated) put first on the job's PATH. Default: the directory of the hub's Python, for clusters that share the hub's installation.").tag(config=True)
+    # fmt: on
 
     @default("req_path")
     def _req_path_default(self) -> str:
         return os.path.dirname(sys.executable)
 
-    req_output_dir = Unicode(
-        "",
-        help="Directory of the job output files (<dir>/jupyterhub-<user>-%j.log). Must be "
-        "writable by the job's user on the compute node. Default: the user's home directory, "
-        "or /tmp when there is none.",
-    ).tag(config=True)
+    # one option a line: a table to read (not formatted into repeated blocks)
+    # fmt: off
+    req_output_dir = Unicode("", help="Directory of the job output files (<dir>/jupyterhub-<user>-%j.log). Must be writable by the job's user on the compute node. Default: the user's home directory, or /tmp when there is none.").tag(config=True)
 
     req_job_name = Unicode("jupyterhub", help="Slurm job name (--job-name).").tag(config=True)
 
-    submit_as = Enum(
-        ["service", "user"],
-        "service",
-        help="'service': jobs run as the submitting account (the hub's, or login_node_user), "
-        "homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the "
-        "submit host); the user must exist on the cluster.",
-    ).tag(config=True)
+    submit_as = Enum(["service", "user"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host); the user must exist on the cluster.").tag(config=True)
 
-    home_root = Unicode(
-        "",
-        help="With submit_as='service': each user's home is home_root/<username> (the job's "
-        "--chdir and HOME). Empty: the user's passwd home, if the account exists.",
-    ).tag(config=True)
+    home_root = Unicode("", help="With submit_as='service': each user's home is home_root/<username> (the job's --chdir and HOME). Empty: the user's passwd home, if the account exists.").tag(config=True)
 
-    node_exclusivity = Enum(
-        ["node", "mcs", "off"],
-        "node",
-        help="With submit_as='service' and no container (see jobs_in_container), how other "
-        "users' jobs are kept off this job's node, where they would run as the same account "
-        "and could read its environment (hub API token), files and sockets. 'node': "
-        "--exclusive (the job gets the whole node). 'mcs': --exclusive=mcs --mcs-label=<label "
-        "of the user> (nodes shared only among one user's jobs; needs MCSPlugin=mcs/label and "
-        "MCSParameters=ondemand,ondemandselect in slurm.conf). 'off': nothing (the cluster "
-        "keeps users apart some other way). --exclusive=user would not help: all these jobs "
-        "have the same Slurm user. Not used with submit_as='user' or in a container.",
-    ).tag(config=True)
+    node_exclusivity = Enum(["node", "mcs", "off"], "node", help="With submit_as='service' and no container (see jobs_in_container), how other users' jobs are kept off this job's node, where they would run as the same account and could read its environment (hub API token), files and sockets. 'node': --exclusive (the job gets the whole node). 'mcs': --exclusive=mcs --mcs-label=<label of the user> (nodes shared only among one user's jobs; needs MCSPlugin=mcs/label and MCSParameters=ondemand,ondemandselect in slurm.conf). 'off': nothing (the cluster keeps users apart some other way). --exclusive=user would not help: all these jobs have the same Slurm user. Not used with submit_as='user' or in a container.").tag(config=True)
 
-    jobs_in_container = Bool(
-        None,
-        allow_none=True,
-        help="Whether each server runs in a container that walls it off from other users' jobs "
-        "(node-agent launch with the HPC config's container.enabled; launch refuses a "
-        "container without its own PID namespace and /tmp under a shared account). None "
-        "(default): true when agent_command runs 'node-agent launch'. Set False when the HPC "
-        "config has container.enabled = false: a job that counts on a container tells launch "
-        "so (NODE_AGENT_EXPECT_CONTAINER=1), and launch refuses to run it without one.",
-    ).tag(config=True)
+    jobs_in_container = Bool(None, allow_none=True, help="Whether each server runs in a container that walls it off from other users' jobs (node-agent launch with the HPC config's container.enabled; launch refuses a container without its own PID namespace and /tmp under a shared account). None (default): true when agent_command runs 'node-agent launch'. Set False when the HPC config has container.enabled = false: a job that counts on a container tells launch so (NODE_AGENT_EXPECT_CONTAINER=1), and launch refuses to run it without one.").tag(config=True)
 
-    slurm_poll_interval = Float(
-        5.0,
-        help="Seconds between the hub-wide squeue queries (ONE squeue per interval for all "
-        "jobs of this hub). Read by the first spawner that creates the shared poller.",
-    ).tag(config=True)
+    slurm_poll_interval = Float(5.0, help="Seconds between the hub-wide squeue queries (ONE squeue per interval for all jobs of this hub). Read by the first spawner that creates the shared poller.").tag(config=True)
 
     squeue_command = Unicode("squeue", help="squeue executable (on the login node when remote).").tag(config=True)
 
-    login_node_host = Unicode(
-        "", help="Submit through SSH to this login node. Empty: run sbatch/squeue/scancel locally."
-    ).tag(config=True)
+    login_node_host = Unicode("", help="Submit through SSH to this login node. Empty: run sbatch/squeue/scancel locally.").tag(config=True)
     login_node_port = Integer(22, help="SSH port of the login node.").tag(config=True)
     login_node_user = Unicode("", help="SSH user on the login node (the submitting account).").tag(config=True)
     login_node_key_file = Unicode("", help="Private key file for the login node.").tag(config=True)
-    login_node_max_sessions = Integer(
-        8,
-        help="Most commands run at once over the shared login-node connection (each is one SSH "
-        "session channel). Keep it below the login node's sshd MaxSessions (OpenSSH default 10): "
-        "sshd refuses channels beyond it, and the runner then reconnects, losing commands in flight.",
-    ).tag(config=True)
-    login_node_known_hosts = Unicode(
-        "", help="known_hosts file holding the login node's host key (required: keys are always verified)."
-    ).tag(config=True)
+    login_node_max_sessions = Integer(8, help="Most commands run at once over the shared login-node connection (each is one SSH session channel). Keep it below the login node's sshd MaxSessions (OpenSSH default 10): sshd refuses channels beyond it, and the runner then reconnects, losing commands in flight.").tag(config=True)
+    login_node_known_hosts = Unicode("", help="known_hosts file holding the login node's host key (required: keys are always verified).").tag(config=True)
+    # fmt: on
 
     # -- shared runner and poller ------------------------------------------------------------
     _runners: dict[tuple[Any, ...], CommandRunner] = {}

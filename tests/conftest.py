@@ -30,6 +30,39 @@ from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 #: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``
 pytest_plugins = ["sshd", "slurm_cluster"]
 
+#: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,
+#: users, namespaces) or measure load for seconds: marked ``component``, so ``make check`` (unit
+#: tests only, no root, under 2 minutes) leaves them to ``make test``.
+COMPONENT_MODULES = frozenset(
+    {
+        "test_accounting",
+        "test_agent_run",
+        "test_auth_header_trust",
+        "test_broker_app",
+        "test_control_channel",
+        "test_cotenant",
+        "test_fair_admission",
+        "test_faults",
+        "test_hostile",
+        "test_hubapi_relay",
+        "test_load",
+        "test_log_json",
+        "test_metrics",
+        "test_shibboleth",
+        "test_slurm_infra",
+        "test_status_watch",
+        "test_tunnel_security",
+        "test_webdav",
+        "test_wizard",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in COMPONENT_MODULES:
+            item.add_marker(pytest.mark.component)
+
 
 @pytest.fixture
 def chp() -> Iterator[Chp]:
