@@ -5,7 +5,7 @@
   the test; ``harness``: one such broker with the defaults.
 * ``stack``: one hub + CHP + broker (:func:`harness.running_stack`) for a module. A module
   describes its stack by overriding the ``stack_options`` fixture: the Stack's keyword
-  arguments, plus ``name`` (of its work directory), ``logs`` (the ``test-artifacts/``
+  arguments, plus ``name`` (of its work directory) or ``workdir`` (the directory itself), ``logs`` (the ``test-artifacts/``
   directory its logs are saved in) and ``path`` (its services' ``PATH``; default
   :func:`harness.tool_path`). Modules that need more than one stack, or a stack with other
   fixtures around it, use :func:`harness.running_stack` themselves.
@@ -94,7 +94,8 @@ def stack_options() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, stack_options: dict[str, Any]) -> Iterator[Stack]:
     options = dict(stack_options)
-    workdir = tmp_path_factory.mktemp(options.pop("name", "stack"))
+    name = options.pop("name", "stack")
+    workdir = options.pop("workdir", None) or tmp_path_factory.mktemp(name)
     path = options.pop("path", None) or tool_path()
     with running_stack(str(workdir), path=path, **options) as s:
         yield s
