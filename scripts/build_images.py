@@ -582,6 +582,8 @@ def build(names: list[str]) -> None:
         except BlockingIOError:
             say(f"waiting for another build-images run (lock {cache / '.lock'})")
             fcntl.flock(lock, fcntl.LOCK_EX)
+        for old in logs.glob("*.log"):  # each run's logs start empty
+            old.unlink()
         with stage("wheel"):
             wheel = build_wheel(py, logs / "wheel.log")
             digest, requires = wheel_identity(wheel)
