@@ -72,6 +72,7 @@ HEARTBEAT_S = 30.0
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01: wheels with stable timestamps
 STAMP = ".build-images-built"  # in a cached base: when it was built (its identity in the image key)
 T0 = time.monotonic()
+BUILT: set[Path] = set()  # cache entries this run made (IMAGES_REFRESH rebuilds each only once)
 
 
 class BuildError(Exception):
@@ -391,8 +392,9 @@ def uses_arg(text: str, name: str) -> bool:
 
 
 def fresh(path: Path) -> bool:
-    """A cache entry to reuse: present, younger than the refresh request; touched when reused."""
-    if not path.exists() or os.environ.get("IMAGES_REFRESH") == "1":
+    """A cache entry to reuse: present, and built by this run or no IMAGES_REFRESH asked for;
+    touched when reused (pruning keeps the most recently used)."""
+    if not path.exists() or (os.environ.get("IMAGES_REFRESH") == "1" and path not in BUILT):
         return False
     os.utime(path)
     return True
@@ -426,6 +428,7 @@ def build_base(app: str, flags: list[str], header: str, cache: Path, log: Path) 
         if base.exists():
             shutil.rmtree(base)
         out.rename(base)
+        BUILT.add(base)
     say(f"base: built {base.name} ({du_mb(base):.0f} MB)")
     return base
 
@@ -504,6 +507,7 @@ def build_wheelhouse(
         if house.exists():
             shutil.rmtree(house)
         out.rename(house)
+        BUILT.add(house)
     say(f"wheelhouse: downloaded {house.name} ({len(list(house.glob('*.whl')))} wheels, {du_mb(house):.0f} MB)")
     return house
 
@@ -533,6 +537,7 @@ def build_image(
         run([app, "build", *flags, *args, str(out), str(recipe)], log, echo=True)
         out.chmod(0o444)
         out.rename(sif)
+        BUILT.add(sif)
     say(f"image {name}: built {sif.name} ({du_mb(sif):.0f} MB), %test passed")
     return sif
 
