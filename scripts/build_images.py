@@ -22,8 +22,8 @@ image          ``apptainer build`` of the recipe with its header replaced by the
 
 Privileges: root builds directly. A root whose capability bounding set is not full (some VMs lack
 CAP_SYS_RESOURCE, and Apptainer's %post asks for every capability) and ordinary users build with
-``--fakeroot``, which needs an /etc/subuid entry (added for root with
-``apptainer config fakeroot --add root``; for a user, ask the admin). debootstrap is installed with
+``--fakeroot``, which needs /etc/subuid and /etc/subgid ranges (added for root with
+``apptainer config fakeroot --add root``; for a user, the admin runs it). debootstrap is installed with
 apt-get when missing and running as root.
 
 Environment:
@@ -38,8 +38,9 @@ MIRROR             the Debian mirror URL (default: the first Debian archive in t
 APPTAINER          the apptainer command (default: apptainer)
 =================  ============================================================================
 
-Exit status: 0 built (or reused), 1 a stage failed, 3 a prerequisite is missing (Apptainer,
-root/fakeroot, debootstrap, pip, a Debian mirror).
+Exit status: 0 built (or reused), 1 a stage failed ("build-images: error: ..."), 3 a prerequisite is
+missing ("build-images: missing prerequisite: ...": Apptainer, root/fakeroot, debootstrap, pip, a
+Debian mirror, a writable cache).
 """
 
 from __future__ import annotations
@@ -234,11 +235,13 @@ def privilege_flags(app: str) -> tuple[list[str], str]:
                     EXIT_PREREQ,
                 )
         return ["--fakeroot"], why
-    if has_subid(user, uid) or shutil.which("fakeroot"):
+    if has_subid(user, uid):
         return ["--fakeroot"], f"user {user}: building with --fakeroot"
+    # Without a range Apptainer falls back to a root-mapped namespace and the fakeroot command,
+    # where debootstrap fails ("mounted with noexec or nodev": it cannot mknod).
     raise BuildError(
-        f"building an image needs root or Apptainer's fakeroot: user {user} has no /etc/subuid and /etc/subgid "
-        f"range (an admin runs: apptainer config fakeroot --add {user}) and there is no fakeroot command. "
+        f"building an image needs root or Apptainer's fakeroot with subordinate ids: user {user} has no "
+        f"/etc/subuid and /etc/subgid range (an admin runs: apptainer config fakeroot --add {user}). "
         "Or build on a machine where you are root and copy the .sif.",
         EXIT_PREREQ,
     )
@@ -572,7 +575,10 @@ def prune(cache: Path) -> None:
 
 def build(names: list[str]) -> None:
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create the cache directory {cache} ({exc}): set IMAGES_CACHE", EXIT_PREREQ) from exc
     logs = cache / "logs"
     say(f"build-images: {', '.join(names)}; cache {cache}")
     with stage("check tools"):
@@ -624,8 +630,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args or ["cpu"])
     except BuildError as exc:
-        print(f"build-images: error: {exc}", file=sys.stderr)
+        what = "missing prerequisite" if exc.status == EXIT_PREREQ else "error"
+        print(f"build-images: {what}: {exc}", file=sys.stderr)
         return exc.status
+    except OSError as exc:  # e.g. a checkout whose dist/ this user cannot write
+        print(f"build-images: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
