@@ -6,7 +6,7 @@ CHP    := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test check lint venv chp sysdeps bench clean
+.PHONY: demo test check lint venv chp sysdeps bench clean images
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,9 @@ clean:
 BENCH_ARGS ?=
 bench: venv chp
 	PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m bench $(BENCH_ARGS)
+
+## Apptainer images for the node side from singularity/*.def: singularity/cpu.sif (GPU=1: also gpu.sif).
+## Stages are cached outside the checkout (singularity/README.md); IMAGES_REFRESH=1 rebuilds them.
+GPU ?=
+images:
+	$(PYTHON) scripts/build_images.py cpu $(if $(filter 1 yes true,$(GPU)),gpu)

@@ -21,10 +21,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
+        from .agent import run  # imported before --help too: `run --help` proves the agent imports
+
+        if rest[:1] in (["-h"], ["--help"]):
+            from . import settings
+
+            print(f"usage: node-agent run [--] CMD ...\n\n{settings.__doc__}")
+            return 0
         if rest and rest[0] == "--":
             rest = rest[1:]
-        from .agent import run
-
         return run(rest)
     if cmd == "launch":
         from .launch import main as launch_main
