@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_e2e_apptainer import ensure_apptainer
+
+from apptainer_image import ensure_apptainer
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(1800)]
 
