@@ -29,9 +29,8 @@ from broker import acceptor
 from broker.core import Broker
 from broker.limits import AdmissionControl
 from broker.policy import CONTROL_HOST, CONTROL_PORT
-from broker.store import SessionStore
 
-from harness import Harness
+from harness import BrokerFactory, Harness
 from reliability import record
 
 pytestmark = pytest.mark.asyncio
@@ -132,12 +131,10 @@ class Flood:
 
 
 class FairHarness(Harness):
-    def __init__(self, broker: Broker, tmp: str, hub_api_port: int):
-        super().__init__(broker, tmp)
-        self.servers = []
+    def __init__(self, broker: Broker, tmp: str, hub_api_port: int = 0):
+        super().__init__(broker, tmp, hub_api_port)
         self.agents: list[asyncio.subprocess.Process] = []
         self.floods: list[Flood] = []
-        self.hub_api_port = hub_api_port
 
     async def fail_login(self, source: str, session_id: str) -> None:
         with pytest.raises(asyncssh.PermissionDenied):
@@ -222,29 +219,21 @@ async def _hub_api() -> asyncio.base_events.Server:
 
 
 @pytest_asyncio.fixture
-async def make(tmp_path):
-    """Factory: an in-process broker with the given admission settings, and a flood helper."""
-    made: list = []
+async def make(make_broker: BrokerFactory):
+    """Factory: an in-process broker (conftest's ``make_broker``) with the given admission
+    settings, and a flood helper; its floods and agents are stopped before the broker."""
+    made: list[FairHarness] = []
 
     async def factory(**admission_kw) -> FairHarness:
-        hub = await _hub_api()
-        store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
-        broker = Broker(
-            store=store,
-            host_key=asyncssh.generate_private_key("ssh-ed25519"),
-            hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]),
-            chp=None,
-            keepalive_interval=0,
-            login_timeout=30,
-            admission=AdmissionControl(**admission_kw),
+        h = await make_broker(
+            hub=await _hub_api(), harness=FairHarness, login_timeout=30, admission=AdmissionControl(**admission_kw)
         )
-        await broker.start()
-        h = FairHarness(broker, str(tmp_path), hub.sockets[0].getsockname()[1])
-        made.append((h, hub, store))
+        assert isinstance(h, FairHarness)
+        made.append(h)
         return h
 
     yield factory
-    for h, hub, store in made:
+    for h in made:
         for f in h.floods:
             await f.stop()
         for p in h.agents:  # SIGTERM: the agent stops its server, reports, exits
@@ -255,11 +244,6 @@ async def make(tmp_path):
                 except asyncio.TimeoutError:
                     p.kill()
                     await p.wait()
-        await h.broker.stop()
-        for s in h.servers:
-            s.close()
-        hub.close()
-        store.close()
 
 
 async def _attack(h: FairHarness, tmp, n: int = 300, settle: float = 3.0) -> Flood:

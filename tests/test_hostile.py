@@ -29,12 +29,10 @@ import pytest_asyncio
 from jupyterhub.utils import url_escape_path
 
 from broker import log as broker_log
-from broker.core import Broker
 from broker.limits import AdmissionControl
 from broker.policy import CONTROL_HOST, CONTROL_PORT
-from broker.store import SessionStore
 
-from harness import HUB_API_PING, Harness, echo_server
+from harness import HUB_API_PING, BrokerFactory, Harness
 from reliability import record, rss_kib, size
 
 pytestmark = pytest.mark.asyncio
@@ -64,37 +62,19 @@ class HostileHarness(Harness):
 
 
 @pytest_asyncio.fixture
-async def make_broker(tmp_path):
-    """Factory: an in-process broker with the given admission settings (torn down afterwards)."""
-    made = []
+async def make_broker(make_broker: BrokerFactory):
+    """Factory: an in-process broker (conftest's ``make_broker``) with the given admission
+    settings; ``login_timeout`` and ``max_hub_api_channels`` go to the broker itself."""
 
     async def make(hub_server=None, **admission_kw) -> HostileHarness:
-        hub = hub_server or await echo_server()
-        store = SessionStore(str(tmp_path / f"b{len(made)}.sqlite"))
-        broker = Broker(
-            store=store,
-            host_key=asyncssh.generate_private_key("ssh-ed25519"),
-            hub_api=("127.0.0.1", hub.sockets[0].getsockname()[1]),
-            chp=None,
-            keepalive_interval=0,
-            login_timeout=admission_kw.pop("login_timeout", 10),
-            max_hub_api_channels=admission_kw.pop("max_hub_api_channels", 64),
-            admission=AdmissionControl(**admission_kw),
+        broker_kw = {k: admission_kw.pop(k) for k in ("login_timeout", "max_hub_api_channels") if k in admission_kw}
+        h = await make_broker(
+            hub=hub_server, harness=HostileHarness, admission=AdmissionControl(**admission_kw), **broker_kw
         )
-        await broker.start()
-        h = HostileHarness(broker, str(tmp_path))
-        h.servers = []
-        h.hub_api_port = hub.sockets[0].getsockname()[1]
-        made.append((h, hub, store))
+        assert isinstance(h, HostileHarness)
         return h
 
-    yield make
-    for h, hub, store in made:
-        await h.broker.stop()
-        for s in h.servers:
-            s.close()
-        hub.close()
-        store.close()
+    return make
 
 
 # -- the forward-policy matrix ---------------------------------------------------------------
