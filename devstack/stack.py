@@ -32,7 +32,7 @@ HUB_CONFIG = """\
 import os
 c = get_config()  # noqa
 c.JupyterHub.bind_url = {public_url!r}
-c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_ip = {ip!r}
 c.JupyterHub.hub_port = {hub_port}
 c.JupyterHub.db_url = "sqlite:///" + {db!r}
 c.JupyterHub.cookie_secret_file = {cookie!r}
@@ -116,8 +116,11 @@ class Stack:
     """CHP + broker + JupyterHub as child processes sharing one work directory.
 
     *path* is the ``PATH`` the services get after the interpreter's bin directory (default: this
-    process's ``PATH``); the other arguments are the hub's and broker's settings that the demo,
-    the tests and the benchmarks vary.
+    process's ``PATH``); *ip* the address every service listens on (default loopback; the
+    broker's SSH server listens on *broker_ssh_host*); *exec_prefix* an argv prefix for every
+    service (e.g. ``nsenter --net=...``: run them on another "host", tests/site_topology.py). The
+    other arguments are the hub's and broker's settings that the demo, the tests and the
+    benchmarks vary.
     """
 
     def __init__(
@@ -134,6 +137,8 @@ class Stack:
         extra_hub_config: str = "",
         broker_ssh_host: str = "127.0.0.1",
         path: str | None = None,
+        ip: str = "127.0.0.1",
+        exec_prefix: list[str] | None = None,
     ):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
@@ -159,6 +164,8 @@ class Stack:
         self.extra_hub_config = extra_hub_config
         self.broker_ssh_host = broker_ssh_host
         self.path = path
+        self.ip = ip
+        self.exec_prefix = exec_prefix or []
         self._proxy_started = False
         self.procs: dict[str, subprocess.Popen[Any]] = {}
         self.broker_state = os.path.join(self.workdir, "broker")
@@ -169,15 +176,15 @@ class Stack:
     # -- addresses -----------------------------------------------------------------------
     @property
     def public_url(self) -> str:
-        return f"http://127.0.0.1:{self.public_port}"
+        return f"http://{self.ip}:{self.public_port}"
 
     @property
     def proxy_api_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_api_port}"
+        return f"http://{self.ip}:{self.proxy_api_port}"
 
     @property
     def hub_api_url(self) -> str:
-        return f"http://127.0.0.1:{self.hub_port}/hub/api"
+        return f"http://{self.ip}:{self.hub_port}/hub/api"
 
     def env(self) -> dict[str, str]:
         """The services' environment: this process's, plus the stack's tokens and ``PATH``."""
@@ -195,7 +202,7 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
         log = open(os.path.join(self.logs, f"{name}.log"), "ab")
         proc = subprocess.Popen(
-            argv,
+            [*self.exec_prefix, *argv],
             env=self.env(),
             cwd=self.workdir,
             stdout=log,
@@ -229,17 +236,17 @@ class Stack:
             [
                 chp,
                 "--ip",
-                "127.0.0.1",
+                self.ip,
                 "--port",
                 str(self.public_port),
                 "--api-ip",
-                "127.0.0.1",
+                self.ip,
                 "--api-port",
                 str(self.proxy_api_port),
                 "--default-target",
-                f"http://127.0.0.1:{self.hub_port}",
+                f"http://{self.ip}:{self.hub_port}",
                 "--error-target",
-                f"http://127.0.0.1:{self.hub_port}/hub/error",
+                f"http://{self.ip}:{self.hub_port}/hub/error",
             ],
         )
         try:
@@ -263,6 +270,7 @@ class Stack:
                 f"--BrokerApp.state_dir={self.broker_state}",
                 f"--BrokerApp.ssh_host={self.broker_ssh_host}",
                 f"--BrokerApp.ssh_port={self.ssh_port}",
+                f"--BrokerApp.api_host={self.ip}",
                 f"--BrokerApp.api_port={self.broker_api_port}",
                 f"--BrokerApp.proxy_api_url={self.proxy_api_url}",
                 f"--BrokerApp.hub_api_url={self.hub_api_url}",
@@ -292,6 +300,7 @@ class Stack:
             f.write(
                 HUB_CONFIG.format(
                     public_url=self.public_url + "/",
+                    ip=self.ip,
                     hub_port=self.hub_port,
                     db=os.path.join(self.workdir, "jupyterhub.sqlite"),
                     cookie=os.path.join(self.workdir, "jupyterhub_cookie_secret"),

@@ -99,7 +99,7 @@ class Hub:
             status, kernel = self.through_proxy(user, "api/kernels", "POST", {})
             assert status == 201, (status, kernel)
             kernel_id = kernel["id"]
-        url = f"ws://127.0.0.1:{self.stack.public_port}{self.prefix(user)}api/kernels/{kernel_id}/channels"
+        url = "ws" + self.stack.public_url.removeprefix("http") + f"{self.prefix(user)}api/kernels/{kernel_id}/channels"
         msg_id = uuid.uuid4().hex
         msg = {
             "header": {

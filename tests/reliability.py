@@ -48,8 +48,9 @@ def have_netns() -> bool:
     return ok
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=check)
+def sh(*argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    """Run *argv*, output captured as text; *kw* go to :func:`subprocess.run` (``input``, ``env``, ``timeout``)."""
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, **kw)
 
 
 class NodeNetwork:

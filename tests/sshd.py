@@ -50,8 +50,21 @@ def children(pid: int) -> list[int]:
 
 
 class SSHD:
-    def __init__(self, root: Path):
+    """*address*: where it listens (default loopback); *prefix*: argv prefix that runs sshd on
+    another "host" (e.g. ``nsenter --net=...``, tests/site_topology.py); *set_env*: variables
+    every session gets (sshd's ``SetEnv``, e.g. ``SLURM_CONF``)."""
+
+    def __init__(
+        self,
+        root: Path,
+        address: str = "127.0.0.1",
+        prefix: tuple[str, ...] = (),
+        set_env: dict[str, str] | None = None,
+    ):
         self.root = root
+        self.address = address
+        self.prefix = list(prefix)
+        self.set_env = set_env or {}
         self.port = free_port()
         self.log = root / "sshd.log"
         self.host_key = root / "ssh_host_ed25519_key"
@@ -76,7 +89,7 @@ class SSHD:
 
     def runner(self, **kw) -> LoginNodeRunner:
         kw.setdefault("known_hosts", str(self.known_hosts))
-        return LoginNodeRunner("127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
+        return LoginNodeRunner(self.address, port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
 
     def start(self) -> SSHD:
         root = self.root
@@ -84,14 +97,14 @@ class SSHD:
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
         (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
         pub = (root / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        self.known_hosts.write_text(f"[{self.address}]:{self.port} {pub[0]} {pub[1]}\n")
         self.host_pub = f"{pub[0]} {pub[1]}"
         conf = root / "sshd_config"
         conf.write_text(
             "\n".join(
                 [
                     f"Port {self.port}",
-                    "ListenAddress 127.0.0.1",
+                    f"ListenAddress {self.address}",
                     f"HostKey {self.host_key}",
                     f"AuthorizedKeysFile {root}/authorized_keys",
                     f"PidFile {root}/sshd.pid",
@@ -104,19 +117,20 @@ class SSHD:
                     # the most verbose level: if anything logged a secret, it would be here
                     "LogLevel DEBUG3",
                     "MaxStartups 100",
+                    *(f"SetEnv {k}={v}" for k, v in self.set_env.items()),
                     "",
                 ]
             )
         )
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(self.log)],
+            [*self.prefix, "/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(self.log)],
             stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((self.address, self.port), timeout=0.5).close()
                 return self
             except OSError:
                 assert self.proc.poll() is None, self.log.read_text(errors="replace")
