@@ -253,6 +253,11 @@ table inet site {{
     site.run(node, "nft", "-f", "-", input=rules)
 
 
+def site_link(site: Site, host: str, up: bool) -> None:
+    """Cut or restore *host*'s link to the bridge (its end keeps its address and sockets)."""
+    sh("ip", "link", "set", netns(host), "up" if up else "down")
+
+
 def connect_errno(site: Site, host: str, addr: str, port: int, timeout: float = 2) -> int:
     """A real TCP connect from *host* to *addr*:*port*; 0 when it connects, else the errno
     (``ECONNREFUSED``: the address answered; a timeout or ``EPERM``: a firewall dropped it)."""

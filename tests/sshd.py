@@ -92,7 +92,11 @@ class SSHD:
         return LoginNodeRunner(self.address, port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
 
     def start(self) -> SSHD:
+        """Start sshd; keys and config are made on the first start and kept on restarts
+        (same port, same host key: a restarted login node)."""
         root = self.root
+        if self.host_key.exists():
+            return self._launch()
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key))
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
         (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
@@ -122,9 +126,12 @@ class SSHD:
                 ]
             )
         )
+        return self._launch()
+
+    def _launch(self) -> SSHD:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.proc = subprocess.Popen(
-            [*self.prefix, "/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(self.log)],
+            [*self.prefix, "/usr/sbin/sshd", "-D", "-f", str(self.root / "sshd_config"), "-E", str(self.log)],
             stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

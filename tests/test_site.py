@@ -27,6 +27,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,8 +51,9 @@ from site_topology import (
     connect_errno,
     firewall_node,
     sh,
+    site_link,
 )
-from slurm_cluster import hub_config
+from slurm_cluster import SLURM_POLL_INTERVAL, hub_config
 from sshd import SSHD
 
 pytestmark = [pytest.mark.site, pytest.mark.timeout(900)]
@@ -137,6 +139,15 @@ def test_setup_after_a_crashed_run_and_teardown_leave_nothing():
     assert site.leftovers() == []
 
 
+def _save_logs(site: Site) -> None:
+    """Slurm's logs, the jobs' output and node-agent launch's logs into test-artifacts/site-logs/."""
+    dest = Path(ARTIFACTS) / "site-logs"
+    for src, name in (("slurm/log", "slurm"), ("slurm-out", "jobs"), ("scratch/log", "launch")):
+        shutil.rmtree(dest / name, ignore_errors=True)
+        if (site.root / src).is_dir():
+            shutil.copytree(site.root / src, dest / name)
+
+
 @pytest.fixture(scope="module")
 def site():
     _prerequisites()
@@ -148,11 +159,7 @@ def site():
         print(f"\n[site] topology + Slurm up in {time.monotonic() - t0:.1f} s")
         yield s
     finally:
-        logs = os.path.join(ARTIFACTS, "site-logs", "slurm")
-        shutil.rmtree(logs, ignore_errors=True)
-        shutil.copytree(s.root / "slurm" / "log", logs, dirs_exist_ok=True) if (
-            s.root / "slurm" / "log"
-        ).is_dir() else None
+        _save_logs(s)
         s.destroy()
         assert s.leftovers() == []
 
@@ -346,7 +353,7 @@ def test_alice_and_bob_at_once_on_different_nodes(site, hub_stack):
         assert status in (201, 202), body
     for user in USERS:
         wait_until(
-            lambda u=user: hub.api(hub.user_path(u))[1]["servers"].get("", {}).get("ready"), 240, 0.5, f"{user} ready"
+            lambda u=user: hub.api(hub.user_path(u))[1]["servers"].get("", {}).get("ready"), 200, 0.5, f"{user} ready"
         )
     record(test="two-at-once", seconds=round(time.monotonic() - t0, 2))
     conf = dict(os.environ, SLURM_CONF=_slurm_conf(site))
@@ -370,3 +377,69 @@ def test_alice_and_bob_at_once_on_different_nodes(site, hub_stack):
     assert request(public + "/user/alice/api/status", token_of["bob"])[0] == 403
     for user in USERS:
         hub.stop(user)
+
+
+def _agent_connected(hub: Hub, user: str) -> bool:
+    return bool(hub.session_of(user).get("agent_connected"))
+
+
+def test_faults_broker_kill_hub_restart_link_down_sshd_restart(site, hub_stack, login_sshd):
+    """One running server (alice on node1, a variable in its kernel) through four faults:
+    the broker killed (SIGKILL) and restarted on its ports; the hub restarted; node1's link
+    down for 30 s; the login node's sshd restarted. After each, the kernel still has its
+    variable, the route is the same, and after the last the hub's next poll, stop (scancel)
+    and spawn go through the login node again."""
+    hub = Hub(hub_stack)
+    _spawn(hub, "alice")
+    kernel, result = hub.run_code("alice", "x = 6 * 7\nx")
+    assert result == "42"
+    route0 = hub.proxy_routes()["/user/alice"]["target"]
+
+    def still_serving() -> None:
+        wait_until(lambda: hub.through_proxy("alice", "api/status")[0] == 200, 120, 0.5, "alice served again")
+        assert hub.run_code("alice", "x", kernel_id=kernel)[1] == "42"
+        assert hub.proxy_routes()["/user/alice"]["target"] == route0
+
+    # 1. the broker killed and restarted (same SSH and API ports): the agent reconnects
+    hub_stack.stop_service("broker", signal.SIGKILL)
+    hub_stack.start_broker()
+    wait_until(lambda: _agent_connected(hub, "alice"), 120, 0.5, "agent reconnected to the restarted broker")
+    still_serving()
+
+    # 2. the hub restarted: it picks the server up again
+    hub_stack.stop_service("hub")
+    hub_stack.start_hub()
+    still_serving()
+    assert hub.api(hub.user_path("alice"))[1]["servers"][""]["ready"]
+
+    # 3. node1's link down for 30 s (both ends keep their sockets, as with a pulled cable): the
+    #    agent's connection rides it out (TCP retransmits) or the agent reconnects; either way the
+    #    session keeps its port and its route
+    site_link(site, "node1", up=False)
+    time.sleep(30)
+    site_link(site, "node1", up=True)
+    wait_until(lambda: _agent_connected(hub, "alice"), 120, 0.5, "agent connected after the link came back")
+    still_serving()
+
+    # 4. the login node's sshd restarted: the pooled connection drops and recovers
+    accepted0 = login_sshd.accepted()
+    login_sshd.stop()
+    login_sshd.start()
+    time.sleep(3 * SLURM_POLL_INTERVAL)  # a few polls over the new connection
+    assert hub.api(hub.user_path("alice"))[1]["servers"][""]["ready"]  # polls did not lose the job
+    hub.stop("alice")  # scancel through the login node
+    job = hub.session_of("alice")["job_id"]
+    conf = dict(os.environ, SLURM_CONF=_slurm_conf(site))
+    wait_until(
+        lambda: (
+            site.run("login", "squeue", "-h", "-t", "all", "-j", job, "-o", "%T", env=conf).stdout.strip()
+            in ("CANCELLED", "COMPLETED", "")
+        ),
+        60,
+        0.5,
+        "alice's job ended after the stop",
+    )
+    _spawn(hub, "bob")
+    assert hub.run_code("bob", "import socket; socket.gethostname()")[1] == repr(PLACEMENT["bob"])
+    hub.stop("bob")
+    assert login_sshd.accepted() - accepted0 == 1  # exactly one new pooled connection
