@@ -27,8 +27,9 @@ from devstack.stack import Stack
 
 from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``
-pytest_plugins = ["sshd", "slurm_cluster"]
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``;
+#: ``chromium`` (browser.py)
+pytest_plugins = ["sshd", "slurm_cluster", "browser"]
 
 #: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,
 #: users, namespaces) or measure load for seconds: marked ``component``, so ``make check`` (unit

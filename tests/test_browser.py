@@ -12,26 +12,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from browser import RECORD_PROGRESS, login, run_in_new_notebook
+from browser import shot as browser_shot
 from e2e import Hub
 from harness import ARTIFACTS, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SHOTS = os.path.join(ARTIFACTS, "browser")
 
 PROFILES = [
@@ -44,49 +34,6 @@ PROFILES = [
         "req_runtime": "0:30:00",
     }
 ]
-
-# Records every progress event the pending page receives (the page shows each one), across
-# navigations, through a binding the test exposes.
-RECORD_PROGRESS = """
-(() => {
-  const Orig = window.EventSource;
-  if (!Orig || Orig.__recorded) return;
-  function Recorded(url, opts) {
-    const es = new Orig(url, opts);
-    es.addEventListener("message", (e) => { try { window.recordProgress(e.data); } catch (err) {} });
-    return es;
-  }
-  Recorded.prototype = Orig.prototype;
-  Recorded.__recorded = true;
-  window.EventSource = Recorded;
-})();
-"""
-
-
-@pytest.fixture(scope="module")  # not session: playwright's sync API keeps an event loop running while open
-def chromium():
-    """Debian's chromium (installed with apt if missing) and PyPI's playwright."""
-    if not os.path.exists(CHROMIUM):
-        if os.geteuid() != 0:
-            pytest.fail(f"{CHROMIUM} is missing and installing it needs root: apt-get install chromium")
-        subprocess.run(
-            ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
-        )
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], check=True)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +58,7 @@ def stack_options():
 
 
 def shot(page, name: str) -> None:
-    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
-
-
-def login(context, stack, user: str):
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(stack.public_url + "/hub/login")
-    page.fill("#username_input", user)
-    page.fill("#password_input", stack.password)
-    shot(page, f"{user}-01-login")
-    page.click("#login_submit")
-    page.wait_for_load_state()
-    return page
+    browser_shot(page, SHOTS, name)
 
 
 def test_login_options_progress_lab_and_stop(chromium, stack):
@@ -134,7 +69,7 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
     context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
     context.add_init_script(RECORD_PROGRESS)
     try:
-        page = login(context, stack, user)
+        page = login(context, stack, user, SHOTS)
         page.goto(stack.public_url + "/hub/spawn")
         # the form generated from this machine, with the admin's profile
         page.wait_for_selector("#hpc-partition")
@@ -194,27 +129,8 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         # JupyterLab: a new notebook, 1+1 -> 2
         page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
         shot(page, f"{user}-04-lab")
-        page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
-        cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-        cell.wait_for(timeout=60_000)
-        # the kernel must be up before the cell runs (the indicator says idle)
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
-        cell.click()
-        page.keyboard.type("1+1")
-        wait_until(lambda: cell.inner_text().strip() == "1+1", 10, what="the cell to hold 1+1")
-        out = page.locator(".jp-OutputArea-output").first
         try:
-            # A run issued while Lab is still attaching the kernel is dropped silently (the cell
-            # keeps "[ ]"), so run the cell again until it has an output (1+1 is idempotent).
-            for _attempt in range(8):
-                cell.click()
-                page.keyboard.press("Shift+Enter")
-                try:
-                    out.wait_for(timeout=15_000)
-                    break
-                except Exception:
-                    continue
-            wait_until(lambda: out.inner_text().strip() == "2", 30, what="cell output 2")
+            run_in_new_notebook(page, "1+1", "2")
         finally:
             shot(page, f"{user}-05-notebook")
 
@@ -243,7 +159,7 @@ def test_invalid_choice_is_shown_in_the_form(chromium, stack):
     user = "bob"
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     try:
-        page = login(context, stack, user)
+        page = login(context, stack, user, SHOTS)
         page.goto(stack.public_url + "/hub/spawn")
         page.check("#hpc-profile-custom")
         page.fill("#hpc-runtime", "99")  # hours; the local backend allows 24

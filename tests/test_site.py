@@ -19,6 +19,12 @@ one core each and ``OverSubscribe=FORCE`` Slurm would otherwise pack both on nod
 
 Spawn-to-ready times go to ``test-artifacts/site/timings.jsonl``; the services' logs to
 ``test-artifacts/site-logs/``. Run with ``pytest -m site tests/test_site.py`` as root.
+
+Open finding (not worked around here): in roughly one spawn in four on this topology, the
+server's first hub-API request through the agent's relay never reaches the hub (no
+``GET /hub/api`` from the broker in the hub's log; the job log shows "Failed to connect to my Hub"
+only when the session is closed at ``start_timeout``), although the agent is connected, its
+tunnel attached and its hello received. The test that spawns at that moment fails.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import RECORD_PROGRESS, login, run_in_new_notebook, shot
 from e2e import Hub, request
 from harness import ARTIFACTS, REPO, running_stack, tool_path, wait_until
 from reliability import have_netns
@@ -343,29 +350,23 @@ def test_alice_spawns_on_a_compute_node(site, hub_stack, login_sshd):
     assert login_sshd.accepted() - accepted0 <= 1  # submit, polls and cancel: one pooled connection
 
 
-def test_alice_and_bob_at_once_on_different_nodes(site, hub_stack):
-    hub = Hub(hub_stack)
-    for user in USERS:
-        hub.api(hub.user_path(user), "POST")
-    t0 = time.monotonic()
-    for user in USERS:
-        status, body = hub.api(hub.user_path(user) + "/server", "POST")
-        assert status in (201, 202), body
-    for user in USERS:
-        wait_until(
-            lambda u=user: hub.api(hub.user_path(u))[1]["servers"].get("", {}).get("ready"), 200, 0.5, f"{user} ready"
-        )
-    record(test="two-at-once", seconds=round(time.monotonic() - t0, 2))
+def _both_running_on_their_nodes(site: Site, hub: Hub) -> None:
     conf = dict(os.environ, SLURM_CONF=_slurm_conf(site))
     for user in USERS:
         _, where = hub.run_code(user, "import socket, getpass; (socket.gethostname(), getpass.getuser())")
         assert where == repr((PLACEMENT[user], user))
         job = hub.session_of(user)["job_id"]
-        assert site.run("login", "squeue", "-h", "-j", job, "-o", "%u %N", env=conf).stdout.split() == [
-            user,
-            PLACEMENT[user],
-        ]
-    # isolation through the proxy: bob's token does not open alice's server
+        squeue = site.run("login", "squeue", "-h", "-j", job, "-o", "%u %N %T", env=conf).stdout.split()
+        assert squeue == [user, PLACEMENT[user], "RUNNING"]
+
+
+def test_alice_and_bob_at_once_on_different_nodes_and_apart(site, hub_stack):
+    """alice's and bob's servers run at the same time, on node1 and node2, each job owned by its
+    user; bob's token gets 403 on alice's server."""
+    hub = Hub(hub_stack)
+    for user in USERS:
+        _spawn(hub, user)
+    _both_running_on_their_nodes(site, hub)
     token_of = {}
     for user in USERS:
         status, body = hub.api(hub.user_path(user) + "/tokens", "POST", {"expires_in": 600})
@@ -375,8 +376,61 @@ def test_alice_and_bob_at_once_on_different_nodes(site, hub_stack):
     assert request(public + "/user/bob/api/status", token_of["bob"])[0] == 200
     assert request(public + "/user/alice/api/status", token_of["alice"])[0] == 200
     assert request(public + "/user/alice/api/status", token_of["bob"])[0] == 403
+    assert request(public + "/user/alice/api/contents", token_of["bob"])[0] == 403
     for user in USERS:
         hub.stop(user)
+
+
+def test_browser_alice_form_progress_lab_terminal_stop(site, hub_stack, chromium):
+    """A real browser on the outside (the root namespace) opens the hub's public address: alice
+    logs in, the options form offers the login node's partition (``sinfo`` there), the pending
+    page shows the queue and the tunnel, JupyterLab opens, a cell names node1, a terminal says
+    she is alice, and she stops her server from the home page."""
+    hub = Hub(hub_stack)
+    shots = os.path.join(ARTIFACTS, "site", "browser")
+    os.makedirs(shots, exist_ok=True)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    events: list[dict] = []
+    context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
+    context.add_init_script(RECORD_PROGRESS)
+    try:
+        page = login(context, hub_stack, "alice", shots)
+        page.goto(hub_stack.public_url + "/hub/spawn")
+        page.wait_for_selector("#hpc-partition")
+        assert [o.get_attribute("value") for o in page.locator("#hpc-partition option").all()] == ["batch"]
+        shot(page, shots, "alice-02-options")
+        t0 = time.monotonic()
+        page.click("#spawn_form button[type=submit]")
+        page.wait_for_url("**/hub/spawn-pending/**")
+        page.wait_for_url("**/user/alice/lab**", timeout=240_000)
+        record(test="browser-spawn", user="alice", seconds=round(time.monotonic() - t0, 2))
+        messages = [e.get("message", "") for e in events]
+        for want in ("submitted to the queue", "running on node1", "Tunnel connected from node1", "Server ready"):
+            assert any(want in m for m in messages), (want, messages)
+        page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
+        shot(page, shots, "alice-03-lab")
+        try:
+            run_in_new_notebook(page, "import socket; socket.gethostname()", "'node1'")
+        finally:
+            shot(page, shots, "alice-04-notebook")
+        # a terminal from a new launcher: who am I?
+        page.locator('[data-command="launcher:create"]').first.click()
+        page.locator(".jp-LauncherCard").filter(has_text="Terminal").first.click()
+        term = page.locator(".jp-Terminal .xterm-screen").first
+        term.wait_for(timeout=60_000)
+        term.click()
+        # what the terminal prints is drawn on a canvas: let it write into the home instead
+        proof = site.homes / "alice" / "terminal-whoami.txt"
+        page.keyboard.type(f"whoami > ~/{proof.name}\n")
+        wait_until(lambda: proof.exists() and proof.read_text().strip(), 60, 0.5, "the terminal's whoami")
+        assert proof.read_text().strip() == "alice" and proof.stat().st_uid == pwd.getpwnam("alice").pw_uid
+        shot(page, shots, "alice-05-terminal")
+        page.goto(hub_stack.public_url + "/hub/home")
+        page.click("#stop")
+        wait_until(lambda: not hub.api(hub.user_path("alice"))[1].get("servers"), 90, 0.5, "server to stop")
+        assert "/user/alice" not in hub.proxy_routes()
+    finally:
+        context.close()
 
 
 def _agent_connected(hub: Hub, user: str) -> bool:
@@ -443,3 +497,23 @@ def test_faults_broker_kill_hub_restart_link_down_sshd_restart(site, hub_stack, 
     assert hub.run_code("bob", "import socket; socket.gethostname()")[1] == repr(PLACEMENT["bob"])
     hub.stop("bob")
     assert login_sshd.accepted() - accepted0 == 1  # exactly one new pooled connection
+
+
+def test_alice_and_bob_spawned_at_the_same_moment(site, hub_stack):
+    """Both spawns requested together: both servers make their first hub-API call through
+    their agents' relays at about the same time, and both become ready on their nodes."""
+    hub = Hub(hub_stack)
+    for user in USERS:
+        hub.api(hub.user_path(user), "POST")
+    t0 = time.monotonic()
+    for user in USERS:
+        status, body = hub.api(hub.user_path(user) + "/server", "POST")
+        assert status in (201, 202), body
+    for user in USERS:
+        wait_until(
+            lambda u=user: hub.api(hub.user_path(u))[1]["servers"].get("", {}).get("ready"), 200, 0.5, f"{user} ready"
+        )
+    record(test="two-at-the-same-moment", seconds=round(time.monotonic() - t0, 2))
+    _both_running_on_their_nodes(site, hub)
+    for user in USERS:
+        hub.stop(user)
