@@ -39,6 +39,7 @@ from typing import Any
 from tornado import web
 from traitlets import Bool, Dict, Float, List, Unicode, default
 
+from .choices import SchedulerChoices, check_choices
 from .options_form import TEMPLATE_DIR, render_form
 from .resources import (
     IMAGES,
@@ -46,6 +47,7 @@ from .resources import (
     Defaults,
     OptionsError,
     Partition,
+    _text,
     check_profiles,
     local_partition,
     parse_memory_mb,
@@ -137,8 +139,35 @@ class ResourceOptionsMixin(WalltimeMixin):
 
     def _configured_req(self) -> dict[str, str]:
         if self._configured is None:
-            self._configured = {k: str(getattr(self, f"req_{k}", "") or "") for k in REQ_FIELDS}
+            names = (*REQ_FIELDS, *self.choice_field_names)
+            self._configured = {k: str(getattr(self, f"req_{k}", "") or "") for k in names}
         return self._configured
+
+    # -- scheduler-specific choices (hub_plugin.choices) ---------------------------------------
+    #: The choice fields a subclass may offer (Slurm: account, qos, reservation); each is an
+    #: option key, a ``req_<name>`` trait and a profile key ``req_<name>``.
+    choice_field_names: tuple[str, ...] = ()
+
+    async def scheduler_choices(self) -> SchedulerChoices:
+        """What this user may choose besides the resources (subclasses look it up)."""
+        return SchedulerChoices()
+
+    def _profiles(self) -> list[dict[str, Any]]:
+        return check_profiles(self.profiles, extra_keys={f"req_{n}" for n in self.choice_field_names})
+
+    async def check_choice_options(self, options: Mapping[str, Any], profile: str) -> dict[str, str]:
+        """The choice fields of *options*, checked against :meth:`scheduler_choices` (only
+        looked up when a value is given). A profile's ``req_<name>`` is the admin's choice and
+        replaces the user's."""
+        if not self.choice_field_names:
+            return {}
+        prof = next((p for p in self._profiles() if p["name"] == profile), None) or {}
+        fixed = {n: str(prof[f"req_{n}"]) for n in self.choice_field_names if f"req_{n}" in prof}
+        wanted = {n: _text(dict(options), n)[:200] for n in self.choice_field_names if n not in fixed}
+        checked = dict.fromkeys(wanted, "")
+        if any(wanted.values()):
+            checked = check_choices(await self.scheduler_choices(), wanted)
+        return {**checked, **fixed}
 
     def _defaults(self) -> Defaults:
         c = self._configured_req()
@@ -179,9 +208,10 @@ class ResourceOptionsMixin(WalltimeMixin):
     async def render_options_form(self) -> str:
         try:
             parts = await self.cluster_partitions()
-            profiles = check_profiles(self.profiles)
+            profiles = self._profiles()
         except OptionsError as e:
             return f'<div class="alert alert-danger">{html.escape(str(e))}</div>'
+        choices = await self.scheduler_choices()
         current = self.user_options if isinstance(getattr(self, "user_options", None), dict) else {}
         # only values that still pass are offered again
         try:
@@ -198,13 +228,17 @@ class ResourceOptionsMixin(WalltimeMixin):
             )
         except OptionsError:
             current = {}
+        if current:
+            current.update({n: str(self.user_options.get(n) or "") for n in self.choice_field_names})
         return render_form(
             parts,
             profiles=profiles,
             current=current,
             defaults=self._defaults(),
             allow_custom=self.allow_custom_resources,
-            notes=self.options_form_notes(),
+            notes=[*self.options_form_notes(), *choices.notes],
+            scheduler=choices,
+            fixed_by_profile={p["name"]: [n for n in self.choice_field_names if f"req_{n}" in p] for p in profiles},
         )
 
     def options_form_notes(self) -> list[str]:
@@ -222,13 +256,15 @@ class ResourceOptionsMixin(WalltimeMixin):
     async def check_resource_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         parts = await self.cluster_partitions()
         try:
-            profiles = check_profiles(self.profiles)
+            profiles = self._profiles()
         except ValueError as e:
             self.log.error("%s: bad profiles configuration: %s", self._log_name, e)
             raise OptionsError("The server profiles are misconfigured; please tell the administrators.") from None
-        return validate_options(
+        opts = validate_options(
             options or {}, parts, profiles=profiles, defaults=self._defaults(), allow_custom=self.allow_custom_resources
         )
+        opts.update(await self.check_choice_options(options or {}, opts["profile"]))
+        return opts
 
     @default("apply_user_options")
     def _apply_user_options_default(
@@ -256,12 +292,15 @@ class ResourceOptionsMixin(WalltimeMixin):
         if self._configured_req_options is None:
             self._configured_req_options = getattr(self, "req_options", "")
         extra = self._configured_req_options
-        prof = next((p for p in check_profiles(self.profiles) if p["name"] == opts.get("profile")), None)
+        prof = next((p for p in self._profiles() if p["name"] == opts.get("profile")), None)
         if prof is not None and prof.get("req_options"):
             extra = " ".join(str(prof["req_options"]).split())
         if hasattr(self, "req_options"):
             self.req_options = extra
         for k in REQ_FIELDS:
+            setattr(self, f"req_{k}", opts[k])
+        for k in self.choice_field_names:  # "" = not chosen: the configured value stays
+            opts[k] = opts.get(k) or configured[k]
             setattr(self, f"req_{k}", opts[k])
         self.user_options = opts
         self.log.info(

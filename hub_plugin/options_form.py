@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 import markupsafe
 
+from .choices import SchedulerChoices
 from .resources import CUSTOM, IMAGES, Defaults, Partition, format_memory, format_slurm_time, parse_slurm_time
 
 __all__ = ["FORM_TEMPLATE_NAME", "TEMPLATE_DIR", "render_form"]
@@ -69,11 +70,15 @@ def render_form(
     defaults: Defaults | None = None,
     allow_custom: bool = True,
     notes: Iterable[str] = (),
+    scheduler: SchedulerChoices | None = None,
+    fixed_by_profile: Mapping[str, list[str]] | None = None,
 ) -> str:
     """The options form's HTML (placed by JupyterHub inside its spawn form).
 
     *current* is a checked choice (:func:`~hub_plugin.resources.validate_options`) to preselect,
     else *defaults* are shown; *notes* are plain-text remarks shown above the fields.
+    *scheduler* holds the scheduler's fields (:mod:`hub_plugin.choices`), shown for every profile
+    except where *fixed_by_profile* (profile -> field names) says the profile sets them.
     """
     profiles = profiles or []
     d = defaults or Defaults()
@@ -114,4 +119,37 @@ def render_form(
         limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
         limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
         custom=CUSTOM,
+        **_choice_values(scheduler or SchedulerChoices(), cur, fixed_by_profile or {}),
     )
+
+
+def _choice_values(
+    choices: SchedulerChoices, current: Mapping[str, Any], fixed: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    """The template's values for the scheduler's choice fields (``choice_fields``), the rules its
+    script applies (``choice_rules``), and the lookup failures (``choice_problems``)."""
+    fields = []
+    for f in choices.fields:
+        selected = str(current.get(f.name) or "")
+        if selected not in f.choices:
+            selected = f.default
+        fields.append(
+            {
+                "name": f.name,
+                "label": f.label,
+                "help": f.help,
+                "empty_title": f.empty_title,
+                "options": [{"value": v, "title": f.titles.get(v, v), "selected": v == selected} for v in f.choices],
+            }
+        )
+    rules = {
+        f.name: {"parent": f.depends_on, "allowed": {k: list(v) for k, v in f.allowed_with.items()}}
+        for f in choices.fields
+        if f.depends_on and choices.by_name(f.depends_on)
+    }
+    return {
+        "choice_fields": fields,
+        "choice_rules": rules,
+        "choice_fixed": {k: list(v) for k, v in fixed.items() if v},
+        "choice_problems": choices.problems(),
+    }

@@ -58,8 +58,10 @@ from typing import Any
 
 from batchspawner import SlurmSpawner
 from batchspawner.batchspawner import JobStatus
-from traitlets import Bool, Enum, Float, Integer, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
+from . import slurm_assoc
+from .choices import SchedulerChoices
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
 from .remote import CommandRunner, LocalRunner, LoginNodeRunner, RunnerError
@@ -167,7 +169,28 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     login_node_key_file = Unicode("", help="Private key file for the login node.").tag(config=True)
     login_node_max_sessions = Integer(8, help="Most commands run at once over the shared login-node connection (each is one SSH session channel). Keep it below the login node's sshd MaxSessions (OpenSSH default 10): sshd refuses channels beyond it, and the runner then reconnects, losing commands in flight.").tag(config=True)
     login_node_known_hosts = Unicode("", help="known_hosts file holding the login node's host key (required: keys are always verified).").tag(config=True)
+
+    form_slurm_choices = List(Unicode(), list(slurm_assoc.FIELDS), help="Slurm choices the options form offers from the user's associations and the cluster's reservations: any of 'account', 'qos', 'reservation' (empty: none). Values sent for a field not offered are refused.").tag(config=True)
+    sacctmgr_command = Unicode("sacctmgr", help="sacctmgr executable (run like sbatch: locally or on the login node); needs slurmdbd.").tag(config=True)
+    scontrol_command = Unicode("scontrol", help="scontrol executable, for the reservation list.").tag(config=True)
+    slurm_choices_cache_seconds = Float(60.0, help="How long a user's associations and the reservation list are reused.").tag(config=True)
     # fmt: on
+
+    choice_field_names = slurm_assoc.FIELDS
+
+    async def scheduler_choices(self) -> SchedulerChoices:
+        """Accounts, QoS and reservations for this user (:mod:`hub_plugin.slurm_assoc`)."""
+        return await slurm_assoc.slurm_choices(
+            self.run_command,
+            user=self.user.name,
+            fields=self.form_slurm_choices,
+            sacctmgr=self.sacctmgr_command,
+            scontrol=self.scontrol_command,
+            cache_key=self._runner_key(),
+            cache_seconds=self.slurm_choices_cache_seconds,
+            preferred_account=self._configured_req().get("account", ""),
+            log=self.log,
+        )
 
     # -- shared runner and poller ------------------------------------------------------------
     _runners: dict[tuple[Any, ...], CommandRunner] = {}
