@@ -7,6 +7,10 @@ Every job of a test run gets the job name :data:`JOB_TAG`; ``cancel_leftover_job
 them after each test of a module that uses it (``pytest.mark.usefixtures``). conftest.py
 registers this module as a plugin, so its fixtures need no import. :func:`hub_config` is the part of
 a hub's config that makes a Stack's SlurmBrokerSpawner use them.
+
+:class:`NsCluster` is a second, private Slurm with slurmdbd + MariaDB (``SLURM_ACCOUNTING=1
+scripts/slurm.sh``) in its own mount+network namespace, for tests that need accounting
+(test_accounting.py, test_slurm_accounts.py) without touching the shared cluster.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,3 +91,100 @@ def hub_config(workdir: str, extra: str = "", out_dir: str = "") -> str:
             extra,
         ]
     )
+
+
+class NsCluster:
+    """SLURM_ACCOUNTING=1 scripts/slurm.sh in a private mount+net namespace (own munge, /etc/slurm, ports)."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.holder: subprocess.Popen | None = None
+
+    def ns(
+        self, *argv: str, timeout: float = 120, env: dict | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        assert self.holder is not None
+        cmd = [
+            "nsenter",
+            "-t",
+            str(self.holder.pid),
+            "-m",
+            "-n",
+            "--",
+            "env",
+            *[f"{k}={v}" for k, v in (env or {}).items()],
+            *argv,
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{argv} failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
+        return r
+
+    def start(self) -> None:
+        # install slurmdbd and MariaDB first, from the host: the namespace has no network
+        r = subprocess.run(
+            ["bash", str(SLURM_SH), "install"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, SLURM_ACCOUNTING="1"),
+        )
+        assert r.returncode == 0, f"slurm.sh install failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)
+        self.ns("ip", "link", "set", "lo", "up")
+        # slurmdbd binds with getaddrinfo(AI_ADDRCONFIG): it needs one non-loopback address
+        self.ns("ip", "addr", "add", "10.254.0.1/32", "dev", "lo")
+        for d in ("/etc/slurm", "/run/munge", "/run/mysqld", "/var/log/munge", "/var/lib/munge"):
+            # a mount point must exist: /run/mysqld does only where MariaDB ran once (the
+            # empty directory left on the host is what MariaDB's own start would create)
+            self.ns("mkdir", "-p", d)
+            self.ns("mount", "-t", "tmpfs", "tmpfs", d)
+        self.ns("chown", "munge:munge", "/run/munge", "/var/log/munge", "/var/lib/munge")
+        self.ns("chmod", "0755", "/run/munge")
+        self.ns(
+            "bash",
+            str(SLURM_SH),
+            "start",
+            timeout=300,
+            env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base, "SLURM_PROCTRACK": "linuxproc"},
+        )
+
+    def stop(self) -> None:
+        if self.holder is None:
+            return
+        try:
+            self.ns(
+                "bash",
+                str(SLURM_SH),
+                "stop",
+                "--clean",
+                timeout=120,
+                check=False,
+                env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base},
+            )
+        finally:
+            self.holder.kill()
+            self.holder.wait()
+
+
+@contextmanager
+def accounting_cluster() -> Iterator[NsCluster]:
+    """A started :class:`NsCluster` in a fresh base directory, stopped and removed on exit.
+    Skips the test without root, unshare or nsenter."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"):
+        pytest.skip("needs root, unshare and nsenter")
+    base = tempfile.mkdtemp(prefix="slurm-acct-", dir="/tmp")
+    os.chmod(base, 0o755)  # MariaDB runs as mysql: pytest's tmp_path (0700) is out of its reach
+    cluster = NsCluster(base)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
