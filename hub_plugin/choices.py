@@ -64,6 +64,8 @@ class SchedulerChoices:
     unavailable: dict[str, str] = field(default_factory=dict)
     #: plain-text remarks for the form (e.g. "you have no Slurm account")
     notes: list[str] = field(default_factory=list)
+    #: field name -> label, for messages about fields that are not offered
+    labels: dict[str, str] = field(default_factory=dict)
 
     def by_name(self, name: str) -> ChoiceField | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -87,7 +89,8 @@ def check_choices(choices: SchedulerChoices, wanted: Mapping[str, str]) -> dict[
         if f is None:
             if name in choices.unavailable:
                 raise OptionsError(choices.unavailable[name])
-            raise OptionsError(f"{name.capitalize()}: {value[:64]!r} is not available to you.")
+            label = choices.labels.get(name, name.capitalize())
+            raise OptionsError(f"{label}: {value[:64]!r} is not available to you.")
         if value not in f.choices:
             offered = ", ".join(f.choices) or "none"
             raise OptionsError(f"{f.label}: {value[:64]!r} is not available to you. Choose one of: {offered}.")

@@ -5,16 +5,20 @@
 * **An options form built from the cluster.** For Slurm the partitions and their limits come
   from ``sinfo -h -o '%P|%l|%c|%m|%G|%a'`` (max time, CPUs, memory and GPU GRES per node,
   availability); for the embedded local backend from the machine (CPUs, memory, NVIDIA
-  devices). Fields: profile, partition, CPUs, memory, GPUs, walltime, image (compute/GPU).
+  devices). Fields: profile, partition, CPUs, memory, GPUs, walltime, image (compute/GPU),
+  plus the scheduler's own choice fields (:meth:`ResourceOptionsMixin.scheduler_choices`,
+  :mod:`hub_plugin.choices`; Slurm: account, QoS, reservation from :mod:`hub_plugin.slurm_assoc`).
   Admins may add ``profiles`` (a list of dicts: ``name``, ``description`` and ``req_*``
-  overrides), and may hide the free fields (``allow_custom_resources = False``).
+  overrides), and may hide the free fields (``allow_custom_resources = False``). A site's own
+  ``options_form.html`` in ``c.JupyterHub.template_paths`` replaces the shipped template.
 * **Validation with a message the user reads.** ``options_from_form`` checks the choice
   against the partition's limits and raises :class:`OptionsError`; JupyterHub shows the form
   again with the message above it. Options sent through the REST API are checked the same way
   (``apply_user_options``) and fail the spawn with the same message.
 * **Accepted values go onto the batchspawner traits** ``req_partition``, ``req_nprocs``,
   ``req_memory``, ``req_ngpus``, ``req_runtime``; ``user_options`` is replaced by the checked
-  values only, so nothing else from the request reaches the batch script. The image choice
+  values only, so nothing else from the request reaches the batch script. Choice fields go onto
+  ``req_<name>`` (``req_account``, ...) once checked against what this user was offered. The image choice
   becomes ``JUPYTERHUB_IMAGE`` (``compute``/``gpu``) in the job environment and, when the
   agent command is ``node-agent launch``, its ``--gpu`` / ``--no-gpu`` option.
 * **Walltime** (:class:`~hub_plugin.walltime.WalltimeMixin`, a base of this mixin): the job
@@ -238,8 +242,17 @@ class ResourceOptionsMixin(WalltimeMixin):
             allow_custom=self.allow_custom_resources,
             notes=[*self.options_form_notes(), *choices.notes],
             scheduler=choices,
+            template_paths=self._site_template_paths(),
             fixed_by_profile={p["name"]: [n for n in self.choice_field_names if f"req_{n}" in p] for p in profiles},
         )
+
+    def _site_template_paths(self) -> list[str]:
+        """The hub's ``c.JupyterHub.template_paths`` (where a site's own options_form.html lives)."""
+        settings = getattr(getattr(self, "user", None), "settings", None)
+        paths = settings.get("template_path") if isinstance(settings, dict) else None
+        if isinstance(paths, str):
+            paths = [paths]
+        return [p for p in paths or [] if isinstance(p, str)]
 
     def options_form_notes(self) -> list[str]:
         """Plain-text remarks the form shows above its fields (subclasses add theirs)."""

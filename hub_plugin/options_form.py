@@ -2,7 +2,8 @@
 
 :func:`render_form` turns the partitions, the admin's profiles and the current choice into the
 HTML that JupyterHub places inside its spawn form. The markup lives in the Jinja template next
-to the hub's ``home.html``; this module only prepares the values. Everything is autoescaped
+to the hub's ``home.html`` (a site's own ``options_form.html`` in ``c.JupyterHub.template_paths``
+is used instead); this module only prepares the values. Everything is autoescaped
 (partition names and profile texts come from the cluster and the configuration), and the
 partition limits reach the page's script as HTML-safe JSON.
 """
@@ -39,9 +40,12 @@ def _escape(value: Any) -> markupsafe.Markup:
     return markupsafe.Markup(html.escape(str(value)))
 
 
-@lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, finalize=_escape)
+@lru_cache(maxsize=8)
+def _environment(site_paths: tuple[str, ...] = ()) -> jinja2.Environment:
+    """The form's Jinja environment: the site's template directories first (JupyterHub's
+    ``template_paths``), then :data:`TEMPLATE_DIR`; so a site's ``options_form.html`` wins."""
+    loader = jinja2.FileSystemLoader([*site_paths, TEMPLATE_DIR])
+    env = jinja2.Environment(loader=loader, autoescape=True, finalize=_escape)
     env.policies["json.dumps_kwargs"] = {}  # keep the partitions in the cluster's order
     return env
 
@@ -72,6 +76,7 @@ def render_form(
     notes: Iterable[str] = (),
     scheduler: SchedulerChoices | None = None,
     fixed_by_profile: Mapping[str, list[str]] | None = None,
+    template_paths: Iterable[str] = (),
 ) -> str:
     """The options form's HTML (placed by JupyterHub inside its spawn form).
 
@@ -79,6 +84,8 @@ def render_form(
     else *defaults* are shown; *notes* are plain-text remarks shown above the fields.
     *scheduler* holds the scheduler's fields (:mod:`hub_plugin.choices`), shown for every profile
     except where *fixed_by_profile* (profile -> field names) says the profile sets them.
+    *template_paths* (the hub's ``c.JupyterHub.template_paths``) are searched for
+    ``options_form.html`` before :data:`TEMPLATE_DIR`.
     """
     profiles = profiles or []
     d = defaults or Defaults()
@@ -98,7 +105,7 @@ def render_form(
     if mem is None:
         mem = format_memory(d.memory_mb) if d.memory_mb else ""
     sel_part = next((p for p in partitions if p.name == part_default), None)
-    template = _environment().get_template(FORM_TEMPLATE_NAME)
+    template = _environment(tuple(template_paths)).get_template(FORM_TEMPLATE_NAME)
     return template.render(
         notes=list(notes),
         profiles=[

@@ -42,8 +42,9 @@ __all__ = [
     "slurm_choices",
 ]
 
-#: The choice fields this module can fill.
+#: The choice fields this module can fill, and their labels.
 FIELDS = ("account", "qos", "reservation")
+LABELS = {"account": "Account", "qos": "QoS", "reservation": "Reservation"}
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\Z")
 
@@ -200,7 +201,7 @@ async def slurm_choices(
     user's accounts; else the user's default account.
     """
     wanted = [f for f in fields if f in FIELDS]
-    result = SchedulerChoices()
+    result = SchedulerChoices(labels=dict(LABELS))
     assoc = Associations()
     if {"account", "qos", "reservation"} & set(wanted):
         try:
@@ -223,7 +224,7 @@ async def slurm_choices(
             result.fields.append(
                 ChoiceField(
                     "account",
-                    "Account",
+                    LABELS["account"],
                     assoc.accounts,
                     default=default,
                     titles={a: f"{a} (default)" if a == assoc.default_account else a for a in assoc.accounts},
@@ -238,7 +239,7 @@ async def slurm_choices(
             result.fields.append(
                 ChoiceField(
                     "qos",
-                    "QoS",
+                    LABELS["qos"],
                     all_qos,
                     empty_title="the account's default",
                     help="Quality of service: the QoS your account's associations allow.",
@@ -263,7 +264,7 @@ async def slurm_choices(
                 result.fields.append(
                     ChoiceField(
                         "reservation",
-                        "Reservation",
+                        LABELS["reservation"],
                         tuple(r.name for r in mine),
                         titles={r.name: r.title() for r in mine},
                         empty_title="none",
