@@ -78,6 +78,18 @@ class SSHD:
         kw.setdefault("known_hosts", str(self.known_hosts))
         return LoginNodeRunner("127.0.0.1", port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
 
+    def hub_config(self, spawner: str = "SlurmBrokerSpawner") -> str:
+        """Hub config lines that make *spawner* run its Slurm commands on this "login node"."""
+        return "\n".join(
+            [
+                f'c.{spawner}.login_node_host = "127.0.0.1"',
+                f"c.{spawner}.login_node_port = {self.port}",
+                f'c.{spawner}.login_node_user = "root"',
+                f"c.{spawner}.login_node_key_file = {str(self.client_key)!r}",
+                f"c.{spawner}.login_node_known_hosts = {str(self.known_hosts)!r}",
+            ]
+        )
+
     def start(self) -> SSHD:
         root = self.root
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key))

@@ -283,15 +283,7 @@ def test_twenty_sessions_one_squeue_per_interval(hub, stack, squeue_log):
 @pytest.fixture(scope="module")
 def remote_stack(slurm_cluster, sshd, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("slurm-remote-stack"))
-    extra = "\n".join(
-        [
-            'c.SlurmBrokerSpawner.login_node_host = "127.0.0.1"',
-            f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
-            'c.SlurmBrokerSpawner.login_node_user = "root"',
-            f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
-            f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
-        ]
-    )
+    extra = sshd.hub_config()
     with running_stack(
         workdir,
         path=tool_path(),

@@ -5,12 +5,17 @@ MariaDB (in its own mount+network namespace) that test_accounting.py runs, so th
 development cluster is never touched. The accounts, QoS, associations and reservations are
 made with the real ``sacctmgr`` / ``scontrol`` in the test (unique names) and removed after.
 
-The hub is a real JupyterHub + CHP + broker (:func:`harness.running_stack`) on the host. Its
-Slurm commands (``sbatch``, ``squeue``, ``scancel``, ``sinfo``, ``sacctmgr``, ``scontrol``)
-are the real ones, entered into the cluster's namespace by one-line ``nsenter`` wrappers set
-as the spawner's command options — the same way a site points them at its own binaries. The
-jobs run in the namespace, whose network cannot reach the broker, so no notebook comes up:
-these tests look only at what was submitted (``scontrol show job``), or that nothing was.
+The hub is a real JupyterHub + CHP + broker (:func:`harness.running_stack`) on the host,
+submitting through a real "login node" (the private sshd of tests/sshd.py, over the spawner's
+one pooled SSH connection). There its Slurm commands (``sbatch``, ``squeue``, ``scancel``,
+``sinfo``, ``sacctmgr``, ``scontrol``) are the real ones, entered into the cluster's namespace
+by short ``nsenter`` wrappers set as the spawner's command options — the way a site points
+them at its own binaries; each wrapper notes whether it ran over SSH. The jobs run in the
+namespace, whose network cannot reach the broker, so no notebook comes up: these tests look
+only at what was submitted (``scontrol show job``), or that nothing was.
+
+``test_unusable_sacctmgr_is_shown_on_the_form`` runs the host's real ``sacctmgr``, which
+refuses to work with the shared development cluster's ``accounting_storage/none``.
 
 The cluster has no ``AccountingStorageEnforce`` (as test_accounting.py runs it): Slurm would
 take any account, which is why the spawner checks every choice itself. Jobs are submitted by
@@ -20,6 +25,7 @@ association with the profile's account — without one Slurm silently charges it
 
 from __future__ import annotations
 
+import asyncio
 import http.cookiejar
 import re
 import subprocess
@@ -28,13 +34,18 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
+from hub_plugin.slurm import SlurmBrokerSpawner
+
 from e2e import Hub
 from harness import running_stack, tool_path, wait_until
-from slurm_cluster import JOB_TAG, NsCluster, accounting_cluster, hub_config
+from slurm_cluster import JOB_TAG, NsCluster, accounting_cluster, hub_config, real_binary
+from sshd import SSHD
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.timeout(900)]
 
@@ -90,14 +101,23 @@ def associations(cluster: NsCluster) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def hub(cluster: NsCluster, associations: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    workdir = str(tmp_path_factory.mktemp("slurm-accounts"))
-    wrappers = tmp_path_factory.mktemp("ns-slurm")
+def wrappers(cluster: NsCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of the nsenter wrappers; each appends ``NAME ssh|local`` to its calls.log."""
+    d = tmp_path_factory.mktemp("ns-slurm")
     assert cluster.holder is not None
     for cmd in SLURM_COMMANDS:
-        w = wrappers / cmd
-        w.write_text(f'#!/bin/sh\nexec nsenter -t {cluster.holder.pid} -m -n -- /usr/bin/{cmd} "$@"\n')
+        w = d / cmd
+        w.write_text(
+            f'#!/bin/sh\nwhere=local; [ -n "$SSH_CONNECTION" ] && where=ssh; echo "{cmd} $where" >> {d}/calls.log\n'
+            f'exec nsenter -t {cluster.holder.pid} -m -n -- /usr/bin/{cmd} "$@"\n'
+        )
         w.chmod(0o755)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hub(associations: None, wrappers: Path, sshd: SSHD, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    workdir = str(tmp_path_factory.mktemp("slurm-accounts"))
     profile = {"name": "course", "description": "charged to the course", "req_account": ACCT_A}
     extra = "\n".join(
         [
@@ -108,6 +128,7 @@ def hub(cluster: NsCluster, associations: None, tmp_path_factory: pytest.TempPat
             f'c.SlurmBrokerSpawner.sacctmgr_command = "{wrappers}/sacctmgr"',
             f'c.SlurmBrokerSpawner.scontrol_command = "{wrappers}/scontrol"',
             f"c.SlurmBrokerSpawner.profiles = [{profile!r}]",
+            sshd.hub_config(),
         ]
     )
     with running_stack(
@@ -221,3 +242,32 @@ def test_users_own_account_and_qos_reach_sbatch(hub: Hub, cluster: NsCluster) ->
 
 def _wait_stopped(hub: Hub, user: str) -> None:
     wait_until(lambda: not hub.api(hub.user_path(user))[1].get("servers"), 60, 0.5, f"{user}'s server gone")
+
+
+def test_every_lookup_ran_on_the_login_node(hub: Hub, wrappers: Path) -> None:
+    """The association and reservation lookups took the submission's path: over SSH."""
+    spawn_form(hub, BOB)
+    calls = [line.split() for line in (wrappers / "calls.log").read_text().splitlines()]
+    assert {c[0] for c in calls} >= {"sacctmgr", "scontrol", "sbatch", "squeue", "sinfo"}
+    assert all(where == "ssh" for _, where in calls), calls
+
+
+@pytest.mark.timeout(120)
+def test_unusable_sacctmgr_is_shown_on_the_form() -> None:
+    """The host's real sacctmgr with the shared dev cluster's slurm.conf (no slurmdbd)."""
+    sacctmgr = real_binary("sacctmgr")
+    probe = subprocess.run([sacctmgr, "-nP", "show", "assoc", "format=account"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        pytest.skip("this machine's Slurm has accounting enabled")
+    user = mock.Mock(settings={})
+    user.name = ALICE
+    s = SlurmBrokerSpawner(
+        user=user,
+        hub=mock.Mock(),
+        sacctmgr_command=sacctmgr,
+        sinfo_command="printf 'debug*|1:00:00|4|8000|(null)|up\\n'",  # the form's other half, not under test
+        form_slurm_choices=["account", "qos"],
+    )
+    html = asyncio.run(s.get_options_form())
+    assert "Your Slurm accounts could not be read right now" in html
+    assert 'name="account"' not in html and 'name="partition"' in html
