@@ -202,8 +202,19 @@ async def slurm_choices(
     """
     wanted = [f for f in fields if f in FIELDS]
     result = SchedulerChoices(labels=dict(LABELS))
+    reservations: list[Reservation] | None = None
+    if "reservation" in wanted:
+        try:
+            reservations = await _cached(
+                ("res", *cache_key, scontrol), cache_seconds, lambda: _reservations(run, scontrol)
+            )
+        except Exception as e:
+            if log is not None:
+                log.error("scontrol show res failed: %s", str(e)[:300])
+            result.unavailable["reservation"] = RESERVATIONS_UNREADABLE
     assoc = Associations()
-    if {"account", "qos", "reservation"} & set(wanted):
+    # the associations: for the account and QoS fields, and for reservations that admit accounts
+    if {"account", "qos"} & set(wanted) or any(r.accounts for r in reservations or ()):
         try:
             assoc = await _cached(
                 ("assoc", *cache_key, sacctmgr, user),
@@ -247,30 +258,19 @@ async def slurm_choices(
                     allowed_with=dict(assoc.qos),
                 )
             )
-    if "reservation" in wanted:
-        try:
-            reservations = await _cached(
-                ("res", *cache_key, scontrol),
-                cache_seconds,
-                lambda: _reservations(run, scontrol),
-            )
-        except Exception as e:
-            if log is not None:
-                log.error("scontrol show res failed: %s", str(e)[:300])
-            result.unavailable["reservation"] = RESERVATIONS_UNREADABLE
-        else:
-            mine = [r for r in reservations if _USER_RE.match(user) and r.admits(user, assoc.accounts)]
-            if mine:
-                result.fields.append(
-                    ChoiceField(
-                        "reservation",
-                        LABELS["reservation"],
-                        tuple(r.name for r in mine),
-                        titles={r.name: r.title() for r in mine},
-                        empty_title="none",
-                        help="Run in a reservation you are allowed to use.",
-                    )
+    if reservations is not None:
+        mine = [r for r in reservations if _USER_RE.match(user) and r.admits(user, assoc.accounts)]
+        if mine:
+            result.fields.append(
+                ChoiceField(
+                    "reservation",
+                    LABELS["reservation"],
+                    tuple(r.name for r in mine),
+                    titles={r.name: r.title() for r in mine},
+                    empty_title="none",
+                    help="Run in a reservation you are allowed to use.",
                 )
+            )
     return result
 
 

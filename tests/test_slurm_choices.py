@@ -231,3 +231,18 @@ async def test_a_sites_template_in_template_paths_replaces_the_form(tmp_path):
     s.user.settings = {"template_path": [str(tmp_path), "/nonexistent"]}
     html = await s.get_options_form()
     assert html == "<p>site form</p><i>account=i15b,i15a</i><i>qos=normal,i15fast</i><i>reservation=i15r_acct</i>"
+
+
+@pytest.mark.asyncio
+async def test_reservations_alone_need_sacctmgr_only_for_account_reservations():
+    users_only = REAL_RES.split("\n")[1].replace("Users=root", "Users=root,i15alice") + "\n"
+    run = ScriptedSlurm(assoc=RuntimeError("accounting storage is disabled"), res=users_only)
+    s = spawner(run, form_slurm_choices=["reservation"])
+    html = await s.get_options_form()
+    assert run.count("sacctmgr") == 0 and '<option value="i15r_other">' in html
+    assert "could not be read" not in html
+    # an Accounts= reservation needs her accounts: sacctmgr fails, so it is not offered, quietly
+    run = ScriptedSlurm(assoc=RuntimeError("accounting storage is disabled"))
+    s = spawner(run, form_slurm_choices=["reservation"])
+    html = await s.get_options_form()
+    assert run.count("sacctmgr") == 1 and "i15r_acct" not in html and "could not be read" not in html
