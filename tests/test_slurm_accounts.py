@@ -40,6 +40,7 @@ from unittest import mock
 
 import pytest
 
+from hub_plugin.options_form import TEMPLATE_DIR
 from hub_plugin.slurm import SlurmBrokerSpawner
 
 from e2e import Hub
@@ -55,6 +56,7 @@ QOS_A, QOS_OTHER = f"jhq{TAG}", f"jhz{TAG}"
 ALICE = f"jhu{TAG}"  # a Unix account too: a reservation's Users= must name real users
 BOB = f"jhv{TAG}"
 RES_ALICE, RES_ACCT_A, RES_ROOT = f"jhr{TAG}u", f"jhr{TAG}a", f"jhr{TAG}r"
+SITE_MARK = "<!-- the site's own options form -->"
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel", "sinfo", "sacctmgr", "scontrol")
 
 
@@ -118,6 +120,10 @@ def wrappers(cluster: NsCluster, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def hub(associations: None, wrappers: Path, sshd: SSHD, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     workdir = str(tmp_path_factory.mktemp("slurm-accounts"))
+    # a site's own form: the shipped one with a mark, found through c.JupyterHub.template_paths
+    site = tmp_path_factory.mktemp("site-templates")
+    shipped = Path(TEMPLATE_DIR, "options_form.html").read_text()
+    (site / "options_form.html").write_text(SITE_MARK + "\n" + shipped)
     profile = {"name": "course", "description": "charged to the course", "req_account": ACCT_A}
     extra = "\n".join(
         [
@@ -129,6 +135,7 @@ def hub(associations: None, wrappers: Path, sshd: SSHD, tmp_path_factory: pytest
             f'c.SlurmBrokerSpawner.scontrol_command = "{wrappers}/scontrol"',
             f"c.SlurmBrokerSpawner.profiles = [{profile!r}]",
             sshd.hub_config(),
+            f"c.JupyterHub.template_paths = [{str(site)!r}, {TEMPLATE_DIR!r}]",
         ]
     )
     with running_stack(
@@ -172,6 +179,7 @@ def jobs(cluster: NsCluster) -> list[dict[str, str]]:
 
 def test_form_offers_exactly_the_users_accounts_qos_and_reservations(hub: Hub) -> None:
     page = spawn_form(hub, ALICE)
+    assert SITE_MARK in page  # the hub's template_paths reach the form
     assert select_options(page, "account") == {ACCT_A: False, ACCT_B: True}  # the default preselected
     qos = select_options(page, "qos")
     assert qos is not None and set(qos) == {"", QOS_A, "normal"} and QOS_OTHER not in page
