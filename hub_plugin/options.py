@@ -167,7 +167,7 @@ class ResourceOptionsMixin(WalltimeMixin):
             return {}
         prof = next((p for p in self._profiles() if p["name"] == profile), None) or {}
         fixed = {n: str(prof[f"req_{n}"]) for n in self.choice_field_names if f"req_{n}" in prof}
-        wanted = {n: _text(dict(options), n)[:200] for n in self.choice_field_names if n not in fixed}
+        wanted = {n: _text(dict(options), n) for n in self.choice_field_names if n not in fixed}
         checked = dict.fromkeys(wanted, "")
         if any(wanted.values()):
             checked = check_choices(await self.scheduler_choices(), wanted)
