@@ -17,13 +17,15 @@ Contracts:
   with a message for the user; the real error goes to the log only. Nothing is offered then,
   so nothing can be chosen: deny by default.
 * Answers are cached per (runner, user) for ``cache_seconds`` (the reservation list per runner),
-  so a busy spawn page costs at most one round of queries per user per period.
+  so a busy spawn page costs at most one round of queries per user per period; the queries of
+  one round run at once.
 * A user name that Slurm would read as a list or a pattern (anything but
   ``[A-Za-z0-9._@-]``) gets no associations, never someone else's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import time
@@ -173,13 +175,12 @@ async def user_associations(run: Run, sacctmgr: Sequence[str], user: str) -> Ass
     """The user's associations and default account (raises what *run* raises)."""
     if not _USER_RE.match(user):
         return Associations()
-    by_account = parse_assoc(
-        await run(shlex.join([*sacctmgr, "-nP", "show", "assoc", f"user={user}", "format=account,qos"]))
+    assoc_out, user_out = await asyncio.gather(
+        run(shlex.join([*sacctmgr, "-nP", "show", "assoc", f"user={user}", "format=account,qos"])),
+        run(shlex.join([*sacctmgr, "-nP", "show", "user", user, "format=defaultaccount"])),
     )
-    default = ""
-    if by_account:
-        out = await run(shlex.join([*sacctmgr, "-nP", "show", "user", user, "format=defaultaccount"]))
-        default = next((ln.strip() for ln in out.splitlines() if ln.strip()), "")
+    by_account = parse_assoc(assoc_out)
+    default = next((ln.strip() for ln in user_out.splitlines() if ln.strip()), "")
     return Associations(tuple(by_account), by_account, default)
 
 
@@ -202,21 +203,19 @@ async def slurm_choices(
     """
     wanted = [f for f in fields if f in FIELDS]
     result = SchedulerChoices(labels=dict(LABELS))
-    reservations: list[Reservation] | None = None
-    if "reservation" in wanted:
+
+    async def lookup_reservations() -> list[Reservation] | None:
         try:
-            reservations = await _cached(
-                ("res", *cache_key, scontrol), cache_seconds, lambda: _reservations(run, scontrol)
-            )
+            return await _cached(("res", *cache_key, scontrol), cache_seconds, lambda: _reservations(run, scontrol))
         except Exception as e:
             if log is not None:
                 log.error("scontrol show res failed: %s", str(e)[:300])
             result.unavailable["reservation"] = RESERVATIONS_UNREADABLE
-    assoc = Associations()
-    # the associations: for the account and QoS fields, and for reservations that admit accounts
-    if {"account", "qos"} & set(wanted) or any(r.accounts for r in reservations or ()):
+            return None
+
+    async def lookup_associations() -> Associations:
         try:
-            assoc = await _cached(
+            return await _cached(
                 ("assoc", *cache_key, sacctmgr, user),
                 cache_seconds,
                 lambda: user_associations(run, shlex.split(sacctmgr), user),
@@ -227,6 +226,19 @@ async def slurm_choices(
             for f in ("account", "qos"):
                 if f in wanted:
                     result.unavailable[f] = ACCOUNTS_UNREADABLE
+            return Associations()
+
+    reservations: list[Reservation] | None = None
+    assoc = Associations()
+    if {"account", "qos"} & set(wanted):  # both lookups at once
+        if "reservation" in wanted:
+            reservations, assoc = await asyncio.gather(lookup_reservations(), lookup_associations())
+        else:
+            assoc = await lookup_associations()
+    elif "reservation" in wanted:
+        reservations = await lookup_reservations()
+        if any(r.accounts for r in reservations or ()):  # reservations that admit accounts need hers
+            assoc = await lookup_associations()
     if "account" in wanted and "account" not in result.unavailable:
         if assoc.accounts:
             default = preferred_account if preferred_account in assoc.accounts else assoc.default_account

@@ -245,4 +245,4 @@ async def test_reservations_alone_need_sacctmgr_only_for_account_reservations():
     run = ScriptedSlurm(assoc=RuntimeError("accounting storage is disabled"))
     s = spawner(run, form_slurm_choices=["reservation"])
     html = await s.get_options_form()
-    assert run.count("sacctmgr") == 1 and "i15r_acct" not in html and "could not be read" not in html
+    assert run.count("assoc") == 1 and "i15r_acct" not in html and "could not be read" not in html
