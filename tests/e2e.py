@@ -103,10 +103,17 @@ class Hub:
         return mine[-1]
 
     def run_code(
-        self, user: str, code: str, kernel_id: str | None = None, timeout: float = 60, server: str = ""
+        self,
+        user: str,
+        code: str,
+        kernel_id: str | None = None,
+        timeout: float = 60,
+        server: str = "",
+        wait: bool = True,
     ) -> tuple[str, str]:
         """Execute *code* in a kernel over its websocket through the proxy and the tunnel; returns
-        (kernel id, text/plain)."""
+        (kernel id, text/plain). With *wait* false: returns (kernel id, "") as soon as the kernel
+        reports it is busy with *code*, and closes the websocket (the code runs on)."""
         if kernel_id is None:
             status, kernel = self.through_proxy(user, "api/kernels", "POST", {}, server=server)
             assert status == 201, (status, kernel)
@@ -144,6 +151,8 @@ class Hub:
                 if reply.get("parent_header", {}).get("msg_id") != msg_id:
                     continue
                 kind = reply["msg_type"]
+                if not wait and kind == "status" and reply["content"].get("execution_state") == "busy":
+                    return kernel_id, ""
                 if kind == "execute_result":
                     return kernel_id, reply["content"]["data"]["text/plain"]
                 if kind == "error":
