@@ -257,7 +257,11 @@ class BrokerApp(Application):
             raise ConfigError("BrokerApp.api_token: too short (use at least 16 random characters)")
         if self.metrics_token and len(self.metrics_token) < 16:
             raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
-        if not self.proxy_auth_token and publisher_needs_chp(self.config):
+        try:
+            needs_chp = publisher_needs_chp(self.config)
+        except ValueError as e:
+            raise ConfigError(f"Broker.route_publisher_class: {e}") from None
+        if not self.proxy_auth_token and needs_chp:
             raise ConfigError(
                 "BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it"
             )

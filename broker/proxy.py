@@ -147,12 +147,9 @@ def resolve_publisher(name: str) -> type[RoutePublisher] | None:
 
 def publisher_needs_chp(config: Config) -> bool:
     """Whether the publisher that *config*'s ``Broker.route_publisher_class`` names (default
-    ``chp``) talks to CHP. A bad name gives False here: making the broker refuses it, naming it."""
+    ``chp``) talks to CHP; ValueError for a name that names no publisher."""
     section = config.get("Broker") or {}
-    try:
-        cls = resolve_publisher(str(section.get("route_publisher_class", "chp")))
-    except ValueError:
-        return False
+    cls = resolve_publisher(str(section.get("route_publisher_class", "chp")))
     return cls is not None and cls.needs_chp
 
 

@@ -34,7 +34,7 @@ class TraefikRoutePublisher(RoutePublisher):
 
     # one option a line: the class reads as a table of its options
     # fmt: off
-    dynamic_config_file = Unicode("", help="The file of Traefik's file provider that the broker owns and rewrites (atomically) with the ready sessions' routes: .toml, .yaml or .yml. Put it in the directory Traefik's file provider watches (providers.file.directory, watch = true), beside the hub's own file (TraefikFileProviderProxy.dynamic_config_file). Required with route_publisher_class = 'traefik'.").tag(config=True)
+    dynamic_config_file = Unicode("", help="The file of Traefik's file provider that the broker owns and rewrites (atomically) with the ready sessions' routes: .toml (or .yaml, which needs the ruamel.yaml package). Put it in the directory Traefik's file provider watches (providers.file.directory, watch = true), beside the hub's own file (TraefikFileProviderProxy.dynamic_config_file). Required with route_publisher_class = 'traefik'.").tag(config=True)
     entrypoint = Unicode("http", help="The Traefik entrypoint of the routes: the hub's TraefikProxy.traefik_entrypoint ('http', or 'https' for an https public_url).").tag(config=True)
     # fmt: on
 
@@ -45,9 +45,9 @@ class TraefikRoutePublisher(RoutePublisher):
             raise OptionError(
                 "TraefikRoutePublisher.dynamic_config_file: not set (a file in the directory Traefik's file provider watches)"
             )
-        if not self.dynamic_config_file.endswith((".toml", ".yaml", ".yml")):
+        if not self.dynamic_config_file.endswith((".toml", ".yaml")):
             raise OptionError(
-                f"TraefikRoutePublisher.dynamic_config_file: must end in .toml, .yaml or .yml, got {self.dynamic_config_file!r}"
+                f"TraefikRoutePublisher.dynamic_config_file: must end in .toml or .yaml, got {self.dynamic_config_file!r}"
             )
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.dynamic_config_file))):
             raise OptionError(
@@ -60,7 +60,10 @@ class TraefikRoutePublisher(RoutePublisher):
                 "Broker.route_publisher_class: 'traefik' needs the jupyterhub-traefik-proxy package (pip install jupyterhub-traefik-proxy)"
             ) from None
         self._utils = traefik_utils
-        self._file = traefik_utils.TraefikConfigFileHandler(self.dynamic_config_file)
+        try:
+            self._file = traefik_utils.TraefikConfigFileHandler(self.dynamic_config_file)
+        except ImportError as exc:  # .yaml without ruamel.yaml
+            raise OptionError(f"TraefikRoutePublisher.dynamic_config_file: {exc}") from None
 
     def routes_config(self, want: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         """Traefik's dynamic configuration for the routes *want* (``{routespec: (target, data)}``)."""
