@@ -26,10 +26,12 @@ sysdeps:
 	bash scripts/install-sysdeps.sh
 
 ## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
-## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
+## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh;
+##  PROXY=traefik: Traefik and jupyterhub-traefik-proxy instead of CHP)
 BACKEND ?= local
+PROXY ?= chp
 demo: venv chp
-	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
+	BACKEND=$(BACKEND) PROXY=$(PROXY) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
 
 ## The gate (no root, no services, under 2 minutes): lint, format, types, unit tests
 CHECK_MARKERS := not e2e and not slurm and not apptainer and not site and not component

@@ -45,9 +45,10 @@ from .core import Broker, load_or_create_host_key
 from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .options import OptionError, Proposal, option_name
-from .proxy import ChpClient, RoutePublisher
+from .proxy import ChpClient, RoutePublisher, publisher_needs_chp
 from .status import render_table
 from .store import SessionStore
+from .traefik import TraefikRoutePublisher
 
 #: Options that used to be ``BrokerApp`` traits: old name -> ``"<Class>.<name>"`` now.
 MOVED_OPTIONS: dict[str, str] = {
@@ -113,7 +114,8 @@ class BrokerApp(Application):
         ]
     )
     raise_config_file_errors = True
-    classes = [Broker, AdmissionControl, RoutePublisher]  # (Application adds the app's own class)
+    # (Application adds the app's own class)
+    classes = [Broker, AdmissionControl, RoutePublisher, TraefikRoutePublisher]
     aliases = {
         "config-file": "BrokerApp.config_file",
         "config": "BrokerApp.config_file",
@@ -141,7 +143,7 @@ class BrokerApp(Application):
     accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; use that when job ids are not Slurm's).").tag(config=True)
 
     proxy_api_url = Unicode("http://127.0.0.1:8001", help="configurable-http-proxy's REST API URL.").tag(config=True)
-    proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required.").tag(config=True)
+    proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required with Broker.route_publisher_class = 'chp' (the default).").tag(config=True)
     hub_api_url = Unicode(help="The hub API URL agents may reach through their tunnel, e.g. http://127.0.0.1:8081/hub/api (env JUPYTERHUB_API_URL). Required.").tag(config=True)
 
     # a name, not the numbers traitlets' Application.log_level also takes
@@ -255,7 +257,11 @@ class BrokerApp(Application):
             raise ConfigError("BrokerApp.api_token: too short (use at least 16 random characters)")
         if self.metrics_token and len(self.metrics_token) < 16:
             raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
-        if not self.proxy_auth_token:
+        try:
+            needs_chp = publisher_needs_chp(self.config)
+        except ValueError as e:
+            raise ConfigError(f"Broker.route_publisher_class: {e}") from None
+        if not self.proxy_auth_token and needs_chp:
             raise ConfigError(
                 "BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it"
             )
@@ -463,7 +469,7 @@ async def serve(app: BrokerApp) -> None:
             host_key=key,
             hub_api=hub_api,
             hub_api_prefix=api_prefix,
-            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
+            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token) if app.proxy_auth_token else None,
             ssh_listen=(app.ssh_host, app.ssh_port),
             ssh_public_host=public_host,
         )

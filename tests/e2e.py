@@ -30,7 +30,10 @@ def request(url: str, token: str, method: str = "GET", body: Any = None, scheme:
 
 
 class Hub:
-    """The hub's REST API as the stack's admin service, plus paths through CHP."""
+    """The hub's REST API as the stack's admin service, plus paths through the proxy.
+
+    *server* (default ``""``) names one of a user's named servers (``c.JupyterHub.allow_named_servers``).
+    """
 
     def __init__(self, stack: Stack):
         self.stack = stack
@@ -42,64 +45,80 @@ class Hub:
         return request(self.stack.broker_url + path, self.stack.broker_token, method, scheme="Bearer")
 
     @staticmethod
-    def prefix(user: str) -> str:
-        return f"/user/{url_escape_path(user)}/"
+    def prefix(user: str, server: str = "") -> str:
+        return f"/user/{url_escape_path(user)}/" + (f"{url_escape_path(server)}/" if server else "")
 
     def user_path(self, user: str) -> str:
         return f"/users/{url_escape_path(user)}"
 
-    def spawn(self, user: str, timeout: float = 120) -> float:
+    def server_path(self, user: str, server: str = "") -> str:
+        return self.user_path(user) + (f"/servers/{url_escape_path(server)}" if server else "/server")
+
+    def spawn(self, user: str, timeout: float = 120, server: str = "") -> float:
         """Create the user if needed, start the server, wait until the hub says ready; returns seconds."""
         status, _ = self.api(self.user_path(user))
         if status == 404:
             status, body = self.api(self.user_path(user), "POST")
             assert status == 201, body
         t0 = time.monotonic()
-        status, body = self.api(self.user_path(user) + "/server", "POST")
+        status, body = self.api(self.server_path(user, server), "POST")
         assert status in (201, 202), (status, body)
         while time.monotonic() - t0 < timeout:
             status, info = self.api(self.user_path(user))
-            server = info.get("servers", {}).get("", {}) if isinstance(info, dict) else {}
-            if server.get("ready"):
+            server_model = info.get("servers", {}).get(server, {}) if isinstance(info, dict) else {}
+            if server_model.get("ready"):
                 return time.monotonic() - t0
-            if not server.get("pending") and status == 200 and not server and time.monotonic() - t0 > 5:
+            if not server_model.get("pending") and status == 200 and not server_model and time.monotonic() - t0 > 5:
                 raise AssertionError(f"spawn of {user} failed; hub log tail:\n{self.stack.log_text('hub')[-3000:]}")
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
 
-    def stop(self, user: str, timeout: float = 60) -> None:
-        status, body = self.api(self.user_path(user) + "/server", "DELETE")
+    def stop(self, user: str, timeout: float = 60, server: str = "") -> None:
+        status, body = self.api(self.server_path(user, server), "DELETE")
         assert status in (202, 204), (status, body)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             _, info = self.api(self.user_path(user))
-            if not info.get("servers"):
+            if server not in info.get("servers", {}):
                 return
             time.sleep(0.2)
-        raise AssertionError(f"server of {user} did not stop within {timeout}s")
+        raise AssertionError(f"server {server!r} of {user} did not stop within {timeout}s")
 
-    def through_proxy(self, user: str, path: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
-        return request(self.stack.public_url + self.prefix(user) + path, self.stack.admin_token, method, body)
+    def through_proxy(
+        self, user: str, path: str, method: str = "GET", body: Any = None, server: str = ""
+    ) -> tuple[int, Any]:
+        return request(self.stack.public_url + self.prefix(user, server) + path, self.stack.admin_token, method, body)
 
     def proxy_routes(self) -> dict[str, Any]:
         status, routes = request(self.stack.proxy_api_url + "/api/routes", self.stack.proxy_token)
         assert status == 200
         return routes
 
-    def session_of(self, user: str) -> dict[str, Any]:
+    def session_of(self, user: str, server: str = "") -> dict[str, Any]:
+        """The broker's latest session of *user*'s server *server*."""
         status, body = self.broker("/api/sessions?all=1")
         assert status == 200
-        mine = [s for s in body["sessions"] if s["user"] == user]
+        mine = [s for s in body["sessions"] if s["user"] == user and s["server_name"] == server]
         assert mine, f"no broker session for {user}"
         return mine[-1]
 
-    def run_code(self, user: str, code: str, kernel_id: str | None = None, timeout: float = 60) -> tuple[str, str]:
-        """Execute *code* in a kernel over its websocket through CHP and the tunnel; returns (kernel id, text/plain)."""
+    def run_code(
+        self,
+        user: str,
+        code: str,
+        kernel_id: str | None = None,
+        timeout: float = 60,
+        server: str = "",
+        wait: bool = True,
+    ) -> tuple[str, str]:
+        """Execute *code* in a kernel over its websocket through the proxy and the tunnel; returns
+        (kernel id, text/plain). With *wait* false: returns (kernel id, "") as soon as the kernel
+        reports it is busy with *code*, and closes the websocket (the code runs on)."""
         if kernel_id is None:
-            status, kernel = self.through_proxy(user, "api/kernels", "POST", {})
+            status, kernel = self.through_proxy(user, "api/kernels", "POST", {}, server=server)
             assert status == 201, (status, kernel)
             kernel_id = kernel["id"]
-        url = f"ws://127.0.0.1:{self.stack.public_port}{self.prefix(user)}api/kernels/{kernel_id}/channels"
+        url = f"ws://127.0.0.1:{self.stack.public_port}{self.prefix(user, server)}api/kernels/{kernel_id}/channels"
         msg_id = uuid.uuid4().hex
         msg = {
             "header": {
@@ -132,6 +151,8 @@ class Hub:
                 if reply.get("parent_header", {}).get("msg_id") != msg_id:
                     continue
                 kind = reply["msg_type"]
+                if not wait and kind == "status" and reply["content"].get("execution_state") == "busy":
+                    return kernel_id, ""
                 if kind == "execute_result":
                     return kernel_id, reply["content"]["data"]["text/plain"]
                 if kind == "error":
