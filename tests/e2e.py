@@ -48,14 +48,15 @@ class Hub:
     def user_path(self, user: str) -> str:
         return f"/users/{url_escape_path(user)}"
 
-    def spawn(self, user: str, timeout: float = 120) -> float:
-        """Create the user if needed, start the server, wait until the hub says ready; returns seconds."""
+    def spawn(self, user: str, timeout: float = 120, options: dict[str, Any] | None = None) -> float:
+        """Create the user if needed, start the server (with *options*, the form's fields), wait
+        until the hub says ready; returns seconds."""
         status, _ = self.api(self.user_path(user))
         if status == 404:
             status, body = self.api(self.user_path(user), "POST")
             assert status == 201, body
         t0 = time.monotonic()
-        status, body = self.api(self.user_path(user) + "/server", "POST")
+        status, body = self.api(self.user_path(user) + "/server", "POST", options)
         assert status in (201, 202), (status, body)
         while time.monotonic() - t0 < timeout:
             status, info = self.api(self.user_path(user))
@@ -66,6 +67,25 @@ class Hub:
                 raise AssertionError(f"spawn of {user} failed; hub log tail:\n{self.stack.log_text('hub')[-3000:]}")
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
+
+    def progress_messages(self, user: str, want: str, timeout: float) -> list[str]:
+        """Read the hub's progress event stream of *user*'s server until a message containing
+        *want* arrives; returns the messages so far (AssertionError if none comes)."""
+        url = f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress"
+        req = urllib.request.Request(url, headers={"Authorization": f"token {self.stack.admin_token}"})
+        messages: list[str] = []
+        deadline = time.monotonic() + timeout
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            while time.monotonic() < deadline:
+                line = r.readline().decode()
+                if not line:
+                    break
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:]).get("message", "")
+                    messages.append(msg)
+                    if want in msg:
+                        return messages
+        raise AssertionError(f"no progress message with {want!r}; got {messages}")
 
     def stop(self, user: str, timeout: float = 60) -> None:
         status, body = self.api(self.user_path(user) + "/server", "DELETE")
