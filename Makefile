@@ -26,7 +26,8 @@ sysdeps:
 	bash scripts/install-sysdeps.sh
 
 ## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
-## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
+## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh;
+##  BACKEND=sge: on the single-host Grid Engine cell, started by scripts/sge.sh)
 BACKEND ?= local
 demo: venv chp
 	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
