@@ -16,6 +16,8 @@ from websockets.sync.client import connect as ws_connect
 
 from devstack.stack import Stack
 
+from harness import wait_until
+
 
 def request(url: str, token: str, method: str = "GET", body: Any = None, scheme: str = "token") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
@@ -112,6 +114,44 @@ class Hub:
         mine = [s for s in body["sessions"] if s["user"] == user]
         assert mine, f"no broker session for {user}"
         return mine[-1]
+
+    def wait_server_and_route_gone(self, user: str, timeout: float = 30) -> float:
+        """Wait until the hub lists no server for *user* and CHP has no route for it (after the
+        job ended outside the hub); returns the seconds it took."""
+        key = f"/user/{user}"
+        t0 = time.monotonic()
+
+        def gone() -> bool:
+            _, info = self.api(self.user_path(user))
+            return not info.get("servers") and key not in self.proxy_routes()
+
+        wait_until(gone, timeout, interval=0.2, what="hub to notice the ended job and drop the route")
+        return time.monotonic() - t0
+
+    def restart_hub_keeps_server(self, user: str) -> dict[str, Any]:
+        """With *user*'s server ready: define a variable in a kernel, restart the hub, and check
+        that the same server (through CHP), broker session and kernel state are still there.
+        Returns the broker's session."""
+        kernel_id, _ = self.run_code(user, "x = 6 * 7\nx")
+        session = self.session_of(user)
+        self.stack.stop_service("hub")
+        self.stack.start_hub()
+        wait_until(
+            lambda: self.through_proxy(user, "api/status")[0] == 200,
+            30,
+            interval=0.5,
+            what="server usable through CHP after the hub restart",
+        )
+        _, info = self.api(self.user_path(user))
+        assert info["servers"][""]["ready"]
+        state = info["servers"][""].get("state") or {}
+        if state:  # admin view includes the spawner state
+            assert state.get("job_id") == session["job_id"] and state.get("session_id") == session["id"]
+        after = self.session_of(user)
+        assert after["id"] == session["id"] and after["state"] == "ready"
+        _, result = self.run_code(user, "x", kernel_id=kernel_id)
+        assert result == "42"
+        return session
 
     def run_code(self, user: str, code: str, kernel_id: str | None = None, timeout: float = 60) -> tuple[str, str]:
         """Execute *code* in a kernel over its websocket through CHP and the tunnel; returns (kernel id, text/plain)."""

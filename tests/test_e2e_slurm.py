@@ -171,17 +171,10 @@ def test_external_scancel_is_noticed_and_route_removed(hub, stack):
     user = "sam"
     _spawn_timed(hub, user)
     job_id = hub.session_of(user)["job_id"]
-    key = f"/user/{user}"
-    assert key in hub.proxy_routes()
-    t0 = time.monotonic()
+    assert f"/user/{user}" in hub.proxy_routes()
     run("scancel", job_id, check=True)
-
-    def gone() -> bool:
-        _, info = hub.api(hub.user_path(user))
-        return not info.get("servers") and key not in hub.proxy_routes()
-
-    wait_until(gone, 30, interval=0.2, what="hub to notice the cancelled job and drop the route")
-    print(f"\n[slurm] external scancel -> server gone and route removed in {time.monotonic() - t0:.1f} s")
+    took = hub.wait_server_and_route_gone(user)
+    print(f"\n[slurm] external scancel -> server gone and route removed in {took:.1f} s")
     assert hub.session_of(user)["state"] == "closed"
     assert hub.through_proxy(user, "api/status")[0] != 200
 
@@ -189,27 +182,8 @@ def test_external_scancel_is_noticed_and_route_removed(hub, stack):
 def test_hub_restart_keeps_running_server(hub, stack):
     user = "hal"
     _spawn_timed(hub, user)
-    kernel_id, _ = hub.run_code(user, "x = 6 * 7\nx")
-    session = hub.session_of(user)
-
-    stack.stop_service("hub")
-    stack.start_hub()
-    wait_until(
-        lambda: hub.through_proxy(user, "api/status")[0] == 200,
-        30,
-        interval=0.5,
-        what="server usable through CHP after the hub restart",
-    )
-    _, info = hub.api(hub.user_path(user))
-    assert info["servers"][""]["ready"]
-    state = info["servers"][""].get("state") or {}
-    if state:  # admin view includes the spawner state
-        assert state.get("job_id") == session["job_id"] and state.get("session_id") == session["id"]
-    after = hub.session_of(user)
-    assert after["id"] == session["id"] and after["state"] == "ready"
+    session = hub.restart_hub_keeps_server(user)
     assert _job_state(session["job_id"]) == "RUNNING"
-    _, result = hub.run_code(user, "x", kernel_id=kernel_id)
-    assert result == "42"
     hub.stop(user)
     wait_until(lambda: _job_state(session["job_id"]) in ("", "CANCELLED"), 20, what="job cancelled after stop")
 
