@@ -27,7 +27,8 @@ sysdeps:
 
 ## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
 ## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh;
-##  PROXY=traefik: Traefik and jupyterhub-traefik-proxy instead of CHP)
+##  PROXY=traefik: Traefik and jupyterhub-traefik-proxy instead of CHP;
+##  BACKEND=sge: on the single-host Grid Engine cell, started by scripts/sge.sh)
 BACKEND ?= local
 PROXY ?= chp
 demo: venv chp

@@ -140,7 +140,7 @@ class BrokerApp(Application):
     api_url = Unicode("", help="URL of the REST API for `broker status` (default: derived from api_socket/api_host/api_port).").tag(config=True)
     api_token = Unicode(help="Bearer token for the REST API (env BROKER_API_TOKEN). Required.").tag(config=True)
     metrics_token = Unicode(help="Optional read-only token for GET /metrics only, e.g. for Prometheus (env BROKER_METRICS_TOKEN). The API token works for /metrics too; without either, /metrics answers 401.").tag(config=True)
-    accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; use that when job ids are not Slurm's).").tag(config=True)
+    accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; Slurm only: set '' when job ids are not Slurm's, e.g. with the local backend or Grid Engine).").tag(config=True)
 
     proxy_api_url = Unicode("http://127.0.0.1:8001", help="configurable-http-proxy's REST API URL.").tag(config=True)
     proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required with Broker.route_publisher_class = 'chp' (the default).").tag(config=True)

@@ -5,9 +5,10 @@ The three services run as child processes in ``./demo-state`` (``DEMO_STATE``) a
 answers on http://127.0.0.1:8000 (``DEMO_PORT``) with the shared-password authenticator (password
 from ``DEMO_PASSWORD``, else generated and printed). Spawned notebooks run as local "batch jobs"
 through the node agent and the broker's tunnel; ``BACKEND=slurm`` runs them as jobs of the
-project's single-node Slurm instead (``scripts/slurm.sh start``, which needs root);
-``PROXY=traefik`` puts Traefik (jupyterhub-traefik-proxy's file provider) in front instead of
-configurable-http-proxy.
+project's single-node Slurm instead (``scripts/slurm.sh start``, which needs root),
+``BACKEND=sge`` as jobs of the project's single-host Grid Engine cell (``scripts/sge.sh start``,
+root too); ``PROXY=traefik`` puts Traefik (jupyterhub-traefik-proxy's file provider) in front
+instead of configurable-http-proxy.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM, or a service exiting on its own), 1 if the
 stack did not start, 2 for a bad ``BACKEND`` or ``PROXY``.
@@ -47,21 +48,44 @@ def slurm_demo_settings(workdir: str) -> dict[str, Any] | None:
     }
 
 
+def sge_demo_settings(workdir: str) -> dict[str, Any] | None:
+    """Bring up the project's single-host Grid Engine cell (scripts/sge.sh start) and configure the hub for it."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sge.sh")
+    print("Starting the single-host Grid Engine (scripts/sge.sh start; installs it with apt if needed) ...", flush=True)
+    if subprocess.run(["bash", script, "start"]).returncode != 0:
+        print("demo: scripts/sge.sh start failed (it needs root on Debian/Ubuntu)", file=sys.stderr)
+        return None
+    out_dir = os.path.join(os.path.abspath(workdir), "sge-out")
+    os.makedirs(out_dir, exist_ok=True)
+    os.chmod(out_dir, 0o1777)
+    return {
+        "spawner_class": "hub_plugin.gridengine.GridEngineBrokerSpawner",
+        "extra_hub_config": f"c.GridEngineBrokerSpawner.req_output_dir = {out_dir!r}\n"
+        f"c.GridEngineBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n",
+    }
+
+
+#: BACKEND -> (settings for the Stack, or None if the scheduler did not start; what a job is called)
+BACKENDS = {"slurm": (slurm_demo_settings, "Slurm"), "sge": (sge_demo_settings, "Grid Engine")}
+
+
 def main() -> int:
     workdir = os.environ.get("DEMO_STATE", "demo-state")
     password = os.environ.get("DEMO_PASSWORD") or secrets.token_urlsafe(9)
     port = int(os.environ.get("DEMO_PORT", "8000"))
     backend = os.environ.get("BACKEND", "local") or "local"
-    if backend not in ("local", "slurm"):
-        print(f"demo: BACKEND must be 'local' or 'slurm', got {backend!r}", file=sys.stderr)
+    if backend not in ("local", *BACKENDS):
+        print(f"demo: BACKEND must be 'local', 'slurm' or 'sge', got {backend!r}", file=sys.stderr)
         return 2
     proxy = os.environ.get("PROXY", "chp") or "chp"
     if proxy not in PROXIES:
         print(f"demo: PROXY must be one of {', '.join(PROXIES)}, got {proxy!r}", file=sys.stderr)
         return 2
     kwargs: dict[str, Any] = {"proxy": proxy}
-    if backend == "slurm":
-        settings = slurm_demo_settings(workdir)
+    job_kind = "local batch"
+    if backend in BACKENDS:
+        make_settings, job_kind = BACKENDS[backend]
+        settings = make_settings(workdir)
         if settings is None:
             return 1
         kwargs.update(settings)
@@ -77,7 +101,7 @@ def main() -> int:
         textwrap.dedent(f"""
         JupyterHub is up: {stack.public_url}/
           log in with any user name and the password: {password}
-          press Start: the notebook runs as a {"Slurm" if stack.spawner_class.endswith("SlurmBrokerSpawner") else "local batch"} job behind the broker's tunnel.
+          press Start: the notebook runs as a {job_kind} job behind the broker's tunnel.
           live tunnels:  BROKER_API_TOKEN={stack.broker_token} {os.path.join(os.path.dirname(sys.executable), "broker")} status --BrokerApp.api_url={stack.broker_url}
         Ctrl-C stops everything.
         """),
@@ -102,6 +126,8 @@ def main() -> int:
         stack.stop()
         if backend == "slurm":  # the demo's notebooks end with it
             subprocess.run(["scancel", "--name", DEMO_SLURM_JOB_NAME], capture_output=True)
+        if backend == "sge":  # qdel takes job names too
+            subprocess.run(["qdel", DEMO_SLURM_JOB_NAME], capture_output=True)
     return 0
 
 

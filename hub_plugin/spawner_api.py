@@ -63,6 +63,7 @@ if TYPE_CHECKING:
         exec_prefix = Unicode()
         batch_submit_cmd = Unicode()
         req_options = Unicode()
+        req_homedir = Unicode()
 
         def get_req_subvars(self) -> dict[str, Any]: ...
 

@@ -226,7 +226,17 @@ class Agent:
 
     async def start_server(self) -> None:
         argv = [*self.cmd, f"--ServerApp.sock={self.sock_path}", "--ServerApp.sock_mode=0600"]
-        self.proc = await asyncio.create_subprocess_exec(*argv, env=self.server_env(), stdin=asyncio.subprocess.DEVNULL)
+        # The walltime warning (SIGUSR1) is for the agent. A scheduler that signals the job's
+        # whole process group (Grid Engine's s_rt, Slurm's --signal without B:) would otherwise
+        # end the server with it (SIGUSR1's default action): the server starts with it ignored
+        # (an ignored signal stays ignored across exec).
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, env=self.server_env(), stdin=asyncio.subprocess.DEVNULL
+            )
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
         log("server started", pid=self.proc.pid)
 
     async def wait_server_ready(self) -> bool:

@@ -19,3 +19,6 @@ fi
 # The tests start the daemons themselves (scripts/slurm.sh start) when squeue does not answer.
 # (with slurmdbd and MariaDB for the accounting test, which runs its cluster in a namespace without network)
 SLURM_ACCOUNTING=1 bash "$(dirname "$0")/slurm.sh" install
+# Son of Grid Engine (gridengine-master/-exec/-client) for the sge-marked tests, debconf answers
+# preseeded; the tests start the cell themselves (scripts/sge.sh start) when qstat does not answer.
+bash "$(dirname "$0")/sge.sh" install

@@ -11,7 +11,7 @@
   fixtures around it, use :func:`harness.running_stack` themselves.
 
 Helper modules next to this one: harness.py, e2e.py (the hub's REST API as a test client),
-broker_cli.py (``broker`` as a subprocess), reliability.py, sshd.py, slurm_cluster.py,
+broker_cli.py (``broker`` as a subprocess), reliability.py, sshd.py, slurm_cluster.py, sge_cluster.py,
 apptainer_image.py, flood_agent.py (a script).
 """
 
@@ -27,8 +27,9 @@ from devstack.stack import Stack
 
 from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``
-pytest_plugins = ["sshd", "slurm_cluster"]
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``;
+#: ``sge_cluster``, ``qdel_leftover_jobs``
+pytest_plugins = ["sshd", "slurm_cluster", "sge_cluster"]
 
 #: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,
 #: users, namespaces) or measure load for seconds: marked ``component``, so ``make check`` (unit

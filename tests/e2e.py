@@ -16,6 +16,8 @@ from websockets.sync.client import connect as ws_connect
 
 from devstack.stack import Stack
 
+from harness import wait_until
+
 
 def request(url: str, token: str, method: str = "GET", body: Any = None, scheme: str = "token") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
@@ -54,14 +56,15 @@ class Hub:
     def server_path(self, user: str, server: str = "") -> str:
         return self.user_path(user) + (f"/servers/{url_escape_path(server)}" if server else "/server")
 
-    def spawn(self, user: str, timeout: float = 120, server: str = "") -> float:
-        """Create the user if needed, start the server, wait until the hub says ready; returns seconds."""
+    def spawn(self, user: str, timeout: float = 120, server: str = "", options: dict[str, Any] | None = None) -> float:
+        """Create the user if needed, start the server (*server*: a named one; *options*: the
+        form's fields), wait until the hub says ready; returns seconds."""
         status, _ = self.api(self.user_path(user))
         if status == 404:
             status, body = self.api(self.user_path(user), "POST")
             assert status == 201, body
         t0 = time.monotonic()
-        status, body = self.api(self.server_path(user, server), "POST")
+        status, body = self.api(self.server_path(user, server), "POST", options)
         assert status in (201, 202), (status, body)
         while time.monotonic() - t0 < timeout:
             status, info = self.api(self.user_path(user))
@@ -72,6 +75,25 @@ class Hub:
                 raise AssertionError(f"spawn of {user} failed; hub log tail:\n{self.stack.log_text('hub')[-3000:]}")
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
+
+    def progress_messages(self, user: str, want: str, timeout: float) -> list[str]:
+        """Read the hub's progress event stream of *user*'s server until a message containing
+        *want* arrives; returns the messages so far (AssertionError if none comes)."""
+        url = f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress"
+        req = urllib.request.Request(url, headers={"Authorization": f"token {self.stack.admin_token}"})
+        messages: list[str] = []
+        deadline = time.monotonic() + timeout
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            while time.monotonic() < deadline:
+                line = r.readline().decode()
+                if not line:
+                    break
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:]).get("message", "")
+                    messages.append(msg)
+                    if want in msg:
+                        return messages
+        raise AssertionError(f"no progress message with {want!r}; got {messages}")
 
     def stop(self, user: str, timeout: float = 60, server: str = "") -> None:
         status, body = self.api(self.server_path(user, server), "DELETE")
@@ -101,6 +123,44 @@ class Hub:
         mine = [s for s in body["sessions"] if s["user"] == user and s["server_name"] == server]
         assert mine, f"no broker session for {user}"
         return mine[-1]
+
+    def wait_server_and_route_gone(self, user: str, timeout: float = 30) -> float:
+        """Wait until the hub lists no server for *user* and CHP has no route for it (after the
+        job ended outside the hub); returns the seconds it took."""
+        key = f"/user/{user}"
+        t0 = time.monotonic()
+
+        def gone() -> bool:
+            _, info = self.api(self.user_path(user))
+            return not info.get("servers") and key not in self.proxy_routes()
+
+        wait_until(gone, timeout, interval=0.2, what="hub to notice the ended job and drop the route")
+        return time.monotonic() - t0
+
+    def restart_hub_keeps_server(self, user: str) -> dict[str, Any]:
+        """With *user*'s server ready: define a variable in a kernel, restart the hub, and check
+        that the same server (through CHP), broker session and kernel state are still there.
+        Returns the broker's session."""
+        kernel_id, _ = self.run_code(user, "x = 6 * 7\nx")
+        session = self.session_of(user)
+        self.stack.stop_service("hub")
+        self.stack.start_hub()
+        wait_until(
+            lambda: self.through_proxy(user, "api/status")[0] == 200,
+            30,
+            interval=0.5,
+            what="server usable through CHP after the hub restart",
+        )
+        _, info = self.api(self.user_path(user))
+        assert info["servers"][""]["ready"]
+        state = info["servers"][""].get("state") or {}
+        if state:  # admin view includes the spawner state
+            assert state.get("job_id") == session["job_id"] and state.get("session_id") == session["id"]
+        after = self.session_of(user)
+        assert after["id"] == session["id"] and after["state"] == "ready"
+        _, result = self.run_code(user, "x", kernel_id=kernel_id)
+        assert result == "42"
+        return session
 
     def run_code(
         self,
