@@ -126,7 +126,7 @@ async def host_key() -> AsyncIterator[asyncssh.SSHKey]:
     yield asyncssh.generate_private_key("ssh-ed25519")
 
 
-async def _count_packets(host_key: asyncssh.SSHKey, cipher: str) -> tuple[int, int, bytes]:
+async def _count_packets(host_key: asyncssh.SSHKey, cipher: str, **client_opts: object) -> tuple[int, int, bytes]:
     """Send WRITES channel-data packets client -> server over loopback; return (packets the server
     received meanwhile, packets the client sent meanwhile, the bytes that arrived)."""
     received = bytearray()
@@ -173,6 +173,7 @@ async def _count_packets(host_key: asyncssh.SSHKey, cipher: str) -> tuple[int, i
             encryption_algs=[cipher],
             agent_path=None,
             config=None,
+            **client_opts,
         ) as conn:
             process = await conn.create_process(encoding=None)
             await asyncio.sleep(0.1)  # the session is open: nothing else in flight
@@ -221,3 +222,23 @@ async def test_non_aead_ciphers_keep_the_ignore_packet(fresh, host_key):
     received, sent, data = await _count_packets(host_key, "aes128-ctr")
     assert data == _expected()
     assert sent == received == 2 * WRITES
+
+
+@pytest.mark.asyncio
+async def test_rekeying_under_the_patch_keeps_the_stream_intact(fresh, host_key, monkeypatch):
+    """Key re-exchanges in the middle of the data (every ~20 kB): deferred packets, new keys; every
+    byte arrives in order and the connection stays up. (KEXINITs are counted by wrapping asyncssh's
+    own ``_send_kexinit``; the sequence numbers restart at each strict-kex NEWKEYS.)"""
+    assert asyncssh_compat.install() is True
+    kexinits = 0
+    send_kexinit = SSHConnection._send_kexinit
+
+    def counting(self: SSHConnection) -> None:
+        nonlocal kexinits
+        kexinits += 1
+        send_kexinit(self)
+
+    monkeypatch.setattr(SSHConnection, "_send_kexinit", counting)
+    _, _, data = await _count_packets(host_key, "aes128-gcm@openssh.com", rekey_bytes=20000)
+    assert data == _expected()
+    assert kexinits >= 2 + 5  # the first exchange (both ends) and several re-exchanges
