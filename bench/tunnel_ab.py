@@ -13,6 +13,8 @@ agent starts does not inherit it):
 - ``{"feed": N}`` — receive side: hand asyncssh's parser at most N bytes of each ``recv()`` at a
   time (asyncssh keeps its input in an immutable ``bytes`` buffer and re-slices the rest of it
   twice per packet, so a 256 KiB read of 8 packets costs ~2 MiB of copies)
+- ``{"nolog": true}`` — skip asyncssh's per-packet log formatting (``SSHPacketLogger._log_packet``
+  builds the packet's name and size text before its logger drops it below debug level 3)
 - ``{"stock_asyncssh": true}`` — leave asyncssh as it is: ``wire.asyncssh_compat`` stays off
   (by default both ends install it and drop the per-packet empty ``MSG_IGNORE`` under AEAD)
 - ``{"uvloop": true}`` — uvloop's event loop policy (needs ``uvloop`` installed); ``"broker"`` or
@@ -76,6 +78,12 @@ if _v.get("feed"):
             self._inpbuf += mv[i : i + _n]
             self._recv_data()
     _C.data_received = _fed
+if _v.get("nolog"):
+    from asyncssh.packet import SSHPacketLogger as _L
+    def _quiet(self, msg, pkttype, pktid, packet, note, _orig=_L._log_packet):
+        if self.logger._debug_level >= 3:
+            _orig(self, msg, pkttype, pktid, packet, note)
+    _L._log_packet = _quiet
 if _v.get("read_size"):
     import asyncio.selector_events as _se
     _se._SelectorSocketTransport.max_size = _v["read_size"]
