@@ -28,6 +28,8 @@ import asyncssh
 from traitlets import Float, Integer, List, Unicode, validate
 from traitlets.config import Configurable
 
+from wire import asyncssh_compat
+
 from .acceptor import AgentAcceptor, server_options
 from .control import ControlLimits
 from .hubapi import (
@@ -187,6 +189,7 @@ class Broker(Configurable):
         self.store.mark_all_disconnected()
         for s in self.store.list(live_only=True):
             await self._open_listener(s.id, s.port)
+        asyncssh_compat.install()  # no empty MSG_IGNORE per packet under AEAD (docs/benchmarks.md)
         options = await server_options(
             server_factory=lambda: AgentSSHServer(self),
             server_host_keys=[self.host_key],

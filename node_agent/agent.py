@@ -39,6 +39,7 @@ from broker.hubrelay import FilteredRelay  # asyncssh-only module
 from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
 from broker.tasks import TaskOwner  # stdlib-only module
 from broker.tunnel import Tunnel  # asyncssh-only module
+from wire import asyncssh_compat  # asyncssh-only module
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
@@ -122,6 +123,7 @@ class Agent:
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:
         """One connection attempt: login, forward, control channel, hello (+ ready if ready)."""
+        asyncssh_compat.install()  # no empty MSG_IGNORE per packet under AEAD (docs/benchmarks.md)
         try:
             host_key = asyncssh.import_public_key(self.s.host_key)
         except (asyncssh.KeyImportError, ValueError):
