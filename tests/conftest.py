@@ -40,6 +40,7 @@ COMPONENT_MODULES = frozenset(
         "test_auth_header_trust",
         "test_broker_app",
         "test_control_channel",
+        "test_deploy_cli",
         "test_cotenant",
         "test_fair_admission",
         "test_faults",
