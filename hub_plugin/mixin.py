@@ -31,6 +31,7 @@ from traitlets import Float, Unicode, default
 
 from broker.client import BrokerClient, BrokerError
 
+from . import config_check
 from .spawner_api import BatchSpawnerAPI
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
@@ -40,6 +41,10 @@ MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 
 class BrokerSpawnerMixin(BatchSpawnerAPI):
     """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        config_check.check(self.config, type(self), self.log)  # once per process (hub_plugin.config_check)
 
     broker_url = Unicode(
         help="URL of the broker's REST API, e.g. http://127.0.0.1:8091 or unix:/run/broker/api.sock (env BROKER_API_URL)."
@@ -328,3 +333,6 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
     def clear_state(self) -> None:
         super().clear_state()
         self.session_id = ""
+
+
+config_check.warn_at_hub_start()  # inside a starting hub: warn about settings that do nothing here
