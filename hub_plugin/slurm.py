@@ -36,7 +36,11 @@ What differs from batchspawner's ``SlurmSpawner``:
   (or the login-node SSH user) runs as, with each user's home at ``home_root/<name>``;
   ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>
   --gid=<primary group>``
-  (needs root or Slurm's SlurmUser on the submit host).
+  (needs root or Slurm's SlurmUser on the submit host); ``submit_as = "sudo"`` submits as the
+  user's account through ``exec_prefix`` (default ``sudo -n -u {username} --``) from an
+  unprivileged hub or login-node account, locally or on the login node. sudo passes the job's
+  variables by name only: the sudoers rule keeps them (``env_keep``, see
+  ``examples/production/sudoers``), never ``--preserve-env`` (sudo logs the values of those).
 * **No shared nodes without a wall**: with ``submit_as = "service"`` every user's job runs as
   the same account, so unless a container walls each job off (``node-agent launch``, which
   checks that), another user's notebook on the same node could read this job's environment.
@@ -69,6 +73,11 @@ __all__ = ["SlurmBrokerSpawner"]
 
 #: Tells node-agent launch that this job counts on a container (node_agent/isolation.py).
 EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
+
+#: exec_prefix with submit_as="sudo": no password prompt (-n), the user's account, no options after.
+SUDO_PREFIX = "sudo -n -u {username} --"
+#: What a user name must look like to be put into a sudo command line (a POSIX account name).
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 
 # Non-terminal states in which the job's processes exist (or are being torn down).
 _RUNNING_LIKE = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"})
@@ -130,7 +139,7 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is read on stdin. --export=NAMES (and --uid when submit_as='user') are appended.").tag(config=True)
     batch_cancel_cmd = Unicode("scancel {job_id}", help="Cancel command.").tag(config=True)
 
-    exec_prefix = Unicode("", help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).").tag(config=True)
+    exec_prefix = Unicode(help="Prefix for sbatch/scancel. Default: empty, or with submit_as='sudo' 'sudo -n -u {username} --' (batchspawner's 'sudo -E -u {username}' is not used: -E would hand sbatch the hub's whole environment; the sudoers rule keeps the job's variables by name).").tag(config=True)
 
     req_srun = Unicode("", help="Empty (default): the batch shell execs the node agent, so Slurm's USR1 walltime warning reaches it directly. Set e.g. 'srun' to run it in a job step instead (the signal then goes to the steps).").tag(config=True)
 
@@ -143,13 +152,17 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     def _req_path_default(self) -> str:
         return os.path.dirname(sys.executable)
 
+    @default("exec_prefix")
+    def _exec_prefix_default(self) -> str:
+        return SUDO_PREFIX if self.submit_as == "sudo" else ""
+
     # one option a line: a table to read (not formatted into repeated blocks)
     # fmt: off
     req_output_dir = Unicode("", help="Directory of the job output files (<dir>/jupyterhub-<user>-%j.log). Must be writable by the job's user on the compute node. Default: the user's home directory, or /tmp when there is none.").tag(config=True)
 
     req_job_name = Unicode("jupyterhub", help="Slurm job name (--job-name).").tag(config=True)
 
-    submit_as = Enum(["service", "user"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host); the user must exist on the cluster.").tag(config=True)
+    submit_as = Enum(["service", "user", "sudo"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host). 'sudo': sbatch/scancel run as the user through exec_prefix ('sudo -n -u {username} --'), from an unprivileged account allowed only the scheduler commands (docs/deploy.md, sudoers); locally or on the login node. With 'user' and 'sudo' the user must exist on the cluster.").tag(config=True)
 
     home_root = Unicode("", help="With submit_as='service': each user's home is home_root/<username> (the job's --chdir and HOME). Empty: the user's passwd home, if the account exists.").tag(config=True)
 
@@ -339,6 +352,12 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             self.user_options = saved_options or {}
 
     async def _submit_with_export(self) -> str:
+        if self.submit_as == "sudo" and not _ACCOUNT_NAME.match(self.user.name):
+            raise RuntimeError(
+                f"SlurmBrokerSpawner.submit_as='sudo': {self.user.name[:64]!r} is not a Unix account name "
+                "(lower-case letters, digits, '_', '.', '-'); map hub users to accounts, e.g. with the "
+                "authenticator's username_map"
+            )
         names = sorted(self.get_env())
         extra = f" --export={','.join(names)}"
         exclusive = self.exclusive_options()

@@ -11,9 +11,11 @@ a hub's config that makes a Stack's SlurmBrokerSpawner use them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +86,43 @@ def hub_config(workdir: str, extra: str = "", out_dir: str = "") -> str:
             extra,
         ]
     )
+
+
+def _ancestors(path: str) -> list[str]:
+    """The existing directories from / down to *path* (or its directory), outermost first."""
+    out = []
+    p = os.path.abspath(path)
+    if not os.path.isdir(p):
+        p = os.path.dirname(p)
+    while True:
+        if os.path.isdir(p):
+            out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            return out[::-1]
+        p = parent
+
+
+@contextlib.contextmanager
+def others_can_reach(*targets: str) -> Iterator[None]:
+    """Let normal users traverse every directory down to *targets*, for the block's duration:
+    grant o+x (no listing) where it is missing, and restore the modes afterwards."""
+    restored: list[tuple[str, int]] = []
+    try:
+        for target in targets:
+            for parent in _ancestors(target):
+                mode = os.stat(parent).st_mode & 0o7777
+                if not mode & 0o001:
+                    os.chmod(parent, mode | 0o001)
+                    restored.append((parent, mode))
+        yield
+    finally:
+        for parent, mode in reversed(restored):
+            os.chmod(parent, mode)
+
+
+def others_can_run_python() -> contextlib.AbstractContextManager[None]:
+    """Let normal users run this interpreter and import the checkout (:func:`others_can_reach`):
+    on these machines the venv's python links into /root/.pyenv (/root is 0700), and a clone may
+    sit in a 0700 directory (mktemp -d)."""
+    return others_can_reach(os.path.realpath(sys.executable), str(REPO), *sys.path)
