@@ -27,7 +27,7 @@ from devstack.stack import Stack
 
 from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``, ``accounts``
 pytest_plugins = ["sshd", "slurm_cluster"]
 
 #: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,

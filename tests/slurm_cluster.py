@@ -6,7 +6,10 @@ start`` (idempotent; apt-installs Slurm when missing; needs root, else the test 
 Every job of a test run gets the job name :data:`JOB_TAG`; ``cancel_leftover_jobs`` scancels
 them after each test of a module that uses it (``pytest.mark.usefixtures``). conftest.py
 registers this module as a plugin, so its fixtures need no import. :func:`hub_config` is the part of
-a hub's config that makes a Stack's SlurmBrokerSpawner use them.
+a hub's config that makes a Stack's SlurmBrokerSpawner use them. ``accounts`` (module fixture):
+a hub service account, a notebook user in the users' group and the shipped sudoers file for
+them (per-user submission through sudo); :func:`others_can_reach` / :func:`others_can_run_python`
+let such accounts traverse the test's directories and run this interpreter.
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: the administration tools (useradd, visudo, runuser: not on every PATH)
+SBIN = "/usr/sbin/"
+#: the shipped sudoers file for per-user submission (submit_as = "sudo")
+SUDOERS = REPO / "examples" / "production" / "sudoers"
 SLURM_SH = REPO / "scripts" / "slurm.sh"
 JOB_TAG = f"e2e-slurm-{uuid.uuid4().hex[:8]}"
 SLURM_POLL_INTERVAL = 1.0
@@ -126,3 +135,55 @@ def others_can_run_python() -> contextlib.AbstractContextManager[None]:
     on these machines the venv's python links into /root/.pyenv (/root is 0700), and a clone may
     sit in a 0700 directory (mktemp -d)."""
     return others_can_reach(os.path.realpath(sys.executable), str(REPO), *sys.path)
+
+
+class Accounts(SimpleNamespace):
+    service: str
+    user: str
+    group: str
+    sudo_log: Path
+    out_dir: Path
+
+
+@pytest.fixture(scope="module")
+def accounts(slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Accounts]:
+    """A service account (the hub's), a notebook user in the users' group, the shipped sudoers
+    file for them, and sudo logging to a file of the test's."""
+    tag = uuid.uuid4().hex[:6]
+    acc = Accounts(
+        service=f"jhsvc{tag}",
+        user=f"jhusr{tag}",
+        group=f"jhusers{tag}",
+        sudo_log=tmp_path_factory.mktemp("sudo") / "sudo.log",
+        out_dir=Path(f"/tmp/{JOB_TAG}-sudo-out"),
+    )
+    os.chmod(acc.sudo_log.parent, 0o755)
+    acc.out_dir.mkdir(exist_ok=True)
+    acc.out_dir.chmod(0o1777)
+    rule = SUDOERS.read_text().replace("%jupyterhub-users", f"%{acc.group}")
+    rule = rule.replace("\njupyterhub ALL=", f"\n{acc.service} ALL=")
+    assert f"\n{acc.service} ALL=(JUPYTERHUB_USERS) NOPASSWD: JUPYTERHUB_BATCH" in rule
+    files = [f"/etc/sudoers.d/zz-test-{tag}", f"/etc/sudoers.d/zz-test-{tag}-log"]
+    try:
+        run(SBIN + "groupadd", acc.group, check=True)
+        run(SBIN + "useradd", "-m", "-p", "*", "-s", "/bin/bash", acc.service, check=True)
+        run(SBIN + "useradd", "-m", "-p", "*", "-s", "/bin/bash", "-G", acc.group, acc.user, check=True)
+        for path, text in zip(files, [rule, f"Defaults:{acc.service} logfile={acc.sudo_log}\n"], strict=True):
+            Path(path + ".new").write_text(text)
+            r = run(SBIN + "visudo", "-cf", path + ".new")
+            assert r.returncode == 0, r.stdout + r.stderr
+            os.chmod(path + ".new", 0o440)
+            os.rename(path + ".new", path)
+        yield acc
+    finally:
+        for path in files:
+            for p in (path, path + ".new"):
+                if os.path.exists(p):
+                    os.unlink(p)
+        for name in (acc.user, acc.service):
+            run("pkill", "-KILL", "-u", name)
+        time.sleep(0.3)
+        for name in (acc.user, acc.service):
+            run(SBIN + "userdel", "-r", name)
+        run(SBIN + "groupdel", acc.group)
+        subprocess.run(["rm", "-rf", str(acc.out_dir)])

@@ -23,9 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -33,67 +30,12 @@ import pytest
 from hub_plugin.slurm import SlurmBrokerSpawner
 
 from harness import REPO, wait_until
-from slurm_cluster import JOB_TAG, others_can_reach, others_can_run_python, real_binary, run
+from slurm_cluster import JOB_TAG, SBIN, Accounts, others_can_reach, others_can_run_python, real_binary, run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300), pytest.mark.usefixtures("cancel_leftover_jobs")]
 
-#: the administration tools (not on every PATH)
-SBIN = "/usr/sbin/"
-SUDOERS = Path(REPO) / "examples" / "production" / "sudoers"
 #: the job's stand-in for the node agent: prove the secret arrived (its hash), then stay running
 AGENT = 'sh -c \'printf %s "$BROKER_ENROL_SECRET" | sha256sum; echo "user=$(id -un)"; sleep 120\' --'
-
-
-class Accounts(SimpleNamespace):
-    service: str
-    user: str
-    group: str
-    sudo_log: Path
-    out_dir: Path
-
-
-@pytest.fixture(scope="module")
-def accounts(slurm_cluster, tmp_path_factory) -> Iterator[Accounts]:
-    """A service account (the hub's), a notebook user in the users' group, the shipped sudoers
-    file for them, and sudo logging to a file of the test's."""
-    tag = uuid.uuid4().hex[:6]
-    acc = Accounts(
-        service=f"jhsvc{tag}",
-        user=f"jhusr{tag}",
-        group=f"jhusers{tag}",
-        sudo_log=tmp_path_factory.mktemp("sudo") / "sudo.log",
-        out_dir=Path(f"/tmp/{JOB_TAG}-sudo-out"),
-    )
-    os.chmod(acc.sudo_log.parent, 0o755)
-    acc.out_dir.mkdir(exist_ok=True)
-    acc.out_dir.chmod(0o1777)
-    rule = SUDOERS.read_text().replace("%jupyterhub-users", f"%{acc.group}")
-    rule = rule.replace("\njupyterhub ALL=", f"\n{acc.service} ALL=")
-    assert f"\n{acc.service} ALL=(JUPYTERHUB_USERS) NOPASSWD: JUPYTERHUB_BATCH" in rule
-    files = [f"/etc/sudoers.d/zz-test-{tag}", f"/etc/sudoers.d/zz-test-{tag}-log"]
-    try:
-        run(SBIN + "groupadd", acc.group, check=True)
-        run(SBIN + "useradd", "-m", "-p", "*", "-s", "/bin/bash", acc.service, check=True)
-        run(SBIN + "useradd", "-m", "-p", "*", "-s", "/bin/bash", "-G", acc.group, acc.user, check=True)
-        for path, text in zip(files, [rule, f"Defaults:{acc.service} logfile={acc.sudo_log}\n"], strict=True):
-            Path(path + ".new").write_text(text)
-            r = run(SBIN + "visudo", "-cf", path + ".new")
-            assert r.returncode == 0, r.stdout + r.stderr
-            os.chmod(path + ".new", 0o440)
-            os.rename(path + ".new", path)
-        yield acc
-    finally:
-        for path in files:
-            for p in (path, path + ".new"):
-                if os.path.exists(p):
-                    os.unlink(p)
-        for name in (acc.user, acc.service):
-            run("pkill", "-KILL", "-u", name)
-        time.sleep(0.3)
-        for name in (acc.user, acc.service):
-            run(SBIN + "userdel", "-r", name)
-        run(SBIN + "groupdel", acc.group)
-        subprocess.run(["rm", "-rf", str(acc.out_dir)])
 
 
 def spawner_settings(acc: Accounts) -> dict:
