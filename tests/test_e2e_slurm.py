@@ -13,12 +13,10 @@ node agent in a real Slurm job, and a real jupyterhub-singleuser.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -150,32 +148,13 @@ def test_spawn_status_kernel_stop_on_slurm(hub, stack):
     assert hub.broker(f"/api/sessions/{session['id']}")[1]["state"] == "closed"
 
 
-def _progress_messages(stack: Stack, user: str, want: str, timeout: float) -> list[str]:
-    """Read the hub's progress event stream until a message containing ``want`` arrives."""
-    url = f"{stack.hub_api_url}/users/{user}/server/progress"
-    req = urllib.request.Request(url, headers={"Authorization": f"token {stack.admin_token}"})
-    messages: list[str] = []
-    deadline = time.monotonic() + timeout
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        while time.monotonic() < deadline:
-            line = r.readline().decode()
-            if not line:
-                break
-            if line.startswith("data:"):
-                msg = json.loads(line[5:]).get("message", "")
-                messages.append(msg)
-                if want in msg:
-                    return messages
-    raise AssertionError(f"no progress message with {want!r}; got {messages}")
-
-
 def test_pending_job_shows_reason_and_is_cancelled_on_stop(hub, stack):
     user = "pat"
     hub.api(hub.user_path(user), "POST")
     # a job that cannot start for an hour: the admin's profile puts it into "#SBATCH {{options}}"
     status, body = hub.api(hub.user_path(user) + "/server", "POST", {"profile": "later"})
     assert status == 202, (status, body)
-    messages = _progress_messages(stack, user, "pending", 30)
+    messages = hub.progress_messages(user, "pending", 30)
     pending = [m for m in messages if "pending" in m][0]
     assert "BeginTime" in pending and "estimated start" in pending, pending
     job_id = pending.split()[1]
