@@ -28,7 +28,8 @@ What differs from batchspawner's ``SlurmSpawner``:
 * **Walltime warning.** ``--signal=B:USR1@<req_walltime_warning>``: Slurm signals the batch
   shell, which *is* the node agent (``exec``), before the time limit; the agent tells the broker
   (``broker status`` shows it).
-* **Progress while pending**: job id, Slurm's reason and the estimated start time.
+* **Progress while pending**: job id, Slurm's reason, the job's position among its partition's
+  pending jobs and the estimated start time.
 * **Remote submission**: with ``login_node_host`` set, sbatch/scancel/squeue run on the login
   node over ONE shared SSH connection (:class:`~hub_plugin.remote.LoginNodeRunner`); the job
   environment travels over the channel's stdin, never on the remote command line.
@@ -424,13 +425,15 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         return status
 
     def _report_pending(self, info: JobInfo) -> None:
-        key = (info.reason, info.start_time)
+        key = (info.reason, info.start_time, info.position, info.queued)
         if key == self._last_pending:
             return
         self._last_pending = key
         msg = f"Job {info.job_id} pending"
         if info.reason:
             msg += f" ({info.reason})"
+        if info.position and info.queued:
+            msg += f"; position {info.position} of {info.queued} waiting in partition {info.partition}"
         if info.start_time:
             msg += f"; estimated start {info.start_time.isoformat(sep=' ', timespec='minutes')}"
         self._event(msg, 30)

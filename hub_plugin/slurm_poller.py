@@ -21,7 +21,12 @@ Contract:
 * The command runner is pluggable (``runner.run(argv) -> (exit_status, stdout, stderr)``):
   :class:`hub_plugin.remote.LocalRunner` by default, :class:`hub_plugin.remote.LoginNodeRunner`
   when the hub is not on the cluster.
-* ``squeue_calls`` counts every ``squeue`` invocation (periodic and forced).
+* ``squeue_calls`` counts every status ``squeue`` (periodic and forced).
+* Queue positions: while a watched job is pending, each query is followed by one more
+  ``squeue -h -t PENDING -o '%i|%P' --sort=-p,i`` (every pending job, highest priority first;
+  counted in ``queue_calls``), and a pending job's :class:`JobInfo` carries its ``position``
+  among the pending jobs of its partition and their number (``queued``). If that query fails the
+  positions are left out; the states are not affected.
 * A failing ``squeue`` is logged (once per failure streak) and the previous answers are kept for
   the periodic loop; a forced :meth:`refresh` raises :class:`SlurmQueryError` instead.
 * The background loop is started lazily by the first ``watch()`` (inside a running event loop)
@@ -31,6 +36,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -46,6 +52,8 @@ _log = logging.getLogger(__name__)
 
 GONE = "GONE"
 SQUEUE_FORMAT = "%i|%T|%R|%N|%S"
+#: the pending queue, highest priority first (ties: older job first)
+QUEUE_ARGS = ["-h", "-t", "PENDING", "-o", "%i|%P", "--sort=-p,i"]
 
 # Slurm job states after which a job will never run again.
 TERMINAL_STATES = frozenset(
@@ -87,6 +95,9 @@ class JobInfo:
     node: str | None = None
     start_time: datetime | None = None
     seen_at: float = 0.0
+    position: int | None = None  # a pending job's place among its partition's pending jobs (1 = next)
+    queued: int | None = None  # how many jobs are pending in that partition
+    partition: str | None = None
 
     @property
     def is_pending(self) -> bool:
@@ -99,6 +110,20 @@ class JobInfo:
     @property
     def is_finished(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+def parse_queue(output: str) -> dict[str, tuple[int, int, str]]:
+    """Parse the pending queue (:data:`QUEUE_ARGS`) into ``{job_id: (position, queued, partition)}``."""
+    by_partition: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        job_id, sep, partition = line.strip().partition("|")
+        if sep and job_id:
+            by_partition.setdefault(partition, []).append(job_id)
+    return {
+        job_id: (i + 1, len(jobs), partition)
+        for partition, jobs in by_partition.items()
+        for i, job_id in enumerate(jobs)
+    }
 
 
 def _parse_time(text: str) -> datetime | None:
@@ -171,6 +196,7 @@ class SlurmJobPoller:
         self.timeout = timeout
         self.log = log or _log
         self.squeue_calls = 0
+        self.queue_calls = 0
         self._watched: Counter[str] = Counter()
         self._extra: set[str] = set()  # one-off ids for the next query (status() of unwatched ids)
         self._jobs: dict[str, JobInfo] = {}
@@ -390,6 +416,26 @@ class SlurmJobPoller:
                 del self._jobs[job_id]
         self._queried = set(ids)
         self.log.debug("squeue #%d: %d ids, %d found", self.squeue_calls, len(ids), len(found))
+        if any(self._jobs[job_id].is_pending for job_id in ids):
+            await self._add_positions(ids)
+
+    async def _add_positions(self, ids: Iterable[str]) -> None:
+        """Give the pending jobs among *ids* their queue position (see the module docstring)."""
+        self.queue_calls += 1
+        try:
+            status, out, err = await self.runner.run([self.squeue, *QUEUE_ARGS], timeout=self.timeout)
+        except RunnerError as e:
+            self.log.debug("squeue for queue positions could not run: %s", e)
+            return
+        if status != 0:
+            self.log.debug("squeue for queue positions exited %s: %s", status, err.strip()[:300])
+            return
+        queue = parse_queue(out)
+        for job_id in ids:
+            info = self._jobs.get(job_id)
+            if info is not None and info.is_pending and job_id in queue:
+                position, queued, partition = queue[job_id]
+                self._jobs[job_id] = dataclasses.replace(info, position=position, queued=queued, partition=partition)
 
 
 def _check_id(job_id: object) -> str:

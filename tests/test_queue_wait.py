@@ -1,6 +1,6 @@
 """A notebook job that waits in Slurm's queue longer than JupyterHub's default ``start_timeout``
 still starts once the scheduler lets it, when ``c.Spawner.start_timeout`` is sized for queue
-waits (examples/production/jupyterhub_config.py), and the progress page shows why it waits.
+waits (examples/production/jupyterhub_config.py), and the progress page shows why it waits and where it stands in the queue.
 
 Real JupyterHub, CHP, broker and Slurm (a devstack Stack with SlurmBrokerSpawner). The job is
 submitted held (an admin's ``req_options = "--hold"``: Slurm's reason JobHeldUser), stays held
@@ -11,6 +11,7 @@ second, one squeue a second); the hold is not: it is what the test is about.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -59,6 +60,7 @@ def test_a_job_held_longer_than_the_default_start_timeout_starts_when_released(s
         messages = hub.progress_messages(user, "JobHeldUser", 60)
         held = [m for m in messages if "JobHeldUser" in m][0]
         job_id = held.split()[1]
+        assert re.search(r"; position \d+ of \d+ waiting in partition \w+", held), held
         assert run(real_binary("squeue"), "-h", "-j", job_id, "-o", "%T %r").stdout.split() == [
             "PENDING",
             "JobHeldUser",
