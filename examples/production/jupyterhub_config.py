@@ -74,6 +74,9 @@ c.SlurmBrokerSpawner.slurm_poll_interval = 10
 # the progress page shows the job id, Slurm's reason (Priority, Resources, JobHeldUser...) and the
 # estimated start time, and the user can cancel the request.
 c.Spawner.start_timeout = 4 * 3600
+# Once the job runs, its server must be ready within this many seconds, else the spawn fails and
+# the job is cancelled (a hung job does not hold the node for start_timeout).
+c.BrokerSpawnerMixin.ready_timeout = 600
 # After the job starts, the server must answer within this many seconds.
 c.Spawner.http_timeout = 300
 # How often the hub polls each running server (the poll is answered by the one shared squeue).
