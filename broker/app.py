@@ -38,7 +38,10 @@ from traitlets import Bool, Float, Integer, Unicode, default, observe, validate
 from traitlets.config import Application, Config, TraitError, catch_config_error
 from traitlets.traitlets import DefaultHandler
 
+from wire.version import __version__
+
 from . import log as broker_log
+from . import sdnotify
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
@@ -46,8 +49,9 @@ from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .options import OptionError, Proposal, option_name
 from .proxy import ChpClient, RoutePublisher, publisher_needs_chp
+from .runtime import STANDARD_CONFIG, NotFound, locate_api, remove_runtime, write_runtime
 from .status import render_table
-from .store import SessionStore
+from .store import SchemaTooNew, SessionStore
 from .traefik import TraefikRoutePublisher
 
 #: Options that used to be ``BrokerApp`` traits: old name -> ``"<Class>.<name>"`` now.
@@ -103,6 +107,7 @@ class BrokerApp(Application):
     """The ``broker`` command and the app-level options every subcommand shares."""
 
     name = "broker"
+    version = __version__
     description = "Tunnel broker between JupyterHub and notebooks running as HPC batch jobs."
     examples = "\n".join(
         [
@@ -124,7 +129,7 @@ class BrokerApp(Application):
     flags: dict[str, Any] = {}
     # one option a line: the class reads as a table of its options
     # fmt: off
-    config_file = Unicode("broker_config.py", help="The configuration file to load.").tag(config=True)
+    config_file = Unicode("broker_config.py", help=f"The configuration file to load (the default: ./broker_config.py if it exists, else {STANDARD_CONFIG}).").tag(config=True)
 
     state_dir = Unicode("broker-state", help="Directory for the session database and SSH host key (created 0700).").tag(config=True)
     db_path = Unicode("", help="SQLite session database (default: <state_dir>/broker.sqlite).").tag(config=True)
@@ -311,8 +316,13 @@ class Command(BrokerApp):
     def initialize(self, argv: list[str] | None = None) -> None:
         """Parse the command line, then load the config file (the command line wins over it)."""
         self.parse_command_line(argv)
-        if self.config_file and os.path.exists(self.config_file):
-            self.load_config_file(self.config_file)
+        self.loaded_config_file = ""
+        config_file = self.config_file
+        if config_file == "broker_config.py" and not os.path.exists(config_file):
+            config_file = STANDARD_CONFIG  # like jupyterhub: the current directory, then the standard place
+        if config_file and os.path.exists(config_file):
+            self.load_config_file(config_file)
+            self.loaded_config_file = config_file
         self.report_deprecations()
 
     def report_deprecations(self) -> None:
@@ -458,7 +468,10 @@ async def serve(app: BrokerApp) -> None:
         key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
     except (OSError, ValueError) as e:  # mode too open, unreadable, or not a key
         raise ConfigError(f"BrokerApp.host_key_path: {e}") from None
-    store = SessionStore(app.path(app.db_path, "broker.sqlite"))
+    try:
+        store = SessionStore(app.path(app.db_path, "broker.sqlite"))
+    except SchemaTooNew as e:
+        raise ConfigError(f"BrokerApp.db_path: {e}") from None
     public_host = app.ssh_public_host or (
         app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename
     )
@@ -517,17 +530,36 @@ async def serve(app: BrokerApp) -> None:
     with open(os.path.join(app.state_dir, "api_url.tmp"), "w") as f:
         f.write(api_url + "\n")
     os.replace(os.path.join(app.state_dir, "api_url.tmp"), os.path.join(app.state_dir, "api_url"))
+    write_runtime(app.state_dir, api_url, app.api_token)  # for `broker status` (0600)
     log.info("serving", api=api_url, ssh=f"{app.ssh_host}:{broker.ssh_port}", fingerprint=broker.fingerprint)
+    sdnotify.notify(sdnotify.READY)  # systemd Type=notify: the API and the SSH server answer now
 
     await stop.wait()
+    sdnotify.notify(sdnotify.STOPPING)
     log.info("stopping on signal")
+    remove_runtime(app.state_dir)
     await runner.cleanup()
     await broker.stop()
     store.close()
 
 
+def located_api(app: BrokerApp) -> tuple[str, str]:
+    """The REST API's URL and token for an admin command (see :mod:`broker.runtime`)."""
+    return locate_api(
+        api_url=app.api_url,
+        api_token=app.api_token,
+        state_dir=app.state_dir,
+        config_file=getattr(app, "loaded_config_file", ""),
+        default_url=app.resolved_api_url(),
+    )
+
+
 async def status(app: BrokerApp, as_json: bool) -> int:
-    client = BrokerClient(app.resolved_api_url(), app.api_token)
+    try:
+        client = BrokerClient(*located_api(app))
+    except NotFound as e:
+        print(f"broker status: {e}", file=sys.stderr)
+        return 1
     try:
         sessions = await client.list_sessions()
     except BrokerError as e:
@@ -544,7 +576,11 @@ async def status(app: BrokerApp, as_json: bool) -> int:
 
 async def status_watch(app: BrokerApp, interval: float) -> int:
     """Redraw the status table every *interval* seconds until Ctrl-C (an unreachable broker is shown, not fatal)."""
-    client = BrokerClient(app.resolved_api_url(), app.api_token, timeout=max(5.0, interval))
+    try:
+        client = BrokerClient(*located_api(app), timeout=max(5.0, interval))
+    except NotFound as e:
+        print(f"broker status: {e}", file=sys.stderr)
+        return 1
     out = sys.stdout
     try:
         while True:

@@ -102,7 +102,7 @@ def main() -> int:
         JupyterHub is up: {stack.public_url}/
           log in with any user name and the password: {password}
           press Start: the notebook runs as a {job_kind} job behind the broker's tunnel.
-          live tunnels:  BROKER_API_TOKEN={stack.broker_token} {os.path.join(os.path.dirname(sys.executable), "broker")} status --BrokerApp.api_url={stack.broker_url}
+          live tunnels:  cd {os.path.relpath(stack.workdir)} && broker status
         Ctrl-C stops everything.
         """),
         flush=True,

@@ -70,7 +70,9 @@ class JobInfo:
     job's processes exist, also while they are suspended or torn down). ``reason``: why a
     pending job waits, else None. ``node``: host(s) of a started job, else None. ``start_time``:
     actual or estimated start (naive local time), None when unknown. ``seen_at``:
-    ``time.monotonic()`` when the query that produced this answer started.
+    ``time.monotonic()`` when the query that produced this answer started. ``position`` /
+    ``queued`` / ``partition``: where a pending job stands in its partition's queue, when the
+    poller knows (see :meth:`JobPoller.after_query`).
     """
 
     job_id: str
@@ -80,6 +82,9 @@ class JobInfo:
     start_time: datetime | None = None
     seen_at: float = 0.0
     phase: Phase = "unknown"
+    position: int | None = None  # a pending job's place among its partition's/queue's pending jobs (1 = next)
+    queued: int | None = None  # how many jobs are pending there
+    partition: str | None = None  # the partition (queue) of that count
 
     @classmethod
     def gone(cls, job_id: str, seen_at: float = 0.0) -> JobInfo:
@@ -351,3 +356,8 @@ class JobPoller:
                 del self._jobs[job_id]
         self._queried = set(ids)
         self.log.debug("%s #%d: %d ids, %d found", self.command_name, self.calls, len(ids), len(found))
+        await self.after_query(ids)
+
+    async def after_query(self, ids: Iterable[str]) -> None:
+        """Hook run after each successful query with the ids it asked about (default: nothing).
+        A subclass may enrich the answers (e.g. queue positions); it must not raise."""

@@ -216,13 +216,15 @@ class SchedulerSpawnerMixin(_Base):
         return status
 
     def _report_pending(self, info: JobInfo) -> None:
-        key = (info.reason, info.start_time)
+        key = (info.reason, info.start_time, info.position, info.queued)
         if key == self._last_pending:
             return
         self._last_pending = key
         msg = f"Job {info.job_id} pending"
         if info.reason:
             msg += f" ({info.reason})"
+        if info.position and info.queued:
+            msg += f"; position {info.position} of {info.queued} waiting in partition {info.partition}"
         if info.start_time:
             msg += f"; estimated start {info.start_time.isoformat(sep=' ', timespec='minutes')}"
         self._event(msg, 30)

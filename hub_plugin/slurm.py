@@ -28,7 +28,8 @@ What differs from batchspawner's ``SlurmSpawner``:
 * **Walltime warning.** ``--signal=B:USR1@<req_walltime_warning>``: Slurm signals the batch
   shell, which *is* the node agent (``exec``), before the time limit; the agent tells the broker
   (``broker status`` shows it).
-* **Progress while pending**: job id, Slurm's reason and the estimated start time.
+* **Progress while pending**: job id, Slurm's reason, the job's position among its partition's
+  pending jobs and the estimated start time.
 * **Remote submission**: with ``login_node_host`` set, sbatch/scancel/squeue run on the login
   node over ONE shared SSH connection (:class:`~hub_plugin.remote.LoginNodeRunner`); the job
   environment travels over the channel's stdin, never on the remote command line.
@@ -36,7 +37,11 @@ What differs from batchspawner's ``SlurmSpawner``:
   (or the login-node SSH user) runs as, with each user's home at ``home_root/<name>``;
   ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>
   --gid=<primary group>``
-  (needs root or Slurm's SlurmUser on the submit host).
+  (needs root or Slurm's SlurmUser on the submit host); ``submit_as = "sudo"`` submits as the
+  user's account through ``exec_prefix`` (default ``sudo -n -u {username} --``) from an
+  unprivileged hub or login-node account, locally or on the login node. sudo passes the job's
+  variables by name only: the sudoers rule keeps them (``env_keep``, see
+  ``examples/production/sudoers``), never ``--preserve-env`` (sudo logs the values of those).
 * **No shared nodes without a wall**: with ``submit_as = "service"`` every user's job runs as
   the same account, so unless a container walls each job off (``node-agent launch``, which
   checks that), another user's notebook on the same node could read this job's environment.
@@ -55,7 +60,7 @@ import shlex
 from typing import Any
 
 from batchspawner import SlurmSpawner
-from traitlets import Bool, Enum, Float, Integer, List, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
 from . import slurm_assoc
 from .choices import SchedulerChoices
@@ -68,6 +73,11 @@ __all__ = ["SlurmBrokerSpawner"]
 
 #: Tells node-agent launch that this job counts on a container (node_agent/isolation.py).
 EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
+
+#: exec_prefix with submit_as="sudo": no password prompt (-n), the user's account, no options after.
+SUDO_PREFIX = "sudo -n -u {username} --"
+#: What a user name must look like to be put into a sudo command line (a POSIX account name).
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 
 DEFAULT_BATCH_SCRIPT = """#!/bin/bash
 #SBATCH --job-name={{job_name}}
@@ -126,13 +136,13 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, BrokerSpaw
     batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is read on stdin. --export=NAMES (and --uid when submit_as='user') are appended.").tag(config=True)
     batch_cancel_cmd = Unicode("scancel {job_id}", help="Cancel command.").tag(config=True)
 
-    exec_prefix = Unicode("", help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).").tag(config=True)
+    exec_prefix = Unicode(help="Prefix for sbatch/scancel. Default: empty, or with submit_as='sudo' 'sudo -n -u {username} --' (batchspawner's 'sudo -E -u {username}' is not used: -E would hand sbatch the hub's whole environment; the sudoers rule keeps the job's variables by name).").tag(config=True)
 
     req_srun = Unicode("", help="Empty (default): the batch shell execs the node agent, so Slurm's USR1 walltime warning reaches it directly. Set e.g. 'srun' to run it in a job step instead (the signal then goes to the steps).").tag(config=True)
 
     req_walltime_warning = Integer(300, help="Seconds before the time limit at which Slurm sends SIGUSR1 to the node agent (--signal=B:USR1@N; Slurm's resolution is about 60 s). 0 disables. Only has an effect with a time limit (req_runtime or the partition's default).").tag(config=True)
 
-    submit_as = Enum(["service", "user"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host); the user must exist on the cluster.").tag(config=True)
+    submit_as = Enum(["service", "user", "sudo"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host). 'sudo': sbatch/scancel run as the user through exec_prefix ('sudo -n -u {username} --'), from an unprivileged account allowed only the scheduler commands (docs/deploy.md, sudoers); locally or on the login node. With 'user' and 'sudo' the user must exist on the cluster.").tag(config=True)
 
     node_exclusivity = Enum(["node", "mcs", "off"], "node", help="With submit_as='service' and no container (see jobs_in_container), how other users' jobs are kept off this job's node, where they would run as the same account and could read its environment (hub API token), files and sockets. 'node': --exclusive (the job gets the whole node). 'mcs': --exclusive=mcs --mcs-label=<label of the user> (nodes shared only among one user's jobs; needs MCSPlugin=mcs/label and MCSParameters=ondemand,ondemandselect in slurm.conf). 'off': nothing (the cluster keeps users apart some other way). --exclusive=user would not help: all these jobs have the same Slurm user. Not used with submit_as='user' or in a container.").tag(config=True)
 
@@ -149,6 +159,10 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, BrokerSpaw
     # fmt: on
 
     status_error_prefix = "slurm_load_jobs error"
+
+    @default("exec_prefix")
+    def _exec_prefix_default(self) -> str:
+        return SUDO_PREFIX if self.submit_as == "sudo" else ""
 
     choice_field_names = slurm_assoc.FIELDS
 
@@ -247,6 +261,12 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, BrokerSpaw
             self.user_options = saved_options or {}
 
     async def _submit_with_export(self) -> str:
+        if self.submit_as == "sudo" and not _ACCOUNT_NAME.match(self.user.name):
+            raise RuntimeError(
+                f"SlurmBrokerSpawner.submit_as='sudo': {self.user.name[:64]!r} is not a Unix account name "
+                "(lower-case letters, digits, '_', '.', '-'); map hub users to accounts, e.g. with the "
+                "authenticator's username_map"
+            )
         names = sorted(self.get_env())
         extra = f" --export={','.join(names)}"
         exclusive = self.exclusive_options()

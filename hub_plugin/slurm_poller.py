@@ -6,20 +6,29 @@ One :class:`SlurmJobPoller` runs at most ONE ``squeue`` per ``interval`` for all
     squeue -h -t all -o '%i|%T|%R|%N|%S' -j ID1,ID2,...     (or ``-u USER`` when ``user`` is set)
 
 ``squeue_calls`` counts the calls. ``Invalid job id`` (every requested id unknown) means all GONE.
+
+Queue positions: while a watched job is pending, each query is followed by one more
+``squeue -h -t PENDING -o '%i|%P' --sort=-p,i`` (every pending job, highest priority first;
+counted in ``queue_calls``), and a pending job's :class:`JobInfo` carries its ``position``
+among the pending jobs of its partition and their number (``queued``). If that query fails the
+positions are left out; the states are not affected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from datetime import datetime
 
 from .job_poller import GONE, JobInfo, JobPoller, JobQueryError, Phase
-from .remote import CommandRunner
+from .remote import CommandRunner, RunnerError
 
-__all__ = ["JobInfo", "SlurmJobPoller", "SlurmQueryError", "GONE", "parse_squeue"]
+__all__ = ["JobInfo", "SlurmJobPoller", "SlurmQueryError", "GONE", "parse_squeue", "parse_queue"]
 
 SQUEUE_FORMAT = "%i|%T|%R|%N|%S"
+#: the pending queue, highest priority first (ties: older job first)
+QUEUE_ARGS = ["-h", "-t", "PENDING", "-o", "%i|%P", "--sort=-p,i"]
 
 # Slurm job states after which a job will never run again.
 TERMINAL_STATES = frozenset(
@@ -57,6 +66,20 @@ def slurm_phase(state: str) -> Phase:
     if state in TERMINAL_STATES:
         return "finished"
     return "unknown"
+
+
+def parse_queue(output: str) -> dict[str, tuple[int, int, str]]:
+    """Parse the pending queue (:data:`QUEUE_ARGS`) into ``{job_id: (position, queued, partition)}``."""
+    by_partition: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        job_id, sep, partition = line.strip().partition("|")
+        if sep and job_id:
+            by_partition.setdefault(partition, []).append(job_id)
+    return {
+        job_id: (i + 1, len(jobs), partition)
+        for partition, jobs in by_partition.items()
+        for i, job_id in enumerate(jobs)
+    }
 
 
 def _parse_time(text: str) -> datetime | None:
@@ -125,6 +148,7 @@ class SlurmJobPoller(JobPoller):
         super().__init__(runner, interval=interval, timeout=timeout, log=log)
         self.user = user
         self.squeue = squeue
+        self.queue_calls = 0
 
     @property
     def squeue_calls(self) -> int:
@@ -147,6 +171,29 @@ class SlurmJobPoller(JobPoller):
                 return {}  # every requested id is unknown to Slurm: all GONE
             raise SlurmQueryError(f"squeue exited {exit_status}: {err.strip()[:300]}")
         return parse_squeue(out, seen_at=seen_at)
+
+    async def after_query(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if any(self._jobs[job_id].is_pending for job_id in ids if job_id in self._jobs):
+            await self._add_positions(ids)
+
+    async def _add_positions(self, ids: Iterable[str]) -> None:
+        """Give the pending jobs among *ids* their queue position (see the module docstring)."""
+        self.queue_calls += 1
+        try:
+            status, out, err = await self.runner.run([self.squeue, *QUEUE_ARGS], timeout=self.timeout)
+        except RunnerError as e:
+            self.log.debug("squeue for queue positions could not run: %s", e)
+            return
+        if status != 0:
+            self.log.debug("squeue for queue positions exited %s: %s", status, err.strip()[:300])
+            return
+        queue = parse_queue(out)
+        for job_id in ids:
+            info = self._jobs.get(job_id)
+            if info is not None and info.is_pending and job_id in queue:
+                position, queued, partition = queue[job_id]
+                self._jobs[job_id] = dataclasses.replace(info, position=position, queued=queued, partition=partition)
 
 
 def _check_id(job_id: object) -> str:

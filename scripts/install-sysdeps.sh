@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs. Idempotent; skips apt when all are present.
 set -euo pipefail
-PKGS=(openssh-server openssh-client iproute2 procps e2fsprogs nftables chromium)
+PKGS=(openssh-server openssh-client iproute2 procps e2fsprogs nftables chromium sudo systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

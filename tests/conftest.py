@@ -27,8 +27,8 @@ from devstack.stack import Stack
 
 from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``;
-#: ``sge_cluster``, ``qdel_leftover_jobs``
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``,
+#: ``accounts``; ``sge_cluster``, ``qdel_leftover_jobs``
 pytest_plugins = ["sshd", "slurm_cluster", "sge_cluster"]
 
 #: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,
@@ -41,6 +41,7 @@ COMPONENT_MODULES = frozenset(
         "test_auth_header_trust",
         "test_broker_app",
         "test_control_channel",
+        "test_deploy_cli",
         "test_cotenant",
         "test_fair_admission",
         "test_faults",

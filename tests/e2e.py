@@ -76,25 +76,6 @@ class Hub:
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
 
-    def progress_messages(self, user: str, want: str, timeout: float) -> list[str]:
-        """Read the hub's progress event stream of *user*'s server until a message containing
-        *want* arrives; returns the messages so far (AssertionError if none comes)."""
-        url = f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress"
-        req = urllib.request.Request(url, headers={"Authorization": f"token {self.stack.admin_token}"})
-        messages: list[str] = []
-        deadline = time.monotonic() + timeout
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            while time.monotonic() < deadline:
-                line = r.readline().decode()
-                if not line:
-                    break
-                if line.startswith("data:"):
-                    msg = json.loads(line[5:]).get("message", "")
-                    messages.append(msg)
-                    if want in msg:
-                        return messages
-        raise AssertionError(f"no progress message with {want!r}; got {messages}")
-
     def stop(self, user: str, timeout: float = 60, server: str = "") -> None:
         status, body = self.api(self.server_path(user, server), "DELETE")
         assert status in (202, 204), (status, body)
@@ -110,6 +91,26 @@ class Hub:
         self, user: str, path: str, method: str = "GET", body: Any = None, server: str = ""
     ) -> tuple[int, Any]:
         return request(self.stack.public_url + self.prefix(user, server) + path, self.stack.admin_token, method, body)
+
+    def progress_messages(self, user: str, want: str, timeout: float, into: list[str] | None = None) -> list[str]:
+        """Read the hub's progress event stream of *user*'s server until a message containing
+        *want* arrives; returns the messages so far (AssertionError if none does in *timeout*).
+        Each message is appended to *into* as it arrives (for a reader in another thread)."""
+        url = f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress"
+        req = urllib.request.Request(url, headers={"Authorization": f"token {self.stack.admin_token}"})
+        messages: list[str] = [] if into is None else into
+        deadline = time.monotonic() + timeout
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            while time.monotonic() < deadline:
+                line = r.readline().decode()
+                if not line:
+                    break
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:]).get("message", "")
+                    messages.append(msg)
+                    if want in msg:
+                        return messages
+        raise AssertionError(f"no progress message with {want!r}; got {messages}")
 
     def proxy_routes(self) -> dict[str, Any]:
         status, routes = request(self.stack.proxy_api_url + "/api/routes", self.stack.proxy_token)

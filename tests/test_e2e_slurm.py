@@ -27,8 +27,8 @@ import pytest
 from devstack.stack import Stack
 
 from e2e import Hub
-from harness import REPO, running_stack, tool_path, wait_until
-from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, real_binary, run
+from harness import running_stack, tool_path, wait_until
+from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, others_can_run_python, real_binary, run
 
 pytestmark = [
     pytest.mark.e2e,
@@ -291,21 +291,6 @@ def _identity_stack(tmp_path_factory, name: str, extra: str) -> AbstractContextM
     )
 
 
-def _ancestors(path: str) -> list[str]:
-    """The existing directories from / down to *path* (or its directory), outermost first."""
-    out = []
-    p = os.path.abspath(path)
-    if not os.path.isdir(p):
-        p = os.path.dirname(p)
-    while True:
-        if os.path.isdir(p):
-            out.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            return out[::-1]
-        p = parent
-
-
 @pytest.fixture(scope="module")
 def unix_user():
     """A real Unix account (useradd), removed afterwards."""
@@ -315,26 +300,18 @@ def unix_user():
     name = "jh" + uuid.uuid4().hex[:8]
     run("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
     # The job runs the venv's python and imports the checkout: a normal user needs to traverse
-    # every directory above them. On these machines the venv's python links into /root/.pyenv
-    # (/root is 0700), and a clone may sit in a 0700 directory (mktemp -d). Grant traversal
-    # (o+x: no listing) where it is missing, for the test's duration only, and restore after.
-    restored: list[tuple[str, int]] = []
+    # every directory above them (for the test's duration only).
     try:
-        for target in (os.path.realpath(sys.executable), str(REPO), *sys.path):
-            for parent in _ancestors(target):
-                mode = os.stat(parent).st_mode & 0o7777
-                if not mode & 0o001:
-                    os.chmod(parent, mode | 0o001)
-                    restored.append((parent, mode))
-        if (
-            run("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode
-            != 0
-        ):
-            pytest.fail(f"{sys.executable} cannot be run by a normal user here")
-        yield pwd.getpwnam(name)
+        with others_can_run_python():
+            if (
+                run(
+                    "runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent"
+                ).returncode
+                != 0
+            ):
+                pytest.fail(f"{sys.executable} cannot be run by a normal user here")
+            yield pwd.getpwnam(name)
     finally:
-        for parent, mode in reversed(restored):
-            os.chmod(parent, mode)
         run("pkill", "-KILL", "-u", name)
         time.sleep(0.5)
         run("userdel", "-r", name)
