@@ -38,11 +38,12 @@ from traitlets import Bool, Float, Integer, Unicode, default, observe, validate
 from traitlets.config import Application, Config, TraitError, catch_config_error
 from traitlets.traitlets import DefaultHandler
 
+from wire.hubapi import HubApiPolicy, api_prefix_of
+
 from . import log as broker_log
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
-from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .options import OptionError, Proposal, option_name
 from .proxy import ChpClient, RoutePublisher
