@@ -67,6 +67,23 @@ class Hub:
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
 
+    def progress_events(self, user: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """Read the hub's spawn-progress event stream (what the spawn page shows) until it ends."""
+        req = urllib.request.Request(
+            f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress",
+            headers={"Authorization": f"token {self.stack.admin_token}"},
+        )
+        events = []
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    ev = json.loads(line[5:])
+                    events.append(ev)
+                    if ev.get("failed") or ev.get("ready"):
+                        break
+        return events
+
     def stop(self, user: str, timeout: float = 60) -> None:
         status, body = self.api(self.user_path(user) + "/server", "DELETE")
         assert status in (202, 204), (status, body)
