@@ -167,6 +167,19 @@ class Hub:
         raise AssertionError("agent did not report the server pid")
 
 
+def launch_hub_config(config: str | os.PathLike[str], *, container_home: str = "") -> str:
+    """Hub config lines for jobs that start through ``node-agent launch --config CONFIG``, with the
+    broker polled every 0.5 s; with *container_home*, notebooks are served from there (the hub
+    host's notebook directory does not exist in a container)."""
+    lines = [
+        f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {os.fspath(config)} --'",
+        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5",
+    ]
+    if container_home:
+        lines.append(f"c.Spawner.notebook_dir = {container_home!r}")
+    return "\n".join(lines) + "\n"
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

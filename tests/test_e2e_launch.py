@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from e2e import Hub
+from e2e import Hub, launch_hub_config
 from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -50,11 +50,7 @@ def launch_stack(tmp_path_factory):
     with running_stack(
         str(work / "stack"),
         path=tool_path(),
-        extra_hub_config=(
-            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-            "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
-        ),
+        extra_hub_config=launch_hub_config(config) + "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n",
     ) as s:
         s.scratch = str(scratch)
         yield s
