@@ -61,7 +61,7 @@ c.Spawner.http_timeout = 120
 c.Spawner.poll_interval = {poll_interval}
 c.Spawner.environment = {{"NODE_AGENT_HEARTBEAT": "5"}}
 if os.environ.get("PYTHONPATH"):  # a checkout other than the installed one (a git worktree): its jobs run it too
-    c.Spawner.environment["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    c.Spawner.env_keep = ["JUPYTERHUB_SINGLEUSER_APP", "PYTHONPATH"]
 {extra}
 """
 
