@@ -38,7 +38,7 @@ from broker.proxy import ROUTE_TAG_KEY, ChpClient
 from broker.store import SCHEMA_VERSION, SessionStore
 from broker.untrusted import reported_name
 from hub_plugin.status_service import render_rows
-from wire.contract import CONTROL_HOST, CONTROL_PORT, PROTOCOL_VERSION
+from wire.contract import CONTROL_HOST, CONTROL_PORT, OLDEST_PROTOCOL, PROTOCOL_VERSION, protocol_refusal
 from wire.ratelimit import TokenBucket
 
 from broker_cli import TOKEN, Served
@@ -310,6 +310,28 @@ async def test_reconciler_removes_stale_tagged_routes_only(tmp_path):
             s.close()
         store.close()
         chp.stop()
+
+
+@pytest.mark.asyncio
+async def test_hello_of_an_unsupported_protocol_is_refused_and_closes_the_session(env):
+    """A ``hello`` without a version the broker serves gets ``refused`` with the reason; the session
+    is closed with that reason (the spawn page's message) and the connection dropped. The previous
+    and the current version are served."""
+    for i, announced in enumerate((None, OLDEST_PROTOCOL - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), True)):
+        session, agent = await env.agent(f"old{i}")
+        agent.send({"type": "hello"} if announced is None else {"type": "hello", "protocol": announced})
+        assert agent.reader is not None
+        answer = json.loads(await asyncio.wait_for(agent.reader.readline(), 10))
+        reason = protocol_refusal(announced)
+        assert reason and answer == {"type": "refused", "message": reason}
+        s = env.broker.store.get(session.id)
+        assert (s.state, s.end_reason) == ("closed", reason)
+        await asyncio.wait_for(agent.conn.wait_closed(), 10)
+    for version in (OLDEST_PROTOCOL, PROTOCOL_VERSION):
+        session, agent = await env.agent(f"v{version}")
+        agent.send({"type": "hello", "protocol": version}, {"type": "ready"})
+        assert await agent.acks(2) == ["hello", "ready"]
+        assert env.broker.store.get(session.id).state == "ready"
 
 
 @pytest.mark.asyncio
