@@ -8,7 +8,7 @@ start-up by a ``sitecustomize`` put on ``PYTHONPATH`` of that pair only (the not
 agent starts does not inherit it):
 
 - ``{"window": N, "pktsize": N}`` — ``CHANNEL_WINDOW`` / ``CHANNEL_MAX_PKTSIZE`` of
-  ``broker.tunnel`` (broker side) and ``node_agent.agent`` (agent side)
+  ``wire.contract`` (read by both sides when they open or accept a channel)
 - ``{"read_size": N}`` — asyncio's per-``recv`` size of socket transports (default 256 KiB)
 - ``{"feed": N}`` — receive side: hand asyncssh's parser at most N bytes of each ``recv()`` at a
   time (asyncssh keeps its input in an immutable ``bytes`` buffer and re-slices the rest of it
@@ -55,13 +55,11 @@ SITECUSTOMIZE = r"""
 import json, os
 _v = json.loads(os.environ.pop("BENCH_TUNNEL_VARIANT", "") or "{}")
 if _v.get("window") or _v.get("pktsize"):
-    import broker.tunnel as _bt
-    import node_agent.agent as _na
-    for _m in (_bt, _na):
-        if _v.get("window"):
-            _m.CHANNEL_WINDOW = _v["window"]
-        if _v.get("pktsize"):
-            _m.CHANNEL_MAX_PKTSIZE = _v["pktsize"]
+    import wire.contract as _wc
+    if _v.get("window"):
+        _wc.CHANNEL_WINDOW = _v["window"]
+    if _v.get("pktsize"):
+        _wc.CHANNEL_MAX_PKTSIZE = _v["pktsize"]
 if _v.get("stock_asyncssh"):
     import wire.asyncssh_compat as _c
     _c._state = "off: stock asyncssh (bench variant)"

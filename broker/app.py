@@ -38,6 +38,7 @@ from traitlets import Bool, Float, Integer, Unicode, default, observe, validate
 from traitlets.config import Application, Config, TraitError, catch_config_error
 from traitlets.traitlets import DefaultHandler
 
+from wire.hubapi import HubApiPolicy, api_prefix_of
 from wire.version import __version__
 
 from . import log as broker_log
@@ -45,7 +46,6 @@ from . import sdnotify
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
-from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .options import OptionError, Proposal, option_name
 from .proxy import ChpClient, RoutePublisher, publisher_needs_chp

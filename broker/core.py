@@ -28,11 +28,9 @@ import asyncssh
 from traitlets import Float, Integer, List, Unicode, validate
 from traitlets.config import Configurable
 
-from wire import asyncssh_compat
-
-from .acceptor import AgentAcceptor, server_options
-from .control import ControlLimits
-from .hubapi import (
+from wire import asyncssh_compat, contract
+from wire.contract import Msg
+from wire.hubapi import (
     DEFAULT_API_PREFIX,
     DEFAULT_BURST,
     DEFAULT_MAX_BODY,
@@ -41,6 +39,11 @@ from .hubapi import (
     HubApiPolicy,
     SessionRates,
 )
+from wire.tasks import TaskOwner
+from wire.tunnel import SessionListener
+
+from .acceptor import AgentAcceptor, server_options
+from .control import ControlLimits
 from .limits import AdmissionControl
 from .log import get_logger
 from .metrics import BrokerMetrics
@@ -49,13 +52,9 @@ from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher, resolve_publisher
 from .secrets import hash_secret, new_id, new_secret
 from .ssh_server import AgentSSHServer
 from .store import LIVE_STATES, Session, SessionStore
-from .tasks import TaskOwner
-from .tunnel import SessionListener
 from .untrusted import reported_name
 
 T = TypeVar("T")
-
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 
 
 class SessionNotFound(Exception):
@@ -88,7 +87,7 @@ class Broker(Configurable):
     login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate (also how long a connection of a throttled source may wait for its turn).").tag(config=True)
     _not_negative = minimum({"enrol_ttl": 0, "tunnel_wait_timeout": 0, "keepalive_interval": 0,
                              "keepalive_count_max": 0, "login_timeout": 0})
-    # the hub-API relay (broker/hubapi.py)
+    # the hub-API relay (wire/hubapi.py)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
     hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
     hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
@@ -143,7 +142,7 @@ class Broker(Configurable):
         # SSH admission control (pre-auth caps, per-source penalties): see broker/limits.py
         self.admission = admission if admission is not None else AdmissionControl(parent=self)
         self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
-        # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
+        # what hub-API direct channels let through (wire/hubapi.py); one token bucket per session
         self.hub_api_policy = HubApiPolicy(
             api_prefix=hub_api_prefix,
             strip_headers=tuple(self.hub_api_strip_headers),
@@ -193,7 +192,7 @@ class Broker(Configurable):
         options = await server_options(
             server_factory=lambda: AgentSSHServer(self),
             server_host_keys=[self.host_key],
-            encryption_algs=ENCRYPTION_ALGS,
+            encryption_algs=list(contract.ENCRYPTION_ALGS),
             login_timeout=self.login_timeout,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=self.keepalive_count_max,
@@ -386,14 +385,18 @@ class Broker(Configurable):
         if current is not None and current is not agent:
             return
         now = time.time()
-        if kind == "heartbeat":
+        if kind == Msg.HEARTBEAT:
             if current is agent:
                 self._heartbeats[sid] = now
             return
         s = self.store.get(sid)
         if s is None or not s.live:
             return
-        if kind == "hello":
+        if kind == Msg.HELLO:
+            refusal = contract.protocol_refusal(msg.get("protocol"))
+            if refusal is not None:
+                await self._refuse_agent(agent, refusal, msg.get("protocol"))
+                return
             node = reported_name(msg.get("node"))
             claimed = msg.get("job_id")
             if s.job_id and claimed not in (None, "") and str(claimed) != s.job_id:
@@ -403,7 +406,7 @@ class Broker(Configurable):
             self.store.update(sid, node_reported=node, last_heartbeat=now)
             self._heartbeats.pop(sid, None)
             agent.log.info("agent hello", node_reported=node)
-        elif kind == "ready":
+        elif kind == Msg.READY:
             if agent.tunnel is None:
                 if agent.control is not None:
                     agent.control.fail("protocol", "ready before the tunnel was requested")
@@ -424,9 +427,9 @@ class Broker(Configurable):
                 if after is None or after.state != "ready":
                     # closed while the route was being added: take it back
                     await self.routes.unpublish(s.routespec, s.target)
-        elif kind == "walltime":
+        elif kind == Msg.WALLTIME:
             self.store.update(sid, walltime_warning=str(msg.get("message", "walltime ending soon"))[:200])
-        elif kind == "exit":
+        elif kind == Msg.EXIT:
             status = msg.get("status")
             status = status if isinstance(status, int) and not isinstance(status, bool) else None
             await self.close_session(sid, f"server exited with status {status}", exit_status=status)
@@ -434,6 +437,21 @@ class Broker(Configurable):
         else:
             agent.log.info("unknown control message ignored", kind=kind[:40])
         await self._notify()
+
+    async def _refuse_agent(self, agent: AgentSSHServer, refusal: str, announced: Any) -> None:
+        """*agent* speaks a protocol this broker cannot serve: close its session with *refusal* as
+        the reason (the spawner shows it on the spawn page), then tell the agent (it prints the
+        message in the job's output and stops) and drop its connection."""
+        sid = agent.session_id
+        assert sid is not None
+        agent.log.warning("agent refused: unsupported protocol", announced=reported_name(str(announced), 20))
+        if self.agents.get(sid) is agent:
+            del self.agents[sid]  # the connection is closed below, after the answer
+        await self.close_session(sid, refusal)
+        if agent.control is not None:
+            agent.control.send({"type": Msg.REFUSED, "message": refusal})
+        if agent.conn is not None:
+            agent.conn.close()
 
     # -- routes --------------------------------------------------------------------------
     def route_data(self, s: Session) -> dict[str, Any]:

@@ -60,6 +60,8 @@ c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
 c.Spawner.poll_interval = {poll_interval}
 c.Spawner.environment = {{"NODE_AGENT_HEARTBEAT": "5"}}
+if os.environ.get("PYTHONPATH"):  # a checkout other than the installed one (a git worktree): its jobs run it too
+    c.Spawner.env_keep = ["JUPYTERHUB_SINGLEUSER_APP", "PYTHONPATH"]
 {extra}
 """
 

@@ -30,13 +30,13 @@ from batchspawner.batchspawner import JobStatus, format_template
 from traitlets import Float, Unicode, default
 
 from broker.client import BrokerClient, BrokerError
+from wire import contract
+from wire.contract import MAINTENANCE_PREFIX
 
 from . import config_check
 from .spawner_api import BatchSpawnerAPI
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
-#: The line ``node-agent launch`` prints when maintenance mode refuses the job.
-MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 
 
 class BrokerSpawnerMixin(BatchSpawnerAPI):
@@ -163,11 +163,11 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         self.session_id = session["id"]
         ssh = session["ssh"]
         self._broker_env = {
-            "BROKER_SSH_HOST": ssh["host"],
-            "BROKER_SSH_PORT": str(ssh["port"]),
-            "BROKER_HOST_KEY": ssh["host_key"],
-            "BROKER_SESSION_ID": session["id"],
-            "BROKER_ENROL_SECRET": session.pop("secret"),
+            contract.ENV_SSH_HOST: ssh["host"],
+            contract.ENV_SSH_PORT: str(ssh["port"]),
+            contract.ENV_HOST_KEY: ssh["host_key"],
+            contract.ENV_SESSION_ID: session["id"],
+            contract.ENV_ENROL_SECRET: session.pop("secret"),
         }
         try:
             self._event("Submitting the batch job", 10)

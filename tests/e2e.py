@@ -76,6 +76,23 @@ class Hub:
             time.sleep(0.2)
         raise AssertionError(f"spawn of {user} not ready within {timeout}s")
 
+    def progress_events(self, user: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """Read the hub's spawn-progress event stream (what the spawn page shows) until it ends."""
+        req = urllib.request.Request(
+            f"{self.stack.hub_api_url}{self.user_path(user)}/server/progress",
+            headers={"Authorization": f"token {self.stack.admin_token}"},
+        )
+        events = []
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    ev = json.loads(line[5:])
+                    events.append(ev)
+                    if ev.get("failed") or ev.get("ready"):
+                        break
+        return events
+
     def stop(self, user: str, timeout: float = 60, server: str = "") -> None:
         status, body = self.api(self.server_path(user, server), "DELETE")
         assert status in (202, 204), (status, body)
@@ -230,6 +247,19 @@ class Hub:
                 if line.startswith("node-agent: server started"):
                     return int(line.rsplit("pid=", 1)[1].split()[0])
         raise AssertionError("agent did not report the server pid")
+
+
+def launch_hub_config(config: str | os.PathLike[str], *, container_home: str = "") -> str:
+    """Hub config lines for jobs that start through ``node-agent launch --config CONFIG``, with the
+    broker polled every 0.5 s; with *container_home*, notebooks are served from there (the hub
+    host's notebook directory does not exist in a container)."""
+    lines = [
+        f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {os.fspath(config)} --'",
+        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5",
+    ]
+    if container_home:
+        lines.append(f"c.Spawner.notebook_dir = {container_home!r}")
+    return "\n".join(lines) + "\n"
 
 
 def alive(pid: int) -> bool:
