@@ -6,7 +6,7 @@ CHP    := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test check lint venv chp sysdeps bench clean images
+.PHONY: demo test check lint venv chp sysdeps bench clean images labextension
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ sysdeps:
 ## Local demo: hub + CHP + broker + node agent + real notebook on http://127.0.0.1:8000
 ## (BACKEND=slurm: the same on the project's single-node Slurm, started by scripts/slurm.sh)
 BACKEND ?= local
-demo: venv chp
+demo: venv chp labextension
 	BACKEND=$(BACKEND) PATH="$(abspath $(VENV))/bin:$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" $(PY) -m devstack
 
 ## The gate (no root, no services, under 2 minutes): lint, format, types, unit tests
@@ -54,5 +54,13 @@ bench: venv chp
 ## Apptainer images for the node side from singularity/*.def: singularity/cpu.sif (GPU=1: also gpu.sif).
 ## Stages are cached outside the checkout (singularity/README.md); IMAGES_REFRESH=1 rebuilds them.
 GPU ?=
-images:
+images: labextension
 	$(PYTHON) scripts/build_images.py cpu $(if $(filter 1 yes true,$(GPU)),gpu)
+
+## JupyterLab's time-left extension: labextension/ built into labextension/built/ (the wheel's data
+## files; node_modules cached outside the checkout, LABEXT_CACHE) and installed into the venv
+LABEXT_SRC := labextension/package.json labextension/tsconfig.json labextension/jupyterhub-hpc-timeleft.json $(wildcard labextension/src/*.ts labextension/style/*)
+labextension/built/package.json: $(LABEXT_SRC) | $(VENV)/.installed
+	PATH="$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" PYTHON="$(abspath $(PY))" bash scripts/build-labextension.sh --into $(VENV)
+
+labextension: labextension/built/package.json
