@@ -428,12 +428,22 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     async def job_output_tail(self, max_lines: int = 20) -> str:
         if not self.job_id:
             return ""
-        path = self.get_req_subvars()["output_file"].replace("%j", self.job_id)
-        try:
-            r = await self.runner.run(["tail", "-n", str(int(max_lines)), path], timeout=15)
-        except RunnerError:
+        return await self.tail_file(self.job_output_file(self.job_id), max_lines) or ""
+
+    def job_output_file(self, job_id: str) -> str:
+        """The job's output file (``--output``) where the batch commands run ("" for a non-Slurm id)."""
+        if not re.fullmatch(r"\d+(_\d+)?", job_id or ""):
             return ""
-        return r.stdout if r.exit_status == 0 else ""
+        return str(self.get_req_subvars()["output_file"]).replace("%j", job_id)
+
+    async def tail_file(self, path: str, max_lines: int = 0, max_bytes: int = 0) -> str | None:
+        """``tail -n``/``tail -c`` of *path* through the runner (locally or on the login node)."""
+        what = ["-c", str(int(max_bytes))] if max_bytes > 0 else ["-n", str(int(max_lines or 200))]
+        try:
+            r = await self.runner.run(["tail", *what, "--", path], timeout=30)
+        except RunnerError:
+            return None
+        return r.stdout if r.exit_status == 0 else None
 
     # -- spawner API -----------------------------------------------------------------------------
     async def start(self) -> str:
