@@ -155,20 +155,46 @@ class SessionCardMixin(_Base):
         final = str(getattr(info, "state", "") or "") or str(getattr(self, "job_status", "") or "")
         s = self.last_session or {}
         exit_status = s.get("exit_status")
+        broker_reason = str(s.get("end_reason") or "")
         return {
             "job_id": self.job_id,
             "partition": self._partition(),
             "node": self._node(),
             "final_state": final.split()[0] if final else "",
             "exit_status": exit_status if isinstance(exit_status, int) else None,
-            "reason": end_reason(final, exit_status, self._stop_cause, str(s.get("end_reason") or "")),
+            "reason": end_reason(final, exit_status, self._stop_cause, broker_reason),
+            "stop_cause": self._stop_cause,
+            "broker_reason": broker_reason,
             "ended_at": int(time.time()),
         }
+
+    async def _settle_end(self, job_id: str) -> None:
+        """When the job was let go before the batch system had its final state (e.g. still
+        COMPLETING), ask the backend once more (``final_job_state(job_id) -> str``, if it has one)."""
+        rec = self.ended_job
+        finder = getattr(self, "final_job_state", None)
+        if rec.get("job_id") != job_id or rec.get("final_state") in FINAL_STATES or finder is None:
+            return
+        try:
+            state = await finder(job_id)
+        except Exception as e:
+            self.log.warning("%s: final state of job %s unknown: %s", self._log_name, job_id, e)
+            return
+        if state:
+            reason = end_reason(state, rec.get("exit_status"), rec.get("stop_cause", ""), rec.get("broker_reason", ""))
+            self.ended_job = {**rec, "final_state": state, "reason": reason}
 
     # -- spawner API -------------------------------------------------------------------------
     async def start(self) -> str:
         self._stop_cause = ""
         return await super().start()
+
+    async def poll(self) -> int | None:
+        job_id = self.job_id
+        status = await super().poll()
+        if status is not None and job_id:
+            await self._settle_end(job_id)
+        return status
 
     async def stop(self, now: bool = False) -> None:
         if self.job_id and not self._stop_cause:

@@ -11,9 +11,10 @@ spawner's own backend, locally or on the login node)::
 ``GET /hub/session-log/<user>`` (default server) or ``/hub/session-log/<user>/<server>``: a
 page with the last :data:`PAGE_LINES` lines of the output of the server's current job, or of
 its last ended job; ``?download=1`` returns the log as a file (its last
-``job_log_download_max_bytes`` bytes). Deny by default: only the server's owner and hub admins
-get it; any other signed-in user gets 403, and a user or server that does not exist is 404 for
-them too (so names cannot be probed). The page is not cached (``Cache-Control: no-store``).
+``job_log_download_max_bytes`` bytes). Deny by default: only the server's owner (a signed-in
+user of that name) and whoever holds ``admin:servers`` on that user (hub admins, the admin role,
+or a role that grants it for the user or their group) get it; anyone else gets 403, also for a
+user or server that does not exist (so names cannot be probed). The page is not cached (``Cache-Control: no-store``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from jupyterhub.handlers.base import BaseHandler
+from jupyterhub.user import User
 from tornado import web
 
 __all__ = ["HANDLERS", "PAGE_LINES", "SessionLogHandler"]
@@ -43,8 +45,8 @@ class SessionLogHandler(BaseHandler):
         current = self.current_user
         if current is None:  # pragma: no cover - web.authenticated redirects first
             raise web.HTTPError(403)
-        allowed = current.name == user_name or bool(getattr(current, "admin", False))
-        if not allowed:
+        owner = isinstance(current, User) and current.name == user_name
+        if not (owner or self.has_scope(f"admin:servers!user={user_name}")):
             raise web.HTTPError(403, "the job log is for the server's owner and hub admins only")
         user = self.find_user(user_name)
         if user is None or server_name not in user.orm_user.orm_spawners:

@@ -54,6 +54,7 @@ import pwd
 import re
 import shlex
 import sys
+import time
 from typing import Any
 
 from batchspawner import SlurmSpawner
@@ -63,7 +64,7 @@ from traitlets import Bool, Enum, Float, Integer, Unicode, default
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
 from .remote import CommandRunner, LocalRunner, LoginNodeRunner, RunnerError
-from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
+from .slurm_poller import GONE, JobInfo, SlurmJobPoller, SlurmQueryError
 
 __all__ = ["SlurmBrokerSpawner"]
 
@@ -429,6 +430,28 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         if not self.job_id:
             return ""
         return await self.tail_file(self.job_output_file(self.job_id), max_lines) or ""
+
+    async def final_job_state(self, job_id: str, wait: float = 10.0) -> str:
+        """Slurm's final state of an ended job (``TIMEOUT``, ``CANCELLED``, ``NODE_FAIL``, ...),
+        asking the shared poller for up to *wait* seconds while the job is still completing;
+        "" when it is not known (e.g. already purged from squeue after ``MinJobAge``)."""
+        deadline = time.monotonic() + wait
+        self.poller.watch(job_id)
+        try:
+            while True:
+                try:
+                    info = await self.poller.status(job_id, fresh=True)
+                except SlurmQueryError:
+                    return ""
+                if info.state == GONE:
+                    return ""
+                if info.is_finished:
+                    return info.state
+                if time.monotonic() >= deadline:
+                    return ""
+                await asyncio.sleep(1.0)
+        finally:
+            self.poller.unwatch(job_id)
 
     def job_output_file(self, job_id: str) -> str:
         """The job's output file (``--output``) where the batch commands run ("" for a non-Slurm id)."""

@@ -55,6 +55,10 @@ class TimeLeftItem extends Widget {
     this.tick();
   }
 
+  endText(): string {
+    return this.end === null ? '' : new Date(this.end * 1000).toLocaleTimeString();
+  }
+
   setWarning(on: boolean): void {
     this.toggleClass('jp-hpc-TimeLeft-warning', on);
   }
@@ -95,10 +99,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const onWarning = async (message: string): Promise<void> => {
       warned = true;
       item.setWarning(true);
+      const end = item.endText();
       Notification.warning(
-        `Your server's batch job is close to its time limit (${message}). All open documents are being saved.`,
+        `This server's batch job is close to its time limit${end ? ` (ends ${end})` : ''}: ` +
+          'open documents are being saved.',
         { autoClose: false }
       );
+      console.info(`jupyterhub-hpc-timeleft: walltime warning: ${message}`);
       try {
         await app.commands.execute(SAVE_ALL);
         console.info('jupyterhub-hpc-timeleft: saved all open documents');
