@@ -62,6 +62,7 @@ class SessionLogHandler(BaseHandler):
             if text is None:
                 raise web.HTTPError(404, f"the output of job {job_id} cannot be read")
             self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.set_header("X-Content-Type-Options", "nosniff")
             self.set_header("Content-Disposition", f'attachment; filename="job-{job_id}.log"')
             self.finish(text)
             return

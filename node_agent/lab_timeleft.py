@@ -87,9 +87,14 @@ class JobEnd:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
             )
-            out, _ = await asyncio.wait_for(proc.communicate(), 10)
-        except (OSError, asyncio.TimeoutError):
+        except OSError:
             self._squeue_works = False  # e.g. no Slurm client in the container
+            return
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
             return
         if proc.returncode == 0:
             self._squeue_end = parse_squeue_end(out.decode(errors="replace"))
