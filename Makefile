@@ -59,7 +59,7 @@ images: labextension
 
 ## JupyterLab's time-left extension: labextension/ built into labextension/built/ (the wheel's data
 ## files; node_modules cached outside the checkout, LABEXT_CACHE) and installed into the venv
-LABEXT_SRC := labextension/package.json labextension/tsconfig.json labextension/jupyterhub-hpc-timeleft.json $(wildcard labextension/src/*.ts labextension/style/*)
+LABEXT_SRC := labextension/package.json labextension/package-lock.json labextension/tsconfig.json labextension/jupyterhub-hpc-timeleft.json $(wildcard labextension/src/*.ts labextension/style/*)
 labextension/built/package.json: $(LABEXT_SRC) | $(VENV)/.installed
 	PATH="$(abspath $(NODE_PREFIX))/node_modules/.bin:$$PATH" PYTHON="$(abspath $(PY))" bash scripts/build-labextension.sh --into $(VENV)
 

@@ -5,9 +5,11 @@
 #   scripts/build-labextension.sh [--into VENV]
 #
 # node_modules live OUTSIDE the checkout, in $LABEXT_CACHE (default
-# $XDG_CACHE_HOME/jupyterhub-hpc-broker/labextension-node), reinstalled only when package.json
-# changes; labextension/node_modules is a symlink to it. Needs node/npm on PATH and a Python with
-# JupyterLab 4 ($PYTHON, default: the checkout's .venv/bin/python) for `jupyter labextension build`.
+# $XDG_CACHE_HOME/jupyterhub-hpc-broker/labextension-node), installed with `npm ci` from
+# package-lock.json, again only when package.json or the lock file changes;
+# labextension/node_modules is a symlink to it. Needs node/npm on PATH and a Python with
+# JupyterLab 4 ($PYTHON, default: the checkout's .venv/bin/python) for the build
+# (jupyter-builder, or `jupyter labextension build` before JupyterLab 4.6).
 # --into VENV also installs the built extension and its server-side switch into VENV (what
 # installing the wheel does), for `make demo` on an editable install.
 set -euo pipefail
@@ -23,9 +25,10 @@ command -v npm >/dev/null || { echo "build-labextension: npm not found on PATH (
 "$PYTHON" -c 'import jupyterlab' 2>/dev/null || { echo "build-labextension: $PYTHON has no jupyterlab (make venv first, or set PYTHON)" >&2; exit 3; }
 
 mkdir -p "$CACHE"
-if ! cmp -s labextension/package.json "$CACHE/package.json" || [ ! -d "$CACHE/node_modules" ]; then
-    cp labextension/package.json "$CACHE/package.json"
-    (cd "$CACHE" && npm install --no-audit --no-fund --loglevel=error)
+if ! cmp -s labextension/package.json "$CACHE/package.json" || ! cmp -s labextension/package-lock.json "$CACHE/package-lock.json" \
+        || [ ! -d "$CACHE/node_modules" ]; then
+    cp labextension/package.json labextension/package-lock.json "$CACHE/"
+    (cd "$CACHE" && npm ci --no-audit --no-fund --loglevel=error)  # exactly the versions of the lock file
 fi
 ln -sfn "$CACHE/node_modules" labextension/node_modules
 
