@@ -2,7 +2,7 @@
 # Build JupyterLab's time-left extension (labextension/) into labextension/built/, the directory
 # the wheel's data files come from (pyproject.toml [tool.setuptools.data-files]); `make labextension`.
 #
-#   scripts/build-labextension.sh [--into VENV]
+#   scripts/build-labextension.sh
 #
 # node_modules live OUTSIDE the checkout, in $LABEXT_CACHE (default
 # $XDG_CACHE_HOME/jupyterhub-hpc-broker/labextension-node), installed with `npm ci` from
@@ -10,16 +10,12 @@
 # labextension/node_modules is a symlink to it. Needs node/npm on PATH and a Python with
 # JupyterLab 4 ($PYTHON, default: the checkout's .venv/bin/python) for the build
 # (jupyter-builder, or `jupyter labextension build` before JupyterLab 4.6).
-# --into VENV also installs the built extension and its server-side switch into VENV (what
-# installing the wheel does), for `make demo` on an editable install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 CACHE=${LABEXT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jupyterhub-hpc-broker/labextension-node}
 NAME=jupyterhub-hpc-timeleft
-INTO=""
-if [ "${1:-}" = "--into" ]; then INTO=${2:?--into needs a directory}; fi
 
 command -v npm >/dev/null || { echo "build-labextension: npm not found on PATH (Debian: apt-get install npm, or node from .node)" >&2; exit 3; }
 "$PYTHON" -c 'import jupyterlab' 2>/dev/null || { echo "build-labextension: $PYTHON has no jupyterlab (make venv first, or set PYTHON)" >&2; exit 3; }
@@ -46,10 +42,3 @@ fi
 test -f built/package.json && ls built/static/remoteEntry.*.js >/dev/null
 echo "build-labextension: built labextension/built/ ($(du -sk built | cut -f1) KiB)"
 
-if [ -n "$INTO" ]; then
-    rm -rf "$INTO/share/jupyter/labextensions/$NAME"
-    mkdir -p "$INTO/share/jupyter/labextensions" "$INTO/etc/jupyter/jupyter_server_config.d"
-    cp -r built "$INTO/share/jupyter/labextensions/$NAME"
-    cp "$NAME.json" "$INTO/etc/jupyter/jupyter_server_config.d/$NAME.json"
-    echo "build-labextension: installed into $INTO"
-fi
