@@ -12,7 +12,9 @@ spawner with :class:`~hub_plugin.options.ResourceOptionsMixin`; it needs
   that ends a job goes through it: the job died, the hub stopped it, the walltime ran out, the
   start failed) from what is known then: the batch system's final state (Slurm keeps finished
   jobs visible to ``squeue -t all`` for ``MinJobAge``), the exit status the node agent reported to
-  the broker, and whether the hub asked for the stop. :func:`end_reason` words it. The record is
+  the broker, and whether the hub asked for the stop. :func:`end_reason` words it. A job let go
+  while still completing is "ending" until ``poll()`` has asked the backend for its final state
+  (``final_job_state``; Slurm: a few seconds). The record is
   kept in the spawner's state (``get_state``/``load_state``) until the next job ends, so it
   survives hub restarts and shows for named servers too.
 * The job's output log is read by :meth:`SessionCardMixin.read_job_output` (the backend's
@@ -36,6 +38,10 @@ else:
     _Base = BatchSpawnerAPI
 
 __all__ = ["SessionCardMixin", "end_reason"]
+
+#: How long a card says "ending" while the batch system's final state is asked for (after that,
+#: e.g. when the hub restarted meanwhile, it says "ended" with what is known).
+SETTLE_SHOW_S = 60.0
 
 #: The batch system's final job state -> what the card says (Slurm's names; others fall through).
 FINAL_STATES = {
@@ -147,7 +153,9 @@ class SessionCardMixin(_Base):
             card["walltime"] = (walltime() if walltime and card["state"] != "queued" else {}) or {}
             return card
         if self.ended_job:
-            return {"state": "ended", **self.ended_job}
+            rec = dict(self.ended_job)
+            settling = rec.pop("settling", False) and time.time() - float(rec.get("ended_at") or 0) < SETTLE_SHOW_S
+            return {**rec, "state": "ending" if settling else "ended"}
         return {}
 
     def _end_record(self) -> dict[str, Any]:
@@ -156,11 +164,14 @@ class SessionCardMixin(_Base):
         s = self.last_session or {}
         exit_status = s.get("exit_status")
         broker_reason = str(s.get("end_reason") or "")
+        state = final.split()[0] if final else ""
+        settling = state not in FINAL_STATES and getattr(self, "final_job_state", None) is not None
         return {
+            "settling": settling,
             "job_id": self.job_id,
             "partition": self._partition(),
             "node": self._node(),
-            "final_state": final.split()[0] if final else "",
+            "final_state": state,
             "exit_status": exit_status if isinstance(exit_status, int) else None,
             "reason": end_reason(final, exit_status, self._stop_cause, broker_reason),
             "stop_cause": self._stop_cause,
@@ -173,16 +184,19 @@ class SessionCardMixin(_Base):
         COMPLETING), ask the backend once more (``final_job_state(job_id) -> str``, if it has one)."""
         rec = self.ended_job
         finder = getattr(self, "final_job_state", None)
-        if rec.get("job_id") != job_id or rec.get("final_state") in FINAL_STATES or finder is None:
+        if rec.get("job_id") != job_id or not rec.get("settling") or finder is None:
             return
+        state = ""
         try:
             state = await finder(job_id)
         except Exception as e:
             self.log.warning("%s: final state of job %s unknown: %s", self._log_name, job_id, e)
-            return
+        rec = {**self.ended_job, "settling": False}
         if state:
             reason = end_reason(state, rec.get("exit_status"), rec.get("stop_cause", ""), rec.get("broker_reason", ""))
-            self.ended_job = {**rec, "final_state": state, "reason": reason}
+            rec.update(final_state=state, reason=reason)
+        self.ended_job = rec
+        self.log.info("%s: job %s ended: %s", self._log_name, job_id, rec.get("reason"))
 
     # -- spawner API -------------------------------------------------------------------------
     async def start(self) -> str:

@@ -102,3 +102,24 @@ async def test_local_backend_reads_its_spool_only(tmp_path):
     assert await s.read_job_output("12", max_bytes=100) == "a\nb\nc\n"
     assert await s.read_job_output("../12") is None  # not a job id: nothing read
     assert await s.read_job_output("13", max_lines=2) is None
+
+
+@pytest.mark.asyncio
+async def test_a_job_let_go_while_completing_is_ending_until_its_final_state_is_known():
+    s = local_spawner()
+    s.final_job_state = mock.AsyncMock(return_value="TIMEOUT")  # what the Slurm backend has
+    s.job_id, s.job_status = "21", "COMPLETING vm"
+    s.last_session = {"state": "closed", "exit_status": 0, "end_reason": "server exited with status 0"}
+    s.clear_state()
+    assert s.session_card()["state"] == "ending"
+    await s._settle_end("21")
+    s.final_job_state.assert_awaited_once_with("21")
+    card = s.session_card()
+    assert card["state"] == "ended" and card["final_state"] == "TIMEOUT" and card["reason"] == "walltime reached"
+    # unknown final state (e.g. purged): ended with what is known
+    s.final_job_state = mock.AsyncMock(return_value="")
+    s.job_id, s.job_status = "22", "COMPLETING vm"
+    s.clear_state()
+    await s._settle_end("22")
+    card = s.session_card()
+    assert card["state"] == "ended" and card["reason"] == "server exited with status 0"

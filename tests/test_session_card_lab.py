@@ -107,12 +107,12 @@ def squeue(job_id: str, fmt: str) -> str:
 
 
 def card_text(page, stack, want: str, timeout: float) -> str:
-    """Reload the home page until the card contains *want*; its text."""
+    """Reload the home page until the card's HTML contains *want*; its text."""
 
     def look() -> str:
         page.goto(stack.public_url + "/hub/home")
-        text = page.inner_text("#session-card") if page.locator("#session-card").count() else ""
-        return text if want in text else ""
+        card = page.locator("#session-card")
+        return card.inner_text() if card.count() and want in card.evaluate("e => e.outerHTML") else ""
 
     return wait_until(look, timeout, interval=1.0, what=f"{want!r} on the session card")
 
@@ -225,8 +225,7 @@ def test_card_log_and_lab_time_left_on_slurm(chromium, stack):
 
         # -- ended: Slurm ends the job at its (now shorter) walltime ---------------------------------
         run(real_binary("scontrol"), "update", f"JobId={job_id}", "TimeLimit=1", check=True)
-        text = card_text(page, stack, "ended", 180)
-        assert page.get_attribute("#session-card", "data-state") == "ended", text
+        text = card_text(page, stack, 'data-state="ended"', 180)
         assert page.inner_text("#session-card .session-end-reason") == "walltime reached", text
         assert job_id in page.inner_text("#session-card .session-job-id")
         assert page.inner_text("#session-card .session-node").strip() == node
