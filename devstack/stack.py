@@ -48,7 +48,9 @@ c.JupyterHub.services = [{{"name": "stack-admin", "api_token": os.environ["STACK
 c.JupyterHub.load_roles = [{{"name": "admin", "services": ["stack-admin"]}}]
 c.JupyterHub.spawner_class = {spawner_class!r}
 import hub_plugin.options
-c.JupyterHub.template_paths = [hub_plugin.options.TEMPLATE_DIR]  # home page: walltime left
+c.JupyterHub.template_paths = [hub_plugin.options.TEMPLATE_DIR]  # home page: session cards
+import hub_plugin.session_log
+c.JupyterHub.extra_handlers = hub_plugin.session_log.HANDLERS  # the cards' job log link
 c.BrokerSpawnerMixin.broker_url = {broker_url!r}
 c.LocalBrokerSpawner.spool_dir = {spool!r}
 c.LocalBrokerSpawner.cancel_grace = 3.0

@@ -202,8 +202,10 @@ class GridEngineBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, Broke
         except ValueError:
             raise ValueError(f"req_runtime {self.req_runtime!r} is not a time (H:MM:SS, MM, D-HH)") from None
 
-    def job_output_path(self) -> str:
-        return str(self.get_req_subvars()["output_file"]).replace("$JOB_ID", self.job_id)
+    def job_output_file(self, job_id: str) -> str:
+        if not re.fullmatch(r"\d+", job_id or ""):
+            return ""
+        return str(self.get_req_subvars()["output_file"]).replace("$JOB_ID", job_id)
 
     def parse_job_id(self, output: str) -> str:
         """``qsub -terse`` prints the id; plain ``qsub`` prints 'Your job ID ("name") has been ...'."""

@@ -24,12 +24,13 @@ import os
 import pwd
 import shlex
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from batchspawner.batchspawner import JobStatus
 from traitlets import Integer, Unicode, default
 
-from .job_poller import JobInfo, JobPoller, JobQueryError
+from .job_poller import GONE, JobInfo, JobPoller, JobQueryError
 from .remote import CommandRunner, LocalRunner, LoginNodeRunner, RunnerError
 from .spawner_api import BatchSpawnerAPI
 
@@ -238,21 +239,49 @@ class SchedulerSpawnerMixin(_Base):
     def state_gethost(self) -> str:
         return (self.job_info.node or "") if self.job_info else ""
 
-    def job_output_path(self) -> str:
-        """Path of this job's output file on the submit host ('' if unknown)."""
+    def job_output_file(self, job_id: str) -> str:
+        """Path of job *job_id*'s output file where the batch commands run ("" when unknown or not
+        one of this scheduler's ids)."""
         return ""
 
+    async def tail_file(self, path: str, max_lines: int = 0, max_bytes: int = 0) -> str | None:
+        """``tail -n``/``tail -c`` of *path* through the runner (locally or on the login node); None
+        when it cannot be read."""
+        what = ["-c", str(int(max_bytes))] if max_bytes > 0 else ["-n", str(int(max_lines or 200))]
+        try:
+            r = await self.runner.run(["tail", *what, "--", path], timeout=30)
+        except RunnerError:
+            return None
+        return r.stdout if r.exit_status == 0 else None
+
     async def job_output_tail(self, max_lines: int = 20) -> str:
-        if not self.job_id:
-            return ""
-        path = self.job_output_path()
+        path = self.job_output_file(self.job_id) if self.job_id else ""
         if not path:
             return ""
+        return await self.tail_file(path, max_lines) or ""
+
+    async def final_job_state(self, job_id: str, wait: float = 10.0) -> str:
+        """The scheduler's final state of an ended job (Slurm: ``TIMEOUT``, ``CANCELLED``,
+        ``NODE_FAIL``, ...), asking the shared poller for up to *wait* seconds while the job is
+        still completing; "" when it is not known (Slurm: purged from squeue after ``MinJobAge``;
+        Grid Engine: finished jobs leave qstat at once)."""
+        deadline = time.monotonic() + wait
+        self.poller.watch(job_id)
         try:
-            r = await self.runner.run(["tail", "-n", str(int(max_lines)), path], timeout=15)
-        except RunnerError:
-            return ""
-        return r.stdout if r.exit_status == 0 else ""
+            while True:
+                try:
+                    info = await self.poller.status(job_id, fresh=True)
+                except JobQueryError:
+                    return ""
+                if info.state == GONE:
+                    return ""
+                if info.is_finished:
+                    return info.state
+                if time.monotonic() >= deadline:
+                    return ""
+                await asyncio.sleep(1.0)
+        finally:
+            self.poller.unwatch(job_id)
 
     # -- spawner API -----------------------------------------------------------------------------
     async def start(self) -> str:

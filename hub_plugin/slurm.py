@@ -287,5 +287,8 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, BrokerSpaw
         finally:
             self.batch_submit_cmd = saved
 
-    def job_output_path(self) -> str:
-        return self.get_req_subvars()["output_file"].replace("%j", self.job_id)
+    def job_output_file(self, job_id: str) -> str:
+        """The job's output file (``--output``) where the batch commands run ("" for a non-Slurm id)."""
+        if not re.fullmatch(r"\d+(_\d+)?", job_id or ""):
+            return ""
+        return str(self.get_req_subvars()["output_file"]).replace("%j", job_id)

@@ -18,6 +18,10 @@ Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
    on the control channel only once the server answers HTTP.
 5. Heartbeat; on a lost connection reconnect with capped, jittered backoff while the server
    keeps running; on SIGTERM/SIGINT pass the signal on; exit with the server's exit status.
+6. On SIGUSR1 (the batch system's walltime warning, ``--signal``): tell the broker, and write the
+   notice file named by ``JUPYTERHUB_WALLTIME_NOTICE_FILE`` in the server's environment (in the
+   private socket directory), which JupyterLab's time-left extension reads
+   (:mod:`node_agent.lab_timeleft`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ HELLO_TIMEOUT_S = 30.0
 
 #: After the server exits, how long the agent still tries to reach the broker to report it.
 EXIT_REPORT_S = 30.0
+
+#: The server's environment names the file the agent writes when the walltime warning arrives.
+WALLTIME_NOTICE_VAR = "JUPYTERHUB_WALLTIME_NOTICE_FILE"
 
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_REFUSED = 77  # EX_NOPERM: the broker refused us (spent/closed session)
@@ -279,6 +286,8 @@ class Agent:
             # jupyter_server refuses --sock together with a non-default port (see environment notes)
             env["JUPYTERHUB_SERVICE_URL"] = rewrite_url_port(env["JUPYTERHUB_SERVICE_URL"], "127.0.0.1", 8888)
         env.setdefault("JUPYTERHUB_SERVICE_PREFIX", "/")
+        if self.sock_dir:
+            env[WALLTIME_NOTICE_VAR] = self.notice_path
         return env
 
     async def start_server(self) -> None:
@@ -405,10 +414,28 @@ class Agent:
             log("passing signal to server", signal=signal.Signals(sig).name)
             self.proc.send_signal(sig)
 
+    @property
+    def notice_path(self) -> str:
+        """The walltime-notice file in the private socket directory (read by the server's
+        :mod:`node_agent.lab_timeleft` extension through ``JUPYTERHUB_WALLTIME_NOTICE_FILE``)."""
+        return os.path.join(self.sock_dir, "walltime-notice.json")
+
     def _walltime_warning(self) -> None:
         log("walltime warning received")
+        message = "the job is close to its time limit"
+        if self.sock_dir:
+            write_notice(self.notice_path, message)
         if self.control is not None:
-            self.control.send({"type": Msg.WALLTIME, "message": "the job is close to its time limit"})
+            self.control.send({"type": Msg.WALLTIME, "message": message})
+
+
+def write_notice(path: str, message: str) -> None:
+    """Write the walltime notice (JSON: message, epoch seconds) atomically, mode 0600."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"message": message, "at": time.time()}, f)
+    os.replace(tmp, path)
 
 
 def run(cmd: list[str]) -> int:

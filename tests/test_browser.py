@@ -12,26 +12,15 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import browser
 from e2e import Hub
 from harness import ARTIFACTS, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SHOTS = os.path.join(ARTIFACTS, "browser")
 
 PROFILES = [
@@ -63,32 +52,6 @@ RECORD_PROGRESS = """
 """
 
 
-@pytest.fixture(scope="module")  # not session: playwright's sync API keeps an event loop running while open
-def chromium():
-    """Debian's chromium (installed with apt if missing) and PyPI's playwright."""
-    if not os.path.exists(CHROMIUM):
-        if os.geteuid() != 0:
-            pytest.fail(f"{CHROMIUM} is missing and installing it needs root: apt-get install chromium")
-        subprocess.run(
-            ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
-        )
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], check=True)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 @pytest.fixture(scope="module")
 def stack_options():
     """The module's ``stack`` (conftest.py); this module's screenshots start afresh."""
@@ -106,24 +69,18 @@ def stack_options():
             f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
             # so that the home page's warning shows for a 45-minute session
             "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"
+            # a session card per server, named ones too
+            "c.JupyterHub.allow_named_servers = True\n"
         ),
     )
 
 
 def shot(page, name: str) -> None:
-    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+    browser.shot(page, SHOTS, name)
 
 
 def login(context, stack, user: str):
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(stack.public_url + "/hub/login")
-    page.fill("#username_input", user)
-    page.fill("#password_input", stack.password)
-    shot(page, f"{user}-01-login")
-    page.click("#login_submit")
-    page.wait_for_load_state()
-    return page
+    return browser.login(context, stack, user, SHOTS)
 
 
 def test_login_options_progress_lab_and_stop(chromium, stack):
@@ -263,5 +220,54 @@ def test_invalid_choice_is_shown_in_the_form(chromium, stack):
         shot(page, f"{user}-02-invalid-gpu")
         _, info = hub.api(hub.user_path(user))
         assert not info.get("servers"), info  # nothing was started
+    finally:
+        context.close()
+
+
+def test_a_session_card_per_server_named_too(chromium, stack):
+    """The home page has a card per server, each with its job, node, state and time left; a
+    stopped named server keeps its last job's card, "ended" with the reason."""
+    hub = Hub(stack)
+    user = "carol"
+    context = chromium.new_context(viewport={"width": 1280, "height": 1100})
+    try:
+        page = login(context, stack, user)
+        for name in ("", "second"):
+            path = hub.user_path(user) + ("/server" if not name else f"/servers/{name}")
+            status, body = hub.api(path, "POST", {"profile": "small"})
+            assert status in (201, 202), (status, body)
+
+        def both_running():
+            servers = hub.api(hub.user_path(user))[1].get("servers", {})
+            return all(servers.get(n, {}).get("ready") for n in ("", "second"))
+
+        wait_until(both_running, 120, interval=0.5, what="both servers ready")
+        page.goto(stack.public_url + "/hub/home")
+        cards = page.locator("#session-cards .session-card")
+        assert cards.count() == 2
+        jobs = set()
+        for name in ("", "second"):
+            card = page.locator(f'#session-cards .session-card[data-server-name="{name}"]')
+            assert card.get_attribute("data-state") == "running"
+            assert "Time left:" in card.locator(".walltime").inner_text()
+            assert card.locator(".session-node").inner_text().strip()  # this machine's name
+            jobs.add(card.locator(".session-job-id").inner_text().strip())
+        assert len(jobs) == 2 and all(j.isdigit() for j in jobs), jobs
+        shot(page, f"{user}-01-two-cards")
+
+        status, _ = hub.api(hub.user_path(user) + "/servers/second", "DELETE")
+        assert status in (202, 204)
+        wait_until(
+            lambda: "second" not in hub.api(hub.user_path(user))[1].get("servers", {}), 60, what="second to stop"
+        )
+        page.goto(stack.public_url + "/hub/home")
+        ended = page.locator('#session-cards .session-card[data-server-name="second"]')
+        assert ended.get_attribute("data-state") == "ended"
+        assert "stopped from the hub" in ended.locator(".session-end-reason").inner_text()
+        assert (
+            page.locator('#session-cards .session-card[data-server-name=""]').get_attribute("data-state") == "running"
+        )
+        shot(page, f"{user}-02-named-ended")
+        hub.stop(user)
     finally:
         context.close()

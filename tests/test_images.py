@@ -119,3 +119,19 @@ def test_python_in_the_image_is_the_images(cpu_build: dict[str, object]) -> None
     version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
     assert version and p["dist_version"] == version.group(1)
     assert ".whl" in json.loads(p["direct_url"] or "{}").get("url", ""), p["direct_url"]
+
+
+def test_jupyterlab_time_left_extension_in_the_image(cpu_build: dict[str, object]) -> None:
+    """``make images`` builds JupyterLab's time-left extension first and the wheel carries it: the
+    image's JupyterLab lists it enabled, and its server side is enabled in jupyter_server."""
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    def lines(*argv: str) -> list[str]:
+        r = subprocess.run([*CONTAINED, str(SIF), *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return ansi.sub("", r.stdout + r.stderr).splitlines()
+
+    lab = [line for line in lines("jupyter", "labextension", "list") if "jupyterhub-hpc-timeleft" in line]
+    assert lab and "enabled" in lab[0] and "OK" in lab[0], lab
+    server = [line.split() for line in lines("jupyter", "server", "extension", "list")]
+    assert ["node_agent.lab_timeleft", "enabled"] in server, server
