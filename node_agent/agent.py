@@ -21,7 +21,7 @@ Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
 6. On SIGUSR1 (the batch system's walltime warning, ``--signal``): tell the broker, and write the
    notice file named by ``JUPYTERHUB_WALLTIME_NOTICE_FILE`` in the server's environment (in the
    private socket directory), which JupyterLab's time-left extension reads
-   (:mod:`node_agent.lab_timeleft`).
+   (:mod:`lab_timeleft`).
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ class Agent:
     @property
     def notice_path(self) -> str:
         """The walltime-notice file in the private socket directory (read by the server's
-        :mod:`node_agent.lab_timeleft` extension through ``JUPYTERHUB_WALLTIME_NOTICE_FILE``)."""
+        :mod:`lab_timeleft` extension through ``JUPYTERHUB_WALLTIME_NOTICE_FILE``)."""
         return os.path.join(self.sock_dir, "walltime-notice.json")
 
     def _walltime_warning(self) -> None:

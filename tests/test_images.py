@@ -134,4 +134,4 @@ def test_jupyterlab_time_left_extension_in_the_image(cpu_build: dict[str, object
     lab = [line for line in lines("jupyter", "labextension", "list") if "jupyterhub-hpc-timeleft" in line]
     assert lab and "enabled" in lab[0] and "OK" in lab[0], lab
     server = [line.split() for line in lines("jupyter", "server", "extension", "list")]
-    assert ["node_agent.lab_timeleft", "enabled"] in server, server
+    assert ["lab_timeleft", "enabled"] in server, server

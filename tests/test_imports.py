@@ -19,7 +19,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("broker", "node_agent", "hub_plugin", "wire")
+PACKAGES = ("broker", "node_agent", "hub_plugin", "wire", "lab_timeleft")
 #: What each node-side package may import besides the standard library and itself.
 NODE_SIDE = {"node_agent": {"wire", "asyncssh", "tomli"}, "wire": {"asyncssh"}}
 #: Node-side modules that import the standard library only.

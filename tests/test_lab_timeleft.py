@@ -1,4 +1,4 @@
-"""The server side of JupyterLab's time-left extension (node_agent/lab_timeleft.py) and the
+"""The server side of JupyterLab's time-left extension (lab_timeleft/) and the
 walltime notice the node agent writes for it (node_agent/agent.py): pure parts, real files.
 The extension in a browser, with the agent signalled by Slurm: test_session_card_lab.py."""
 
@@ -8,8 +8,8 @@ import os
 import stat
 from datetime import datetime
 
+from lab_timeleft import NOTICE_VAR, end_from_env, parse_squeue_end, read_notice
 from node_agent.agent import WALLTIME_NOTICE_VAR, write_notice
-from node_agent.lab_timeleft import NOTICE_VAR, end_from_env, parse_squeue_end, read_notice
 
 
 def test_the_notice_the_agent_writes_is_what_the_server_reads(tmp_path):

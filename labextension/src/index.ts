@@ -1,7 +1,7 @@
 /**
  * jupyterhub-hpc-timeleft: the batch job's time left in JupyterLab's status bar.
  *
- * Reads `GET <base_url>api/hpc/timeleft` (node_agent/lab_timeleft.py) every POLL_MS:
+ * Reads `GET <base_url>api/hpc/timeleft` (lab_timeleft/) every POLL_MS:
  *  - `end` null (no batch job or no time limit): nothing is shown;
  *  - otherwise a status-bar item "time left H:MM" counts down every second (its title has the
  *    end time and the seconds left; `data-seconds-left` carries them for tests and styling);

@@ -107,7 +107,7 @@ class JobEnd:
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    return [{"module": "node_agent.lab_timeleft"}]
+    return [{"module": "lab_timeleft"}]
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
