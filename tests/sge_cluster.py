@@ -1,7 +1,7 @@
 """The project's single-host Grid Engine cell for the Grid Engine end-to-end tests
 (test_e2e_sge.py).
 
-``sge_cluster`` (module fixture): if ``qstat`` does not answer, runs ``scripts/sge.sh start``
+``sge_cluster`` (module fixture): as root, runs ``scripts/sge.sh start`` (else needs a running cell)
 (idempotent; apt-installs Son of Grid Engine when missing; needs root, else the test is skipped).
 It runs beside the project's Slurm and never touches it. Every job of a test run gets the job
 name :data:`JOB_TAG`; ``qdel_leftover_jobs`` deletes them after each test of a module that uses it.
@@ -68,7 +68,10 @@ def qdel_tagged() -> None:
 
 @pytest.fixture(scope="module")
 def sge_cluster() -> Iterator[None]:
-    if not qstat_answers() or ge("qconf", "-sq", QUEUE).returncode != 0:
+    # as root: always `sge.sh start` (idempotent, ~7 s): it also restarts an execd that died while
+    # the qmaster still answers (the queue instance is then "unknown" and nothing ever starts),
+    # and returns once a real job has run
+    if os.geteuid() == 0 or not qstat_answers() or ge("qconf", "-sq", QUEUE).returncode != 0:
         if os.geteuid() != 0:
             pytest.skip("Grid Engine is not running and starting it needs root")
         r = run("bash", str(SGE_SH), "start", timeout=900)
