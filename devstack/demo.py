@@ -97,12 +97,17 @@ def main() -> int:
         print(f"demo: failed to start: {exc}", file=sys.stderr)
         stack.stop()
         return 1
+    # `broker status` from where the demo was started (the project root with `make demo`), too
+    here = stack.write_broker_config(os.getcwd())
+    status_hint = f"cd {os.path.relpath(stack.workdir)} && broker status"
+    if here:
+        status_hint = f"broker status   (or: {status_hint})"
     print(
         textwrap.dedent(f"""
         JupyterHub is up: {stack.public_url}/
           log in with any user name and the password: {password}
           press Start: the notebook runs as a {job_kind} job behind the broker's tunnel.
-          live tunnels:  cd {os.path.relpath(stack.workdir)} && broker status
+          live tunnels:  {status_hint}
         Ctrl-C stops everything.
         """),
         flush=True,
