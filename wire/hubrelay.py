@@ -125,6 +125,11 @@ class _FilteredLocalConnection(_FilteringClient, _HubSideConnection):
         super().__init__(listener)
         self._setup_filter(HubApiExchange(listener.policy, listener.bucket), listener.on_refused)
 
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        if self._held_back(data):  # the channel is not open yet (see wire.tunnel)
+            return
+        super().data_received(data, datatype)
+
     def _channel_side(self) -> SSHForwarder:
         return _ObservedHub(self)
 

@@ -10,9 +10,17 @@ on the agent being connected: a hub-side connection that arrives while the agent
 
 When the agent's remote-forward request is granted, the SSH server *attaches* a
 :class:`Tunnel` (the agent's SSH connection and the forward it asked for); each accepted
-connection then opens one ``forwarded-tcpip`` channel on it. Reading from the hub-side socket
-is paused until the channel is open, and asyncssh's window flow control pauses it whenever
-the agent is slower than the hub side, so memory stays bounded per connection.
+connection then opens one ``forwarded-tcpip`` channel on it. Bytes that arrive before the
+channel is open are kept (reading is paused at the first of them, so at most one read is held)
+and sent first once it opens; asyncssh's window flow control pauses reading whenever the agent
+is slower than the hub side, so memory stays bounded per connection.
+
+Reading is *not* paused in ``connection_made``: on some Python releases (Debian 12's 3.11.2, the
+shipped image's interpreter; not 3.11.7) asyncio's socket transport starts reading right after
+``connection_made`` even when it paused reading there, and marks itself paused, so later
+``pause_reading()`` calls do nothing. The bytes then came in with no channel to take them and
+were lost (issue 14: the notebook server's first hub-API request, sent while the agent's channel
+open was still on its way to the broker; tests/test_relay_early_bytes.py).
 """
 
 from __future__ import annotations
@@ -53,12 +61,22 @@ class _HubSideConnection(SSHForwarder):
     def __init__(self, listener: SessionListener):
         super().__init__()
         self._listener = listener
+        self._channel_open = False
+        self._early = bytearray()  # bytes received before the channel was open
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        transport.pause_reading()  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername") or ("", 0)
         self._listener.spawn(self._forward(peer[0], peer[1]))
+
+    def _held_back(self, data: bytes) -> bool:
+        """Keep *data* if the channel is not open yet (and stop reading until it is); True if kept."""
+        if self._channel_open:
+            return False
+        self._early += data
+        if self._transport is not None:
+            self._transport.pause_reading()
+        return True
 
     async def _forward(self, orig_host: str, orig_port: int) -> None:
         tunnel = await self._listener.wait_for_tunnel()
@@ -82,15 +100,22 @@ class _HubSideConnection(SSHForwarder):
         if self._transport is None:  # hub side went away meanwhile
             self.close()
             return
+        self._channel_open = True
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self.data_received(early)
         if self._eof_received and self._peer:
             self._peer.write_eof()
-        self._transport.resume_reading()
+        if self._transport is not None:
+            self._transport.resume_reading()
 
     def _channel_side(self) -> SSHForwarder:
         """The protocol of this connection's SSH channel (its peer)."""
         return SSHForwarder(self)
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
+        if self._held_back(data):
+            return
         self._listener.bytes_in += len(data)
         super().data_received(data, datatype)
 
