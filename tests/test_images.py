@@ -116,8 +116,8 @@ def test_python_in_the_image_is_the_images(cpu_build: dict[str, object]) -> None
     mine = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((REPO / "node_agent").glob("*.py"))}
     assert p["sources"] == mine
     assert p["installer"] == "pip"
-    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
-    assert version and p["dist_version"] == version.group(1)
+    version = re.search(r'^__version__ = "([^"]+)"', (REPO / "wire" / "version.py").read_text(), re.M)
+    assert version and p["dist_version"] == version.group(1)  # the one version (wire/version.py)
     assert ".whl" in json.loads(p["direct_url"] or "{}").get("url", ""), p["direct_url"]
 
 
