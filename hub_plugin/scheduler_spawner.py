@@ -260,10 +260,11 @@ class SchedulerSpawnerMixin(_Base):
             return ""
         return await self.tail_file(path, max_lines) or ""
 
-    async def final_job_state(self, job_id: str, wait: float = 10.0) -> str:
+    async def final_job_state(self, job_id: str, wait: float = 40.0) -> str:
         """The scheduler's final state of an ended job (Slurm: ``TIMEOUT``, ``CANCELLED``,
         ``NODE_FAIL``, ...), asking the shared poller for up to *wait* seconds while the job is
-        still completing; "" when it is not known (Slurm: purged from squeue after ``MinJobAge``;
+        still completing (Slurm keeps a job COMPLETING up to KillWait, 30 s by default, and longer on a
+        busy node; the session card shows "ending" meanwhile); "" when it is not known (Slurm: purged from squeue after ``MinJobAge``;
         Grid Engine: finished jobs leave qstat at once)."""
         deadline = time.monotonic() + wait
         self.poller.watch(job_id)
