@@ -197,6 +197,21 @@ class SessionCardMixin(_Base):
             rec.update(final_state=state, reason=reason)
         self.ended_job = rec
         self.log.info("%s: job %s ended: %s", self._log_name, job_id, rec.get("reason"))
+        self._persist_ended_job()
+
+    def _persist_ended_job(self) -> None:
+        """Write the settled record into the hub's database now: the hub may already have saved
+        this (stopped) server's state with the record still settling, and the home page of a
+        stopped server reads only the database."""
+        orm_spawner = getattr(self, "orm_spawner", None)
+        db = getattr(self, "db", None)
+        if orm_spawner is None or db is None:
+            return
+        try:
+            orm_spawner.state = {**(orm_spawner.state or {}), "ended_job": dict(self.ended_job)}
+            db.commit()
+        except Exception as e:  # the card must never break polling or stopping
+            self.log.warning("%s: could not save the ended job: %s", self._log_name, e)
 
     # -- spawner API -------------------------------------------------------------------------
     async def start(self) -> str:

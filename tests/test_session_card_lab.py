@@ -225,7 +225,11 @@ def test_card_log_and_lab_time_left_on_slurm(chromium, stack):
 
         # -- ended: Slurm ends the job at its (now shorter) walltime ---------------------------------
         run(real_binary("scontrol"), "update", f"JobId={job_id}", "TimeLimit=1", check=True)
-        text = card_text(page, stack, 'data-state="ended"', 180)
+        card_text(page, stack, 'data-state="ended"', 180)
+        # the hub may show the ended card a moment before it has Slurm's final state (COMPLETING
+        # -> TIMEOUT); the reason must become the walltime within the settle window
+        text = card_text(page, stack, "walltime reached", 60)
+        assert page.get_attribute("#session-card", "data-state") == "ended", text
         assert page.inner_text("#session-card .session-end-reason") == "walltime reached", text
         assert job_id in page.inner_text("#session-card .session-job-id")
         assert page.inner_text("#session-card .session-node").strip() == node
