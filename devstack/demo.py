@@ -30,39 +30,36 @@ from .stack import PROXIES, Stack
 DEMO_SLURM_JOB_NAME = "jupyterhub-demo"
 
 
-def slurm_demo_settings(workdir: str) -> dict[str, Any] | None:
-    """Bring up the project's single-node Slurm (scripts/slurm.sh start) and configure the hub for it."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm.sh")
-    print("Starting the single-node Slurm (scripts/slurm.sh start; installs it with apt if needed) ...", flush=True)
-    r = subprocess.run(["bash", script, "start"])
-    if r.returncode != 0:
-        print("demo: scripts/slurm.sh start failed (it needs root on Debian/Ubuntu)", file=sys.stderr)
+def _scheduler_settings(workdir: str, script: str, what: str, spawner: str, out: str) -> dict[str, Any] | None:
+    """Bring up one of the project's schedulers (``scripts/<script> start``, which installs it with
+    apt if needed) and configure the hub's *spawner* for it, job output in ``<workdir>/<out>``."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", script)
+    print(f"Starting the {what} (scripts/{script} start; installs it with apt if needed) ...", flush=True)
+    if subprocess.run(["bash", path, "start"]).returncode != 0:
+        print(f"demo: scripts/{script} start failed (it needs root on Debian/Ubuntu)", file=sys.stderr)
         return None
-    out_dir = os.path.join(os.path.abspath(workdir), "slurm-out")
+    out_dir = os.path.join(os.path.abspath(workdir), out)
     os.makedirs(out_dir, exist_ok=True)
     os.chmod(out_dir, 0o1777)
+    cls = spawner.rsplit(".", 1)[1]
     return {
-        "spawner_class": "hub_plugin.slurm.SlurmBrokerSpawner",
-        "extra_hub_config": f"c.SlurmBrokerSpawner.req_output_dir = {out_dir!r}\n"
-        f"c.SlurmBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n",
+        "spawner_class": spawner,
+        "extra_hub_config": f"c.{cls}.req_output_dir = {out_dir!r}\nc.{cls}.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n",
     }
+
+
+def slurm_demo_settings(workdir: str) -> dict[str, Any] | None:
+    """The project's single-node Slurm (scripts/slurm.sh start) and the hub configured for it."""
+    return _scheduler_settings(
+        workdir, "slurm.sh", "single-node Slurm", "hub_plugin.slurm.SlurmBrokerSpawner", "slurm-out"
+    )
 
 
 def sge_demo_settings(workdir: str) -> dict[str, Any] | None:
-    """Bring up the project's single-host Grid Engine cell (scripts/sge.sh start) and configure the hub for it."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sge.sh")
-    print("Starting the single-host Grid Engine (scripts/sge.sh start; installs it with apt if needed) ...", flush=True)
-    if subprocess.run(["bash", script, "start"]).returncode != 0:
-        print("demo: scripts/sge.sh start failed (it needs root on Debian/Ubuntu)", file=sys.stderr)
-        return None
-    out_dir = os.path.join(os.path.abspath(workdir), "sge-out")
-    os.makedirs(out_dir, exist_ok=True)
-    os.chmod(out_dir, 0o1777)
-    return {
-        "spawner_class": "hub_plugin.gridengine.GridEngineBrokerSpawner",
-        "extra_hub_config": f"c.GridEngineBrokerSpawner.req_output_dir = {out_dir!r}\n"
-        f"c.GridEngineBrokerSpawner.req_job_name = {DEMO_SLURM_JOB_NAME!r}\n",
-    }
+    """The project's single-host Grid Engine cell (scripts/sge.sh start) and the hub configured for it."""
+    return _scheduler_settings(
+        workdir, "sge.sh", "single-host Grid Engine", "hub_plugin.gridengine.GridEngineBrokerSpawner", "sge-out"
+    )
 
 
 #: BACKEND -> (settings for the Stack, or None if the scheduler did not start; what a job is called)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -268,3 +270,15 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def local_job_state(stack: Stack, job_id: str) -> str:
+    """What the local batch system (``hub_plugin.localbatch query``) says of *job_id* in *stack*'s spool."""
+    spool = os.path.join(stack.workdir, "spool")
+    argv = [sys.executable, "-m", "hub_plugin.localbatch", "query", "--spool", spool, job_id]
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+
+def local_job_running(stack: Stack, job_id: str) -> bool:
+    """Whether the local batch system still has *job_id* running or pending."""
+    return local_job_state(stack, job_id).startswith(("RUNNING", "PENDING"))

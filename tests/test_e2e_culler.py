@@ -16,15 +16,12 @@ Activity reaches the hub by two paths, and each kept server here is kept by one 
 from __future__ import annotations
 
 import datetime
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
-from e2e import Hub
+from e2e import Hub, local_job_running
 from harness import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -63,23 +60,6 @@ def stack_options():
 @pytest.fixture(scope="module")
 def hub(stack):
     return Hub(stack)
-
-
-def local_job_running(stack, job_id: str) -> bool:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub_plugin.localbatch",
-            "query",
-            "--spool",
-            os.path.join(stack.workdir, "spool"),
-            job_id,
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.startswith(("RUNNING", "PENDING"))
 
 
 def server_model(hub, user: str) -> dict:

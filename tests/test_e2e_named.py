@@ -13,7 +13,7 @@ import pytest
 
 from hub_plugin.status_service import render_rows
 
-from e2e import Hub, alive
+from e2e import Hub, alive, local_job_running
 from harness import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -35,23 +35,6 @@ def stack_options():
 @pytest.fixture(scope="module")
 def hub(stack):
     return Hub(stack)
-
-
-def local_job_running(stack, job_id: str) -> bool:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub_plugin.localbatch",
-            "query",
-            "--spool",
-            os.path.join(stack.workdir, "spool"),
-            job_id,
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.startswith(("RUNNING", "PENDING"))
 
 
 def broker_status(stack, *args: str) -> str:
