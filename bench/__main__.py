@@ -1,6 +1,7 @@
 """``python -m bench`` (``make bench``): every benchmark in one run (~15-18 min on 2 cores).
 
-Parts: tunnel vs OpenSSH, spawn-to-ready (local backend), spawn-to-ready on real Slurm vs stock
+Parts: tunnel vs OpenSSH, the user path (jupyterhub-singleuser behind tunnel / ssh -R / direct,
+each behind CHP), spawn-to-ready (local backend), spawn-to-ready on real Slurm vs stock
 batchspawner, scheduler load (squeue calls/min with 100 sessions), scale (10k agents).
 Writes bench/results/summary.json and summary.md. Options::
 
@@ -11,6 +12,8 @@ Writes bench/results/summary.json and summary.md. Options::
     --skip-squeue       skip the scheduler-load part (100 held Slurm jobs, 60 s)
     --skip-slurm        skip both Slurm parts
     --skip-tunnel       skip the tunnel part
+    --skip-user         skip the user-path part
+    --user-rounds N     interleaved rounds of the user-path part (default 2)
     --out DIR           results directory (default bench/results)
 """
 
@@ -110,6 +113,15 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         ct, co = t["chp_tunnel"], t["chp_openssh"]
         s["chp_tunnel_download_ratio_vs_chp_openssh"] = _ratio(ct["download_mb_s"], co["download_mb_s"])
         s["chp_tunnel_rps_ratio_vs_chp_openssh"] = _ratio(ct["rps_32"], co["rps_32"])
+    up = res.get("user_path")
+    if up:
+        from .user_path import PATHS as USER_PATHS
+        from .user_path import ratios as user_ratios
+
+        for p in USER_PATHS:
+            for k in ("kernel_p50_ms", "kernel_p99_ms", "download_mb_s", "rps_32"):
+                s[f"user_{p}_{k}"] = up[p][k]
+        s.update(user_ratios(up))
     sp = res.get("spawn")
     if sp:
         s["spawn_to_ready_local_median_s"] = sp["broker_local"]["median_s"]
@@ -182,6 +194,27 @@ def markdown(out: dict[str, Any]) -> str:
             "tunnel_rps_ratio_vs_openssh",
             "chp_tunnel_download_ratio_vs_chp_openssh",
             "chp_tunnel_rps_ratio_vs_chp_openssh",
+        ):
+            lines.append(f"| {k} | {s[k]} |")
+        lines.append("")
+    up = res.get("user_path")
+    if up:
+        lines += [
+            f"## The user path: jupyterhub-singleuser behind CHP ({up['rounds']} rounds interleaved)",
+            "",
+            f"| path | kernel `1+1` round trip p50 / p99 ms ({up['kernel_runs']} runs) | download {up['file_mib']} MiB via /files/ MB/s | GET /api/contents req/s (32 conns) |",
+            "|---|---:|---:|---:|",
+        ]
+        for p in ("direct", "tunnel", "openssh"):
+            r = up[p]
+            lines.append(
+                f"| {p} | {r['kernel_p50_ms']:.2f} / {r['kernel_p99_ms']:.2f} | {r['download_mb_s']:.0f} | {r['rps_32']:.0f} |"
+            )
+        lines += ["", "| ratio (tunnel vs OpenSSH `ssh -R`, both behind CHP) | value |", "|---|---:|"]
+        for k in (
+            "user_kernel_rtt_added_ratio_vs_openssh",
+            "user_download_ratio_vs_openssh",
+            "user_rps_ratio_vs_openssh",
         ):
             lines.append(f"| {k} | {s[k]} |")
         lines.append("")
@@ -279,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spawns", type=int, default=5)
     ap.add_argument("--skip-tunnel", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip-user", action="store_true")
+    ap.add_argument("--user-rounds", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     scales = sorted({int(x) for x in str(args.scale).split(",") if x.strip() and int(x) > 0})
@@ -294,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "slurm_spawns": 0 if args.skip_slurm else args.slurm_spawns,
         "squeue_load": not (args.skip_slurm or args.skip_squeue),
         "rps_client": "wrk" if client.have_wrk() else "asyncio",
+        "user_path": None if args.skip_user else {"rounds": args.user_rounds, "kernel_runs": 500, "file_mib": 256},
     }
     # children find our packages and the venv's commands
     root = os.path.dirname(HERE)
@@ -317,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes, params["keepalive_n"], params["newconn_n"], params["rps_seconds"], args.rounds
             )
             procs.stop_all()
+        if not args.skip_user:
+            from . import user_path
+
+            log("user path: hub + jupyterhub-singleuser behind the tunnel, ssh -R and direct, each behind CHP")
+            results["user_path"] = user_path.run(tmp, log, rounds=args.user_rounds)
         if args.spawns > 0:
             from . import spawn
 

@@ -95,18 +95,20 @@ def newconn_latency(port: int, prefix: str, n: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(times), "p99_ms": _pct(times, 0.99), "n": n}
 
 
-def download(port: int, prefix: str, nbytes: int) -> float:
-    """MB/s (10^6 bytes) of one GET of *nbytes*, head to last byte."""
+def download(port: int, prefix: str, nbytes: int, path: str = "", headers: dict[str, str] | None = None) -> float:
+    """MB/s (10^6 bytes) of one GET of *nbytes* (of ``big/N``, or of *path*), head to last byte."""
+    path = path or f"big/{nbytes}"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     s = _connect(port)
     try:
         t0 = time.perf_counter()
-        s.sendall(f"GET {prefix}big/{nbytes} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        s.sendall(f"GET {prefix}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
         status, length = _read_response(s, bytearray())
         dt = time.perf_counter() - t0
     finally:
         s.close()
     if status != 200 or length != nbytes:
-        raise RuntimeError(f"download via {prefix}: status {status}, {length} bytes")
+        raise RuntimeError(f"download of {prefix}{path}: status {status}, {length} bytes")
     return nbytes / dt / 1e6
 
 
@@ -139,9 +141,20 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
-def rps_wrk(port: int, prefix: str, conns: int, seconds: float) -> dict[str, float]:
+def rps_wrk(
+    port: int, prefix: str, conns: int, seconds: float, path: str = "small", headers: dict[str, str] | None = None
+) -> dict[str, float]:
+    hdr_args = [a for k, v in (headers or {}).items() for a in ("-H", f"{k}: {v}")]
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{conns}", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{prefix}small"],
+        [
+            "wrk",
+            "-t2",
+            f"-c{conns}",
+            f"-d{seconds:g}s",
+            "--latency",
+            *hdr_args,
+            f"http://127.0.0.1:{port}{prefix}{path}",
+        ],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -161,8 +174,11 @@ def rps_wrk(port: int, prefix: str, conns: int, seconds: float) -> dict[str, flo
     }
 
 
-async def _rps_async(port: int, prefix: str, conns: int, seconds: float) -> dict[str, float]:
-    req = f"GET {prefix}small HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+async def _rps_async(
+    port: int, prefix: str, conns: int, seconds: float, path: str = "small", headers: dict[str, str] | None = None
+) -> dict[str, float]:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    req = f"GET {prefix}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
     done = 0
     deadline = time.monotonic() + seconds
 
@@ -184,7 +200,10 @@ async def _rps_async(port: int, prefix: str, conns: int, seconds: float) -> dict
     return {"rps": done / (time.monotonic() - t0), "non_2xx": 0, "socket_errors": "", "p50_ms": float("nan")}
 
 
-def rps(port: int, prefix: str, conns: int, seconds: float) -> dict[str, float]:
+def rps(
+    port: int, prefix: str, conns: int, seconds: float, path: str = "small", headers: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Requests/s of GET *prefix* + *path* at *conns* keep-alive connections for *seconds*."""
     if have_wrk():
-        return rps_wrk(port, prefix, conns, seconds)
-    return asyncio.run(_rps_async(port, prefix, conns, seconds))
+        return rps_wrk(port, prefix, conns, seconds, path, headers)
+    return asyncio.run(_rps_async(port, prefix, conns, seconds, path, headers))

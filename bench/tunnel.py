@@ -186,6 +186,12 @@ def start_openssh(procs: Procs, tmp: str) -> int:
         if time.monotonic() > deadline:
             raise RuntimeError("openssh-side server did not start")
         time.sleep(0.02)
+    return forward_openssh(procs, sshd_port, d, sock)
+
+
+def forward_openssh(procs: Procs, sshd_port: int, d: str, sock: str) -> int:
+    """``ssh -R 127.0.0.1:P:SOCK`` to the sshd of :func:`_start_sshd` (*d*: its directory); returns P
+    once it accepts connections."""
     fwd_port = free_port()
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     ssh = procs.start(

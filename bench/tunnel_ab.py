@@ -8,8 +8,15 @@ start-up by a ``sitecustomize`` put on ``PYTHONPATH`` of that pair only (the not
 agent starts does not inherit it):
 
 - ``{"window": N, "pktsize": N}`` — ``CHANNEL_WINDOW`` / ``CHANNEL_MAX_PKTSIZE`` of
-  ``broker.tunnel`` (broker side) and ``node_agent.agent`` (agent side)
+  ``wire.contract`` (read by both sides when they open or accept a channel)
 - ``{"read_size": N}`` — asyncio's per-``recv`` size of socket transports (default 256 KiB)
+- ``{"feed": N}`` — receive side: hand asyncssh's parser at most N bytes of each ``recv()`` at a
+  time (asyncssh keeps its input in an immutable ``bytes`` buffer and re-slices the rest of it
+  twice per packet, so a 256 KiB read of 8 packets costs ~2 MiB of copies)
+- ``{"nolog": true}`` — skip asyncssh's per-packet log formatting (``SSHPacketLogger._log_packet``
+  builds the packet's name and size text before its logger drops it below debug level 3)
+- ``{"stock_asyncssh": true}`` — leave asyncssh as it is: ``wire.asyncssh_compat`` stays off
+  (by default both ends install it and drop the per-packet empty ``MSG_IGNORE`` under AEAD)
 - ``{"uvloop": true}`` — uvloop's event loop policy (needs ``uvloop`` installed); ``"broker"`` or
   ``"node-agent"`` for that side only
 
@@ -48,13 +55,33 @@ SITECUSTOMIZE = r"""
 import json, os
 _v = json.loads(os.environ.pop("BENCH_TUNNEL_VARIANT", "") or "{}")
 if _v.get("window") or _v.get("pktsize"):
-    import broker.tunnel as _bt
-    import node_agent.agent as _na
-    for _m in (_bt, _na):
-        if _v.get("window"):
-            _m.CHANNEL_WINDOW = _v["window"]
-        if _v.get("pktsize"):
-            _m.CHANNEL_MAX_PKTSIZE = _v["pktsize"]
+    import wire.contract as _wc
+    if _v.get("window"):
+        _wc.CHANNEL_WINDOW = _v["window"]
+    if _v.get("pktsize"):
+        _wc.CHANNEL_MAX_PKTSIZE = _v["pktsize"]
+if _v.get("stock_asyncssh"):
+    import wire.asyncssh_compat as _c
+    _c._state = "off: stock asyncssh (bench variant)"
+if _v.get("feed"):
+    from asyncssh.connection import SSHConnection as _C
+    _n = int(_v["feed"])
+    def _fed(self, data, datatype=None, _n=_n):
+        if len(data) <= _n:
+            self._inpbuf += data
+            self._recv_data()
+            return
+        mv = memoryview(data)
+        for i in range(0, len(data), _n):
+            self._inpbuf += mv[i : i + _n]
+            self._recv_data()
+    _C.data_received = _fed
+if _v.get("nolog"):
+    from asyncssh.packet import SSHPacketLogger as _L
+    def _quiet(self, msg, pkttype, pktid, packet, note, _orig=_L._log_packet):
+        if self.logger._debug_level >= 3:
+            _orig(self, msg, pkttype, pktid, packet, note)
+    _L._log_packet = _quiet
 if _v.get("read_size"):
     import asyncio.selector_events as _se
     _se._SelectorSocketTransport.max_size = _v["read_size"]

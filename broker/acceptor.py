@@ -38,8 +38,9 @@ from typing import Any
 
 import asyncssh
 
+from wire.tasks import TaskOwner
+
 from .limits import AdmissionControl, Probe, classify_first_bytes
-from .tasks import TaskOwner
 
 #: Kernel listen queue for the agents' port (clamped by net.core.somaxconn).
 DEFAULT_BACKLOG = 4096

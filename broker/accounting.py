@@ -17,8 +17,10 @@ consecutive periods never count a session twice.
   JobID,CPUTimeRAW,AllocTRES,Elapsed`` call per 200 job ids: CPUTimeRAW (allocated CPUs x
   elapsed) of the job allocation line, and the ``gres/gpu`` count of AllocTRES x Elapsed. When
   sacct is missing, fails, or Slurm's accounting storage is disabled, the report says so and
-  these columns stay empty. Job ids that are not Slurm ids (e.g. the local backend's) must not
-  be looked up in an unrelated Slurm: use ``--no-sacct`` (or ``BrokerApp.accounting_sacct = ''``).
+  these columns stay empty. **Slurm only**: job ids that are not Slurm's (the local backend's,
+  Grid Engine's — plain numbers too, so sacct would report some unrelated Slurm job) must not be
+  looked up in Slurm: use ``--no-sacct`` (or ``BrokerApp.accounting_sacct = ''``). Grid Engine's
+  own accounting (``qacct``) is not read.
 """
 
 from __future__ import annotations

@@ -38,16 +38,21 @@ from traitlets import Bool, Float, Integer, Unicode, default, observe, validate
 from traitlets.config import Application, Config, TraitError, catch_config_error
 from traitlets.traitlets import DefaultHandler
 
+from wire.hubapi import HubApiPolicy, api_prefix_of
+from wire.version import __version__
+
 from . import log as broker_log
+from . import sdnotify
 from .api import BrokerAPI
 from .client import BrokerClient, BrokerError
 from .core import Broker, load_or_create_host_key
-from .hubapi import HubApiPolicy, api_prefix_of
 from .limits import AdmissionControl
 from .options import OptionError, Proposal, option_name
-from .proxy import ChpClient, RoutePublisher
+from .proxy import ChpClient, RoutePublisher, publisher_needs_chp
+from .runtime import STANDARD_CONFIG, NotFound, locate_api, remove_runtime, write_runtime
 from .status import render_table
-from .store import SessionStore
+from .store import SchemaTooNew, SessionStore
+from .traefik import TraefikRoutePublisher
 
 #: Options that used to be ``BrokerApp`` traits: old name -> ``"<Class>.<name>"`` now.
 MOVED_OPTIONS: dict[str, str] = {
@@ -102,6 +107,7 @@ class BrokerApp(Application):
     """The ``broker`` command and the app-level options every subcommand shares."""
 
     name = "broker"
+    version = __version__
     description = "Tunnel broker between JupyterHub and notebooks running as HPC batch jobs."
     examples = "\n".join(
         [
@@ -113,7 +119,8 @@ class BrokerApp(Application):
         ]
     )
     raise_config_file_errors = True
-    classes = [Broker, AdmissionControl, RoutePublisher]  # (Application adds the app's own class)
+    # (Application adds the app's own class)
+    classes = [Broker, AdmissionControl, RoutePublisher, TraefikRoutePublisher]
     aliases = {
         "config-file": "BrokerApp.config_file",
         "config": "BrokerApp.config_file",
@@ -122,7 +129,7 @@ class BrokerApp(Application):
     flags: dict[str, Any] = {}
     # one option a line: the class reads as a table of its options
     # fmt: off
-    config_file = Unicode("broker_config.py", help="The configuration file to load.").tag(config=True)
+    config_file = Unicode("broker_config.py", help=f"The configuration file to load (the default: ./broker_config.py if it exists, else {STANDARD_CONFIG}).").tag(config=True)
 
     state_dir = Unicode("broker-state", help="Directory for the session database and SSH host key (created 0700).").tag(config=True)
     db_path = Unicode("", help="SQLite session database (default: <state_dir>/broker.sqlite).").tag(config=True)
@@ -138,10 +145,10 @@ class BrokerApp(Application):
     api_url = Unicode("", help="URL of the REST API for `broker status` (default: derived from api_socket/api_host/api_port).").tag(config=True)
     api_token = Unicode(help="Bearer token for the REST API (env BROKER_API_TOKEN). Required.").tag(config=True)
     metrics_token = Unicode(help="Optional read-only token for GET /metrics only, e.g. for Prometheus (env BROKER_METRICS_TOKEN). The API token works for /metrics too; without either, /metrics answers 401.").tag(config=True)
-    accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; use that when job ids are not Slurm's).").tag(config=True)
+    accounting_sacct = Unicode("sacct", help="sacct command `broker accounting` runs for CPU/GPU time of Slurm job ids ('' disables; Slurm only: set '' when job ids are not Slurm's, e.g. with the local backend or Grid Engine).").tag(config=True)
 
     proxy_api_url = Unicode("http://127.0.0.1:8001", help="configurable-http-proxy's REST API URL.").tag(config=True)
-    proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required.").tag(config=True)
+    proxy_auth_token = Unicode(help="configurable-http-proxy's auth token (env CONFIGPROXY_AUTH_TOKEN). Required with Broker.route_publisher_class = 'chp' (the default).").tag(config=True)
     hub_api_url = Unicode(help="The hub API URL agents may reach through their tunnel, e.g. http://127.0.0.1:8081/hub/api (env JUPYTERHUB_API_URL). Required.").tag(config=True)
 
     # a name, not the numbers traitlets' Application.log_level also takes
@@ -255,7 +262,11 @@ class BrokerApp(Application):
             raise ConfigError("BrokerApp.api_token: too short (use at least 16 random characters)")
         if self.metrics_token and len(self.metrics_token) < 16:
             raise ConfigError("BrokerApp.metrics_token: too short (use at least 16 random characters)")
-        if not self.proxy_auth_token:
+        try:
+            needs_chp = publisher_needs_chp(self.config)
+        except ValueError as e:
+            raise ConfigError(f"Broker.route_publisher_class: {e}") from None
+        if not self.proxy_auth_token and needs_chp:
             raise ConfigError(
                 "BrokerApp.proxy_auth_token: not set (set it or CONFIGPROXY_AUTH_TOKEN); the broker refuses to run without it"
             )
@@ -305,8 +316,13 @@ class Command(BrokerApp):
     def initialize(self, argv: list[str] | None = None) -> None:
         """Parse the command line, then load the config file (the command line wins over it)."""
         self.parse_command_line(argv)
-        if self.config_file and os.path.exists(self.config_file):
-            self.load_config_file(self.config_file)
+        self.loaded_config_file = ""
+        config_file = self.config_file
+        if config_file == "broker_config.py" and not os.path.exists(config_file):
+            config_file = STANDARD_CONFIG  # like jupyterhub: the current directory, then the standard place
+        if config_file and os.path.exists(config_file):
+            self.load_config_file(config_file)
+            self.loaded_config_file = config_file
         self.report_deprecations()
 
     def report_deprecations(self) -> None:
@@ -452,7 +468,10 @@ async def serve(app: BrokerApp) -> None:
         key = load_or_create_host_key(app.path(app.host_key_path, "ssh_host_ed25519_key"))
     except (OSError, ValueError) as e:  # mode too open, unreadable, or not a key
         raise ConfigError(f"BrokerApp.host_key_path: {e}") from None
-    store = SessionStore(app.path(app.db_path, "broker.sqlite"))
+    try:
+        store = SessionStore(app.path(app.db_path, "broker.sqlite"))
+    except SchemaTooNew as e:
+        raise ConfigError(f"BrokerApp.db_path: {e}") from None
     public_host = app.ssh_public_host or (
         app.ssh_host if app.ssh_host not in ("0.0.0.0", "", "::") else os.uname().nodename
     )
@@ -463,7 +482,7 @@ async def serve(app: BrokerApp) -> None:
             host_key=key,
             hub_api=hub_api,
             hub_api_prefix=api_prefix,
-            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token),
+            chp=ChpClient(app.proxy_api_url, app.proxy_auth_token) if app.proxy_auth_token else None,
             ssh_listen=(app.ssh_host, app.ssh_port),
             ssh_public_host=public_host,
         )
@@ -511,17 +530,36 @@ async def serve(app: BrokerApp) -> None:
     with open(os.path.join(app.state_dir, "api_url.tmp"), "w") as f:
         f.write(api_url + "\n")
     os.replace(os.path.join(app.state_dir, "api_url.tmp"), os.path.join(app.state_dir, "api_url"))
+    write_runtime(app.state_dir, api_url, app.api_token)  # for `broker status` (0600)
     log.info("serving", api=api_url, ssh=f"{app.ssh_host}:{broker.ssh_port}", fingerprint=broker.fingerprint)
+    sdnotify.notify(sdnotify.READY)  # systemd Type=notify: the API and the SSH server answer now
 
     await stop.wait()
+    sdnotify.notify(sdnotify.STOPPING)
     log.info("stopping on signal")
+    remove_runtime(app.state_dir)
     await runner.cleanup()
     await broker.stop()
     store.close()
 
 
+def located_api(app: BrokerApp) -> tuple[str, str]:
+    """The REST API's URL and token for an admin command (see :mod:`broker.runtime`)."""
+    return locate_api(
+        api_url=app.api_url,
+        api_token=app.api_token,
+        state_dir=app.state_dir,
+        config_file=getattr(app, "loaded_config_file", ""),
+        default_url=app.resolved_api_url(),
+    )
+
+
 async def status(app: BrokerApp, as_json: bool) -> int:
-    client = BrokerClient(app.resolved_api_url(), app.api_token)
+    try:
+        client = BrokerClient(*located_api(app))
+    except NotFound as e:
+        print(f"broker status: {e}", file=sys.stderr)
+        return 1
     try:
         sessions = await client.list_sessions()
     except BrokerError as e:
@@ -538,7 +576,11 @@ async def status(app: BrokerApp, as_json: bool) -> int:
 
 async def status_watch(app: BrokerApp, interval: float) -> int:
     """Redraw the status table every *interval* seconds until Ctrl-C (an unreachable broker is shown, not fatal)."""
-    client = BrokerClient(app.resolved_api_url(), app.api_token, timeout=max(5.0, interval))
+    try:
+        client = BrokerClient(*located_api(app), timeout=max(5.0, interval))
+    except NotFound as e:
+        print(f"broker status: {e}", file=sys.stderr)
+        return 1
     out = sys.stdout
     try:
         while True:

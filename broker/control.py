@@ -9,7 +9,7 @@ here keep the broker's cost per connection bounded:
   unfinished tail is kept between packets; it is never re-split) and refuses a line longer
   than the limit as soon as the tail exceeds it.
 - :class:`ControlLimits` gathers the limits: the per-connection message rate (a
-  :class:`~broker.ratelimit.TokenBucket`: ``burst`` messages at once, refilled at ``rate`` per
+  :class:`~wire.ratelimit.TokenBucket`: ``burst`` messages at once, refilled at ``rate`` per
   second), the queue and the line length. The broker makes it from its options
   (``c.Broker.control_*``).
 

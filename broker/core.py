@@ -25,12 +25,12 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import asyncssh
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Float, Integer, List, Unicode, validate
 from traitlets.config import Configurable
 
-from .acceptor import AgentAcceptor, server_options
-from .control import ControlLimits
-from .hubapi import (
+from wire import asyncssh_compat, contract
+from wire.contract import Msg
+from wire.hubapi import (
     DEFAULT_API_PREFIX,
     DEFAULT_BURST,
     DEFAULT_MAX_BODY,
@@ -39,21 +39,22 @@ from .hubapi import (
     HubApiPolicy,
     SessionRates,
 )
+from wire.tasks import TaskOwner
+from wire.tunnel import SessionListener
+
+from .acceptor import AgentAcceptor, server_options
+from .control import ControlLimits
 from .limits import AdmissionControl
 from .log import get_logger
 from .metrics import BrokerMetrics
-from .options import each, is_header_name, minimum, refuse_unknown
-from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher
+from .options import OptionError, each, is_header_name, minimum, refuse_unknown
+from .proxy import ROUTE_TAG_KEY, ChpClient, RoutePublisher, resolve_publisher
 from .secrets import hash_secret, new_id, new_secret
 from .ssh_server import AgentSSHServer
 from .store import LIVE_STATES, Session, SessionStore
-from .tasks import TaskOwner
-from .tunnel import SessionListener
 from .untrusted import reported_name
 
 T = TypeVar("T")
-
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 
 
 class SessionNotFound(Exception):
@@ -65,10 +66,12 @@ class Broker(Configurable):
 
     Options are traits (``c.Broker.<name>``); the objects it works with are constructor
     arguments: the session *store*, the SSH *host_key*, the *hub_api* address (and the API
-    prefix the relay lets through), the CHP client *chp* (None: publish no routes), where the SSH
+    prefix the relay lets through), the CHP client *chp* (for the ``chp`` route publisher; None:
+    publish no routes), where the SSH
     server listens (*ssh_listen*) and the name agents are told (*ssh_public_host*). Its parts are
     Configurables of their own, made with ``parent=self``: :class:`~broker.limits.AdmissionControl`
-    (or the *admission* given) and :class:`~broker.proxy.RoutePublisher`.
+    (or the *admission* given) and the route publisher ``route_publisher_class`` names
+    (:mod:`broker.proxy`), if any.
 
     The hub-API and control-channel limits are read once, when the broker is made, into
     :attr:`hub_api_policy`, :attr:`hub_api_rates` and :attr:`control_limits`.
@@ -84,7 +87,7 @@ class Broker(Configurable):
     login_timeout = Float(30.0, help="Seconds an SSH client has to authenticate (also how long a connection of a throttled source may wait for its turn).").tag(config=True)
     _not_negative = minimum({"enrol_ttl": 0, "tunnel_wait_timeout": 0, "keepalive_interval": 0,
                              "keepalive_count_max": 0, "login_timeout": 0})
-    # the hub-API relay (broker/hubapi.py)
+    # the hub-API relay (wire/hubapi.py)
     max_hub_api_channels = Integer(64, help="Open hub-API channels allowed per agent connection (0: no cap).").tag(config=True)
     hub_api_strip_headers = List(Unicode(), list(DEFAULT_STRIP_HEADERS), help="Identity headers removed from every request on the hub-API relay (case insensitive, '_' = '-'), besides Forwarded, X-Forwarded-*, X-Real-Ip and the like, which always are. Include the header your hub's header authenticator trusts (RemoteUserAuthenticator.header_name).").tag(config=True)
     hub_api_max_body = Integer(DEFAULT_MAX_BODY, help="Largest request body (bytes) on the hub-API relay; larger ones get 413 (0: no cap).").tag(config=True)
@@ -97,6 +100,9 @@ class Broker(Configurable):
     control_burst = Integer(100, help="Control messages an agent connection may send at once (the token bucket's size).").tag(config=True)
     control_queue = Integer(256, help="Control messages of one agent connection waiting to be handled, at most; a connection that fills the queue is closed.").tag(config=True)
     _control_limits = minimum({"control_rate": 0, "control_burst": 1, "control_queue": 1})
+
+    # routes (broker/proxy.py)
+    route_publisher_class = Unicode("chp", help="How session routes reach the proxy. 'chp': the broker publishes them to configurable-http-proxy and keeps them there (BrokerApp.proxy_api_url, proxy_auth_token). 'traefik': it keeps them in a file of Traefik's file provider (c.TraefikRoutePublisher; the hub runs jupyterhub-traefik-proxy's TraefikFileProviderProxy). 'none': it publishes no routes and only keeps the ports; the hub's own Proxy class adds the routes when the spawner returns (no proxy_auth_token needed). Or the import name of a broker.proxy.RoutePublisher subclass.").tag(config=True)
 
     counters_flush_interval = Float(5.0, help="Seconds between writes of the byte counters and heartbeats to the store (not an option; tests shorten it).")
     # fmt: on
@@ -129,16 +135,14 @@ class Broker(Configurable):
         #: the value of ROUTE_TAG_KEY in the routes this broker publishes (its host key's
         #: fingerprint: stable across restarts, distinct between brokers sharing one CHP)
         self.route_tag = self.fingerprint
-        self.routes = (
-            RoutePublisher(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag) if chp else None
-        )
+        self.routes = self._make_route_publisher(chp)
         self._changed = asyncio.Condition()
         self._tasks = TaskOwner(on_error=self._task_failed)
         self._ssh_server: AgentAcceptor | None = None
         # SSH admission control (pre-auth caps, per-source penalties): see broker/limits.py
         self.admission = admission if admission is not None else AdmissionControl(parent=self)
         self.metrics = BrokerMetrics(self)  # Prometheus metrics, served at GET /metrics
-        # what hub-API direct channels let through (broker/hubapi.py); one token bucket per session
+        # what hub-API direct channels let through (wire/hubapi.py); one token bucket per session
         self.hub_api_policy = HubApiPolicy(
             api_prefix=hub_api_prefix,
             strip_headers=tuple(self.hub_api_strip_headers),
@@ -150,6 +154,25 @@ class Broker(Configurable):
         self.control_limits = ControlLimits(rate=self.control_rate, burst=self.control_burst, queue=self.control_queue)
         # session id -> time of the last heartbeat not yet written to the store
         self._heartbeats: dict[str, float] = {}
+
+    @validate("route_publisher_class")
+    def _valid_publisher(self, proposal: Any) -> str:
+        try:
+            resolve_publisher(proposal["value"])
+        except ValueError as exc:
+            raise OptionError(f"Broker.route_publisher_class: {exc}") from None
+        return str(proposal["value"]).strip()
+
+    def _make_route_publisher(self, chp: ChpClient | None) -> RoutePublisher | None:
+        """The publisher ``route_publisher_class`` names (None: ``none``, or ``chp`` without a client)."""
+        cls = resolve_publisher(self.route_publisher_class)
+        if cls is None:
+            return None
+        if not cls.needs_chp:
+            return cls(parent=self, desired=self._desired_routes, tag=self.route_tag)
+        if chp is None:
+            return None
+        return cls(parent=self, chp=chp, desired=self._desired_routes, tag=self.route_tag)
 
     # -- task ownership ------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -165,10 +188,11 @@ class Broker(Configurable):
         self.store.mark_all_disconnected()
         for s in self.store.list(live_only=True):
             await self._open_listener(s.id, s.port)
+        asyncssh_compat.install()  # no empty MSG_IGNORE per packet under AEAD (docs/benchmarks.md)
         options = await server_options(
             server_factory=lambda: AgentSSHServer(self),
             server_host_keys=[self.host_key],
-            encryption_algs=ENCRYPTION_ALGS,
+            encryption_algs=list(contract.ENCRYPTION_ALGS),
             login_timeout=self.login_timeout,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=self.keepalive_count_max,
@@ -205,7 +229,7 @@ class Broker(Configurable):
         if self._ssh_server is not None:
             await self._ssh_server.wait_closed()
         if self.routes is not None:
-            await self.routes.chp.close()
+            await self.routes.close()
         self.log.info("broker stopped")
 
     async def _open_listener(self, session_id: str, port: int = 0) -> int:
@@ -361,14 +385,18 @@ class Broker(Configurable):
         if current is not None and current is not agent:
             return
         now = time.time()
-        if kind == "heartbeat":
+        if kind == Msg.HEARTBEAT:
             if current is agent:
                 self._heartbeats[sid] = now
             return
         s = self.store.get(sid)
         if s is None or not s.live:
             return
-        if kind == "hello":
+        if kind == Msg.HELLO:
+            refusal = contract.protocol_refusal(msg.get("protocol"))
+            if refusal is not None:
+                await self._refuse_agent(agent, refusal, msg.get("protocol"))
+                return
             node = reported_name(msg.get("node"))
             claimed = msg.get("job_id")
             if s.job_id and claimed not in (None, "") and str(claimed) != s.job_id:
@@ -378,7 +406,7 @@ class Broker(Configurable):
             self.store.update(sid, node_reported=node, last_heartbeat=now)
             self._heartbeats.pop(sid, None)
             agent.log.info("agent hello", node_reported=node)
-        elif kind == "ready":
+        elif kind == Msg.READY:
             if agent.tunnel is None:
                 if agent.control is not None:
                     agent.control.fail("protocol", "ready before the tunnel was requested")
@@ -399,9 +427,9 @@ class Broker(Configurable):
                 if after is None or after.state != "ready":
                     # closed while the route was being added: take it back
                     await self.routes.unpublish(s.routespec, s.target)
-        elif kind == "walltime":
+        elif kind == Msg.WALLTIME:
             self.store.update(sid, walltime_warning=str(msg.get("message", "walltime ending soon"))[:200])
-        elif kind == "exit":
+        elif kind == Msg.EXIT:
             status = msg.get("status")
             status = status if isinstance(status, int) and not isinstance(status, bool) else None
             await self.close_session(sid, f"server exited with status {status}", exit_status=status)
@@ -409,6 +437,21 @@ class Broker(Configurable):
         else:
             agent.log.info("unknown control message ignored", kind=kind[:40])
         await self._notify()
+
+    async def _refuse_agent(self, agent: AgentSSHServer, refusal: str, announced: Any) -> None:
+        """*agent* speaks a protocol this broker cannot serve: close its session with *refusal* as
+        the reason (the spawner shows it on the spawn page), then tell the agent (it prints the
+        message in the job's output and stops) and drop its connection."""
+        sid = agent.session_id
+        assert sid is not None
+        agent.log.warning("agent refused: unsupported protocol", announced=reported_name(str(announced), 20))
+        if self.agents.get(sid) is agent:
+            del self.agents[sid]  # the connection is closed below, after the answer
+        await self.close_session(sid, refusal)
+        if agent.control is not None:
+            agent.control.send({"type": Msg.REFUSED, "message": refusal})
+        if agent.conn is not None:
+            agent.conn.close()
 
     # -- routes --------------------------------------------------------------------------
     def route_data(self, s: Session) -> dict[str, Any]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-#: The pseudo-destination of the agent's control channel (a direct-tcpip channel that the
-#: broker serves itself; never a network connection). ``.invalid`` cannot resolve.
-CONTROL_HOST = "control.broker.invalid"
-CONTROL_PORT = 1
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 
@@ -60,7 +57,8 @@ def decide_direct(
 ) -> Decision:
     """May the agent open a direct channel to (dest_host, dest_port)?
 
-    Allowed: the configured hub API address (exactly), and one control channel.
+    Allowed: the configured hub API address (exactly), and one control channel
+    (:data:`wire.contract.CONTROL_HOST`, :data:`~wire.contract.CONTROL_PORT`).
     """
     if not authenticated:
         return deny("not authenticated")

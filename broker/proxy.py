@@ -1,4 +1,13 @@
-"""Publishing session routes to configurable-http-proxy (CHP) and keeping them there.
+"""Publishing session routes to the proxy and keeping them there: the plug point and CHP.
+
+``c.Broker.route_publisher_class`` chooses how (:func:`resolve_publisher`): ``chp`` (the default,
+:class:`ChpRoutePublisher`, below), ``traefik`` (:class:`broker.traefik.TraefikRoutePublisher`,
+a file of Traefik's file provider), ``none`` (no publisher: the hub's own ``Proxy`` class adds the
+routes when the spawner returns, the broker only keeps the ports), or the import name of a
+:class:`RoutePublisher` subclass. Every publisher keeps the proxy's table equal to the ready
+sessions (``desired()``), so what the hub's route check expects and what the broker keeps agree.
+
+CHP:
 
 Route paths follow JupyterHub's own CHP proxy exactly (``/user/zoe/`` is stored by CHP as
 ``/user/zoe``; already-escaped characters in the routespec are sent as they are), so the
@@ -18,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
 import aiohttp
 import yarl
 from traitlets import Float
-from traitlets.config import Configurable
+from traitlets.config import Config, Configurable
+from traitlets.utils.importstring import import_item
 
 from .log import get_logger
 from .options import minimum, refuse_unknown
@@ -111,31 +121,118 @@ class ChpClient:
 DesiredRoutes = Callable[[], dict[str, tuple[str, dict[str, Any]]]]
 
 
-class RoutePublisher(Configurable):
-    """Keeps CHP's routes equal to what the session table wants (``c.RoutePublisher.<name>``).
+#: ``c.Broker.route_publisher_class`` short names -> import names (None: publish no routes).
+PUBLISHERS: dict[str, str | None] = {
+    "chp": "broker.proxy.ChpRoutePublisher",
+    "traefik": "broker.traefik.TraefikRoutePublisher",
+    "none": None,
+}
 
-    ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. A reconcile
-    pass adds missing routes, fixes wrong targets, and deletes routes tagged with *tag* (under
-    :data:`ROUTE_TAG_KEY`) that no ready session wants: a stale route of the broker's is gone
-    within one ``reconcile_interval``. Routes without the tag are never deleted here.
+
+def resolve_publisher(name: str) -> type[RoutePublisher] | None:
+    """The publisher class *name* stands for (a short name of :data:`PUBLISHERS` or the import
+    name of a :class:`RoutePublisher` subclass); None for ``none``. ValueError otherwise."""
+    key = name.strip()
+    path = PUBLISHERS.get(key.lower(), key)
+    if path is None:
+        return None
+    try:
+        cls = import_item(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"not one of {', '.join(PUBLISHERS)} nor an importable class: {name!r} ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, RoutePublisher)):
+        raise ValueError(f"{name!r} is not a RoutePublisher subclass")
+    return cls
+
+
+def publisher_needs_chp(config: Config) -> bool:
+    """Whether the publisher that *config*'s ``Broker.route_publisher_class`` names (default
+    ``chp``) talks to CHP; ValueError for a name that names no publisher."""
+    section = config.get("Broker") or {}
+    cls = resolve_publisher(str(section.get("route_publisher_class", "chp")))
+    return cls is not None and cls.needs_chp
+
+
+class RoutePublisher(Configurable):
+    """Keeps a proxy's routes equal to what the session table wants (``c.RoutePublisher.<name>``
+    applies to every publisher); subclasses say how to read and write the proxy.
+
+    ``desired()`` returns ``{routespec: (target, data)}`` for every ready session. The broker
+    calls :meth:`publish` when a session becomes ready and :meth:`unpublish` once it is closed
+    (the store is written first, so ``desired()`` already says so); :meth:`run` reconciles every
+    ``reconcile_interval`` seconds or when woken (:meth:`wake`); :meth:`close` at the end.
+    Transient failures (:class:`ProxyError` with ``transient``, ``OSError``) are logged and
+    retried by the next pass.
     """
 
-    reconcile_interval = Float(5.0, help="Seconds between comparisons of CHP's routes with the session table.").tag(
-        config=True
-    )
+    reconcile_interval = Float(
+        5.0, help="Seconds between comparisons of the proxy's routes with the session table."
+    ).tag(config=True)
 
     _positive = minimum({"reconcile_interval": 0}, exclusive=True)
 
-    def __init__(self, *, chp: ChpClient, desired: DesiredRoutes, tag: str = "", **kwargs: Any):
+    #: whether the publisher needs the CHP client (``BrokerApp.proxy_api_url``/``proxy_auth_token``)
+    needs_chp: ClassVar[bool] = False
+
+    def __init__(self, *, desired: DesiredRoutes, tag: str = "", **kwargs: Any):
         """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable."""
         refuse_unknown(type(self), kwargs)
         super().__init__(**kwargs)
-        self.chp = chp
         self.desired = desired
         self.tag = tag
         self.log = get_logger(component="routes")
         self._wake = asyncio.Event()
         self.removed = 0  # stale routes deleted so far
+
+    async def publish(self, routespec: str, target: str, data: dict[str, Any]) -> None:
+        """Add one route now; on failure the reconcile loop retries."""
+        raise NotImplementedError
+
+    async def unpublish(self, routespec: str, target: str) -> None:
+        """Remove the route of a session that is no longer ready (never someone else's route)."""
+        raise NotImplementedError
+
+    async def reconcile_once(self) -> int:
+        """One pass; returns the number of routes repaired (added, fixed or removed)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the publisher holds (connections); routes stay where they are."""
+
+    async def run(self) -> None:
+        """Reconcile every ``reconcile_interval`` seconds (or sooner when woken) until cancelled."""
+        while True:
+            try:
+                await self.reconcile_once()
+            except ProxyError as exc:
+                self.log.warning("reconcile failed", error=str(exc), transient=exc.transient)
+            except OSError as exc:
+                self.log.warning("reconcile failed", error=str(exc), transient=True)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.reconcile_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def wake(self) -> None:
+        """Reconcile now (not at the end of the interval)."""
+        self._wake.set()
+
+
+class ChpRoutePublisher(RoutePublisher):
+    """Keeps CHP's routes equal to what the session table wants (``c.Broker.route_publisher_class = "chp"``).
+
+    A reconcile pass adds missing routes, fixes wrong targets, and deletes routes tagged with *tag*
+    (under :data:`ROUTE_TAG_KEY`) that no ready session wants: a stale route of the broker's is
+    gone within one ``reconcile_interval``. Routes without the tag are never deleted here.
+    """
+
+    needs_chp = True
+
+    def __init__(self, *, chp: ChpClient, desired: DesiredRoutes, tag: str = "", **kwargs: Any):
+        """*kwargs*: options (traits) and the ``parent``/``config`` of a Configurable."""
+        super().__init__(desired=desired, tag=tag, **kwargs)
+        self.chp = chp
 
     async def publish(self, routespec: str, target: str, data: dict[str, Any]) -> None:
         """Add one route now; on failure the reconcile loop retries."""
@@ -184,19 +281,5 @@ class RoutePublisher(Configurable):
                 self.log.info("stale route removed", route=key, target=have[key].get("target"))
         return repaired
 
-    async def run(self) -> None:
-        """Reconcile every ``reconcile_interval`` seconds (or sooner when woken) until cancelled."""
-        while True:
-            try:
-                await self.reconcile_once()
-            except ProxyError as exc:
-                self.log.warning("reconcile failed", error=str(exc), transient=exc.transient)
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.reconcile_interval)
-            except asyncio.TimeoutError:
-                pass
-
-    def wake(self) -> None:
-        """Reconcile now (not at the end of the interval)."""
-        self._wake.set()
+    async def close(self) -> None:
+        await self.chp.close()

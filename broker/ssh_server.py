@@ -39,23 +39,25 @@ from typing import Any, Protocol, TypeVar
 
 import asyncssh
 
+from wire import contract
+from wire.contract import Msg
+from wire.hubapi import Denial, HubApiExchange, HubApiPolicy, SessionRates
+from wire.hubrelay import open_filtered_hub_connection
+from wire.ratelimit import TokenBucket
+from wire.tunnel import SessionListener, Tunnel, TunnelAttachment
+
 from . import policy
 from .control import ControlLimits, LineSplitter, LineTooLong
-from .hubapi import Denial, HubApiExchange, HubApiPolicy, SessionRates
-from .hubrelay import open_filtered_hub_connection
 from .limits import PROGRESS_AUTH, PROGRESS_KEY, AdmissionControl
 from .metrics import BrokerMetrics
-from .ratelimit import TokenBucket
 from .reasons import AuthFailure
 from .secrets import verify_secret
 from .store import SessionStore
-from .tunnel import SessionListener, Tunnel, TunnelAttachment
 
 T = TypeVar("T")
 
 #: Failed authentication attempts on one connection before it is closed (OpenSSH MaxAuthTries).
 MAX_AUTH_TRIES = 6
-ENROL_PREFIX = "enrol "
 
 
 class BrokerCore(Protocol):
@@ -139,7 +141,7 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
     """The agent's control channel: newline-delimited JSON messages, handled in order.
 
     ``data_received`` only frames lines and admits them: each line costs a token of the
-    connection's :class:`~broker.ratelimit.TokenBucket` and takes a place in a bounded queue.
+    connection's :class:`~wire.ratelimit.TokenBucket` and takes a place in a bounded queue.
     One reader task per channel parses and handles the queued messages in order, one at a time,
     yielding to the event loop after each, so one agent's messages never hold the broker's loop
     for more than one message's work. ``hello`` and ``ready`` have an effect once per connection;
@@ -152,7 +154,7 @@ class ControlSession(asyncssh.SSHTCPSession[bytes]):
     """
 
     #: Message types that have an effect only the first time on one connection.
-    ONCE_PER_CONNECTION = ("hello", "ready")
+    ONCE_PER_CONNECTION = (Msg.HELLO, Msg.READY)
 
     def __init__(self, server: AgentSSHServer, limits: ControlLimits | None = None):
         self._server = server
@@ -320,10 +322,10 @@ class AgentSSHServer(asyncssh.SSHServer):
         return True
 
     def validate_password(self, username: str, password: str) -> bool:
-        if not password.startswith(ENROL_PREFIX):
+        if not password.startswith(contract.ENROL_PREFIX):
             self._auth_failed(username, AuthFailure.NOT_ENROLMENT)
             return False
-        parts = password[len(ENROL_PREFIX) :].split(" ", 1)
+        parts = password[len(contract.ENROL_PREFIX) :].split(" ", 1)
         if len(parts) != 2:
             self._auth_failed(username, AuthFailure.MALFORMED_ENROLMENT)
             return False
@@ -403,7 +405,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         if not d:
             self.log.warning("direct channel refused", host=dest_host, port=dest_port, reason=d.reason)
             return False
-        if dest_host == policy.CONTROL_HOST:
+        if dest_host == contract.CONTROL_HOST:
             self.control = ControlSession(self)
             return self.control
         cap = self.broker.max_hub_api_channels
@@ -415,7 +417,7 @@ class AgentSSHServer(asyncssh.SSHServer):
         self.hub_api_channels += 1
         self.broker.spawn(self._count_channel(chan))
         # an HTTP filter, not a byte relay: only the hub's REST API, identity headers stripped,
-        # body and rate capped per session (broker/hubapi.py)
+        # body and rate capped per session (wire/hubapi.py)
         exchange = HubApiExchange(self.broker.hub_api_policy, self.broker.hub_api_rates.bucket(self.session_id or ""))
         return chan, open_filtered_hub_connection(dest_host, dest_port, exchange, self._hub_api_refused)
 
@@ -445,5 +447,5 @@ class AgentSSHServer(asyncssh.SSHServer):
     # -- control messages ----------------------------------------------------------------
     async def on_control(self, msg: dict[str, Any]) -> None:
         await self.broker.agent_message(self, msg)
-        if msg.get("type") in ("hello", "ready", "exit", "walltime") and self.control is not None:
-            self.control.send({"type": "ack", "of": msg["type"]})
+        if msg.get("type") in (Msg.HELLO, Msg.READY, Msg.EXIT, Msg.WALLTIME) and self.control is not None:
+            self.control.send({"type": Msg.ACK, "of": msg["type"]})

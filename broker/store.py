@@ -12,8 +12,17 @@ Contract:
 - ``last_heartbeat`` is written in batches (:meth:`SessionStore.set_heartbeats`, with the
   periodic counters flush), so it may lag the agent's last heartbeat by one flush interval.
 
-Schema versions (``PRAGMA user_version``): 0, the first; 1 adds ``node_reported`` and moves the
-old ``node`` values (which agents wrote) there, escaped. Opening a store migrates it.
+Schema versions (``PRAGMA user_version``), one ordered migration each (:data:`MIGRATIONS`):
+
+- 0: the first schema.
+- 1: adds ``node_reported`` and moves the old ``node`` values (which agents wrote) there, escaped.
+- 2: adds the ``store_meta`` table: the broker version that last opened the database, so that an
+  older broker refused by a newer database can say which version it needs.
+
+Opening a store migrates it: a copy of the database is saved first (``<db>.schema<N>.bak``, the
+state before the upgrade), then each pending migration runs in order, all in one transaction;
+sessions keep their ids, ports and routes. A database of a NEWER schema than this code knows is
+refused with :class:`SchemaTooNew`, which names the broker version it needs; it is not touched.
 """
 
 from __future__ import annotations
@@ -22,11 +31,13 @@ import dataclasses
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from wire.version import __version__
+
 STATES = ("registered", "connected", "ready", "closed")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LIVE_STATES = ("registered", "connected", "ready")
 
 _SCHEMA = """
@@ -58,7 +69,48 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS live_port ON sessions(port) WHERE state != 'closed';
 CREATE INDEX IF NOT EXISTS by_state ON sessions(state);
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer broker (its schema version is above :data:`SCHEMA_VERSION`)."""
+
+    def __init__(self, path: str, version: int, written_by: str):
+        self.path, self.version, self.written_by = path, version, written_by
+        needs = f"broker {written_by} or newer" if written_by else f"a broker that knows schema version {version}"
+        super().__init__(
+            f"{path}: the session database has schema version {version}, newer than this broker's "
+            f"({SCHEMA_VERSION}, broker {__version__}); it needs {needs}. Run that version, or restore "
+            "the state directory's backup from before the upgrade (docs/deploy.md, Upgrades)"
+        )
+
+
+def _migrate_1_node_reported(db: sqlite3.Connection) -> None:
+    """Version 1: before it, the agent's hello overwrote ``node``: that was the agent's claim."""
+    from .untrusted import reported_name
+
+    columns = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
+    if "node_reported" in columns:
+        return
+    db.execute("ALTER TABLE sessions ADD COLUMN node_reported TEXT NOT NULL DEFAULT ''")
+    rows = db.execute("SELECT id, node FROM sessions WHERE node != ''").fetchall()
+    db.executemany(
+        "UPDATE sessions SET node_reported = ?, node = '' WHERE id = ?",
+        [(reported_name(node), sid) for sid, node in rows],
+    )
+
+
+def _migrate_2_store_meta(db: sqlite3.Connection) -> None:
+    """Version 2: the ``store_meta`` table (the writing broker's version is set on every open)."""
+    db.execute("CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+#: (version, migration) in order: migration N takes a database from version N-1 to N.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
+    (1, _migrate_1_node_reported),
+    (2, _migrate_2_store_meta),
+]
 
 
 @dataclasses.dataclass
@@ -124,32 +176,59 @@ class SessionStore:
         self._db = sqlite3.connect(path, isolation_level=None)
         if path != ":memory:":
             os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._open_schema()
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
-        """Bring an older database to :data:`SCHEMA_VERSION` (in one transaction)."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version >= SCHEMA_VERSION:
-            return
-        from .untrusted import reported_name
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+    def _open_schema(self) -> None:
+        """Create a new database at :data:`SCHEMA_VERSION`, refuse a newer one, migrate an older one,
+        and record this broker's version as the last writer."""
+        has_sessions = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='sessions'").fetchone()
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(self.path, version, self._meta("written_by"))
+        if not has_sessions:  # a new database: the current schema, in one transaction
+            self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
+        self._db.execute(
+            "INSERT INTO store_meta (key, value) VALUES ('written_by', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (__version__,),
+        )
+
+    def _meta(self, key: str) -> str:
+        try:
+            row = self._db.execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # no store_meta table (before version 2)
+            return ""
+        return str(row[0]) if row else ""
+
+    def _migrate(self, version: int) -> None:
+        """Save a copy, then run the migrations after *version* in order, in one transaction."""
+        if self.path != ":memory:":
+            backup = sqlite3.connect(f"{self.path}.schema{version}.bak")
+            try:
+                self._db.backup(backup)
+            finally:
+                backup.close()
+            os.chmod(f"{self.path}.schema{version}.bak", 0o600)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            if "node_reported" not in columns:
-                # before version 1 the agent's hello overwrote `node`: it was the agent's claim
-                self._db.execute("ALTER TABLE sessions ADD COLUMN node_reported TEXT NOT NULL DEFAULT ''")
-                rows = self._db.execute("SELECT id, node FROM sessions WHERE node != ''").fetchall()
-                self._db.executemany(
-                    "UPDATE sessions SET node_reported = ?, node = '' WHERE id = ?",
-                    [(reported_name(node), sid) for sid, node in rows],
-                )
+            for target, migration in MIGRATIONS:
+                if target > version:
+                    migration(self._db)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- reads ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from batchspawner.batchspawner import format_template
 from traitlets import Bool, Float, Unicode, default
 
 from . import localbatch
+from .session_card import tail_local_file
 
 _JOB_ID_RE = re.compile(r"^[0-9]+$")
 
@@ -93,6 +94,16 @@ export PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}"
     def spool_path(self) -> str:
         """Absolute spool directory (relative spool_dir resolves against the hub's cwd)."""
         return os.path.abspath(os.path.expanduser(self.spool_dir))
+
+    def job_output_file(self, job_id: str) -> str:
+        """The job's output file in the spool ("" for an id that is not a local batch id)."""
+        if not _JOB_ID_RE.match(job_id or ""):
+            return ""
+        return os.path.join(self.spool_path(), job_id, localbatch.OUTPUT)
+
+    async def tail_file(self, path: str, max_lines: int = 0, max_bytes: int = 0) -> str | None:
+        """The end of a spool file (the hub reads it directly: the jobs run on this machine)."""
+        return tail_local_file(path, max_lines, max_bytes)
 
     def get_req_subvars(self):
         """batchspawner's substitution variables plus localbatch, spool and grace."""

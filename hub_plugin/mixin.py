@@ -30,16 +30,21 @@ from batchspawner.batchspawner import JobStatus, format_template
 from traitlets import Float, Unicode, default
 
 from broker.client import BrokerClient, BrokerError
+from wire import contract
+from wire.contract import MAINTENANCE_PREFIX
 
+from . import config_check
 from .spawner_api import BatchSpawnerAPI
 
 ALIVE = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN)
-#: The line ``node-agent launch`` prints when maintenance mode refuses the job.
-MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 
 
 class BrokerSpawnerMixin(BatchSpawnerAPI):
     """Adds the broker flow to a batchspawner ``BatchSpawnerBase`` subclass."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        config_check.check(self.config, type(self), self.log)  # once per process (hub_plugin.config_check)
 
     broker_url = Unicode(
         help="URL of the broker's REST API, e.g. http://127.0.0.1:8091 or unix:/run/broker/api.sock (env BROKER_API_URL)."
@@ -51,6 +56,12 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
     ).tag(config=True)
     broker_wait_interval = Float(
         2.0, help="Seconds per long-poll to the broker while starting; the job is checked between polls."
+    ).tag(config=True)
+    ready_timeout = Float(
+        600.0,
+        help="Seconds a started job may run before its server is ready; then the spawn fails and the "
+        "job is cancelled. Bounds the time after the queue, so that Spawner.start_timeout can be sized "
+        "for queue waits alone. 0: no limit of its own.",
     ).tag(config=True)
 
     session_id = Unicode("")
@@ -152,11 +163,11 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         self.session_id = session["id"]
         ssh = session["ssh"]
         self._broker_env = {
-            "BROKER_SSH_HOST": ssh["host"],
-            "BROKER_SSH_PORT": str(ssh["port"]),
-            "BROKER_HOST_KEY": ssh["host_key"],
-            "BROKER_SESSION_ID": session["id"],
-            "BROKER_ENROL_SECRET": session.pop("secret"),
+            contract.ENV_SSH_HOST: ssh["host"],
+            contract.ENV_SSH_PORT: str(ssh["port"]),
+            contract.ENV_HOST_KEY: ssh["host_key"],
+            contract.ENV_SESSION_ID: session["id"],
+            contract.ENV_ENROL_SECRET: session.pop("secret"),
         }
         try:
             self._event("Submitting the batch job", 10)
@@ -182,6 +193,7 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         running on NODE (50), tunnel connected (70), server ready (100)."""
         seen: set[str] = set()
         started = time.monotonic()
+        running_since: list[float] = []  # when the job was first seen running
 
         def stage(name: str, message: str, progress: int) -> None:
             if name not in seen:
@@ -198,6 +210,7 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
                 pass
             host = host or node
             stage("running", f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
+            running_since.append(time.monotonic())
             self.note_job_started()
 
         while True:
@@ -217,6 +230,15 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
             if s["state"] == "ready":
                 self._event(f"Server ready after {time.monotonic() - started:.1f}s", 100)
                 return s["target"]
+            if running_since and self.ready_timeout and time.monotonic() - running_since[0] > self.ready_timeout:
+                await self._close_session("server not ready in time")
+                await self.cancel_batch_job()
+                raise RuntimeError(
+                    await self.job_failure_message(
+                        f"Job {self.job_id} ran for {self.ready_timeout:g} s without its server becoming "
+                        f"ready ({type(self).__name__}.ready_timeout); it was cancelled."
+                    )
+                )
             n_events = len(self._progress_events)
             status = await self.query_job_status()
             if status == JobStatus.PENDING:
@@ -328,3 +350,6 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
     def clear_state(self) -> None:
         super().clear_state()
         self.session_id = ""
+
+
+config_check.warn_at_hub_start()  # inside a starting hub: warn about settings that do nothing here

@@ -5,16 +5,20 @@
 * **An options form built from the cluster.** For Slurm the partitions and their limits come
   from ``sinfo -h -o '%P|%l|%c|%m|%G|%a'`` (max time, CPUs, memory and GPU GRES per node,
   availability); for the embedded local backend from the machine (CPUs, memory, NVIDIA
-  devices). Fields: profile, partition, CPUs, memory, GPUs, walltime, image (compute/GPU).
+  devices). Fields: profile, partition, CPUs, memory, GPUs, walltime, image (compute/GPU),
+  plus the scheduler's own choice fields (:meth:`ResourceOptionsMixin.scheduler_choices`,
+  :mod:`hub_plugin.choices`; Slurm: account, QoS, reservation from :mod:`hub_plugin.slurm_assoc`).
   Admins may add ``profiles`` (a list of dicts: ``name``, ``description`` and ``req_*``
-  overrides), and may hide the free fields (``allow_custom_resources = False``).
+  overrides), and may hide the free fields (``allow_custom_resources = False``). A site's own
+  ``options_form.html`` in ``c.JupyterHub.template_paths`` replaces the shipped template.
 * **Validation with a message the user reads.** ``options_from_form`` checks the choice
   against the partition's limits and raises :class:`OptionsError`; JupyterHub shows the form
   again with the message above it. Options sent through the REST API are checked the same way
   (``apply_user_options``) and fail the spawn with the same message.
 * **Accepted values go onto the batchspawner traits** ``req_partition``, ``req_nprocs``,
   ``req_memory``, ``req_ngpus``, ``req_runtime``; ``user_options`` is replaced by the checked
-  values only, so nothing else from the request reaches the batch script. The image choice
+  values only, so nothing else from the request reaches the batch script. Choice fields go onto
+  ``req_<name>`` (``req_account``, ...) once checked against what this user was offered. The image choice
   becomes ``JUPYTERHUB_IMAGE`` (``compute``/``gpu``) in the job environment and, when the
   agent command is ``node-agent launch``, its ``--gpu`` / ``--no-gpu`` option.
 * **Walltime** (:class:`~hub_plugin.walltime.WalltimeMixin`, a base of this mixin): the job
@@ -39,6 +43,7 @@ from typing import Any
 from tornado import web
 from traitlets import Bool, Dict, Float, List, Unicode, default
 
+from .choices import SchedulerChoices, check_choices
 from .options_form import TEMPLATE_DIR, render_form
 from .resources import (
     IMAGES,
@@ -46,6 +51,7 @@ from .resources import (
     Defaults,
     OptionsError,
     Partition,
+    _text,
     check_profiles,
     local_partition,
     parse_memory_mb,
@@ -137,8 +143,35 @@ class ResourceOptionsMixin(WalltimeMixin):
 
     def _configured_req(self) -> dict[str, str]:
         if self._configured is None:
-            self._configured = {k: str(getattr(self, f"req_{k}", "") or "") for k in REQ_FIELDS}
+            names = (*REQ_FIELDS, *self.choice_field_names)
+            self._configured = {k: str(getattr(self, f"req_{k}", "") or "") for k in names}
         return self._configured
+
+    # -- scheduler-specific choices (hub_plugin.choices) ---------------------------------------
+    #: The choice fields a subclass may offer (Slurm: account, qos, reservation); each is an
+    #: option key, a ``req_<name>`` trait and a profile key ``req_<name>``.
+    choice_field_names: tuple[str, ...] = ()
+
+    async def scheduler_choices(self) -> SchedulerChoices:
+        """What this user may choose besides the resources (subclasses look it up)."""
+        return SchedulerChoices()
+
+    def _profiles(self) -> list[dict[str, Any]]:
+        return check_profiles(self.profiles, extra_keys={f"req_{n}" for n in self.choice_field_names})
+
+    async def check_choice_options(self, options: Mapping[str, Any], profile: str) -> dict[str, str]:
+        """The choice fields of *options*, checked against :meth:`scheduler_choices` (only
+        looked up when a value is given). A profile's ``req_<name>`` is the admin's choice and
+        replaces the user's."""
+        if not self.choice_field_names:
+            return {}
+        prof = next((p for p in self._profiles() if p["name"] == profile), None) or {}
+        fixed = {n: str(prof[f"req_{n}"]) for n in self.choice_field_names if f"req_{n}" in prof}
+        wanted = {n: _text(dict(options), n) for n in self.choice_field_names if n not in fixed}
+        checked = dict.fromkeys(wanted, "")
+        if any(wanted.values()):
+            checked = check_choices(await self.scheduler_choices(), wanted)
+        return {**checked, **fixed}
 
     def _defaults(self) -> Defaults:
         c = self._configured_req()
@@ -179,9 +212,10 @@ class ResourceOptionsMixin(WalltimeMixin):
     async def render_options_form(self) -> str:
         try:
             parts = await self.cluster_partitions()
-            profiles = check_profiles(self.profiles)
+            profiles = self._profiles()
         except OptionsError as e:
             return f'<div class="alert alert-danger">{html.escape(str(e))}</div>'
+        choices = await self.scheduler_choices()
         current = self.user_options if isinstance(getattr(self, "user_options", None), dict) else {}
         # only values that still pass are offered again
         try:
@@ -198,14 +232,27 @@ class ResourceOptionsMixin(WalltimeMixin):
             )
         except OptionsError:
             current = {}
+        if current:
+            current.update({n: str(self.user_options.get(n) or "") for n in self.choice_field_names})
         return render_form(
             parts,
             profiles=profiles,
             current=current,
             defaults=self._defaults(),
             allow_custom=self.allow_custom_resources,
-            notes=self.options_form_notes(),
+            notes=[*self.options_form_notes(), *choices.notes],
+            scheduler=choices,
+            template_paths=self._site_template_paths(),
+            fixed_by_profile={p["name"]: [n for n in self.choice_field_names if f"req_{n}" in p] for p in profiles},
         )
+
+    def _site_template_paths(self) -> list[str]:
+        """The hub's ``c.JupyterHub.template_paths`` (where a site's own options_form.html lives)."""
+        settings = getattr(getattr(self, "user", None), "settings", None)
+        paths = settings.get("template_path") if isinstance(settings, dict) else None
+        if isinstance(paths, str):
+            paths = [paths]
+        return [p for p in paths or [] if isinstance(p, str)]
 
     def options_form_notes(self) -> list[str]:
         """Plain-text remarks the form shows above its fields (subclasses add theirs)."""
@@ -222,13 +269,15 @@ class ResourceOptionsMixin(WalltimeMixin):
     async def check_resource_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         parts = await self.cluster_partitions()
         try:
-            profiles = check_profiles(self.profiles)
+            profiles = self._profiles()
         except ValueError as e:
             self.log.error("%s: bad profiles configuration: %s", self._log_name, e)
             raise OptionsError("The server profiles are misconfigured; please tell the administrators.") from None
-        return validate_options(
+        opts = validate_options(
             options or {}, parts, profiles=profiles, defaults=self._defaults(), allow_custom=self.allow_custom_resources
         )
+        opts.update(await self.check_choice_options(options or {}, opts["profile"]))
+        return opts
 
     @default("apply_user_options")
     def _apply_user_options_default(
@@ -256,12 +305,15 @@ class ResourceOptionsMixin(WalltimeMixin):
         if self._configured_req_options is None:
             self._configured_req_options = getattr(self, "req_options", "")
         extra = self._configured_req_options
-        prof = next((p for p in check_profiles(self.profiles) if p["name"] == opts.get("profile")), None)
+        prof = next((p for p in self._profiles() if p["name"] == opts.get("profile")), None)
         if prof is not None and prof.get("req_options"):
             extra = " ".join(str(prof["req_options"]).split())
         if hasattr(self, "req_options"):
             self.req_options = extra
         for k in REQ_FIELDS:
+            setattr(self, f"req_{k}", opts[k])
+        for k in self.choice_field_names:  # "" = not chosen: the configured value stays
+            opts[k] = opts.get(k) or configured[k]
             setattr(self, f"req_{k}", opts[k])
         self.user_options = opts
         self.log.info(

@@ -2,7 +2,8 @@
 
 :func:`render_form` turns the partitions, the admin's profiles and the current choice into the
 HTML that JupyterHub places inside its spawn form. The markup lives in the Jinja template next
-to the hub's ``home.html``; this module only prepares the values. Everything is autoescaped
+to the hub's ``home.html`` (a site's own ``options_form.html`` in ``c.JupyterHub.template_paths``
+is used instead); this module only prepares the values. Everything is autoescaped
 (partition names and profile texts come from the cluster and the configuration), and the
 partition limits reach the page's script as HTML-safe JSON.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import jinja2
 import markupsafe
 
+from .choices import SchedulerChoices
 from .resources import CUSTOM, IMAGES, Defaults, Partition, format_memory, format_slurm_time, parse_slurm_time
 
 __all__ = ["FORM_TEMPLATE_NAME", "TEMPLATE_DIR", "render_form"]
@@ -38,9 +40,12 @@ def _escape(value: Any) -> markupsafe.Markup:
     return markupsafe.Markup(html.escape(str(value)))
 
 
-@lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True, finalize=_escape)
+@lru_cache(maxsize=8)
+def _environment(site_paths: tuple[str, ...] = ()) -> jinja2.Environment:
+    """The form's Jinja environment: the site's template directories first (JupyterHub's
+    ``template_paths``), then :data:`TEMPLATE_DIR`; so a site's ``options_form.html`` wins."""
+    loader = jinja2.FileSystemLoader([*site_paths, TEMPLATE_DIR])
+    env = jinja2.Environment(loader=loader, autoescape=True, finalize=_escape)
     env.policies["json.dumps_kwargs"] = {}  # keep the partitions in the cluster's order
     return env
 
@@ -69,11 +74,18 @@ def render_form(
     defaults: Defaults | None = None,
     allow_custom: bool = True,
     notes: Iterable[str] = (),
+    scheduler: SchedulerChoices | None = None,
+    fixed_by_profile: Mapping[str, list[str]] | None = None,
+    template_paths: Iterable[str] = (),
 ) -> str:
     """The options form's HTML (placed by JupyterHub inside its spawn form).
 
     *current* is a checked choice (:func:`~hub_plugin.resources.validate_options`) to preselect,
     else *defaults* are shown; *notes* are plain-text remarks shown above the fields.
+    *scheduler* holds the scheduler's fields (:mod:`hub_plugin.choices`), shown for every profile
+    except where *fixed_by_profile* (profile -> field names) says the profile sets them.
+    *template_paths* (the hub's ``c.JupyterHub.template_paths``) are searched for
+    ``options_form.html`` before :data:`TEMPLATE_DIR`.
     """
     profiles = profiles or []
     d = defaults or Defaults()
@@ -93,7 +105,7 @@ def render_form(
     if mem is None:
         mem = format_memory(d.memory_mb) if d.memory_mb else ""
     sel_part = next((p for p in partitions if p.name == part_default), None)
-    template = _environment().get_template(FORM_TEMPLATE_NAME)
+    template = _environment(tuple(template_paths)).get_template(FORM_TEMPLATE_NAME)
     return template.render(
         notes=list(notes),
         profiles=[
@@ -114,4 +126,37 @@ def render_form(
         limits_text=f"{sel_part.name}: {sel_part.summary()}" if sel_part else "",
         limits={p.name: {"cpus": p.cpus, "gpus": p.gpus, "summary": p.summary()} for p in partitions},
         custom=CUSTOM,
+        **_choice_values(scheduler or SchedulerChoices(), cur, fixed_by_profile or {}),
     )
+
+
+def _choice_values(
+    choices: SchedulerChoices, current: Mapping[str, Any], fixed: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    """The template's values for the scheduler's choice fields (``choice_fields``), the rules its
+    script applies (``choice_rules``), and the lookup failures (``choice_problems``)."""
+    fields = []
+    for f in choices.fields:
+        selected = str(current.get(f.name) or "")
+        if selected not in f.choices:
+            selected = f.default
+        fields.append(
+            {
+                "name": f.name,
+                "label": f.label,
+                "help": f.help,
+                "empty_title": f.empty_title,
+                "options": [{"value": v, "title": f.titles.get(v, v), "selected": v == selected} for v in f.choices],
+            }
+        )
+    rules = {
+        f.name: {"parent": f.depends_on, "allowed": {k: list(v) for k, v in f.allowed_with.items()}}
+        for f in choices.fields
+        if f.depends_on and choices.by_name(f.depends_on)
+    }
+    return {
+        "choice_fields": fields,
+        "choice_rules": rules,
+        "choice_fixed": {k: list(v) for k, v in fixed.items() if v},
+        "choice_problems": choices.problems(),
+    }

@@ -327,8 +327,11 @@ class Defaults:
     image: str = "compute"
 
 
-def check_profiles(profiles: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validate the admin's profiles (a config error names the profile and the key)."""
+def check_profiles(profiles: Iterable[Mapping[str, Any]], extra_keys: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Validate the admin's profiles (a config error names the profile and the key).
+
+    *extra_keys*: the spawner's choice fields as profile keys (``req_account``, ...)."""
+    allowed_keys = PROFILE_KEYS | set(extra_keys)
     out = []
     seen = set()
     for i, p in enumerate(profiles):
@@ -337,9 +340,9 @@ def check_profiles(profiles: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
         name = str(p["name"])
         if name == CUSTOM or name in seen or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ValueError(f"profiles[{i}]: name {name!r} must be unique, [A-Za-z0-9_.-], not {CUSTOM!r}")
-        unknown = set(p) - PROFILE_KEYS
+        unknown = set(p) - allowed_keys
         if unknown:
-            raise ValueError(f"profiles[{i}] ({name}): unknown keys {sorted(unknown)}; allowed: {sorted(PROFILE_KEYS)}")
+            raise ValueError(f"profiles[{i}] ({name}): unknown keys {sorted(unknown)}; allowed: {sorted(allowed_keys)}")
         seen.add(name)
         out.append(dict(p))
     return out

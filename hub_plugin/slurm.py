@@ -28,7 +28,8 @@ What differs from batchspawner's ``SlurmSpawner``:
 * **Walltime warning.** ``--signal=B:USR1@<req_walltime_warning>``: Slurm signals the batch
   shell, which *is* the node agent (``exec``), before the time limit; the agent tells the broker
   (``broker status`` shows it).
-* **Progress while pending**: job id, Slurm's reason and the estimated start time.
+* **Progress while pending**: job id, Slurm's reason, the job's position among its partition's
+  pending jobs and the estimated start time.
 * **Remote submission**: with ``login_node_host`` set, sbatch/scancel/squeue run on the login
   node over ONE shared SSH connection (:class:`~hub_plugin.remote.LoginNodeRunner`); the job
   environment travels over the channel's stdin, never on the remote command line.
@@ -36,7 +37,11 @@ What differs from batchspawner's ``SlurmSpawner``:
   (or the login-node SSH user) runs as, with each user's home at ``home_root/<name>``;
   ``submit_as = "user"`` submits as the user's own Unix account with ``sbatch --uid=<name>
   --gid=<primary group>``
-  (needs root or Slurm's SlurmUser on the submit host).
+  (needs root or Slurm's SlurmUser on the submit host); ``submit_as = "sudo"`` submits as the
+  user's account through ``exec_prefix`` (default ``sudo -n -u {username} --``) from an
+  unprivileged hub or login-node account, locally or on the login node. sudo passes the job's
+  variables by name only: the sudoers rule keeps them (``env_keep``, see
+  ``examples/production/sudoers``), never ``--preserve-env`` (sudo logs the values of those).
 * **No shared nodes without a wall**: with ``submit_as = "service"`` every user's job runs as
   the same account, so unless a container walls each job off (``node-agent launch``, which
   checks that), another user's notebook on the same node could read this job's environment.
@@ -47,31 +52,32 @@ What differs from batchspawner's ``SlurmSpawner``:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import pwd
 import re
 import shlex
-import sys
 from typing import Any
 
 from batchspawner import SlurmSpawner
-from batchspawner.batchspawner import JobStatus
-from traitlets import Bool, Enum, Float, Integer, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, default
 
+from . import slurm_assoc
+from .choices import SchedulerChoices
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
-from .remote import CommandRunner, LocalRunner, LoginNodeRunner, RunnerError
-from .slurm_poller import JobInfo, SlurmJobPoller, SlurmQueryError
+from .scheduler_spawner import SchedulerSpawnerMixin
+from .slurm_poller import SlurmJobPoller
 
 __all__ = ["SlurmBrokerSpawner"]
 
 #: Tells node-agent launch that this job counts on a container (node_agent/isolation.py).
 EXPECT_CONTAINER_ENV = "NODE_AGENT_EXPECT_CONTAINER"
 
-# Non-terminal states in which the job's processes exist (or are being torn down).
-_RUNNING_LIKE = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"})
+#: exec_prefix with submit_as="sudo": no password prompt (-n), the user's account, no options after.
+SUDO_PREFIX = "sudo -n -u {username} --"
+#: What a user name must look like to be put into a sudo command line (a POSIX account name).
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 
 DEFAULT_BATCH_SCRIPT = """#!/bin/bash
 #SBATCH --job-name={{job_name}}
@@ -104,7 +110,7 @@ cd {{homedir}}
 """
 
 
-class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner):
+class SlurmBrokerSpawner(ResourceOptionsMixin, SchedulerSpawnerMixin, BrokerSpawnerMixin, SlurmSpawner):
     """Slurm through the broker (see the module docstring).
 
     Resource options (each ``req_xyz`` is ``{{xyz}}`` in ``batch_script``):
@@ -130,28 +136,13 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
     batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is read on stdin. --export=NAMES (and --uid when submit_as='user') are appended.").tag(config=True)
     batch_cancel_cmd = Unicode("scancel {job_id}", help="Cancel command.").tag(config=True)
 
-    exec_prefix = Unicode("", help="Prefix for sbatch/scancel (batchspawner's default 'sudo -E -u {username}' is not used: see submit_as).").tag(config=True)
+    exec_prefix = Unicode(help="Prefix for sbatch/scancel. Default: empty, or with submit_as='sudo' 'sudo -n -u {username} --' (batchspawner's 'sudo -E -u {username}' is not used: -E would hand sbatch the hub's whole environment; the sudoers rule keeps the job's variables by name).").tag(config=True)
 
     req_srun = Unicode("", help="Empty (default): the batch shell execs the node agent, so Slurm's USR1 walltime warning reaches it directly. Set e.g. 'srun' to run it in a job step instead (the signal then goes to the steps).").tag(config=True)
 
     req_walltime_warning = Integer(300, help="Seconds before the time limit at which Slurm sends SIGUSR1 to the node agent (--signal=B:USR1@N; Slurm's resolution is about 60 s). 0 disables. Only has an effect with a time limit (req_runtime or the partition's default).").tag(config=True)
 
-    req_path = Unicode(help="Directories (colon-separated) put first on the job's PATH. Default: the directory of the hub's Python, for clusters that share the hub's installation.").tag(config=True)
-    # fmt: on
-
-    @default("req_path")
-    def _req_path_default(self) -> str:
-        return os.path.dirname(sys.executable)
-
-    # one option a line: a table to read (not formatted into repeated blocks)
-    # fmt: off
-    req_output_dir = Unicode("", help="Directory of the job output files (<dir>/jupyterhub-<user>-%j.log). Must be writable by the job's user on the compute node. Default: the user's home directory, or /tmp when there is none.").tag(config=True)
-
-    req_job_name = Unicode("jupyterhub", help="Slurm job name (--job-name).").tag(config=True)
-
-    submit_as = Enum(["service", "user"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host); the user must exist on the cluster.").tag(config=True)
-
-    home_root = Unicode("", help="With submit_as='service': each user's home is home_root/<username> (the job's --chdir and HOME). Empty: the user's passwd home, if the account exists.").tag(config=True)
+    submit_as = Enum(["service", "user", "sudo"], "service", help="'service': jobs run as the submitting account (the hub's, or login_node_user), homes under home_root. 'user': sbatch --uid=<username> (needs root or SlurmUser on the submit host). 'sudo': sbatch/scancel run as the user through exec_prefix ('sudo -n -u {username} --'), from an unprivileged account allowed only the scheduler commands (docs/deploy.md, sudoers); locally or on the login node. With 'user' and 'sudo' the user must exist on the cluster.").tag(config=True)
 
     node_exclusivity = Enum(["node", "mcs", "off"], "node", help="With submit_as='service' and no container (see jobs_in_container), how other users' jobs are kept off this job's node, where they would run as the same account and could read its environment (hub API token), files and sockets. 'node': --exclusive (the job gets the whole node). 'mcs': --exclusive=mcs --mcs-label=<label of the user> (nodes shared only among one user's jobs; needs MCSPlugin=mcs/label and MCSParameters=ondemand,ondemandselect in slurm.conf). 'off': nothing (the cluster keeps users apart some other way). --exclusive=user would not help: all these jobs have the same Slurm user. Not used with submit_as='user' or in a container.").tag(config=True)
 
@@ -161,57 +152,33 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
 
     squeue_command = Unicode("squeue", help="squeue executable (on the login node when remote).").tag(config=True)
 
-    login_node_host = Unicode("", help="Submit through SSH to this login node. Empty: run sbatch/squeue/scancel locally.").tag(config=True)
-    login_node_port = Integer(22, help="SSH port of the login node.").tag(config=True)
-    login_node_user = Unicode("", help="SSH user on the login node (the submitting account).").tag(config=True)
-    login_node_key_file = Unicode("", help="Private key file for the login node.").tag(config=True)
-    login_node_max_sessions = Integer(8, help="Most commands run at once over the shared login-node connection (each is one SSH session channel). Keep it below the login node's sshd MaxSessions (OpenSSH default 10): sshd refuses channels beyond it, and the runner then reconnects, losing commands in flight.").tag(config=True)
-    login_node_known_hosts = Unicode("", help="known_hosts file holding the login node's host key (required: keys are always verified).").tag(config=True)
+    form_slurm_choices = List(Unicode(), list(slurm_assoc.FIELDS), help="Slurm choices the options form offers from the user's associations and the cluster's reservations: any of 'account', 'qos', 'reservation' (empty: none). Values sent for a field not offered are refused.").tag(config=True)
+    sacctmgr_command = Unicode("sacctmgr", help="sacctmgr executable (run like sbatch: locally or on the login node); needs slurmdbd.").tag(config=True)
+    scontrol_command = Unicode("scontrol", help="scontrol executable, for the reservation list.").tag(config=True)
+    slurm_choices_cache_seconds = Float(60.0, help="How long a user's associations and the reservation list are reused.").tag(config=True)
     # fmt: on
 
-    # -- shared runner and poller ------------------------------------------------------------
-    _runners: dict[tuple[Any, ...], CommandRunner] = {}
+    status_error_prefix = "slurm_load_jobs error"
 
-    def _runner_key(self) -> tuple[Any, ...]:
-        if not self.login_node_host:
-            return ("local",)
-        return (
-            "ssh",
-            self.login_node_host,
-            self.login_node_port,
-            self.login_node_user,
-            self.login_node_key_file,
-            self.login_node_known_hosts,
+    @default("exec_prefix")
+    def _exec_prefix_default(self) -> str:
+        return SUDO_PREFIX if self.submit_as == "sudo" else ""
+
+    choice_field_names = slurm_assoc.FIELDS
+
+    async def scheduler_choices(self) -> SchedulerChoices:
+        """Accounts, QoS and reservations for this user (:mod:`hub_plugin.slurm_assoc`)."""
+        return await slurm_assoc.slurm_choices(
+            self.run_command,
+            user=self.user.name,
+            fields=self.form_slurm_choices,
+            sacctmgr=self.sacctmgr_command,
+            scontrol=self.scontrol_command,
+            cache_key=self._runner_key(),
+            cache_seconds=self.slurm_choices_cache_seconds,
+            preferred_account=self._configured_req().get("account", ""),
+            log=self.log,
         )
-
-    @property
-    def runner(self) -> CommandRunner:
-        """The hub-wide command runner: one LocalRunner, or ONE pooled LoginNodeRunner."""
-        try:
-            loop_id = id(asyncio.get_running_loop())
-        except RuntimeError:
-            loop_id = None
-        key = (*self._runner_key(), loop_id)
-        runner = self._runners.get(key)
-        if runner is None or getattr(runner, "_closed", False):
-            if not self.login_node_host:
-                runner = LocalRunner(log=self.log)
-            else:
-                if not self.login_node_key_file:
-                    raise RuntimeError("SlurmBrokerSpawner.login_node_key_file must be set with login_node_host")
-                if not self.login_node_known_hosts:
-                    raise RuntimeError("SlurmBrokerSpawner.login_node_known_hosts must be set with login_node_host")
-                runner = LoginNodeRunner(
-                    self.login_node_host,
-                    port=self.login_node_port,
-                    username=self.login_node_user or None,
-                    client_keys=[self.login_node_key_file],
-                    known_hosts=self.login_node_known_hosts,
-                    log=self.log,
-                    max_sessions=max(1, self.login_node_max_sessions),
-                )
-            self._runners[key] = runner
-        return runner
 
     @property
     def poller(self) -> SlurmJobPoller:
@@ -223,57 +190,12 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             log=self.log,
         )
 
-    # -- commands ------------------------------------------------------------------------------
-    async def run_command(self, cmd: str, input: str | None = None, env: dict[str, str] | None = None) -> str:
-        """Run a batchspawner command string through the shared runner (no local shell).
-
-        ``env`` goes to the runner's environment mechanism (never the command line); stdout is
-        returned, a non-zero exit raises RuntimeError(stderr) as batchspawner expects.
-        """
-        argv = shlex.split(cmd)
-        try:
-            result = await self.runner.run(argv, input=input, env=env)
-        except RunnerError as e:
-            raise RuntimeError(str(e)) from None
-        if result.exit_status != 0:
-            err = result.stderr.strip()[:2000]
-            self.log.error("%s: %s exited %s: %s", self._log_name, argv[0], result.exit_status, err)
-            raise RuntimeError(err or f"{argv[0]} exited {result.exit_status}")
-        return result.stdout.strip()
-
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
-        # PATH for sbatch on the submit host and a fallback for the job (the script prepends req_path)
-        env["PATH"] = ":".join(p for p in (self.req_path, "/usr/local/bin:/usr/bin:/bin") if p)
-        if self.submit_as == "service" and self.home_root:
-            env["HOME"] = self.req_homedir
         if self.submit_as == "service" and self.in_container():
             # launch refuses to run such a job without a container (no one else keeps users apart)
             env[EXPECT_CONTAINER_ENV] = "1"
         return env
-
-    def user_env(self, env: dict[str, str]) -> dict[str, str]:
-        """USER/HOME/SHELL like batchspawner, tolerating users without a local account."""
-        env["USER"] = self.user.name
-        try:
-            pw = pwd.getpwnam(self.user.name)
-        except KeyError:
-            pw = None
-        if pw is not None:
-            if pw.pw_dir:
-                env["HOME"] = pw.pw_dir
-            if pw.pw_shell:
-                env["SHELL"] = pw.pw_shell
-        return env
-
-    @default("req_homedir")
-    def _req_homedir_default(self) -> str:
-        if self.submit_as == "service" and self.home_root:
-            return os.path.join(self.home_root, self.user.name)
-        try:
-            return pwd.getpwnam(self.user.name).pw_dir
-        except KeyError:
-            return ""
 
     # -- keeping users apart (service account, no container) ------------------------------------
     def in_container(self) -> bool:
@@ -339,6 +261,12 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
             self.user_options = saved_options or {}
 
     async def _submit_with_export(self) -> str:
+        if self.submit_as == "sudo" and not _ACCOUNT_NAME.match(self.user.name):
+            raise RuntimeError(
+                f"SlurmBrokerSpawner.submit_as='sudo': {self.user.name[:64]!r} is not a Unix account name "
+                "(lower-case letters, digits, '_', '.', '-'); map hub users to accounts, e.g. with the "
+                "authenticator's username_map"
+            )
         names = sorted(self.get_env())
         extra = f" --export={','.join(names)}"
         exclusive = self.exclusive_options()
@@ -359,103 +287,8 @@ class SlurmBrokerSpawner(ResourceOptionsMixin, BrokerSpawnerMixin, SlurmSpawner)
         finally:
             self.batch_submit_cmd = saved
 
-    # -- job status from the shared poller -------------------------------------------------------
-    _watching = ""  # job id this spawner has subscribed in the poller
-    _fresh_status = False  # stop(): wait for queries that started after the cancel
-    _in_start = False
-    _last_pending: tuple[Any, ...] | None = None
-    job_info: JobInfo | None = None
-
-    def _watch(self) -> None:
-        if self._watching != self.job_id:
-            self._unwatch()
-            self.poller.watch(self.job_id)
-            self._watching = self.job_id
-
-    def _unwatch(self) -> None:
-        if self._watching:
-            try:
-                self.poller.unwatch(self._watching)
-            finally:
-                self._watching = ""
-
-    async def query_job_status(self) -> JobStatus:
-        if not self.job_id:
-            self.job_status = ""
-            return JobStatus.NOTFOUND
-        self._watch()
-        try:
-            info = await self.poller.status(self.job_id, fresh=self._fresh_status)
-        except SlurmQueryError as e:
-            self.job_status = f"slurm_load_jobs error: {str(e)[:200]}"
-            self.job_info = None
-            return JobStatus.UNKNOWN
-        self.job_info = info
-        self.job_status = f"{info.state} {info.node}" if info.node else info.state
-        if info.state in _RUNNING_LIKE:
-            status = JobStatus.RUNNING
-        elif info.is_pending:
-            status = JobStatus.PENDING
-            if self._in_start:
-                self._report_pending(info)
-        elif info.is_finished:
-            status = JobStatus.NOTFOUND
-        else:
-            status = JobStatus.UNKNOWN
-        return status
-
-    def _report_pending(self, info: JobInfo) -> None:
-        key = (info.reason, info.start_time)
-        if key == self._last_pending:
-            return
-        self._last_pending = key
-        msg = f"Job {info.job_id} pending"
-        if info.reason:
-            msg += f" ({info.reason})"
-        if info.start_time:
-            msg += f"; estimated start {info.start_time.isoformat(sep=' ', timespec='minutes')}"
-        self._event(msg, 30)
-
-    def state_ispending(self) -> bool:
-        return bool(self.job_info and self.job_info.is_pending)
-
-    def state_isrunning(self) -> bool:
-        return bool(self.job_info and self.job_info.state in _RUNNING_LIKE)
-
-    def state_gethost(self) -> str:
-        return (self.job_info.node or "") if self.job_info else ""
-
-    async def job_output_tail(self, max_lines: int = 20) -> str:
-        if not self.job_id:
+    def job_output_file(self, job_id: str) -> str:
+        """The job's output file (``--output``) where the batch commands run ("" for a non-Slurm id)."""
+        if not re.fullmatch(r"\d+(_\d+)?", job_id or ""):
             return ""
-        path = self.get_req_subvars()["output_file"].replace("%j", self.job_id)
-        try:
-            r = await self.runner.run(["tail", "-n", str(int(max_lines)), path], timeout=15)
-        except RunnerError:
-            return ""
-        return r.stdout if r.exit_status == 0 else ""
-
-    # -- spawner API -----------------------------------------------------------------------------
-    async def start(self) -> str:
-        self._in_start = True
-        self._last_pending = None
-        try:
-            return await super().start()
-        finally:
-            self._in_start = False
-
-    async def stop(self, now: bool = False) -> None:
-        self._fresh_status = True
-        try:
-            await super().stop(now=now)
-        finally:
-            self._fresh_status = False
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        self.job_info = None
-
-    def clear_state(self) -> None:
-        self._unwatch()
-        self.job_info = None
-        super().clear_state()
+        return str(self.get_req_subvars()["output_file"]).replace("%j", job_id)

@@ -40,6 +40,12 @@ if TYPE_CHECKING:
         @property
         def _log_name(self) -> str: ...
 
+        @property
+        def active(self) -> bool: ...
+
+        @property
+        def ready(self) -> bool: ...
+
         def get_args(self) -> list[str]: ...
 
         def get_env(self) -> dict[str, str]: ...
@@ -63,6 +69,7 @@ if TYPE_CHECKING:
         exec_prefix = Unicode()
         batch_submit_cmd = Unicode()
         req_options = Unicode()
+        req_homedir = Unicode()
 
         def get_req_subvars(self) -> dict[str, Any]: ...
 
@@ -81,6 +88,8 @@ if TYPE_CHECKING:
         async def cancel_batch_job(self) -> None: ...
 
         def state_gethost(self) -> str: ...
+
+        def state_ispending(self) -> bool: ...
 
 else:
     BatchSpawnerAPI = LoggingConfigurable

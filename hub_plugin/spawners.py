@@ -4,6 +4,7 @@ Use in ``jupyterhub_config.py``::
 
     c.JupyterHub.spawner_class = "hub_plugin.spawners.LocalBrokerSpawner"   # one machine
     c.JupyterHub.spawner_class = "hub_plugin.spawners.SlurmBrokerSpawner"   # Slurm
+    c.JupyterHub.spawner_class = "hub_plugin.spawners.GridEngineBrokerSpawner"   # Grid Engine
 
 Each class keeps its backend's ``req_*`` options (documented by batchspawner) and adds the
 broker options of :class:`~hub_plugin.mixin.BrokerSpawnerMixin`.
@@ -15,7 +16,6 @@ import os
 
 from batchspawner import (
     CondorSpawner,
-    GridengineSpawner,
     LsfSpawner,
     MoabSpawner,
     MultiSlurmSpawner,
@@ -23,6 +23,7 @@ from batchspawner import (
     TorqueSpawner,
 )
 
+from .gridengine import GridEngineBrokerSpawner  # shared qstat poller, secrets file, s_rt warning
 from .local import LocalBatchSpawner
 from .mixin import BrokerSpawnerMixin
 from .options import ResourceOptionsMixin
@@ -71,10 +72,6 @@ class MoabBrokerSpawner(BrokerSpawnerMixin, MoabSpawner):
 
 class PBSBrokerSpawner(BrokerSpawnerMixin, PBSSpawner):
     """PBS through the broker."""
-
-
-class GridEngineBrokerSpawner(BrokerSpawnerMixin, GridengineSpawner):
-    """Grid Engine through the broker."""
 
 
 class CondorBrokerSpawner(BrokerSpawnerMixin, CondorSpawner):

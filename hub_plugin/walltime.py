@@ -13,6 +13,8 @@ needs :class:`~hub_plugin.mixin.BrokerSpawnerMixin` after it in the bases):
   :meth:`WalltimeMixin.walltime_status`), with a warning in the last
   ``walltime_warning_minutes`` or once the broker passed on the batch system's walltime notice
   (SIGUSR1 to the agent; ``poll()`` reads it from the session).
+* **Per server**: the session card (:mod:`hub_plugin.session_card`, a base of this mixin) shows
+  the time left of each server, named ones included.
 * **With ``walltime_enforce``** the hub stops the server when the time is up (for backends
   without a scheduler that does it; :class:`~hub_plugin.options.ResourceOptionsMixin` turns
   it on for the local backend).
@@ -21,24 +23,17 @@ needs :class:`~hub_plugin.mixin.BrokerSpawnerMixin` after it in the bases):
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from traitlets import Bool, Float, Unicode
 
 from .resources import human_duration, parse_slurm_time
-from .spawner_api import BatchSpawnerAPI
-
-if TYPE_CHECKING:
-    from .mixin import BrokerSpawnerMixin
-
-    _Base = BrokerSpawnerMixin  # what it relies on: the broker's session, note_job_started
-else:
-    _Base = BatchSpawnerAPI
+from .session_card import SessionCardMixin
 
 __all__ = ["WalltimeMixin"]
 
 
-class WalltimeMixin(_Base):
+class WalltimeMixin(SessionCardMixin):
     """Walltime bookkeeping for a broker spawner (see the module docstring)."""
 
     walltime_warning_minutes = Float(
@@ -130,6 +125,7 @@ class WalltimeMixin(_Base):
                     self._log_name,
                     human_duration(self.walltime_seconds),
                 )
+                self._stop_cause = "walltime reached"
                 await self.stop()
                 self.clear_state()
                 return 0

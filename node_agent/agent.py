@@ -4,17 +4,24 @@ Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
 
 1. Generate an ephemeral SSH key; connect to the broker with its host key pinned; enrol with
    the one-time secret (spent by the broker) — reconnects authenticate with the key only.
+   On each connection, say ``hello`` with the protocol version (:mod:`wire.contract`) and wait
+   for the broker's answer: a broker that cannot serve this agent's version answers
+   ``refused`` with a message for the user; the agent prints it and stops for good (exit 77).
 2. Ask for the one remote forward (``127.0.0.1``, port 0: the broker picks the session's port);
    hub-side connections arrive as channels and are connected to the server's unix socket.
 3. Open a node-local listener on ``127.0.0.1:0`` that relays to the hub API through the tunnel
    (direct channel), and point ``JUPYTERHUB_API_URL`` at it. The relay speaks HTTP: only requests
    under the path of ``JUPYTERHUB_API_URL`` (``<base_url>hub/api/``) go into the tunnel, with
    forwarding and identity headers removed; anything else is answered 403 on the node
-   (:mod:`broker.hubapi`; the broker applies the same filter, and the body and rate caps).
+   (:mod:`wire.hubapi`; the broker applies the same filter, and the body and rate caps).
 4. Start ``jupyterhub-singleuser`` on a unix socket in a fresh 0700 directory; report ``ready``
    on the control channel only once the server answers HTTP.
 5. Heartbeat; on a lost connection reconnect with capped, jittered backoff while the server
    keeps running; on SIGTERM/SIGINT pass the signal on; exit with the server's exit status.
+6. On SIGUSR1 (the batch system's walltime warning, ``--signal``): tell the broker, and write the
+   notice file named by ``JUPYTERHUB_WALLTIME_NOTICE_FILE`` in the server's environment (in the
+   private socket directory), which JupyterLab's time-left extension reads
+   (:mod:`lab_timeleft`).
 """
 
 from __future__ import annotations
@@ -34,27 +41,27 @@ from urllib.parse import urlparse, urlunparse
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
-from broker.hubapi import Denial, HubApiPolicy, api_prefix_of  # stdlib-only module
-from broker.hubrelay import FilteredRelay  # asyncssh-only module
-from broker.policy import CONTROL_HOST, CONTROL_PORT  # stdlib-only module
-from broker.tasks import TaskOwner  # stdlib-only module
-from broker.tunnel import Tunnel  # asyncssh-only module
+from wire import asyncssh_compat, contract
+from wire.contract import Msg
+from wire.hubapi import Denial, HubApiPolicy, api_prefix_of
+from wire.hubrelay import FilteredRelay
+from wire.tasks import TaskOwner
+from wire.tunnel import Tunnel
 
 from .backoff import Backoff
 from .probe import http_status_over_unix
 from .settings import Settings, SettingsError
 
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 #: Environment variables the notebook server must not inherit.
-PRIVATE_VARS = ("BROKER_ENROL_SECRET", "BROKER_HOST_KEY", "BROKER_SESSION_ID", "BROKER_SSH_HOST", "BROKER_SSH_PORT")
-
-# SSH channel parameters the agent advertises for the forwarded-tcpip channels it accepts
-# (the hub -> notebook direction). asyncssh's defaults.
-CHANNEL_WINDOW = 2 * 1024 * 1024
-CHANNEL_MAX_PKTSIZE = 32768
+PRIVATE_VARS = contract.JOB_ENV
+#: Seconds the agent waits for the broker's answer to ``hello`` before it tries a new connection.
+HELLO_TIMEOUT_S = 30.0
 
 #: After the server exits, how long the agent still tries to reach the broker to report it.
 EXIT_REPORT_S = 30.0
+
+#: The server's environment names the file the agent writes when the walltime warning arrives.
+WALLTIME_NOTICE_VAR = "JUPYTERHUB_WALLTIME_NOTICE_FILE"
 
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_REFUSED = 77  # EX_NOPERM: the broker refused us (spent/closed session)
@@ -71,16 +78,44 @@ class Refused(Exception):
 
 
 class _Control(asyncssh.SSHTCPSession[bytes]):
-    """The agent's end of the control channel: JSON lines out (hello, ready, heartbeat, exit)."""
+    """The agent's end of the control channel: JSON lines out (hello, ready, heartbeat, walltime,
+    exit), the broker's answers in (``ack``, ``refused``).
+
+    :attr:`greeted` resolves with None when the broker acknowledges ``hello``, or with the
+    broker's message when it refuses this agent; with an error if the channel ends first.
+    """
+
+    #: The broker's answers are short; anything longer is not one.
+    MAX_LINE = 16 * 1024
 
     def __init__(self) -> None:
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.greeted: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._buf = b""
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
 
     def data_received(self, data: bytes, datatype: Any) -> None:
-        pass  # acks are informational
+        *lines, self._buf = (self._buf + data).split(b"\n")
+        if len(self._buf) > self.MAX_LINE:
+            self._buf = b""
+        for line in lines:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict) or self.greeted.done():
+                continue
+            if msg.get("type") == Msg.REFUSED:
+                self.greeted.set_result(str(msg.get("message") or "the broker refused this agent")[:500])
+            elif msg.get("type") == Msg.ACK and msg.get("of") == Msg.HELLO:
+                self.greeted.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.chan = None
+        if not self.greeted.done():
+            self.greeted.set_exception(ConnectionError("the control channel closed before the broker answered hello"))
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.chan is not None:
@@ -121,7 +156,12 @@ class Agent:
 
     # -- broker connection ---------------------------------------------------------------
     async def connect(self) -> None:
-        """One connection attempt: login, forward, control channel, hello (+ ready if ready)."""
+        """One connection attempt: login, forward, control channel, hello and its answer (+ ready if ready).
+
+        Raises :class:`Refused` when the broker refuses this agent for good (authentication, host
+        key, or a ``refused`` answer to hello), another error when the attempt may be retried.
+        """
+        asyncssh_compat.install()  # no empty MSG_IGNORE per packet under AEAD (docs/benchmarks.md)
         try:
             host_key = asyncssh.import_public_key(self.s.host_key)
         except (asyncssh.KeyImportError, ValueError):
@@ -129,7 +169,7 @@ class Agent:
         opts: dict[str, Any] = dict(
             username=self.s.session_id,
             known_hosts=([host_key], [], []),
-            encryption_algs=ENCRYPTION_ALGS,
+            encryption_algs=list(contract.ENCRYPTION_ALGS),
             keepalive_interval=self.s.keepalive,
             keepalive_count_max=3,
             agent_path=None,
@@ -140,7 +180,11 @@ class Agent:
             opts.update(client_keys=[self.key], preferred_auth="publickey", password=None)
         else:
             pub = " ".join(self.key.export_public_key("openssh").decode().split()[:2])
-            opts.update(client_keys=None, preferred_auth="password", password=f"enrol {self.s.enrol_secret} {pub}")
+            opts.update(
+                client_keys=None,
+                preferred_auth="password",
+                password=f"{contract.ENROL_PREFIX}{self.s.enrol_secret} {pub}",
+            )
         try:
             conn = await asyncssh.connect(self.s.ssh_host, self.s.ssh_port, **opts)
         except asyncssh.PermissionDenied:
@@ -150,22 +194,42 @@ class Agent:
         if not self.enrolled:
             self.enrolled = True
             self.s.enrol_secret = ""  # spent: forget it
-        self.conn = conn
         try:
             listener = await conn.create_server(
-                lambda _h, _p: self._to_server(), "127.0.0.1", 0, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+                lambda _h, _p: self._to_server(),
+                "127.0.0.1",
+                0,
+                window=contract.CHANNEL_WINDOW,
+                max_pktsize=contract.CHANNEL_MAX_PKTSIZE,
             )
             control = _Control()
-            await conn.create_connection(lambda: control, CONTROL_HOST, CONTROL_PORT)
-            self.control = control
+            await conn.create_connection(lambda: control, contract.CONTROL_HOST, contract.CONTROL_PORT)
         except (asyncssh.Error, OSError) as exc:
             conn.close()
             raise ConnectionError(f"broker refused the tunnel: {exc}") from None
+        control.send(
+            {
+                "type": Msg.HELLO,
+                "protocol": self.s.protocol,
+                "node": self.s.node,
+                "job_id": self.s.job_id,
+                "pid": os.getpid(),
+            }
+        )
+        try:
+            refusal = await asyncio.wait_for(control.greeted, HELLO_TIMEOUT_S)
+        except (ConnectionError, asyncio.TimeoutError) as exc:
+            conn.close()
+            raise ConnectionError(f"no answer to hello: {exc or 'timed out'}") from None
+        if refusal is not None:
+            conn.close()
+            raise Refused(f"the broker refused this agent: {refusal}")
+        self.conn = conn
+        self.control = control
         hub_host, hub_port = self.s.hub_api_address
         self.hub_relay.attach(Tunnel(conn, hub_host, hub_port))
-        control.send({"type": "hello", "node": self.s.node, "job_id": self.s.job_id, "pid": os.getpid()})
         if self.ready:
-            control.send({"type": "ready"})
+            control.send({"type": Msg.READY})
         log("connected to broker", hub_port=listener.get_port())
         self._lost.clear()
         self._watchers.spawn(self._watch(conn))
@@ -222,11 +286,23 @@ class Agent:
             # jupyter_server refuses --sock together with a non-default port (see environment notes)
             env["JUPYTERHUB_SERVICE_URL"] = rewrite_url_port(env["JUPYTERHUB_SERVICE_URL"], "127.0.0.1", 8888)
         env.setdefault("JUPYTERHUB_SERVICE_PREFIX", "/")
+        if self.sock_dir:
+            env[WALLTIME_NOTICE_VAR] = self.notice_path
         return env
 
     async def start_server(self) -> None:
         argv = [*self.cmd, f"--ServerApp.sock={self.sock_path}", "--ServerApp.sock_mode=0600"]
-        self.proc = await asyncio.create_subprocess_exec(*argv, env=self.server_env(), stdin=asyncio.subprocess.DEVNULL)
+        # The walltime warning (SIGUSR1) is for the agent. A scheduler that signals the job's
+        # whole process group (Grid Engine's s_rt, Slurm's --signal without B:) would otherwise
+        # end the server with it (SIGUSR1's default action): the server starts with it ignored
+        # (an ignored signal stays ignored across exec).
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, env=self.server_env(), stdin=asyncio.subprocess.DEVNULL
+            )
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
         log("server started", pid=self.proc.pid)
 
     async def wait_server_ready(self) -> bool:
@@ -286,7 +362,7 @@ class Agent:
         if await self.wait_server_ready():
             self.ready = True
             if self.control is not None:
-                self.control.send({"type": "ready"})
+                self.control.send({"type": Msg.READY})
             log("server ready")
         supervisor = loop.create_task(self._supervise(backoff))
         try:
@@ -296,7 +372,7 @@ class Agent:
             await asyncio.gather(supervisor, return_exceptions=True)
         log("server exited", status=status)
         if self.control is not None:
-            self.control.send({"type": "exit", "status": status})
+            self.control.send({"type": Msg.EXIT, "status": status})
             await asyncio.sleep(0.2)
         if self.conn is not None:
             self.conn.close()
@@ -312,7 +388,7 @@ class Agent:
                 await asyncio.wait_for(self._lost.wait(), self.s.heartbeat)
             except asyncio.TimeoutError:
                 if self.control is not None:
-                    self.control.send({"type": "heartbeat"})
+                    self.control.send({"type": Msg.HEARTBEAT})
                 continue
             log("connection to broker lost; reconnecting")
             try:
@@ -338,10 +414,28 @@ class Agent:
             log("passing signal to server", signal=signal.Signals(sig).name)
             self.proc.send_signal(sig)
 
+    @property
+    def notice_path(self) -> str:
+        """The walltime-notice file in the private socket directory (read by the server's
+        :mod:`lab_timeleft` extension through ``JUPYTERHUB_WALLTIME_NOTICE_FILE``)."""
+        return os.path.join(self.sock_dir, "walltime-notice.json")
+
     def _walltime_warning(self) -> None:
         log("walltime warning received")
+        message = "the job is close to its time limit"
+        if self.sock_dir:
+            write_notice(self.notice_path, message)
         if self.control is not None:
-            self.control.send({"type": "walltime", "message": "the job is close to its time limit"})
+            self.control.send({"type": Msg.WALLTIME, "message": message})
+
+
+def write_notice(path: str, message: str) -> None:
+    """Write the walltime notice (JSON: message, epoch seconds) atomically, mode 0600."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"message": message, "at": time.time()}, f)
+    os.replace(tmp, path)
 
 
 def run(cmd: list[str]) -> int:

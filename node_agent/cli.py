@@ -11,6 +11,7 @@ USAGE = """usage: node-agent {run,launch,wizard} ...
   launch -- CMD ...   in the batch job, outside the container: prepare home/overlay and
                       exec the container with `node-agent run` inside
   wizard              write the HPC-side configuration interactively
+  --version           print the version
 """
 
 
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from wire.version import __version__
+
+        print(__version__)
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         from .agent import run  # imported before --help too: `run --help` proves the agent imports

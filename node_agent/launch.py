@@ -34,6 +34,8 @@ import logging
 import os
 import sys
 
+from wire.contract import MAINTENANCE_PREFIX
+
 from . import hpc_config as hc
 from . import isolation as iso
 from .container import build_container_argv, container_env, decide_gpu, detect_gpu
@@ -62,7 +64,6 @@ from .webdav import MOUNTED, build_unmount_argv, build_webdav_argv, mount_webdav
 
 log = logging.getLogger("node_agent.launch")  # not __name__: also run as __main__
 
-MAINTENANCE_PREFIX = "NODE-AGENT-MAINTENANCE: "
 USER_ENV = "JUPYTERHUB_USER"
 
 
@@ -238,7 +239,6 @@ __all__ = [
     "EX_UNAVAILABLE",
     "EX_USAGE",
     "FORWARD_SIGNALS",
-    "MAINTENANCE_PREFIX",
     "USER_ENV",
     "LaunchError",
     "build_container_argv",

@@ -1,5 +1,7 @@
 """The agent's settings: environment variables set by the spawner (few, explicit).
 
+The ``BROKER_*`` names are the wire contract's (:data:`wire.contract.JOB_ENV`).
+
 =========================  =======================================================
 variable                   meaning
 =========================  =======================================================
@@ -22,6 +24,9 @@ NODE_AGENT_READY_TIMEOUT   seconds to wait for the server to answer (default 300
 NODE_AGENT_RECONNECT_CAP   cap of the reconnect backoff in seconds (default 30)
 NODE_AGENT_JOB_ID          job id shown in ``broker status`` (default: SLURM_JOB_ID,
                            PBS_JOBID, LSB_JOBID, JOB_ID, LOCALBATCH_JOB_ID)
+NODE_AGENT_TEST_PROTOCOL   for tests only: the protocol version the agent announces
+                           in ``hello`` instead of its own (an integer), to show how
+                           a broker treats older and newer agents
 =========================  =======================================================
 """
 
@@ -33,9 +38,12 @@ import socket
 import tempfile
 from urllib.parse import urlparse
 
-from broker.hubapi import HubApiPolicy, api_prefix_of  # stdlib-only module
+from wire import contract
+from wire.hubapi import HubApiPolicy, api_prefix_of
 
-SECRET_VARS = ("BROKER_ENROL_SECRET",)
+SECRET_VARS = (contract.ENV_ENROL_SECRET,)
+#: For tests only: the protocol version announced instead of :data:`wire.contract.PROTOCOL_VERSION`.
+TEST_PROTOCOL_VAR = "NODE_AGENT_TEST_PROTOCOL"
 JOB_ID_VARS = ("NODE_AGENT_JOB_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "LOCALBATCH_JOB_ID")
 
 
@@ -58,6 +66,7 @@ class Settings:
     reconnect_cap: float = 30.0
     job_id: str = ""
     node: str = ""
+    protocol: int = contract.PROTOCOL_VERSION
 
     @property
     def hub_api_address(self) -> tuple[str, int]:
@@ -86,9 +95,9 @@ class Settings:
                 raise SettingsError(f"{name}: must be positive, got {raw!r}")
             return v
 
-        port_raw = need("BROKER_SSH_PORT")
+        port_raw = need(contract.ENV_SSH_PORT)
         if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
-            raise SettingsError(f"BROKER_SSH_PORT: must be a port number, got {port_raw!r}")
+            raise SettingsError(f"{contract.ENV_SSH_PORT}: must be a port number, got {port_raw!r}")
         hub = need("JUPYTERHUB_API_URL")
         if urlparse(hub).scheme not in ("http", "https") or not urlparse(hub).hostname:
             raise SettingsError(f"JUPYTERHUB_API_URL: not an http(s) URL: {hub!r}")
@@ -96,15 +105,20 @@ class Settings:
             HubApiPolicy(api_prefix=api_prefix_of(hub))  # the relay passes only this prefix
         except ValueError as e:
             raise SettingsError(f"JUPYTERHUB_API_URL: {e}") from None
-        secret = env.get("BROKER_ENROL_SECRET", "")
+        protocol_raw = env.get(TEST_PROTOCOL_VAR, "")
+        try:
+            protocol = int(protocol_raw) if protocol_raw else contract.PROTOCOL_VERSION
+        except ValueError:
+            raise SettingsError(f"{TEST_PROTOCOL_VAR}: must be an integer, got {protocol_raw!r}") from None
+        secret = env.get(contract.ENV_ENROL_SECRET, "")
         for name in SECRET_VARS:
             env.pop(name, None)
         job_id = next((env[v] for v in JOB_ID_VARS if env.get(v)), "")
         return cls(
-            ssh_host=need("BROKER_SSH_HOST"),
+            ssh_host=need(contract.ENV_SSH_HOST),
             ssh_port=int(port_raw),
-            host_key=need("BROKER_HOST_KEY"),
-            session_id=need("BROKER_SESSION_ID"),
+            host_key=need(contract.ENV_HOST_KEY),
+            session_id=need(contract.ENV_SESSION_ID),
             enrol_secret=secret,
             hub_api_url=hub,
             runtime_dir=env.get("NODE_AGENT_RUNTIME_DIR") or env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
@@ -114,4 +128,5 @@ class Settings:
             reconnect_cap=number("NODE_AGENT_RECONNECT_CAP", 30.0),
             job_id=job_id,
             node=socket.gethostname(),
+            protocol=protocol,
         )

@@ -72,6 +72,9 @@ KEEP = {"base": 2, "wheelhouse": 4, "image": 3}  # newest cache entries kept per
 HEARTBEAT_S = 30.0
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01: wheels with stable timestamps
 STAMP = ".build-images-built"  # in a cached base: when it was built (its identity in the image key)
+#: Built files the wheel carries although git ignores them: JupyterLab's time-left extension
+#: (scripts/build-labextension.sh, ``make labextension``; pyproject.toml's data files).
+LABEXTENSION_BUILD = "labextension/built"
 T0 = time.monotonic()
 BUILT: set[Path] = set()  # cache entries this run made (IMAGES_REFRESH rebuilds each only once)
 
@@ -334,8 +337,9 @@ def source_files() -> list[str]:
         ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         capture_output=True,
     )
+    built = [str(p.relative_to(REPO)) for p in sorted((REPO / LABEXTENSION_BUILD).rglob("*")) if p.is_file()]
     if r.returncode == 0:
-        return [f for f in r.stdout.decode().split("\0") if f and (REPO / f).is_file()]
+        return [f for f in r.stdout.decode().split("\0") if f and (REPO / f).is_file()] + built
     skip = {".git", ".venv", ".node", "node_modules", "build", "dist", "__pycache__", "test-artifacts", "demo-state"}
     out = []
     for root, dirs, files in os.walk(REPO):
@@ -347,6 +351,12 @@ def source_files() -> list[str]:
 def build_wheel(py: str, log: Path) -> Path:
     """The project's wheel in dist/ (older wheels of the project there are removed), built from a
     copy of the checkout so no stale build/ directory can leak into it."""
+    if not (REPO / LABEXTENSION_BUILD / "package.json").is_file():
+        raise BuildError(
+            f"JupyterLab's time-left extension is not built ({LABEXTENSION_BUILD}/ is missing): "
+            "run `make labextension` (make images does it first)",
+            EXIT_PREREQ,
+        )
     dist = REPO / "dist"
     dist.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-images-wheel-") as tmp:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs. Idempotent; skips apt when all are present.
 set -euo pipefail
-PKGS=(openssh-server openssh-client iproute2 procps e2fsprogs nftables chromium)
+PKGS=(openssh-server openssh-client iproute2 procps e2fsprogs nftables chromium sudo systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,3 +19,6 @@ fi
 # The tests start the daemons themselves (scripts/slurm.sh start) when squeue does not answer.
 # (with slurmdbd and MariaDB for the accounting test, which runs its cluster in a namespace without network)
 SLURM_ACCOUNTING=1 bash "$(dirname "$0")/slurm.sh" install
+# Son of Grid Engine (gridengine-master/-exec/-client) for the sge-marked tests, debconf answers
+# preseeded; the tests start the cell themselves (scripts/sge.sh start) when qstat does not answer.
+bash "$(dirname "$0")/sge.sh" install

@@ -1,4 +1,8 @@
-"""The tiny CI image for the Apptainer tests, and Apptainer itself.
+"""The images for the Apptainer tests, and Apptainer itself.
+
+:func:`build_shipped_image` runs ``make images`` (``singularity/cpu.sif`` from ``cpu.def``: what
+sites run; its stages are cached outside the checkout) for test_images.py and
+test_e2e_image_slurm.py.
 
 :func:`ensure_apptainer` installs Apptainer (as root, with scripts/install-apptainer.sh) or skips
 the test. :func:`build_image` makes a SIF from ``singularity/tiny/build.py``'s sandbox (sh,
@@ -23,6 +27,8 @@ import pytest
 import node_agent
 
 REPO = Path(__file__).resolve().parent.parent
+#: The shipped compute image, as ``make images`` leaves it.
+CPU_SIF = REPO / "singularity" / "cpu.sif"
 #: the directory the imported node_agent package lives in (the checkout under test)
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(node_agent.__file__)))
 
@@ -117,3 +123,43 @@ def build_image(out: Path) -> Path:
     )
     shutil.rmtree(sb, ignore_errors=True)
     return out
+
+
+def make_images() -> tuple[subprocess.CompletedProcess[str], float]:
+    """``make images`` (cpu.sif) with this interpreter's pip; its result and duration."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["make", "-s", "images", f"PYTHON={sys.executable}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    return r, time.monotonic() - t0
+
+
+def build_shipped_image(pytestconfig: pytest.Config) -> dict[str, object]:
+    """``make images``, for a session fixture: skipped (with the script's reason) when a
+    prerequisite such as root/fakeroot is missing, failed on any other error. The duration and
+    whether the image was built or found in the cache are written to the terminal. Returns the
+    build's output, its duration in seconds and whether it was a cold build."""
+    ensure_apptainer()
+    r, seconds = make_images()
+    out = r.stdout + r.stderr
+    missing = [line for line in out.splitlines() if line.startswith("build-images: missing prerequisite:")]
+    if r.returncode != 0 and missing:
+        pytest.skip(missing[0])
+    assert r.returncode == 0, f"make images failed ({r.returncode}):\n{out[-6000:]}"
+    cold = "image cpu: built" in out
+    line = (
+        f"make images: cpu.sif {CPU_SIF.stat().st_size / 2**20:.0f} MiB, "
+        f"{'built' if cold else 'cached'} in {seconds:.1f} s"
+        + ("" if cold else " (stages reused from the cache; IMAGES_REFRESH=1 for a cold build)")
+    )
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{line}")
+    print(line)
+    return {"output": out, "seconds": seconds, "cold": cold}

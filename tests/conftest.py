@@ -11,8 +11,8 @@
   fixtures around it, use :func:`harness.running_stack` themselves.
 
 Helper modules next to this one: harness.py, e2e.py (the hub's REST API as a test client),
-broker_cli.py (``broker`` as a subprocess), reliability.py, sshd.py, slurm_cluster.py,
-apptainer_image.py, flood_agent.py (a script).
+broker_cli.py (``broker`` as a subprocess), reliability.py, sshd.py, slurm_cluster.py, sge_cluster.py,
+apptainer_image.py, browser.py (chromium via playwright), flood_agent.py (a script).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from devstack.stack import Stack
 
 from harness import BrokerFactory, Chp, Harness, running_stack, tool_path
 
-#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``;
-#: ``chromium`` (browser.py)
-pytest_plugins = ["sshd", "slurm_cluster", "browser"]
+#: helper modules whose fixtures any module may request: ``sshd``; ``slurm_cluster``, ``cancel_leftover_jobs``,
+#: ``accounts``; ``sge_cluster``, ``qdel_leftover_jobs``; ``chromium`` (browser.py)
+pytest_plugins = ["sshd", "slurm_cluster", "sge_cluster", "browser"]
 
 #: Modules whose tests start services (``broker serve``, CHP, a hub, sshd), need root (mounts,
 #: users, namespaces) or measure load for seconds: marked ``component``, so ``make check`` (unit
@@ -41,6 +41,7 @@ COMPONENT_MODULES = frozenset(
         "test_auth_header_trust",
         "test_broker_app",
         "test_control_channel",
+        "test_deploy_cli",
         "test_cotenant",
         "test_fair_admission",
         "test_faults",

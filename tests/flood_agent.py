@@ -26,7 +26,9 @@ import time
 
 import asyncssh
 
-CONTROL = ("control.broker.invalid", 1)  # broker/policy.py CONTROL_HOST, CONTROL_PORT
+from wire.contract import CONTROL_HOST, CONTROL_PORT, PROTOCOL_VERSION
+
+CONTROL = (CONTROL_HOST, CONTROL_PORT)
 CHUNK = 32 * 1024
 
 
@@ -44,7 +46,9 @@ async def _flood(conn: asyncssh.SSHClientConnection, payload: bytes) -> dict:
 
     async def send() -> None:
         nonlocal written
-        writer.write(b'{"type": "hello", "node": "flood", "job_id": "1"}\n')
+        writer.write(
+            json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "node": "flood", "job_id": "1"}).encode() + b"\n"
+        )
         for i in range(0, len(payload), CHUNK):
             writer.write(payload[i : i + CHUNK])
             written += min(CHUNK, len(payload) - i)

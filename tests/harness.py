@@ -133,7 +133,7 @@ class Chp:
 
 # -- the in-process broker and the servers behind its tunnels ---------------------------------------
 
-#: A hub-API request the broker's HTTP filter passes unchanged (broker/hubapi.py); raw bytes that
+#: A hub-API request the broker's HTTP filter passes unchanged (wire/hubapi.py); raw bytes that
 #: are not HTTP get 400 from the broker and never reach the hub.
 HUB_API_PING = b"GET /hub/api/ HTTP/1.1\r\nHost: hub\r\n\r\n"
 

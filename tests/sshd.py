@@ -91,6 +91,18 @@ class SSHD:
         kw.setdefault("known_hosts", str(self.known_hosts))
         return LoginNodeRunner(self.address, port=self.port, username="root", client_keys=[str(self.client_key)], **kw)
 
+    def hub_config(self, spawner: str = "SlurmBrokerSpawner") -> str:
+        """Hub config lines that make *spawner* run its Slurm commands on this "login node"."""
+        return "\n".join(
+            [
+                f'c.{spawner}.login_node_host = "127.0.0.1"',
+                f"c.{spawner}.login_node_port = {self.port}",
+                f'c.{spawner}.login_node_user = "root"',
+                f"c.{spawner}.login_node_key_file = {str(self.client_key)!r}",
+                f"c.{spawner}.login_node_known_hosts = {str(self.known_hosts)!r}",
+            ]
+        )
+
     def start(self) -> SSHD:
         """Start sshd; keys and config are made on the first start and kept on restarts
         (same port, same host key: a restarted login node)."""

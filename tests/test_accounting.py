@@ -31,6 +31,8 @@ from broker import accounting as acct
 from broker.core import Broker
 from broker.store import SessionStore
 
+from slurm_cluster import accounting_cluster
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
@@ -272,98 +274,10 @@ def test_sacct_disabled_is_reported(state):
 # -- a real Slurm with slurmdbd, in its own namespace -----------------------------------------------
 
 
-class NsCluster:
-    """SLURM_ACCOUNTING=1 scripts/slurm.sh in a private mount+net namespace (own munge, /etc/slurm, ports)."""
-
-    def __init__(self, base: str):
-        self.base = base
-        self.holder: subprocess.Popen | None = None
-
-    def ns(
-        self, *argv: str, timeout: float = 120, env: dict | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess:
-        assert self.holder is not None
-        cmd = [
-            "nsenter",
-            "-t",
-            str(self.holder.pid),
-            "-m",
-            "-n",
-            "--",
-            "env",
-            *[f"{k}={v}" for k, v in (env or {}).items()],
-            *argv,
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{argv} failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
-        return r
-
-    def start(self) -> None:
-        # install slurmdbd and MariaDB first, from the host: the namespace has no network
-        r = subprocess.run(
-            ["bash", os.path.join(REPO, "scripts", "slurm.sh"), "install"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=dict(os.environ, SLURM_ACCOUNTING="1"),
-        )
-        assert r.returncode == 0, f"slurm.sh install failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
-        self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.3)
-        self.ns("ip", "link", "set", "lo", "up")
-        # slurmdbd binds with getaddrinfo(AI_ADDRCONFIG): it needs one non-loopback address
-        self.ns("ip", "addr", "add", "10.254.0.1/32", "dev", "lo")
-        for d in ("/etc/slurm", "/run/munge", "/run/mysqld", "/var/log/munge", "/var/lib/munge"):
-            # a mount point must exist: /run/mysqld does only where MariaDB ran once (the
-            # empty directory left on the host is what MariaDB's own start would create)
-            self.ns("mkdir", "-p", d)
-            self.ns("mount", "-t", "tmpfs", "tmpfs", d)
-        self.ns("chown", "munge:munge", "/run/munge", "/var/log/munge", "/var/lib/munge")
-        self.ns("chmod", "0755", "/run/munge")
-        self.ns(
-            "bash",
-            os.path.join(REPO, "scripts", "slurm.sh"),
-            "start",
-            timeout=300,
-            env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base, "SLURM_PROCTRACK": "linuxproc"},
-        )
-
-    def stop(self) -> None:
-        if self.holder is None:
-            return
-        try:
-            self.ns(
-                "bash",
-                os.path.join(REPO, "scripts", "slurm.sh"),
-                "stop",
-                "--clean",
-                timeout=120,
-                check=False,
-                env={"SLURM_ACCOUNTING": "1", "SLURM_BASE": self.base},
-            )
-        finally:
-            self.holder.kill()
-            self.holder.wait()
-
-
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_real_sacct_with_slurmdbd(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"):
-        pytest.skip("needs root, unshare and nsenter")
-    import tempfile
-
-    base = tempfile.mkdtemp(prefix="slurm-acct-", dir="/tmp")
-    os.chmod(base, 0o755)  # MariaDB runs as mysql: pytest's tmp_path (0700) is out of its reach
-    cluster = NsCluster(base)
-    try:
-        cluster.start()
+    with accounting_cluster() as cluster:
         job = cluster.ns("sbatch", "--parsable", "-c", "2", "-o", "/dev/null", "--wrap", "sleep 3").stdout.strip()
         deadline = time.monotonic() + 90
         line = ""
@@ -401,6 +315,3 @@ def test_real_sacct_with_slurmdbd(tmp_path):
         assert zoe["cpu_hours"] == pytest.approx(cpu_raw / 3600, abs=1e-4)
         assert zoe["gpu_hours"] == 0
         assert {u["user"]: u for u in rep["users"]}["秀樹"]["cpu_hours"] == 0
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)

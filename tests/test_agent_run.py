@@ -1,19 +1,27 @@
 """``node-agent run`` starts the notebook server while it connects to the broker: what happens
-when the broker refuses it, and when the server exits before the broker can be reached.
+when the broker refuses it, and when the server exits before the broker can be reached; and the
+agent runs with nothing of the project but ``node_agent`` and ``wire`` (what an image carries).
 
 Real parts: an in-process broker (real asyncssh server, real SQLite store, real session
-listeners), the real ``node-agent`` command as a subprocess, and a small Python "server" that
-records its pid and either stays up or exits with a chosen status.
+listeners) or a real ``broker serve``, the real ``node-agent`` command as a subprocess, and a small
+Python "server" that records its pid and either stays up or exits with a chosen status (or the
+benchmarks' HTTP server, ``bench/nodeserver.py``, in place of ``jupyterhub-singleuser``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import json
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
+import urllib.request
 
 import asyncssh
 import pytest
@@ -21,6 +29,9 @@ import pytest_asyncio
 
 from broker.core import Broker
 from broker.store import SessionStore
+
+from broker_cli import HUB, Served
+from harness import REPO
 
 pytestmark = pytest.mark.asyncio
 
@@ -174,3 +185,136 @@ async def test_server_exit_before_the_broker_is_reachable_is_still_reported(fx, 
     s = broker.store.get(session.id)
     assert s.state == "closed" and s.exit_status == 3, (s, fx.log())
     assert "status 3" in s.end_reason
+
+
+# -- the node side alone ----------------------------------------------------------------------
+
+#: Printed by the node-side interpreter: its sys.path, where node_agent came from, and which
+#: hub-side modules it can import (none may be importable).
+PROBE = r"""
+import importlib, json, sys
+import node_agent.agent, node_agent.cli
+found = {}
+for name in ("broker", "hub_plugin", "aiohttp", "traitlets", "jupyterhub", "structlog"):
+    try:
+        importlib.import_module(name)
+        found[name] = True
+    except ImportError:
+        found[name] = False
+print(json.dumps({"path": sys.path, "agent": node_agent.agent.__file__, "imports": found}))
+"""
+
+
+def _dist_name(requirement: str) -> str:
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name, requirement
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def node_side_tree(root) -> tuple[str, str]:
+    """Copies of ``node_agent/`` and ``wire/`` in ``root/code``; asyncssh and the distributions it
+    needs (its metadata's requirements, recursively, extras left out), linked from this
+    interpreter's site-packages into ``root/site``. Returns (code, site)."""
+    code, site = root / "code", root / "site"
+    for package in ("node_agent", "wire"):
+        shutil.copytree(os.path.join(REPO, package), code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    site.mkdir()
+    todo, seen = ["asyncssh"], set()
+    while todo:
+        name = _dist_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = importlib.metadata.distribution(name)
+        for top in {f.parts[0] for f in dist.files or ()}:
+            if top.endswith(".dist-info") or top in ("..", "__pycache__") or (site / top).exists():
+                continue
+            (site / top).symlink_to(dist.locate_file(top))
+        todo += [r for r in dist.requires or () if "extra ==" not in r]
+    assert {"asyncssh", "cryptography"} <= seen
+    return str(code), str(site)
+
+
+def node_side_env(code: str, site: str, home, **extra: str) -> dict[str, str]:
+    """The whole environment of a node-side process: its sys.path is *code*, *site* and the
+    standard library (run it with ``python -S``: no site-packages)."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join((code, site)),
+        **extra,
+    }
+
+
+async def test_agent_with_only_node_agent_wire_and_asyncssh_reaches_ready(tmp_path):
+    """The node side as an image carries it: ``python -S -m node_agent.cli run`` with a
+    ``sys.path`` of copies of ``node_agent/`` and ``wire/``, asyncssh with its dependencies and
+    the standard library, against a real ``broker serve``: ready, traffic through the tunnel,
+    a clean exit reported."""
+    code, site = node_side_tree(tmp_path)
+    env = node_side_env(code, site, tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-S", "-c", PROBE], env=env, cwd=code, capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert seen["imports"] == dict.fromkeys(seen["imports"], False), seen["imports"]  # no `import broker`
+    assert seen["agent"] == os.path.join(code, "node_agent", "agent.py")
+    stdlib = os.path.dirname(os.__file__)
+    for entry in seen["path"]:
+        entry = entry or code  # '' is the working directory
+        assert entry in (code, site) or entry.startswith((os.path.dirname(stdlib), stdlib)), seen["path"]
+        assert REPO not in entry and "site-packages" not in entry.replace(site, ""), seen["path"]
+
+    served = Served(tmp_path, str(tmp_path / "state"))
+    served.env["PYTHONPATH"] = REPO
+    served.start()
+    agent = None
+    try:
+        session = served.api("POST", "/api/sessions", {"user": "nina", "routespec": "/user/nina/"})
+        ssh = session["ssh"]
+        agent_env = node_side_env(
+            code,
+            site,
+            tmp_path,
+            BROKER_SSH_HOST=ssh["host"],
+            BROKER_SSH_PORT=str(ssh["port"]),
+            BROKER_HOST_KEY=ssh["host_key"],
+            BROKER_SESSION_ID=session["id"],
+            BROKER_ENROL_SECRET=session["secret"],
+            JUPYTERHUB_API_URL=HUB,
+            JUPYTERHUB_SERVICE_PREFIX="/user/nina/",
+            NODE_AGENT_RUNTIME_DIR=str(tmp_path / "rt"),
+        )
+        server = [sys.executable, "-S", os.path.join(REPO, "bench", "nodeserver.py")]
+        log = open(tmp_path / "agent.log", "wb")
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-S", "-m", "node_agent.cli", "run", "--", *server,
+            env=agent_env, cwd=code, stdout=log, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        state = ""
+        while time.monotonic() < deadline and agent.returncode is None:
+            state = served.api("GET", f"/api/sessions/{session['id']}")["state"]
+            if state == "ready":
+                break
+            await asyncio.sleep(0.2)
+        agent_log = (tmp_path / "agent.log").read_text(errors="replace")
+        assert state == "ready", agent_log + served.output()
+        with urllib.request.urlopen(f"{session['target']}/user/nina/small", timeout=10) as r:
+            assert r.read() == b"hello, world\n"
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.wait(), 30) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            s = served.api("GET", f"/api/sessions/{session['id']}")
+            if s["state"] == "closed":
+                break
+            await asyncio.sleep(0.1)
+        assert (s["state"], s["exit_status"]) == ("closed", 0), s
+    finally:
+        if agent is not None and agent.returncode is None:
+            agent.kill()
+            await agent.wait()
+        assert served.stop() == 0

@@ -30,6 +30,7 @@ from broker_cli import PY, TOKEN, Served, clean_env, full_env, run
         ({"JUPYTERHUB_API_URL": "not a url"}, [], "BrokerApp.hub_api_url"),
         ({}, ["--BrokerApp.hub_api_url=http:///nohost"], "BrokerApp.hub_api_url"),
         ({}, ["--BrokerApp.proxy_api_url=nope"], "BrokerApp.proxy_api_url"),
+        ({}, ["--Broker.route_publisher_class=nginx"], "Broker.route_publisher_class"),
     ],
 )
 def test_serve_refuses_bad_config_with_exit_2(tmp_path, env_over, args, needle):
@@ -465,3 +466,16 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path):
         for c in idle:
             c.close()
         assert s.stop() == 0, s.output()[-3000:]
+
+
+def test_serve_without_proxy_token_when_the_hub_adds_the_routes(tmp_path):
+    """``--Broker.route_publisher_class=none``: no CHP token needed; sessions still get their port."""
+    s = Served(tmp_path, str(tmp_path / "state"))
+    s.env.pop("CONFIGPROXY_AUTH_TOKEN")
+    s.args.append("--Broker.route_publisher_class=none")
+    s.start()
+    try:
+        session = s.api("POST", "/api/sessions", {"user": "zoe", "server_name": "", "routespec": "/user/zoe/"})
+        assert session["port"] > 0 and session["target"].endswith(f":{session['port']}")
+    finally:
+        assert s.stop() == 0

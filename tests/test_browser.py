@@ -15,8 +15,7 @@ import os
 
 import pytest
 
-from browser import RECORD_PROGRESS, login, run_in_new_notebook
-from browser import shot as browser_shot
+import browser
 from e2e import Hub
 from harness import ARTIFACTS, wait_until
 
@@ -34,6 +33,23 @@ PROFILES = [
         "req_runtime": "0:30:00",
     }
 ]
+
+# Records every progress event the pending page receives (the page shows each one), across
+# navigations, through a binding the test exposes.
+RECORD_PROGRESS = """
+(() => {
+  const Orig = window.EventSource;
+  if (!Orig || Orig.__recorded) return;
+  function Recorded(url, opts) {
+    const es = new Orig(url, opts);
+    es.addEventListener("message", (e) => { try { window.recordProgress(e.data); } catch (err) {} });
+    return es;
+  }
+  Recorded.prototype = Orig.prototype;
+  Recorded.__recorded = true;
+  window.EventSource = Recorded;
+})();
+"""
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +69,18 @@ def stack_options():
             f"c.LocalBrokerSpawner.profiles = {PROFILES!r}\n"
             # so that the home page's warning shows for a 45-minute session
             "c.LocalBrokerSpawner.walltime_warning_minutes = 60\n"
+            # a session card per server, named ones too
+            "c.JupyterHub.allow_named_servers = True\n"
         ),
     )
 
 
 def shot(page, name: str) -> None:
-    browser_shot(page, SHOTS, name)
+    browser.shot(page, SHOTS, name)
+
+
+def login(context, stack, user: str):
+    return browser.login(context, stack, user, SHOTS)
 
 
 def test_login_options_progress_lab_and_stop(chromium, stack):
@@ -69,7 +91,7 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
     context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
     context.add_init_script(RECORD_PROGRESS)
     try:
-        page = login(context, stack, user, SHOTS)
+        page = login(context, stack, user)
         page.goto(stack.public_url + "/hub/spawn")
         # the form generated from this machine, with the admin's profile
         page.wait_for_selector("#hpc-partition")
@@ -129,8 +151,27 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         # JupyterLab: a new notebook, 1+1 -> 2
         page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
         shot(page, f"{user}-04-lab")
+        page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
+        cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+        cell.wait_for(timeout=60_000)
+        # the kernel must be up before the cell runs (the indicator says idle)
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
+        cell.click()
+        page.keyboard.type("1+1")
+        wait_until(lambda: cell.inner_text().strip() == "1+1", 10, what="the cell to hold 1+1")
+        out = page.locator(".jp-OutputArea-output").first
         try:
-            run_in_new_notebook(page, "1+1", "2")
+            # A run issued while Lab is still attaching the kernel is dropped silently (the cell
+            # keeps "[ ]"), so run the cell again until it has an output (1+1 is idempotent).
+            for _attempt in range(8):
+                cell.click()
+                page.keyboard.press("Shift+Enter")
+                try:
+                    out.wait_for(timeout=15_000)
+                    break
+                except Exception:
+                    continue
+            wait_until(lambda: out.inner_text().strip() == "2", 30, what="cell output 2")
         finally:
             shot(page, f"{user}-05-notebook")
 
@@ -159,7 +200,7 @@ def test_invalid_choice_is_shown_in_the_form(chromium, stack):
     user = "bob"
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     try:
-        page = login(context, stack, user, SHOTS)
+        page = login(context, stack, user)
         page.goto(stack.public_url + "/hub/spawn")
         page.check("#hpc-profile-custom")
         page.fill("#hpc-runtime", "99")  # hours; the local backend allows 24
@@ -179,5 +220,54 @@ def test_invalid_choice_is_shown_in_the_form(chromium, stack):
         shot(page, f"{user}-02-invalid-gpu")
         _, info = hub.api(hub.user_path(user))
         assert not info.get("servers"), info  # nothing was started
+    finally:
+        context.close()
+
+
+def test_a_session_card_per_server_named_too(chromium, stack):
+    """The home page has a card per server, each with its job, node, state and time left; a
+    stopped named server keeps its last job's card, "ended" with the reason."""
+    hub = Hub(stack)
+    user = "carol"
+    context = chromium.new_context(viewport={"width": 1280, "height": 1100})
+    try:
+        page = login(context, stack, user)
+        for name in ("", "second"):
+            path = hub.user_path(user) + ("/server" if not name else f"/servers/{name}")
+            status, body = hub.api(path, "POST", {"profile": "small"})
+            assert status in (201, 202), (status, body)
+
+        def both_running():
+            servers = hub.api(hub.user_path(user))[1].get("servers", {})
+            return all(servers.get(n, {}).get("ready") for n in ("", "second"))
+
+        wait_until(both_running, 120, interval=0.5, what="both servers ready")
+        page.goto(stack.public_url + "/hub/home")
+        cards = page.locator("#session-cards .session-card")
+        assert cards.count() == 2
+        jobs = set()
+        for name in ("", "second"):
+            card = page.locator(f'#session-cards .session-card[data-server-name="{name}"]')
+            assert card.get_attribute("data-state") == "running"
+            assert "Time left:" in card.locator(".walltime").inner_text()
+            assert card.locator(".session-node").inner_text().strip()  # this machine's name
+            jobs.add(card.locator(".session-job-id").inner_text().strip())
+        assert len(jobs) == 2 and all(j.isdigit() for j in jobs), jobs
+        shot(page, f"{user}-01-two-cards")
+
+        status, _ = hub.api(hub.user_path(user) + "/servers/second", "DELETE")
+        assert status in (202, 204)
+        wait_until(
+            lambda: "second" not in hub.api(hub.user_path(user))[1].get("servers", {}), 60, what="second to stop"
+        )
+        page.goto(stack.public_url + "/hub/home")
+        ended = page.locator('#session-cards .session-card[data-server-name="second"]')
+        assert ended.get_attribute("data-state") == "ended"
+        assert "stopped from the hub" in ended.locator(".session-end-reason").inner_text()
+        assert (
+            page.locator('#session-cards .session-card[data-server-name=""]').get_attribute("data-state") == "running"
+        )
+        shot(page, f"{user}-02-named-ended")
+        hub.stop(user)
     finally:
         context.close()

@@ -34,16 +34,18 @@ from broker import accounting as acct
 from broker import log as broker_log
 from broker.control import ControlLimits, LineSplitter, LineTooLong
 from broker.core import Broker
-from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.proxy import ROUTE_TAG_KEY, ChpClient
-from broker.ratelimit import TokenBucket
 from broker.store import SCHEMA_VERSION, SessionStore
 from broker.untrusted import reported_name
 from hub_plugin.status_service import render_rows
+from wire.contract import CONTROL_HOST, CONTROL_PORT, OLDEST_PROTOCOL, PROTOCOL_VERSION, protocol_refusal
+from wire.ratelimit import TokenBucket
 
 from broker_cli import TOKEN, Served
 from harness import REPO, Chp, http_get, unix_http_server
 
+#: What an agent of this version says first on a connection.
+HELLO = {"type": "hello", "protocol": PROTOCOL_VERSION}
 HOSTILE_NODE = "cn\u202e10\x1b[31m\nINFO fake line"
 HOSTILE_NODE_STORED = "cn\\u202e10\\x1b\\x5b31m\\x0aINFO\\x20fake\\x20line"
 
@@ -238,7 +240,7 @@ async def test_ready_then_exit_back_to_back_leaves_no_route(env):
     sessions = []
     for i in range(8):
         session, agent = await env.agent(f"u{i}")
-        agent.send({"type": "hello"}, {"type": "ready"}, {"type": "exit", "status": 0})
+        agent.send(HELLO, {"type": "ready"}, {"type": "exit", "status": 0})
         sessions.append(session)
     for session in sessions:
         s = await env.broker.wait_for(session.id, {"closed"}, 10)
@@ -311,10 +313,32 @@ async def test_reconciler_removes_stale_tagged_routes_only(tmp_path):
 
 
 @pytest.mark.asyncio
+async def test_hello_of_an_unsupported_protocol_is_refused_and_closes_the_session(env):
+    """A ``hello`` without a version the broker serves gets ``refused`` with the reason; the session
+    is closed with that reason (the spawn page's message) and the connection dropped. The previous
+    and the current version are served."""
+    for i, announced in enumerate((None, OLDEST_PROTOCOL - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), True)):
+        session, agent = await env.agent(f"old{i}")
+        agent.send({"type": "hello"} if announced is None else {"type": "hello", "protocol": announced})
+        assert agent.reader is not None
+        answer = json.loads(await asyncio.wait_for(agent.reader.readline(), 10))
+        reason = protocol_refusal(announced)
+        assert reason and answer == {"type": "refused", "message": reason}
+        s = env.broker.store.get(session.id)
+        assert (s.state, s.end_reason) == ("closed", reason)
+        await asyncio.wait_for(agent.conn.wait_closed(), 10)
+    for version in (OLDEST_PROTOCOL, PROTOCOL_VERSION):
+        session, agent = await env.agent(f"v{version}")
+        agent.send({"type": "hello", "protocol": version}, {"type": "ready"})
+        assert await agent.acks(2) == ["hello", "ready"]
+        assert env.broker.store.get(session.id).state == "ready"
+
+
+@pytest.mark.asyncio
 async def test_heartbeats_are_coalesced_and_flushed(env):
     """Heartbeats write nothing to SQLite until the counters flush; then one write holds the last."""
     session, agent = await env.agent("beat")
-    agent.send({"type": "hello", "node": "n1"})
+    agent.send({**HELLO, "node": "n1"})
     assert await agent.acks(1) == ["hello"]
     await asyncio.sleep(1.2)  # later (rate limit: 5/s, burst 20; these 15 fit)
     before = env.broker.store.get(session.id).last_heartbeat
@@ -515,7 +539,7 @@ async def test_hello_claims_change_no_hub_side_fact_and_names_are_shown_escaped(
             known_hosts=([asyncssh.import_public_key(mal["ssh"]["host_key"])], [], []),
         )
         agent = await Agent(conn, key).control()
-        agent.send({"type": "hello", "node": HOSTILE_NODE, "job_id": "1001"})
+        agent.send({**HELLO, "node": HOSTILE_NODE, "job_id": "1001"})
         assert await agent.acks(1) == ["hello"]
         s = served.api("GET", f"/api/sessions/{mal['id']}")
         assert (s["job_id"], s["node"], s["node_reported"]) == ("2002", "", HOSTILE_NODE_STORED)
@@ -612,7 +636,7 @@ async def test_control_flood_does_not_stall_other_users(tmp_path):
         )
         await honest_conn.forward_remote_port_to_path("127.0.0.1", 0, sock)
         agent = await Agent(honest_conn, key).control()
-        agent.send({"type": "hello", "node": "cn01"}, {"type": "ready"})
+        agent.send({**HELLO, "node": "cn01"}, {"type": "ready"})
         assert await agent.acks(2) == ["hello", "ready"]
         port = honest["port"]
 

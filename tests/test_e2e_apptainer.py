@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from apptainer_image import PKG_ROOT, build_image, ensure_apptainer, python_binds, tmp_bind_workdir
-from e2e import Hub
+from e2e import Hub, launch_hub_config
 from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.apptainer, pytest.mark.timeout(400)]
@@ -88,12 +88,9 @@ def apptainer_stack(tmp_path_factory):
         str(work / "stack"),
         path=tool_path(),
         extra_hub_config=(
-            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-            # the host's notebook dir does not exist in the container: serve the container home
-            "c.Spawner.notebook_dir = '/home/jovyan'\n"
+            launch_hub_config(config, container_home="/home/jovyan")
             # the job imports the checkout under test (bound below), not only the venv's install
-            f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"
+            + f"c.Spawner.environment = {{'PYTHONPATH': {PKG_ROOT!r}}}\n"
         ),
     ) as s:
         s.scratch = str(scratch)

@@ -4,14 +4,12 @@ working server with the home directory the launcher created."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 
 import pytest
 
-from e2e import Hub
+from e2e import Hub, launch_hub_config
 from harness import running_stack, tool_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -52,31 +50,10 @@ def launch_stack(tmp_path_factory):
     with running_stack(
         str(work / "stack"),
         path=tool_path(),
-        extra_hub_config=(
-            f"c.BrokerSpawnerMixin.agent_command = 'node-agent launch --config {config} --'\n"
-            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5\n"
-            "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n"
-        ),
+        extra_hub_config=launch_hub_config(config) + "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n",
     ) as s:
         s.scratch = str(scratch)
         yield s
-
-
-def _progress_events(stack, user: str, timeout: float = 30) -> list[dict]:
-    """Read the hub's spawn-progress event stream (what the spawn page shows) until it ends."""
-    req = urllib.request.Request(
-        f"{stack.hub_api_url}/users/{user}/server/progress", headers={"Authorization": f"token {stack.admin_token}"}
-    )
-    events = []
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("data:"):
-                ev = json.loads(line[5:])
-                events.append(ev)
-                if ev.get("failed") or ev.get("ready"):
-                    break
-    return events
 
 
 def test_maintenance_message_reaches_the_user_at_once(launch_stack):
@@ -86,7 +63,7 @@ def test_maintenance_message_reaches_the_user_at_once(launch_stack):
     t0 = time.monotonic()
     status, _ = hub.api(hub.user_path(user) + "/server", "POST")
     assert status == 202  # still pending: the job has just been submitted
-    events = _progress_events(launch_stack, user)
+    events = hub.progress_events(user)
     elapsed = time.monotonic() - t0
     assert events[-1].get("failed"), events
     assert MESSAGE in events[-1]["message"], events[-1]

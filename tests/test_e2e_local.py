@@ -6,13 +6,11 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from e2e import Hub, alive
+from e2e import Hub, alive, local_job_state
 from harness import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -56,20 +54,8 @@ def test_spawn_status_kernel_and_stop(hub, stack):
     hub.stop(user)
     assert f"/user/{user}" not in hub.proxy_routes()
     wait_until(lambda: not alive(server_pid), 15, what="server process to end")
-    query = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub_plugin.localbatch",
-            "query",
-            "--spool",
-            os.path.join(stack.workdir, "spool"),
-            job_id,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert not query.stdout.startswith(("RUNNING", "PENDING")), query.stdout
+    state = local_job_state(stack, job_id)
+    assert not state.startswith(("RUNNING", "PENDING")), state
     closed = hub.broker(f"/api/sessions/{session['id']}")[1]
     assert closed["state"] == "closed" and closed["end_reason"]
     assert closed["bytes_in"] > 0 and closed["bytes_out"] > 0  # accounting of tunnel bytes

@@ -13,12 +13,10 @@ node agent in a real Slurm job, and a real jupyterhub-singleuser.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -29,8 +27,8 @@ import pytest
 from devstack.stack import Stack
 
 from e2e import Hub
-from harness import REPO, running_stack, tool_path, wait_until
-from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, real_binary, run
+from harness import running_stack, tool_path, wait_until
+from slurm_cluster import JOB_TAG, SLURM_POLL_INTERVAL, hub_config, others_can_run_python, real_binary, run
 
 pytestmark = [
     pytest.mark.e2e,
@@ -150,32 +148,13 @@ def test_spawn_status_kernel_stop_on_slurm(hub, stack):
     assert hub.broker(f"/api/sessions/{session['id']}")[1]["state"] == "closed"
 
 
-def _progress_messages(stack: Stack, user: str, want: str, timeout: float) -> list[str]:
-    """Read the hub's progress event stream until a message containing ``want`` arrives."""
-    url = f"{stack.hub_api_url}/users/{user}/server/progress"
-    req = urllib.request.Request(url, headers={"Authorization": f"token {stack.admin_token}"})
-    messages: list[str] = []
-    deadline = time.monotonic() + timeout
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        while time.monotonic() < deadline:
-            line = r.readline().decode()
-            if not line:
-                break
-            if line.startswith("data:"):
-                msg = json.loads(line[5:]).get("message", "")
-                messages.append(msg)
-                if want in msg:
-                    return messages
-    raise AssertionError(f"no progress message with {want!r}; got {messages}")
-
-
 def test_pending_job_shows_reason_and_is_cancelled_on_stop(hub, stack):
     user = "pat"
     hub.api(hub.user_path(user), "POST")
     # a job that cannot start for an hour: the admin's profile puts it into "#SBATCH {{options}}"
     status, body = hub.api(hub.user_path(user) + "/server", "POST", {"profile": "later"})
     assert status == 202, (status, body)
-    messages = _progress_messages(stack, user, "pending", 30)
+    messages = hub.progress_messages(user, "pending", 30)
     pending = [m for m in messages if "pending" in m][0]
     assert "BeginTime" in pending and "estimated start" in pending, pending
     job_id = pending.split()[1]
@@ -192,17 +171,10 @@ def test_external_scancel_is_noticed_and_route_removed(hub, stack):
     user = "sam"
     _spawn_timed(hub, user)
     job_id = hub.session_of(user)["job_id"]
-    key = f"/user/{user}"
-    assert key in hub.proxy_routes()
-    t0 = time.monotonic()
+    assert f"/user/{user}" in hub.proxy_routes()
     run("scancel", job_id, check=True)
-
-    def gone() -> bool:
-        _, info = hub.api(hub.user_path(user))
-        return not info.get("servers") and key not in hub.proxy_routes()
-
-    wait_until(gone, 30, interval=0.2, what="hub to notice the cancelled job and drop the route")
-    print(f"\n[slurm] external scancel -> server gone and route removed in {time.monotonic() - t0:.1f} s")
+    took = hub.wait_server_and_route_gone(user)
+    print(f"\n[slurm] external scancel -> server gone and route removed in {took:.1f} s")
     assert hub.session_of(user)["state"] == "closed"
     assert hub.through_proxy(user, "api/status")[0] != 200
 
@@ -210,27 +182,8 @@ def test_external_scancel_is_noticed_and_route_removed(hub, stack):
 def test_hub_restart_keeps_running_server(hub, stack):
     user = "hal"
     _spawn_timed(hub, user)
-    kernel_id, _ = hub.run_code(user, "x = 6 * 7\nx")
-    session = hub.session_of(user)
-
-    stack.stop_service("hub")
-    stack.start_hub()
-    wait_until(
-        lambda: hub.through_proxy(user, "api/status")[0] == 200,
-        30,
-        interval=0.5,
-        what="server usable through CHP after the hub restart",
-    )
-    _, info = hub.api(hub.user_path(user))
-    assert info["servers"][""]["ready"]
-    state = info["servers"][""].get("state") or {}
-    if state:  # admin view includes the spawner state
-        assert state.get("job_id") == session["job_id"] and state.get("session_id") == session["id"]
-    after = hub.session_of(user)
-    assert after["id"] == session["id"] and after["state"] == "ready"
+    session = hub.restart_hub_keeps_server(user)
     assert _job_state(session["job_id"]) == "RUNNING"
-    _, result = hub.run_code(user, "x", kernel_id=kernel_id)
-    assert result == "42"
     hub.stop(user)
     wait_until(lambda: _job_state(session["job_id"]) in ("", "CANCELLED"), 20, what="job cancelled after stop")
 
@@ -283,15 +236,7 @@ def test_twenty_sessions_one_squeue_per_interval(hub, stack, squeue_log):
 @pytest.fixture(scope="module")
 def remote_stack(slurm_cluster, sshd, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("slurm-remote-stack"))
-    extra = "\n".join(
-        [
-            'c.SlurmBrokerSpawner.login_node_host = "127.0.0.1"',
-            f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
-            'c.SlurmBrokerSpawner.login_node_user = "root"',
-            f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
-            f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
-        ]
-    )
+    extra = sshd.hub_config()
     with running_stack(
         workdir,
         path=tool_path(),
@@ -346,21 +291,6 @@ def _identity_stack(tmp_path_factory, name: str, extra: str) -> AbstractContextM
     )
 
 
-def _ancestors(path: str) -> list[str]:
-    """The existing directories from / down to *path* (or its directory), outermost first."""
-    out = []
-    p = os.path.abspath(path)
-    if not os.path.isdir(p):
-        p = os.path.dirname(p)
-    while True:
-        if os.path.isdir(p):
-            out.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            return out[::-1]
-        p = parent
-
-
 @pytest.fixture(scope="module")
 def unix_user():
     """A real Unix account (useradd), removed afterwards."""
@@ -370,26 +300,18 @@ def unix_user():
     name = "jh" + uuid.uuid4().hex[:8]
     run("useradd", "-m", "-p", "*", "-s", "/bin/bash", name, check=True)
     # The job runs the venv's python and imports the checkout: a normal user needs to traverse
-    # every directory above them. On these machines the venv's python links into /root/.pyenv
-    # (/root is 0700), and a clone may sit in a 0700 directory (mktemp -d). Grant traversal
-    # (o+x: no listing) where it is missing, for the test's duration only, and restore after.
-    restored: list[tuple[str, int]] = []
+    # every directory above them (for the test's duration only).
     try:
-        for target in (os.path.realpath(sys.executable), str(REPO), *sys.path):
-            for parent in _ancestors(target):
-                mode = os.stat(parent).st_mode & 0o7777
-                if not mode & 0o001:
-                    os.chmod(parent, mode | 0o001)
-                    restored.append((parent, mode))
-        if (
-            run("runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent").returncode
-            != 0
-        ):
-            pytest.fail(f"{sys.executable} cannot be run by a normal user here")
-        yield pwd.getpwnam(name)
+        with others_can_run_python():
+            if (
+                run(
+                    "runuser", "-u", name, "--", sys.executable, "-c", "import jupyterhub, broker, node_agent"
+                ).returncode
+                != 0
+            ):
+                pytest.fail(f"{sys.executable} cannot be run by a normal user here")
+            yield pwd.getpwnam(name)
     finally:
-        for parent, mode in reversed(restored):
-            os.chmod(parent, mode)
         run("pkill", "-KILL", "-u", name)
         time.sleep(0.5)
         run("userdel", "-r", name)

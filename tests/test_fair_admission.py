@@ -28,7 +28,7 @@ import pytest_asyncio
 from broker import acceptor
 from broker.core import Broker
 from broker.limits import AdmissionControl
-from broker.policy import CONTROL_HOST, CONTROL_PORT
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 from harness import BrokerFactory, Harness
 from reliability import record

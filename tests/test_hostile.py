@@ -30,7 +30,7 @@ from jupyterhub.utils import url_escape_path
 
 from broker import log as broker_log
 from broker.limits import AdmissionControl
-from broker.policy import CONTROL_HOST, CONTROL_PORT
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 from harness import HUB_API_PING, BrokerFactory, Harness
 from reliability import record, rss_kib, size

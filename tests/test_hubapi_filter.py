@@ -1,4 +1,4 @@
-"""Unit cases of the hub-API filter (broker/hubapi.py): pure byte-in, byte-out, no network.
+"""Unit cases of the hub-API filter (wire/hubapi.py): pure byte-in, byte-out, no network.
 
 What the filter forwards is compared byte for byte; refusals by status, by what was forwarded
 before them (nothing of the refused request), and by the answer written to the client.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.hubapi import (
+from wire.hubapi import (
     DEFAULT_STRIP_HEADERS,
     HubApiExchange,
     HubApiPolicy,

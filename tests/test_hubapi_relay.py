@@ -1,4 +1,4 @@
-"""The hub-API relay filter on real connections (broker/hubapi.py, broker/hubrelay.py).
+"""The hub-API relay filter on real connections (wire/hubapi.py, wire/hubrelay.py).
 
 Two layers:
 
@@ -7,7 +7,7 @@ Two layers:
   hub-API address is a small aiohttp HTTP server that records every request it receives and
   answers it with JSON: it stands in for the hub so the test can see exactly what got through
   (which headers, how many requests, which bodies). The agent's relay is
-  :class:`broker.hubrelay.FilteredRelay`, the class ``node-agent run`` uses, attached to a real
+  :class:`wire.hubrelay.FilteredRelay`, the class ``node-agent run`` uses, attached to a real
   enrolled SSH connection.
 - *End to end*: the project's :class:`devstack.stack.Stack` (real JupyterHub, real
   configurable-http-proxy, ``broker serve``, a real ``node-agent run`` in a local batch job and a
@@ -37,11 +37,11 @@ import requests
 from aiohttp import web
 
 from broker.core import Broker
-from broker.hubapi import HubApiPolicy
-from broker.hubrelay import FilteredRelay
 from broker.store import SessionStore
-from broker.tunnel import Tunnel
 from devstack.stack import Stack
+from wire.hubapi import HubApiPolicy
+from wire.hubrelay import FilteredRelay
+from wire.tunnel import Tunnel
 
 from e2e import Hub, request
 from harness import Harness, running_stack, tool_path, wait_until

@@ -24,57 +24,24 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from apptainer_image import ensure_apptainer
+from apptainer_image import CPU_SIF as SIF
+from apptainer_image import build_shipped_image, make_images
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
-SIF = REPO / "singularity" / "cpu.sif"
 SIZE_TARGET_MB = 450
 CONTAINED = ["apptainer", "exec", "--containall", "--no-mount", "bind-paths"]
 
 
-def make_images() -> tuple[subprocess.CompletedProcess[str], float]:
-    t0 = time.monotonic()
-    r = subprocess.run(
-        ["make", "-s", "images", f"PYTHON={sys.executable}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    return r, time.monotonic() - t0
-
-
 @pytest.fixture(scope="session")
 def cpu_build(pytestconfig: pytest.Config) -> dict[str, object]:
-    """``make images`` once per session; skipped (with the script's reason) when a prerequisite
-    such as root/fakeroot is missing, failed on any other error."""
-    ensure_apptainer()
-    r, seconds = make_images()
-    out = r.stdout + r.stderr
-    missing = [line for line in out.splitlines() if line.startswith("build-images: missing prerequisite:")]
-    if r.returncode != 0 and missing:
-        pytest.skip(missing[0])
-    assert r.returncode == 0, f"make images failed ({r.returncode}):\n{out[-6000:]}"
-    cold = "image cpu: built" in out
-    line = (
-        f"make images: cpu.sif {SIF.stat().st_size / 2**20:.0f} MiB, "
-        f"{'built' if cold else 'cached'} in {seconds:.1f} s"
-        + ("" if cold else " (stages reused from the cache; IMAGES_REFRESH=1 for a cold build)")
-    )
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n{line}")
-    print(line)
-    return {"output": out, "seconds": seconds, "cold": cold}
+    """``make images`` once per session (tests/apptainer_image.py)."""
+    return build_shipped_image(pytestconfig)
 
 
 def test_make_images_builds_cpu_sif(cpu_build: dict[str, object]) -> None:
@@ -149,6 +116,22 @@ def test_python_in_the_image_is_the_images(cpu_build: dict[str, object]) -> None
     mine = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((REPO / "node_agent").glob("*.py"))}
     assert p["sources"] == mine
     assert p["installer"] == "pip"
-    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
-    assert version and p["dist_version"] == version.group(1)
+    version = re.search(r'^__version__ = "([^"]+)"', (REPO / "wire" / "version.py").read_text(), re.M)
+    assert version and p["dist_version"] == version.group(1)  # the one version (wire/version.py)
     assert ".whl" in json.loads(p["direct_url"] or "{}").get("url", ""), p["direct_url"]
+
+
+def test_jupyterlab_time_left_extension_in_the_image(cpu_build: dict[str, object]) -> None:
+    """``make images`` builds JupyterLab's time-left extension first and the wheel carries it: the
+    image's JupyterLab lists it enabled, and its server side is enabled in jupyter_server."""
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    def lines(*argv: str) -> list[str]:
+        r = subprocess.run([*CONTAINED, str(SIF), *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return ansi.sub("", r.stdout + r.stderr).splitlines()
+
+    lab = [line for line in lines("jupyter", "labextension", "list") if "jupyterhub-hpc-timeleft" in line]
+    assert lab and "enabled" in lab[0] and "OK" in lab[0], lab
+    server = [line.split() for line in lines("jupyter", "server", "extension", "list")]
+    assert ["lab_timeleft", "enabled"] in server, server

@@ -1,19 +1,29 @@
-"""The project's modules import one another without cycles.
+"""The project's modules import one another without cycles, and the node side stays small.
 
 Every import counts: module level, inside functions and under ``if TYPE_CHECKING:`` alike, since a
-function-local or type-only import is how a cycle hides. The graph is built from the source with
-:mod:`ast`, so nothing is imported or executed.
+function-local or type-only import is how a cycle (or a dependency) hides. The graph is built from
+the source with :mod:`ast`, so nothing is imported or executed.
+
+The node side is what a compute node (an image) carries: ``node_agent`` and ``wire``. They import
+nothing of ``broker`` or ``hub_plugin`` and no third-party package but asyncssh (and tomli on
+Python 3.10); ``wire.contract`` is standard library only. tests/test_agent_run.py runs the agent
+from a ``sys.path`` holding only these.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("broker", "node_agent", "hub_plugin")
+PACKAGES = ("broker", "node_agent", "hub_plugin", "wire", "lab_timeleft")
+#: What each node-side package may import besides the standard library and itself.
+NODE_SIDE = {"node_agent": {"wire", "asyncssh", "tomli"}, "wire": {"asyncssh"}}
+#: Node-side modules that import the standard library only.
+STDLIB_ONLY = ("wire/contract.py", "wire/hubapi.py", "wire/ratelimit.py", "wire/tasks.py")
 
 
 def project_modules() -> dict[str, str]:
@@ -53,6 +63,18 @@ def imports_of(module: str, path: str, known: set[str]) -> set[str]:
                 name = name.rpartition(".")[0]
             if name and name != module:
                 out.add(name)
+    return out
+
+
+def top_level_imports(path: str) -> set[str]:
+    """The top-level names of every absolute import in the file at *path*, wherever it stands."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.partition(".")[0])
     return out
 
 
@@ -121,3 +143,30 @@ def test_no_import_cycle(package):
 def test_no_import_cycle_across_packages():
     cycle = find_cycle(import_graph())
     assert cycle is None, f"import cycle: {' -> '.join(cycle or [])}"
+
+
+def test_top_level_imports_sees_function_local_and_type_only_imports(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text(
+        "from __future__ import annotations\nimport os.path\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from hub_plugin.x import Y\n"
+        "def f():\n    import broker.policy\n    from . import sibling\n"
+    )
+    assert top_level_imports(str(mod)) == {"__future__", "os", "typing", "hub_plugin", "broker"}
+
+
+@pytest.mark.parametrize("package", sorted(NODE_SIDE))
+def test_node_side_imports_only_its_dependencies(package):
+    """No module of ``node_agent`` or ``wire`` imports ``broker``, ``hub_plugin`` or a third-party
+    package other than asyncssh (tomli: Python 3.10's TOML reader)."""
+    allowed = NODE_SIDE[package] | set(sys.stdlib_module_names) | {package}
+    found = {m: p for m, p in project_modules().items() if m == package or m.startswith(package + ".")}
+    assert len(found) > 1
+    bad = {m: sorted(top_level_imports(p) - allowed) for m, p in found.items()}
+    assert not {m: names for m, names in bad.items() if names}
+
+
+@pytest.mark.parametrize("path", STDLIB_ONLY)
+def test_stdlib_only_modules(path):
+    extra = top_level_imports(os.path.join(REPO, path)) - set(sys.stdlib_module_names)
+    assert not extra, f"{path} imports {sorted(extra)}"

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.api import BrokerAPI
 from broker.core import Broker
-from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.store import SessionStore
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 from harness import Harness, echo_server, http_get
 

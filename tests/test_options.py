@@ -245,6 +245,7 @@ assert issubclass(SlurmBrokerSpawner, ResourceOptionsMixin)
 
 
 def slurm_spawner(sinfo=SINFO, **kw):
+    kw.setdefault("form_slurm_choices", [])  # the account/QoS/reservation fields: test_slurm_choices.py
     user = mock.Mock()
     user.name = "zoe"
     s = OptionsSlurmSpawner(user=user, hub=mock.Mock(), **kw)
@@ -291,7 +292,12 @@ async def test_apply_sets_req_traits_resets_and_sanitizes():
         "2",
         "00:30:00",
     )
-    assert set(s.user_options) == {"profile", "partition", "nprocs", "memory", "ngpus", "runtime", "image"}
+    assert set(s.user_options) == {"profile", "partition", "nprocs", "memory", "ngpus", "runtime", "image"} | {
+        "account",
+        "qos",
+        "reservation",
+    }
+    assert (s.user_options["account"], s.req_account) == ("", "")  # not chosen, none configured
     # the next spawn without options starts from the configuration again
     await s.apply_user_options(s, {})
     assert (s.req_partition, s.req_nprocs, s.req_ngpus, s.req_memory) == ("debug", "1", "", "2G")

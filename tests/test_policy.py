@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from broker.policy import CONTROL_HOST, CONTROL_PORT, Decision, decide_direct, decide_remote_forward
+from broker.policy import Decision, decide_direct, decide_remote_forward
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 HUB = ("127.0.0.1", 8081)
 

@@ -1,7 +1,7 @@
 """Bytes a client sends before its tunnel channel is open are not lost (issue 14).
 
-The agent's hub-API relay (:class:`broker.hubrelay.FilteredRelay`) and the broker's session
-listeners (:class:`broker.tunnel.SessionListener`) accept a TCP connection, then open an SSH
+The agent's hub-API relay (:class:`wire.hubrelay.FilteredRelay`) and the broker's session
+listeners (:class:`wire.tunnel.SessionListener`) accept a TCP connection, then open an SSH
 channel for it. On the site topology that open takes a round trip to the broker plus the
 broker's connect to the hub, and the notebook server's first request (``GET /hub/api``) could
 arrive first. On Debian 12's Python 3.11.2 — the interpreter of the shipped image, where the
@@ -42,9 +42,9 @@ async def _scenario(kind: str) -> bytes:
     import asyncssh
     from asyncssh.forward import SSHForwarder
 
-    from broker.hubapi import HubApiPolicy
-    from broker.hubrelay import FilteredRelay
-    from broker.tunnel import SessionListener, Tunnel
+    from wire.hubapi import HubApiPolicy
+    from wire.hubrelay import FilteredRelay
+    from wire.tunnel import SessionListener, Tunnel
 
     async def hub(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

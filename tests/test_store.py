@@ -267,3 +267,45 @@ def test_mark_all_disconnected_touches_live_sessions_only(store):
     store.mark_all_disconnected()
     assert store.get("a").agent_connected == 0
     assert store.get("b").agent_connected == 1  # a closed session's record is history: left as it was
+
+
+# -- schema versions and upgrades -------------------------------------------------------------
+
+
+def test_new_database_is_created_at_the_current_schema_with_the_writer_recorded(db_path):
+    from broker.store import SCHEMA_VERSION
+    from wire.version import __version__
+
+    s = SessionStore(db_path)
+    try:
+        assert s.schema_version == SCHEMA_VERSION
+        assert s._meta("written_by") == __version__
+    finally:
+        s.close()
+    assert not [p for p in os.listdir(os.path.dirname(db_path)) if ".bak" in p]  # nothing to back up
+
+
+def test_migrations_are_ordered_and_end_at_the_schema_version():
+    from broker.store import MIGRATIONS, SCHEMA_VERSION
+
+    versions = [v for v, _ in MIGRATIONS]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_database_from_a_newer_schema_is_refused_naming_the_version_it_needs(db_path):
+    from broker.store import SCHEMA_VERSION, SchemaTooNew
+
+    SessionStore(db_path).close()
+    db = sqlite3.connect(db_path)
+    db.execute("UPDATE store_meta SET value = '9.1.0' WHERE key = 'written_by'")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaTooNew) as e:
+        SessionStore(db_path)
+    text = str(e.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in text and "broker 9.1.0 or newer" in text, text
+    db = sqlite3.connect(db_path)  # untouched
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    assert db.execute("SELECT value FROM store_meta WHERE key = 'written_by'").fetchone()[0] == "9.1.0"
+    db.close()

@@ -20,9 +20,9 @@ from jupyterhub.utils import url_escape_path
 from traitlets.config import Config
 
 from broker.core import Broker
-from broker.policy import CONTROL_HOST, CONTROL_PORT
 from broker.proxy import ChpClient
 from broker.store import SessionStore
+from wire.contract import CONTROL_HOST, CONTROL_PORT
 
 from harness import HUB_API_PING, Chp, Harness, echo_server, http_get
 

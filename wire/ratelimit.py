@@ -1,9 +1,9 @@
-"""The token bucket: the one rate limiter of the broker (stdlib only; the node agent uses it too).
+"""The token bucket: the one rate limiter of both sides (stdlib only).
 
 A bucket holds at most ``burst`` tokens and refills at ``rate`` tokens per second; each event
 spends one. ``rate`` 0 means no limit: every :meth:`TokenBucket.take` succeeds. Used per agent
 connection for control messages (:mod:`broker.ssh_server`) and per session for hub-API requests
-(:mod:`broker.hubapi`).
+(:mod:`wire.hubapi`, the broker's and the node agent's hub-API relays).
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ See docs/design.md, "Invariants" (every task has an owner). Contract of :class:`
 - :meth:`~TaskOwner.spawn` starts a coroutine as a task on the running loop and keeps a strong
   reference to it until it ends (the event loop keeps only weak ones).
 - A task that ends with an exception (not a cancellation) is reported once, through the
-  ``on_error`` callback given to the owner (by default a line on the ``broker.tasks`` logger),
+  ``on_error`` callback given to the owner (by default a line on the ``wire.tasks`` logger),
   so no failure goes unseen and asyncio never warns "exception was never retrieved".
 - :meth:`~TaskOwner.cancel` cancels every task it holds; :meth:`~TaskOwner.close` cancels them
   and returns once all have ended, including tasks spawned while they were ending. Both are
   idempotent.
 
-Stdlib only: the node agent uses it too.
+Stdlib only: the broker and the node agent both use it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ OnError = Callable[[BaseException], None]
 
 
 def _log_error(exc: BaseException) -> None:
-    logging.getLogger("broker.tasks").error("background task failed: %r", exc)
+    logging.getLogger("wire.tasks").error("background task failed: %r", exc)
 
 
 class TaskOwner:

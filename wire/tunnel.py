@@ -1,4 +1,7 @@
-"""Hub-side listeners: one per session, owned by the broker, carried over the agent's tunnel.
+"""Listeners whose connections are carried over an agent's SSH connection (asyncssh only; both sides run it).
+
+On the broker, the hub-side listener of each session; in the node agent, the node-local hub-API
+relay (:class:`wire.hubrelay.FilteredRelay`, a subclass).
 
 A session's listener is bound on 127.0.0.1 at the session's stable port when the session is
 created (or when the broker restarts) and lives until the session closes. It does not depend
@@ -32,6 +35,7 @@ import asyncssh
 from asyncssh.connection import SSHConnection
 from asyncssh.forward import SSHForwarder
 
+from . import contract
 from .tasks import TaskOwner
 
 #: How this module calls ``SSHConnection.create_connection``: with a factory of
@@ -39,11 +43,6 @@ from .tasks import TaskOwner
 #: the factory's product as an ``SSHTCPSession``; an ``SSHForwarder`` is what it really handles
 #: there (its forwarding code passes it through an untyped callable too).
 OpenChannel = Callable[..., Awaitable[Any]]
-
-# SSH channel parameters of the forwarded-tcpip channels the broker opens (what the broker
-# advertises for receiving, i.e. the agent -> hub direction). asyncssh's defaults.
-CHANNEL_WINDOW = 2 * 1024 * 1024
-CHANNEL_MAX_PKTSIZE = 32768
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,8 +91,8 @@ class _HubSideConnection(SSHForwarder):
                 tunnel.remote_port,
                 orig_host,
                 orig_port,
-                window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PKTSIZE,
+                window=contract.CHANNEL_WINDOW,
+                max_pktsize=contract.CHANNEL_MAX_PKTSIZE,
             )
         except (asyncssh.Error, OSError):
             self.close()

@@ -1,13 +1,13 @@
-"""The hub-API filter (:mod:`broker.hubapi`) on live connections (asyncssh only; the agent imports it).
+"""The hub-API filter (:mod:`wire.hubapi`) on live connections (asyncssh only; both sides run it).
 
 - :func:`open_filtered_hub_connection`: the broker's end of an agent's hub-API direct channel,
   returned from ``connection_requested`` in place of asyncssh's ``forward_connection``.
-- :class:`FilteredRelay`: the agent's node-local relay, a :class:`~broker.tunnel.SessionListener`
+- :class:`FilteredRelay`: the agent's node-local relay, a :class:`~wire.tunnel.SessionListener`
   whose connections are filtered before anything enters the tunnel.
 
-In both, the client's bytes go through :meth:`~broker.hubapi.HubApiExchange.from_client` and only
+In both, the client's bytes go through :meth:`~wire.hubapi.HubApiExchange.from_client` and only
 what it returns reaches the hub; the hub's bytes pass back untouched (observed by
-:meth:`~broker.hubapi.HubApiExchange.from_hub`). Flow control is asyncssh's (a slow side pauses
+:meth:`~wire.hubapi.HubApiExchange.from_hub`). Flow control is asyncssh's (a slow side pauses
 reading on the other). A refusal is reported once through ``on_refused``; then reading from the
 client stops, responses to requests already forwarded are passed on, the refusal (403, 400, ...)
 is written and this connection alone is closed.
@@ -126,7 +126,7 @@ class _FilteredLocalConnection(_FilteringClient, _HubSideConnection):
         self._setup_filter(HubApiExchange(listener.policy, listener.bucket), listener.on_refused)
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
-        if self._held_back(data):  # the channel is not open yet (see broker.tunnel)
+        if self._held_back(data):  # the channel is not open yet (see wire.tunnel)
             return
         super().data_received(data, datatype)
 
