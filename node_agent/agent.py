@@ -13,7 +13,10 @@ Sequence (docs/design.md, "A spawn, step by step", steps 4-6):
    (direct channel), and point ``JUPYTERHUB_API_URL`` at it. The relay speaks HTTP: only requests
    under the path of ``JUPYTERHUB_API_URL`` (``<base_url>hub/api/``) go into the tunnel, with
    forwarding and identity headers removed; anything else is answered 403 on the node
-   (:mod:`wire.hubapi`; the broker applies the same filter, and the body and rate caps).
+   (:mod:`wire.hubapi`; the broker applies the same filter, and the body and rate caps). Only
+   processes of the agent's own user that it can see (its container's PID namespace) may
+   connect (:mod:`wire.peercred`): on a shared node another user's or another job's process is
+   answered 403 and uses none of the session's rate budget.
 4. Start ``jupyterhub-singleuser`` on a unix socket in a fresh 0700 directory; report ``ready``
    on the control channel only once the server answers HTTP.
 5. Heartbeat; on a lost connection reconnect with capped, jittered backoff while the server
@@ -141,7 +144,11 @@ class Agent:
         self.sock_path = ""
         # path and header rules as the broker's; the body and rate caps are the broker's (per session)
         relay_policy = HubApiPolicy(api_prefix=api_prefix_of(settings.hub_api_url), max_body=0, rate=0)
-        self.hub_relay = FilteredRelay("hub-api", relay_policy, self._hub_api_refused, wait_timeout=30.0)
+        # only this job's processes (the server, its kernels and terminals) may use the relay: on a
+        # shared node another user's or another container's connection is answered 403 (wire.peercred)
+        self.hub_relay = FilteredRelay(
+            "hub-api", relay_policy, self._hub_api_refused, wait_timeout=30.0, owner_uid=os.getuid()
+        )
         self._lost = asyncio.Event()
         self._watchers = TaskOwner()  # owned; cancelled at exit
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO as _REPO
+from harness import wait_until
 
 REPO = Path(_REPO)
 
@@ -32,6 +33,23 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+#: An init script that records every progress event the pending page receives (the page shows
+#: each one), across navigations, through a binding the test exposes as ``recordProgress``.
+RECORD_PROGRESS = """
+(() => {
+  const Orig = window.EventSource;
+  if (!Orig || Orig.__recorded) return;
+  function Recorded(url, opts) {
+    const es = new Orig(url, opts);
+    es.addEventListener("message", (e) => { try { window.recordProgress(e.data); } catch (err) {} });
+    return es;
+  }
+  Recorded.prototype = Orig.prototype;
+  Recorded.__recorded = true;
+  window.EventSource = Recorded;
+})();
+"""
 
 
 @pytest.fixture(scope="module")  # not session: playwright's sync API keeps an event loop running while open
@@ -79,6 +97,32 @@ def login(context, stack, user: str, shots_dir: str = "", password: str = ""):
     page.click("#login_submit")
     page.wait_for_load_state()
     return page
+
+
+def run_in_new_notebook(page, code: str, expected: str) -> None:
+    """In JupyterLab (on *page*): a new notebook from the launcher, *code* typed into its first
+    cell and run until its output is *expected* (the code must be idempotent)."""
+    page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
+    page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
+    cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    cell.wait_for(timeout=60_000)
+    # the kernel must be up before the cell runs (the indicator says idle)
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
+    cell.click()
+    page.keyboard.type(code)
+    wait_until(lambda: cell.inner_text().strip() == code, 10, what=f"the cell to hold {code}")
+    out = page.locator(".jp-OutputArea-output").first
+    # A run issued while Lab is still attaching the kernel is dropped silently (the cell keeps
+    # "[ ]"), so run the cell again until it has an output.
+    for _attempt in range(8):
+        cell.click()
+        page.keyboard.press("Shift+Enter")
+        try:
+            out.wait_for(timeout=15_000)
+            break
+        except Exception:
+            continue
+    wait_until(lambda: out.inner_text().strip() == expected, 30, what=f"cell output {expected}")
 
 
 def wheel_data_prefix(dest: Path) -> Path:

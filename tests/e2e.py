@@ -198,7 +198,11 @@ class Hub:
             status, kernel = self.through_proxy(user, "api/kernels", "POST", {}, server=server)
             assert status == 201, (status, kernel)
             kernel_id = kernel["id"]
-        url = "ws" + self.stack.public_url.removeprefix("http") + f"{self.prefix(user, server)}api/kernels/{kernel_id}/channels"
+        url = (
+            "ws"
+            + self.stack.public_url.removeprefix("http")
+            + f"{self.prefix(user, server)}api/kernels/{kernel_id}/channels"
+        )
         msg_id = uuid.uuid4().hex
         msg = {
             "header": {

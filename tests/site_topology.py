@@ -23,16 +23,22 @@ every process of the site's users, deletes the namespaces, links and the bridge,
 created (recognised by their GECOS marker, never another account of the same name) and the
 shared directory. Nothing of a previous crashed run survives the next run's start.
 
+The accounts: ``alice`` and ``bob`` (homes under the shared directory, random passwords for the
+hub's PAM login, members of :data:`GROUP`) and the hub's service account :data:`SERVICE`, with
+the shipped sudoers rule for them in :data:`SUDOERS_FILE` while the site exists.
+
 :func:`firewall_node` puts a node behind nftables: out only to the broker's SSH port on the hub
 and the Slurm ports on the login node; in only Slurm's controller-to-slurmd traffic from the
-login node and replies.
+login node and replies. :func:`firewall_hub` is the hub's side: from the nodes only that SSH port.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import time
@@ -52,8 +58,15 @@ NETNS_PREFIX = "site-"
 #: the shared file system: user homes, Slurm's state, the hub's work directory
 SITE_ROOT = Path(os.environ.get("SITE_ROOT", "/srv/site-box"))
 USERS = ("alice", "bob")
+#: the hub's account on the login node (``login_node_user``; the jobs' account in service mode)
+SERVICE = "sitesvc"
+#: the users' group (PAM's ``allowed_groups`` on the hub, the sudoers rule's runas group)
+GROUP = "sitebox-users"
 #: GECOS of the accounts the harness creates; destroy() removes only accounts that carry it
 USER_MARK = "site-in-a-box test user"
+#: the shipped sudoers rule for SERVICE and GROUP, installed while the site exists
+SUDOERS_FILE = Path("/etc/sudoers.d/zz-site-box")
+SHIPPED_SUDOERS = Path(__file__).resolve().parent.parent / "examples" / "production" / "sudoers"
 #: Slurm ports of the site's cluster: not the project's single-node cluster's 6817/6818
 SLURMCTLD_PORT = 6917
 SLURMD_PORT = 6918
@@ -105,6 +118,8 @@ class Site:
     """The four hosts, the bridge and the users; :meth:`create` and :meth:`destroy`."""
 
     root: Path = SITE_ROOT
+    #: the users' login passwords (PAM on the hub), made by :meth:`create`
+    passwords: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def homes(self) -> Path:
@@ -147,19 +162,42 @@ class Site:
                 0.2,
                 f"{host} reaching the bridge",
             )
+        sh("groupadd", GROUP)
+        for user in (*USERS, SERVICE):
+            self._add_user(user, groups=[GROUP] if user in USERS else [])
         for user in USERS:
-            self._add_user(user)
+            self.passwords[user] = secrets.token_urlsafe(12)
+            sh("chpasswd", input=f"{user}:{self.passwords[user]}\n")
+        self._install_sudoers()
         return self
 
-    def _add_user(self, user: str) -> None:
+    def _add_user(self, user: str, groups: list[str]) -> None:
         try:
             pwd.getpwnam(user)
         except KeyError:
             pass
         else:
             raise RuntimeError(f"account {user} exists and was not made by the site harness: not touching it")
-        sh("useradd", "-m", "-d", str(self.homes / user), "-s", "/bin/bash", "-c", USER_MARK, "-p", "*", user)
+        extra = ["-G", ",".join(groups)] if groups else []
+        sh("useradd", "-m", "-d", str(self.homes / user), "-s", "/bin/bash", "-c", USER_MARK, "-p", "*", *extra, user)
         os.chmod(self.homes / user, 0o700)
+
+    def _install_sudoers(self) -> None:
+        """The shipped rule for the site's service account and group. One addition, as a site
+        whose slurm.conf is not at the default path makes: ``SLURM_CONF`` is kept (sudo would
+        drop it; the login node's sessions get it from sshd)."""
+        rule = SHIPPED_SUDOERS.read_text().replace("%jupyterhub-users", f"%{GROUP}")
+        rule = rule.replace("\njupyterhub ALL=", f"\n{SERVICE} ALL=")
+        assert f"\n{SERVICE} ALL=(JUPYTERHUB_USERS) NOPASSWD: JUPYTERHUB_BATCH" in rule
+        rule += '\nDefaults!JUPYTERHUB_BATCH env_keep += "SLURM_CONF"\n'
+        new = SUDOERS_FILE.with_name(SUDOERS_FILE.name + ".new")
+        new.write_text(rule)
+        r = sh("visudo", "-cf", str(new), check=False)
+        if r.returncode != 0:
+            new.unlink()
+            raise RuntimeError(f"visudo refused the site's sudoers rule: {r.stdout}{r.stderr}")
+        new.chmod(0o440)
+        new.rename(SUDOERS_FILE)
 
     def processes(self) -> list[int]:
         """Every process in one of the site's network namespaces."""
@@ -171,7 +209,7 @@ class Site:
     @staticmethod
     def _site_users() -> dict[str, int]:
         out = {}
-        for user in USERS:
+        for user in (*USERS, SERVICE):
             try:
                 pw = pwd.getpwnam(user)
             except KeyError:
@@ -202,6 +240,9 @@ class Site:
         sh("ip", "link", "del", BRIDGE, check=False)
         for user in users:
             sh("userdel", "-r", "-f", user, check=False)
+        sh("groupdel", GROUP, check=False)
+        for path in (SUDOERS_FILE, SUDOERS_FILE.with_name(SUDOERS_FILE.name + ".new")):
+            path.unlink(missing_ok=True)
         self._unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -225,6 +266,10 @@ class Site:
             found += [f"mount {m.split()[1]}" for m in f if str(self.root) in m.split()[1] or NETNS_PREFIX in m]
         if self.root.exists():
             found.append(f"directory {self.root}")
+        if SUDOERS_FILE.exists():
+            found.append(f"file {SUDOERS_FILE}")
+        if sh("getent", "group", GROUP, check=False).returncode == 0:
+            found.append(f"group {GROUP}")
         return found
 
 
@@ -251,6 +296,25 @@ table inet site {{
 }}
 """
     site.run(node, "nft", "-f", "-", input=rules)
+
+
+def firewall_hub(site: Site, broker_ssh_port: int) -> None:
+    """The hub's side of the same rule: from a compute node only the broker's SSH port is
+    accepted; the login node and the outside reach every service (the public port is the one
+    users use; the others serve the admins)."""
+    nodes = ", ".join(HOSTS[n] for n in NODES)
+    rules = f"""
+table inet site {{
+    chain in {{
+        type filter hook input priority 0; policy accept;
+        iif "lo" accept
+        ct state established,related accept
+        ip saddr {{ {nodes} }} tcp dport {broker_ssh_port} accept
+        ip saddr {{ {nodes} }} drop
+    }}
+}}
+"""
+    site.run("hub", "nft", "-f", "-", input=rules)
 
 
 def site_link(site: Site, host: str, up: bool) -> None:

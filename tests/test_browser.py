@@ -34,23 +34,6 @@ PROFILES = [
     }
 ]
 
-# Records every progress event the pending page receives (the page shows each one), across
-# navigations, through a binding the test exposes.
-RECORD_PROGRESS = """
-(() => {
-  const Orig = window.EventSource;
-  if (!Orig || Orig.__recorded) return;
-  function Recorded(url, opts) {
-    const es = new Orig(url, opts);
-    es.addEventListener("message", (e) => { try { window.recordProgress(e.data); } catch (err) {} });
-    return es;
-  }
-  Recorded.prototype = Orig.prototype;
-  Recorded.__recorded = true;
-  window.EventSource = Recorded;
-})();
-"""
-
 
 @pytest.fixture(scope="module")
 def stack_options():
@@ -89,7 +72,7 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     events: list[dict] = []
     context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
-    context.add_init_script(RECORD_PROGRESS)
+    context.add_init_script(browser.RECORD_PROGRESS)
     try:
         page = login(context, stack, user)
         page.goto(stack.public_url + "/hub/spawn")
@@ -151,27 +134,8 @@ def test_login_options_progress_lab_and_stop(chromium, stack):
         # JupyterLab: a new notebook, 1+1 -> 2
         page.wait_for_selector(".jp-LauncherCard", timeout=120_000)
         shot(page, f"{user}-04-lab")
-        page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
-        cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-        cell.wait_for(timeout=60_000)
-        # the kernel must be up before the cell runs (the indicator says idle)
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
-        cell.click()
-        page.keyboard.type("1+1")
-        wait_until(lambda: cell.inner_text().strip() == "1+1", 10, what="the cell to hold 1+1")
-        out = page.locator(".jp-OutputArea-output").first
         try:
-            # A run issued while Lab is still attaching the kernel is dropped silently (the cell
-            # keeps "[ ]"), so run the cell again until it has an output (1+1 is idempotent).
-            for _attempt in range(8):
-                cell.click()
-                page.keyboard.press("Shift+Enter")
-                try:
-                    out.wait_for(timeout=15_000)
-                    break
-                except Exception:
-                    continue
-            wait_until(lambda: out.inner_text().strip() == "2", 30, what="cell output 2")
+            browser.run_in_new_notebook(page, "1+1", "2")
         finally:
             shot(page, f"{user}-05-notebook")
 

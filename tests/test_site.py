@@ -1,32 +1,45 @@
 """A site in a box: the hub, the login node and two compute nodes as separate hosts (network
 namespaces on a bridge, tests/site_topology.py), with real Slurm across them, real Unix users,
-the shipped image and real connections only.
+the shipped files and image, and real connections only.
 
-* ``hub`` (10.78.0.1): JupyterHub, CHP and the broker (devstack's Stack run in the namespace,
-  every port on the hub's address). It submits, polls and cancels through the login node's sshd
-  over ONE pooled SSH connection (``SlurmBrokerSpawner.login_node_*``), per-user submission
-  (``submit_as = "user"``: ``sbatch --uid``).
-* ``login`` (10.78.0.2): sshd (tests/sshd.py; ``SLURM_CONF`` set for its sessions) and
-  slurmctld (``scripts/slurm.sh site``).
+* ``hub`` (10.78.0.1): CHP, the broker and JupyterHub started from examples/production/'s units
+  and configs (tests/production_kit.py: only paths, addresses, ports and account names
+  substituted; every service on the hub's address). Users log in with their Unix passwords
+  (PAM, as shipped). The hub submits, polls and cancels through the login node's sshd over ONE
+  pooled SSH connection as the service account ``sitesvc``: per-user mode is the shipped
+  ``submit_as = "sudo"`` with the shipped sudoers rule; service-account mode adds
+  ``submit_as = "service"`` (every job runs as ``sitesvc``, homes under ``home_root``).
+* ``login`` (10.78.0.2): sshd (tests/sshd.py; ``SLURM_CONF`` set for its sessions and kept
+  through sudo, as a site with a non-default slurm.conf path does) and slurmctld
+  (``scripts/slurm.sh site``).
 * ``node1``, ``node2``: one slurmd each, in a UTS namespace with that host name. nftables
   (:func:`site_topology.firewall_node`): out only to the broker's SSH port and to slurmctld, in
-  only slurmctld's traffic. The job runs ``node-agent launch`` with an HPC config (the user's real
-  home, an overlay, the nbgrader exchange, ``contain-pid``) and the shipped ``singularity/cpu.sif``
-  (``make images``; the agent and jupyterhub-singleuser are the image's own).
+  only slurmctld's traffic; the hub accepts nothing from them but that SSH port
+  (:func:`site_topology.firewall_hub`). The job runs ``node-agent launch`` with an HPC config
+  (the user's home, an overlay, the nbgrader exchange, ``contain-pid``) and the shipped image,
+  copied to the shared file system with the site's ``node-agent`` (``make images`` builds
+  ``singularity/cpu.sif``; the agent and jupyterhub-singleuser inside are the image's own).
 
-Which node a job lands on is pinned by a ``pre_spawn_hook`` (alice: node1, bob: node2): with
-one core each and ``OverSubscribe=FORCE`` Slurm would otherwise pack both on node1.
+What the test adds to the shipped hub config (``_hub_overrides``): shorter poll intervals and
+keepalive, the job output directory, the pending page always shown, and a ``pre_spawn_hook``
+that pins each user's job to a node (alice: node1, bob: node2, or both on node1 for the
+shared-node checks): with one core each and ``OverSubscribe=FORCE`` Slurm would otherwise pack
+both on node1.
 
 Spawn-to-ready times go to ``test-artifacts/site/timings.jsonl``; the services' logs to
-``test-artifacts/site-logs/``. Run with ``pytest -m site tests/test_site.py`` as root.
+``test-artifacts/site-logs/``. Run with ``pytest -m site tests/test_site.py`` as root
+(docs/deploy.md, "The reference topology").
 
-Found here (issue 14, fixed in broker/tunnel.py): in about one spawn in four the server's first
-hub-API request was lost in the agent's relay (the image's Python 3.11.2 reads a new connection
-before its channel is open); tests/test_relay_early_bytes.py is the regression test.
+Found here: in about one spawn in four the server's first hub-API request was lost in the
+agent's relay (the image's Python 3.11.2 reads a new connection before its channel is open;
+fixed, tests/test_relay_early_bytes.py); and on a shared node any process could use another
+job's hub-API relay (now refused unless the peer is the job's own: wire/peercred.py).
 """
 
 from __future__ import annotations
 
+import ast
+import http.cookiejar
 import json
 import os
 import pwd
@@ -35,18 +48,26 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from devstack.stack import wait_http
+
 from browser import RECORD_PROGRESS, login, run_in_new_notebook, shot
 from e2e import Hub, request
-from harness import ARTIFACTS, REPO, running_stack, tool_path, wait_until
+from harness import ARTIFACTS, REPO, wait_until
+from production_kit import Addresses, ProductionKit
 from reliability import have_netns
 from site_topology import (
+    GROUP,
     HOSTS,
     NODES,
     OUTSIDE_IP,
+    SERVICE,
     SLURM_SH,
     SLURMCTLD_PORT,
     SLURMD_PORT,
@@ -54,11 +75,12 @@ from site_topology import (
     Site,
     can_connect,
     connect_errno,
+    firewall_hub,
     firewall_node,
     sh,
     site_link,
 )
-from slurm_cluster import SLURM_POLL_INTERVAL, hub_config
+from slurm_cluster import SLURM_POLL_INTERVAL
 from sshd import SSHD
 
 pytestmark = [pytest.mark.site, pytest.mark.timeout(900)]
@@ -71,7 +93,7 @@ HPC_CONFIG = """
 [storage]
 scratch_dir = "{scratch}"
 home_root = "{homes}"
-create_home = false
+create_home = {shared}
 
 [logging]
 enabled = true
@@ -93,7 +115,7 @@ inner_command = ["node-agent", "run"]
 exchange_dir = "{scratch}/nbgrader-exchange"
 
 [isolation]
-shared_account = false
+shared_account = {shared}
 """
 
 
@@ -214,66 +236,159 @@ def login_sshd(site):
     d.stop()
 
 
-def _install_node_agent(site: Site) -> str:
-    """``node-agent`` as the site installs it on the shared file system: the system's python3
-    running this checkout's node_agent (stdlib only outside the container). The test's venv is
-    not usable by other accounts here (its python lives under /root)."""
-    path = site.root / "sw" / "bin" / "node-agent"
-    path.parent.mkdir(parents=True)
-    code = f"import sys; sys.path.insert(0, {json.dumps(REPO)}); from node_agent.cli import main; sys.exit(main())"
-    path.write_text(f"#!/bin/sh\nexec /usr/bin/python3 -c '{code}' \"$@\"\n")
-    path.chmod(0o755)
-    return str(path)
-
-
-def _hub_extra(site: Site, sshd: SSHD, hpc_config: Path) -> str:
-    node_agent = _install_node_agent(site)
-    return "\n".join(
-        [
-            f"c.SlurmBrokerSpawner.login_node_host = {HOSTS['login']!r}",
-            f"c.SlurmBrokerSpawner.login_node_port = {sshd.port}",
-            'c.SlurmBrokerSpawner.login_node_user = "root"',
-            f"c.SlurmBrokerSpawner.login_node_key_file = {str(sshd.client_key)!r}",
-            f"c.SlurmBrokerSpawner.login_node_known_hosts = {str(sshd.known_hosts)!r}",
-            'c.SlurmBrokerSpawner.submit_as = "user"',
-            f"c.SlurmBrokerSpawner.agent_command = '{node_agent} launch --config {hpc_config} --'",
-            "c.BrokerSpawnerMixin.broker_wait_interval = 0.5",
-            "c.Spawner.notebook_dir = '/home/jovyan'",
-            f"PLACEMENT = {PLACEMENT!r}",
-            "def _pin_node(spawner):",
-            "    spawner.req_options = '--nodelist=' + PLACEMENT[spawner.user.name]",
-            "c.Spawner.pre_spawn_hook = _pin_node",
-        ]
+def _install_cluster_software(site: Site, cpu_sif: Path) -> tuple[Path, Path]:
+    """What a site puts on the cluster's shared file system: the install prefix's ``bin`` (the
+    hub host runs ``broker`` and ``jupyterhub`` from it; the jobs find ``node-agent`` there
+    through ``req_path``) and the image. ``node-agent`` outside the container is the system's
+    python3 running a copy of ``node_agent`` and ``wire`` (stdlib only there; the checkout may
+    sit in a directory other users cannot enter, as CI's clone does). Returns (bin, image)."""
+    prefix = site.root / "opt" / "jupyterhub-hpc-broker"
+    bin_dir, lib = prefix / "bin", prefix / "lib"
+    bin_dir.mkdir(parents=True)
+    for package in ("node_agent", "wire"):
+        shutil.copytree(Path(REPO) / package, lib / package, ignore=shutil.ignore_patterns("__pycache__"))
+    agent = bin_dir / "node-agent"
+    agent.write_text(
+        f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
+        "from node_agent.cli import main\nsys.exit(main())\n"
     )
+    agent.chmod(0o755)
+    for tool in ("broker", "jupyterhub"):  # the hub host's: root's venv
+        (bin_dir / tool).symlink_to(Path(sys.executable).parent / tool)
+    images = site.root / "images"
+    images.mkdir()
+    shutil.copy(cpu_sif, images / "cpu.sif")
+    os.chmod(images / "cpu.sif", 0o644)
+    return bin_dir, images / "cpu.sif"
+
+
+#: what the test adds to the shipped jupyterhub_config.py for its cluster (each mode)
+PLACEMENT_FILE = "placement.json"
+
+
+def _hub_overrides(site: Site, mode: str) -> str:
+    lines = [
+        f"c.SlurmBrokerSpawner.slurm_poll_interval = {SLURM_POLL_INTERVAL}",
+        "c.BrokerSpawnerMixin.broker_wait_interval = 0.5",
+        "c.Spawner.poll_interval = 5",
+        # the agent gives up a dead connection after 3 missed keepalives (15 s, not 45 s)
+        "c.Spawner.environment = {'NODE_AGENT_KEEPALIVE': '5'}",
+        f"c.SlurmBrokerSpawner.req_output_dir = {str(site.root / 'slurm-out')!r}",
+        "c.Spawner.notebook_dir = '/home/jovyan'",
+        # always show the pending page (a fast spawn would otherwise skip it)
+        "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}",
+        # pin users to nodes (module docstring): the placement file, read at each spawn
+        "import json",
+        "def _pin_node(spawner):",
+        f"    with open({str(site.root / PLACEMENT_FILE)!r}) as f:",
+        "        node = json.load(f).get(spawner.user.name)",
+        "    if node:",
+        "        spawner.req_options = '--nodelist=' + node",
+        "c.Spawner.pre_spawn_hook = _pin_node",
+    ]
+    if mode == "service":
+        lines += [
+            'c.SlurmBrokerSpawner.submit_as = "service"',
+            f"c.SlurmBrokerSpawner.home_root = {str(site.root / 'svc-homes')!r}",
+            "c.SlurmBrokerSpawner.agent_command = "
+            f"'node-agent launch --config {site.root / 'node-agent' / 'hpc-config-service.toml'} --'",
+        ]
+    return "\n".join(lines)
+
+
+def place(site: Site, **placement: str) -> None:
+    """Pin each named user's next job to a node (see ``_hub_overrides``)."""
+    (site.root / PLACEMENT_FILE).write_text(json.dumps(placement))
+
+
+class SiteHub:
+    """The hub host's services from examples/production/ (tests/production_kit.py) in the
+    ``hub`` namespace; :meth:`use_mode` restarts the hub in per-user or service-account mode."""
+
+    def __init__(self, site: Site, kit: ProductionKit):
+        self.site = site
+        self.kit = kit
+        self.mode = "per-user"
+        self.stack = kit.as_stack()
+
+    def start_broker(self) -> None:
+        self.kit.start("broker")
+        wait_http(self.stack.broker_url + "/api/sessions", 60, self.kit.procs["broker"], "broker")
+
+    def start_hub(self) -> None:
+        self.kit.start("hub")
+        wait_http(self.stack.hub_api_url, 90, self.kit.procs["hub"], "jupyterhub")
+
+    def use_mode(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        self.kit.stop("hub")
+        self.kit.set_hub_overrides(_hub_overrides(self.site, mode))
+        self.mode = mode
+        self.start_hub()
 
 
 @pytest.fixture(scope="module")
-def hub_stack(site, login_sshd, cpu_sif):
+def site_hub(site, login_sshd, cpu_sif):
+    bin_dir, image = _install_cluster_software(site, cpu_sif)
     scratch = site.root / "scratch"
     for d in ("log", "overlays", "nbgrader-exchange"):
         (scratch / d).mkdir(parents=True)
         os.chmod(scratch / d, 0o1777)
     os.chmod(scratch, 0o755)
-    hpc_config = site.root / "hpc-config.toml"
-    hpc_config.write_text(HPC_CONFIG.format(scratch=scratch, homes=site.homes, image=cpu_sif))
-    out_dir = site.root / "slurm-out"
-    workdir = str(site.root / "hub")
+    for d in ("slurm-out", "svc-homes"):
+        (site.root / d).mkdir()
+        os.chmod(site.root / d, 0o1777 if d == "slurm-out" else 0o755)
+    shutil.chown(site.root / "svc-homes", SERVICE, SERVICE)
+    place(site, **PLACEMENT)
     hub_ip = HOSTS["hub"]
-    with running_stack(
-        workdir,
-        path=tool_path(),
-        logs="site-logs",
-        ip=hub_ip,
+    kit = ProductionKit(
+        site.root / "hub",
+        login_port=login_sshd.port,
+        login_key=login_sshd.client_key,
+        login_known_hosts=login_sshd.known_hosts,
+        service=SERVICE,
+        group=GROUP,
+        addresses=Addresses(local=hub_ip, any=None, login=HOSTS["login"], hub=hub_ip),
+        paths=[
+            ("/opt/jupyterhub-hpc-broker/bin", str(bin_dir)),
+            ("/etc/node-agent", str(site.root / "node-agent")),
+        ],
         exec_prefix=site.prefix("hub"),
-        broker_ssh_host=hub_ip,
-        poll_interval=2,
-        reconcile_interval=1.0,
-        spawner_class="hub_plugin.slurm.SlurmBrokerSpawner",
-        extra_hub_config=hub_config(workdir, _hub_extra(site, login_sshd, hpc_config), out_dir=str(out_dir)),
-    ) as stack:
+        hub_overrides=_hub_overrides(site, "per-user"),
+    )
+    kit.install()
+    agent_conf = site.root / "node-agent"
+    (agent_conf / "hpc-config.toml").write_text(
+        HPC_CONFIG.format(scratch=scratch, homes=site.homes, image=image, shared="false")
+    )
+    (agent_conf / "hpc-config-service.toml").write_text(
+        HPC_CONFIG.format(scratch=scratch, homes=site.root / "svc-homes", image=image, shared="true")
+    )
+    hub = SiteHub(site, kit)
+    stack = hub.stack
+    try:
+        kit.start("proxy")
+        wait_http(stack.proxy_api_url + "/api/routes", 30, kit.procs["proxy"], "CHP")
+        hub.start_broker()
+        hub.start_hub()
+        firewall_hub(site, stack.ssh_port)
         for node in NODES:
             firewall_node(site, node, stack.ssh_port)
-        yield stack
+        yield hub
+    finally:
+        for name in ("hub", "broker", "proxy"):
+            kit.stop(name)
+        dest = Path(ARTIFACTS) / "site-logs" / "hub"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(kit.logs, dest)
+
+
+@pytest.fixture
+def hub_stack(site_hub):
+    """The production services in per-user mode (the shipped default of the kit)."""
+    site_hub.use_mode("per-user")
+    return site_hub.stack
 
 
 def _hub_ports(stack) -> dict[str, int]:
@@ -309,10 +424,11 @@ def test_from_a_compute_node_only_the_broker_ssh_port_answers(site, hub_stack):
     assert "hub" not in Path("/etc/hosts").read_text().split()
 
 
-def _spawn(hub: Hub, user: str) -> float:
+def _spawn(hub: Hub, user: str, mode: str = "per-user") -> float:
+    """Spawn and record the spawn-to-ready time in test-artifacts/site/timings.jsonl."""
     seconds = hub.spawn(user, timeout=240)
-    record(test="spawn", user=user, seconds=round(seconds, 2))
-    print(f"\n[site] spawn-to-ready for {user}: {seconds:.1f} s")
+    record(test="spawn", user=user, mode=mode, seconds=round(seconds, 2))
+    print(f"\n[site] spawn-to-ready for {user} ({mode}): {seconds:.1f} s")
     return seconds
 
 
@@ -348,35 +464,161 @@ def test_alice_spawns_on_a_compute_node(site, hub_stack, login_sshd):
     assert login_sshd.accepted() - accepted0 <= 1  # submit, polls and cancel: one pooled connection
 
 
-def _both_running_on_their_nodes(site: Site, hub: Hub) -> None:
+def _job_owner(mode: str, user: str) -> str:
+    return user if mode == "per-user" else SERVICE
+
+
+def _both_running_on_their_nodes(site: Site, hub: Hub, mode: str = "per-user", placement=None) -> None:
+    """Each user's kernel runs on the node it was placed on, as the job's account, and Slurm
+    shows each job RUNNING there under that account."""
+    placement = placement or PLACEMENT
     conf = dict(os.environ, SLURM_CONF=_slurm_conf(site))
     for user in USERS:
         _, where = hub.run_code(user, "import socket, getpass; (socket.gethostname(), getpass.getuser())")
-        assert where == repr((PLACEMENT[user], user))
+        assert where == repr((placement[user], _job_owner(mode, user)))
         job = hub.session_of(user)["job_id"]
         squeue = site.run("login", "squeue", "-h", "-j", job, "-o", "%u %N %T", env=conf).stdout.split()
-        assert squeue == [user, PLACEMENT[user], "RUNNING"]
+        assert squeue == [_job_owner(mode, user), placement[user], "RUNNING"]
 
 
-def test_alice_and_bob_at_once_on_different_nodes_and_apart(site, hub_stack):
-    """alice's and bob's servers run at the same time, on node1 and node2, each job owned by its
-    user; bob's token gets 403 on alice's server."""
-    hub = Hub(hub_stack)
-    for user in USERS:
-        _spawn(hub, user)
-    _both_running_on_their_nodes(site, hub)
-    token_of = {}
-    for user in USERS:
-        status, body = hub.api(hub.user_path(user) + "/tokens", "POST", {"expires_in": 600})
-        assert status in (200, 201), body
-        token_of[user] = body["token"]
-    public = hub_stack.public_url
-    assert request(public + "/user/bob/api/status", token_of["bob"])[0] == 200
-    assert request(public + "/user/alice/api/status", token_of["alice"])[0] == 200
-    assert request(public + "/user/alice/api/status", token_of["bob"])[0] == 403
-    assert request(public + "/user/alice/api/contents", token_of["bob"])[0] == 403
-    for user in USERS:
-        hub.stop(user)
+def _browser_cookies(stack, user: str, password: str) -> http.cookiejar.CookieJar:
+    """Log in through the hub's login form (PAM) and open the user's own server, as a browser
+    would: the cookies of the hub and of the user's server (after its OAuth round trip)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(stack.public_url + "/hub/login", timeout=30).read()
+    xsrf = next(c.value for c in jar if c.name == "_xsrf")
+    form = urllib.parse.urlencode({"username": user, "password": password, "_xsrf": xsrf}).encode()
+    with opener.open(stack.public_url + "/hub/login?next=", data=form, timeout=30) as r:
+        assert "/hub/login" not in r.url, f"{user} could not log in: {r.url}"
+    with opener.open(stack.public_url + f"/user/{user}/api/status", timeout=60) as r:
+        assert r.status == 200 and json.loads(r.read()).get("started"), r.url
+    return jar
+
+
+def _get_with(jar: http.cookiejar.CookieJar, url: str) -> tuple[int, str]:
+    """GET *url* with *jar*'s cookies, following redirects: (final status, final URL)."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    try:
+        with opener.open(url, timeout=60) as r:
+            return r.status, r.url
+    except urllib.error.HTTPError as e:
+        return e.code, e.url
+
+
+#: run in bob's kernel on the node he shares with alice: her socket, her relay, his own relay
+SHARED_NODE_PROBE = r"""
+import json, os, socket, urllib.request, urllib.error
+sock_path, relay_port = {sock!r}, {port!r}
+out = {{}}
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sock_path)
+    out["socket"] = "connected"
+except OSError as e:
+    out["socket"] = type(e).__name__
+finally:
+    s.close()
+def get(url, token):
+    req = urllib.request.Request(url, headers={{"Authorization": "token " + token}} if token else {{}})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return [r.status, json.loads(r.read()).get("name")]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read()[:80].decode(errors="replace")]
+    except OSError as e:
+        return [type(e).__name__, ""]
+mine = os.environ["JUPYTERHUB_API_URL"]
+token = os.environ["JUPYTERHUB_API_TOKEN"]
+out["her_relay"] = get(f"http://127.0.0.1:{{relay_port}}/hub/api/user", None)
+out["her_relay_with_my_token"] = get(f"http://127.0.0.1:{{relay_port}}/hub/api/user", token)
+out["my_relay"] = get(mine + "/user", token)
+json.dumps(out)
+"""
+
+
+def _server_of(site: Site, user_uid: int, job_id: str) -> tuple[int, str, int]:
+    """(pid, unix socket path, relay port) of the jupyterhub-singleuser of *job_id*, found on
+    the node as root (its pid is in the host's view; the path is the container's view)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if d.stat().st_uid != user_uid:
+                continue
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            environ = dict(
+                item.decode().split("=", 1) for item in (d / "environ").read_bytes().split(b"\0") if b"=" in item
+            )
+        except OSError:
+            continue
+        sock = next((a.decode().split("=", 1)[1] for a in argv if a.startswith(b"--ServerApp.sock=")), None)
+        if sock and environ.get("SLURM_JOB_ID") == job_id:
+            port = int(environ["JUPYTERHUB_API_URL"].split("://127.0.0.1:", 1)[1].split("/", 1)[0])
+            return int(d.name), sock, port
+    raise AssertionError(f"no jupyterhub-singleuser of job {job_id} found")
+
+
+@pytest.mark.parametrize("mode", ["per-user", "service"])
+def test_alice_and_bob_at_once_on_different_nodes_and_apart(site, site_hub, mode):
+    """Per-user submission (the shipped kit: sudo on the login node) and a shared service
+    account: alice's and bob's servers run at the same time on node1 and node2, each job owned
+    by its user's account (per-user) or by the service account (service). Bob's API token and
+    bob's browser cookies get 403 on alice's server. Then bob's next server shares node1 with
+    alice's: from his kernel, her notebook socket cannot be opened and her hub-API relay answers
+    him 403 (his own token included), while his own relay serves him."""
+    site_hub.use_mode(mode)
+    stack = site_hub.stack
+    hub = Hub(stack)
+    place(site, **PLACEMENT)
+    try:
+        for user in USERS:
+            _spawn(hub, user, mode=mode)
+        _both_running_on_their_nodes(site, hub, mode)
+        if mode == "service":  # one account, a home each under home_root
+            _, home = hub.run_code("bob", "import os; (os.environ['HOME'], os.getcwd())")
+            svc_home = str(site.root / "svc-homes" / "bob")
+            assert home in (repr(("/home/jovyan", "/home/jovyan")), repr((svc_home, svc_home))), home
+
+        # bob's token and bob's cookies: nothing of alice's
+        token_of = {}
+        for user in USERS:
+            status, body = hub.api(hub.user_path(user) + "/tokens", "POST", {"expires_in": 600})
+            assert status in (200, 201), body
+            token_of[user] = body["token"]
+        public = stack.public_url
+        assert request(public + "/user/bob/api/status", token_of["bob"])[0] == 200
+        assert request(public + "/user/alice/api/status", token_of["alice"])[0] == 200
+        assert request(public + "/user/alice/api/status", token_of["bob"])[0] == 403
+        assert request(public + "/user/alice/api/contents", token_of["bob"])[0] == 403
+        bobs = _browser_cookies(stack, "bob", site.passwords["bob"])
+        assert _get_with(bobs, public + "/user/bob/api/contents")[0] == 200
+        for path in ("api/contents", "lab", "api/kernels"):
+            status, url = _get_with(bobs, public + "/user/alice/" + path)
+            assert status == 403 or (status == 200 and "/user/alice/" not in url), (path, status, url)
+
+        # bob's next server on alice's node
+        hub.stop("bob")
+        shared = {"alice": "node1", "bob": "node1"}
+        place(site, **shared)
+        _spawn(hub, "bob", mode=mode)
+        _both_running_on_their_nodes(site, hub, mode, placement=shared)
+        alice_uid = pwd.getpwnam(_job_owner(mode, "alice")).pw_uid
+        _pid, sock, port = _server_of(site, alice_uid, hub.session_of("alice")["job_id"])
+        _, raw = hub.run_code("bob", SHARED_NODE_PROBE.format(sock=sock, port=port))
+        probe = json.loads(ast.literal_eval(raw))  # the kernel's repr of a JSON string
+        print(f"\n[site] {mode}: bob's probe on alice's node: {probe}")
+        record(test="shared-node-probe", mode=mode, **probe)
+        assert probe["socket"] in ("FileNotFoundError", "PermissionError", "ConnectionRefusedError"), probe
+        assert probe["her_relay"][0] == 403 and "another user" in probe["her_relay"][1], probe
+        assert probe["her_relay_with_my_token"][0] == 403, probe
+        assert probe["my_relay"] == [200, "bob"], probe  # the probe itself can succeed
+        assert hub.run_code("alice", "1 + 1")[1] == "2"  # and alice's server is untouched
+    finally:
+        place(site, **PLACEMENT)
+        for user in USERS:
+            if hub.api(hub.user_path(user))[1].get("servers"):
+                hub.stop(user)
 
 
 def test_browser_alice_form_progress_lab_terminal_stop(site, hub_stack, chromium):
@@ -392,7 +634,7 @@ def test_browser_alice_form_progress_lab_terminal_stop(site, hub_stack, chromium
     context.expose_binding("recordProgress", lambda _source, data: events.append(json.loads(data)))
     context.add_init_script(RECORD_PROGRESS)
     try:
-        page = login(context, hub_stack, "alice", shots)
+        page = login(context, hub_stack, "alice", shots, password=site.passwords["alice"])
         page.goto(hub_stack.public_url + "/hub/spawn")
         page.wait_for_selector("#hpc-partition")
         assert [o.get_attribute("value") for o in page.locator("#hpc-partition option").all()] == ["batch"]
@@ -435,62 +677,77 @@ def _agent_connected(hub: Hub, user: str) -> bool:
     return bool(hub.session_of(user).get("agent_connected"))
 
 
-def test_faults_broker_kill_hub_restart_link_down_sshd_restart(site, hub_stack, login_sshd):
-    """One running server (alice on node1, a variable in its kernel) through four faults:
-    the broker killed (SIGKILL) and restarted on its ports; the hub restarted; node1's link
-    down for 30 s; the login node's sshd restarted. After each, the kernel still has its
-    variable, the route is the same, and after the last the hub's next poll, stop (scancel)
-    and spawn go through the login node again."""
+def _agent_logins(site: Site, hub: Hub, user: str) -> int:
+    """How often the agent of *user*'s job logged in to the broker (its job output file)."""
+    job = hub.session_of(user)["job_id"]
+    out = site.root / "slurm-out" / f"jupyterhub-{user}-{job}.log"
+    return out.read_text(errors="replace").count("connected to broker") if out.exists() else 0
+
+
+def test_faults_broker_kill_hub_restart_link_down_sshd_restart(site, hub_stack, site_hub, login_sshd):
+    """alice (node1) and bob (node2) running, a variable in each kernel, through four faults:
+    the broker killed (SIGKILL) and restarted from its unit; the hub restarted; node1's link
+    down for 30 s; the login node's sshd restarted. After each, both kernels still have their
+    variables and both routes are the same; the link fault makes alice's agent log in again
+    (its keepalive gives up within the 30 s); after the sshd restart the hub's polls, stops
+    (scancel) and the next spawn go through one new pooled connection to the login node."""
     hub = Hub(hub_stack)
-    _spawn(hub, "alice")
-    kernel, result = hub.run_code("alice", "x = 6 * 7\nx")
-    assert result == "42"
-    route0 = hub.proxy_routes()["/user/alice"]["target"]
+    kernels, routes = {}, {}
+    for user in USERS:
+        _spawn(hub, user)
+        kernels[user], result = hub.run_code(user, f"x = {len(user)} * 7\nx")
+        assert result == str(len(user) * 7)
+        routes[user] = hub.proxy_routes()[f"/user/{user}"]["target"]
 
-    def still_serving() -> None:
-        wait_until(lambda: hub.through_proxy("alice", "api/status")[0] == 200, 120, 0.5, "alice served again")
-        assert hub.run_code("alice", "x", kernel_id=kernel)[1] == "42"
-        assert hub.proxy_routes()["/user/alice"]["target"] == route0
+    def still_serving(what: str) -> None:
+        for user in USERS:
+            wait_until(lambda u=user: hub.through_proxy(u, "api/status")[0] == 200, 120, 0.5, f"{user} after {what}")
+            assert hub.run_code(user, "x", kernel_id=kernels[user])[1] == str(len(user) * 7), (user, what)
+            assert hub.proxy_routes()[f"/user/{user}"]["target"] == routes[user], (user, what)
+            assert hub.api(hub.user_path(user))[1]["servers"][""]["ready"], (user, what)
 
-    # 1. the broker killed and restarted (same SSH and API ports): the agent reconnects
-    hub_stack.stop_service("broker", signal.SIGKILL)
-    hub_stack.start_broker()
-    wait_until(lambda: _agent_connected(hub, "alice"), 120, 0.5, "agent reconnected to the restarted broker")
-    still_serving()
+    # 1. the broker killed and restarted (same SSH and API ports): the agents reconnect
+    site_hub.kit.stop("broker", signal.SIGKILL)
+    site_hub.start_broker()  # from its unit, as systemd's Restart= would
+    for user in USERS:
+        wait_until(lambda u=user: _agent_connected(hub, u), 120, 0.5, f"{user}'s agent back after the broker restart")
+    still_serving("the broker restart")
 
-    # 2. the hub restarted: it picks the server up again
-    hub_stack.stop_service("hub")
-    hub_stack.start_hub()
-    still_serving()
-    assert hub.api(hub.user_path("alice"))[1]["servers"][""]["ready"]
+    # 2. the hub restarted: it picks both servers up again
+    site_hub.kit.stop("hub")
+    site_hub.start_hub()
+    still_serving("the hub restart")
 
     # 3. node1's link down for 30 s (both ends keep their sockets, as with a pulled cable): the
-    #    agent's connection rides it out (TCP retransmits) or the agent reconnects; either way the
-    #    session keeps its port and its route
+    #    agent's keepalive gives up and it logs in again once the link is back; the session keeps
+    #    its port and its route
+    logins = _agent_logins(site, hub, "alice")
     site_link(site, "node1", up=False)
     time.sleep(30)
     site_link(site, "node1", up=True)
+    wait_until(lambda: _agent_logins(site, hub, "alice") > logins, 120, 0.5, "alice's agent to log in again")
     wait_until(lambda: _agent_connected(hub, "alice"), 120, 0.5, "agent connected after the link came back")
-    still_serving()
+    still_serving("node1's link down")
 
     # 4. the login node's sshd restarted: the pooled connection drops and recovers
     accepted0 = login_sshd.accepted()
     login_sshd.stop()
     login_sshd.start()
     time.sleep(3 * SLURM_POLL_INTERVAL)  # a few polls over the new connection
-    assert hub.api(hub.user_path("alice"))[1]["servers"][""]["ready"]  # polls did not lose the job
-    hub.stop("alice")  # scancel through the login node
-    job = hub.session_of("alice")["job_id"]
+    still_serving("the sshd restart")
     conf = dict(os.environ, SLURM_CONF=_slurm_conf(site))
-    wait_until(
-        lambda: (
-            site.run("login", "squeue", "-h", "-t", "all", "-j", job, "-o", "%T", env=conf).stdout.strip()
-            in ("CANCELLED", "COMPLETED", "")
-        ),
-        60,
-        0.5,
-        "alice's job ended after the stop",
-    )
+    for user in USERS:
+        job = hub.session_of(user)["job_id"]
+        hub.stop(user)  # scancel through the login node
+        wait_until(
+            lambda j=job: (
+                site.run("login", "squeue", "-h", "-t", "all", "-j", j, "-o", "%T", env=conf).stdout.strip()
+                in ("CANCELLED", "COMPLETED", "")
+            ),
+            60,
+            0.5,
+            f"{user}'s job ended after the stop",
+        )
     _spawn(hub, "bob")
     assert hub.run_code("bob", "import socket; socket.gethostname()")[1] == repr(PLACEMENT["bob"])
     hub.stop("bob")

@@ -3,7 +3,10 @@
 - :func:`open_filtered_hub_connection`: the broker's end of an agent's hub-API direct channel,
   returned from ``connection_requested`` in place of asyncssh's ``forward_connection``.
 - :class:`FilteredRelay`: the agent's node-local relay, a :class:`~wire.tunnel.SessionListener`
-  whose connections are filtered before anything enters the tunnel.
+  whose connections are filtered before anything enters the tunnel; with ``owner_uid`` set it
+  serves only processes of that user that the agent can see (:mod:`wire.peercred`): another
+  user's or another container's connection gets a 403 at once and never reaches the tunnel or
+  the session's rate limit.
 
 In both, the client's bytes go through :meth:`~wire.hubapi.HubApiExchange.from_client` and only
 what it returns reaches the hub; the hub's bytes pass back untouched (observed by
@@ -23,10 +26,17 @@ import asyncssh
 from asyncssh.forward import SSHForwarder
 
 from .hubapi import Denial, HubApiExchange, HubApiPolicy
+from .peercred import peer_is_ours
 from .ratelimit import TokenBucket
 from .tunnel import SessionListener, _HubSideConnection
 
 OnRefused = Callable[[Denial], None]
+
+#: what a process of another user gets from a relay with an owner (then the connection closes)
+FOREIGN_ANSWER = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 41\r\n"
+    b"Connection: close\r\n\r\nthis relay serves another user's server.\n"
+)
 
 
 class _FilteringClient(SSHForwarder):
@@ -124,8 +134,28 @@ class _FilteredLocalConnection(_FilteringClient, _HubSideConnection):
     def __init__(self, listener: FilteredRelay):
         super().__init__(listener)
         self._setup_filter(HubApiExchange(listener.policy, listener.bucket), listener.on_refused)
+        self._foreign = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        relay = self._listener
+        assert isinstance(relay, FilteredRelay)
+        if relay.owner_uid is not None:
+            ours = transport.get_extra_info("sockname") or ("", 0)
+            peer = transport.get_extra_info("peername") or ("", 0)
+            accepted, uid = peer_is_ours(ours[:2], peer[:2], relay.owner_uid)
+            if not accepted:
+                SSHForwarder.connection_made(self, transport)  # no forward is started
+                self._foreign = True
+                who = "another user" if uid != relay.owner_uid else "another job"
+                relay.on_refused(Denial(403, f"connection from a process of {who} (uid {uid})", b""))
+                self.write(FOREIGN_ANSWER)
+                self.close()
+                return
+        super().connection_made(transport)
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
+        if self._foreign:
+            return
         if self._held_back(data):  # the channel is not open yet (see wire.tunnel)
             return
         super().data_received(data, datatype)
@@ -137,11 +167,22 @@ class _FilteredLocalConnection(_FilteringClient, _HubSideConnection):
 class FilteredRelay(SessionListener):
     """The agent's node-local hub-API relay: a session listener whose connections are filtered.
 
-    The token bucket (``policy.rate``) is shared by all connections of the relay.
+    The token bucket (``policy.rate``) is shared by all connections of the relay. With
+    *owner_uid*, a connection whose peer socket belongs to another uid, is held by no process
+    this one can see (another PID namespace: another container), or cannot be found at all is
+    answered 403 and closed before anything else happens.
     """
 
-    def __init__(self, session_id: str, policy: HubApiPolicy, on_refused: OnRefused, wait_timeout: float = 10.0):
+    def __init__(
+        self,
+        session_id: str,
+        policy: HubApiPolicy,
+        on_refused: OnRefused,
+        wait_timeout: float = 10.0,
+        owner_uid: int | None = None,
+    ):
         super().__init__(session_id, wait_timeout)
+        self.owner_uid = owner_uid
         self.policy = policy
         self.on_refused = on_refused
         self.bucket = TokenBucket(policy.rate, policy.burst) if policy.rate > 0 else None
