@@ -183,13 +183,15 @@ class Site:
         os.chmod(self.homes / user, 0o700)
 
     def _install_sudoers(self) -> None:
-        """The shipped rule for the site's service account and group. One addition, as a site
-        whose slurm.conf is not at the default path makes: ``SLURM_CONF`` is kept (sudo would
-        drop it; the login node's sessions get it from sshd)."""
+        """The shipped rule for the site's service account and group, with its commented line for
+        a slurm.conf not at the default path taken in: ``SLURM_CONF`` is kept (sudo would drop
+        it; the login node's sessions get it from sshd)."""
         rule = SHIPPED_SUDOERS.read_text().replace("%jupyterhub-users", f"%{GROUP}")
         rule = rule.replace("\njupyterhub ALL=", f"\n{SERVICE} ALL=")
         assert f"\n{SERVICE} ALL=(JUPYTERHUB_USERS) NOPASSWD: JUPYTERHUB_BATCH" in rule
-        rule += '\nDefaults!JUPYTERHUB_BATCH env_keep += "SLURM_CONF"\n'
+        commented = '# Defaults!JUPYTERHUB_BATCH env_keep += "SLURM_CONF"'
+        assert commented in rule
+        rule = rule.replace(commented, commented[2:])
         new = SUDOERS_FILE.with_name(SUDOERS_FILE.name + ".new")
         new.write_text(rule)
         r = sh("visudo", "-cf", str(new), check=False)

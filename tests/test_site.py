@@ -154,7 +154,8 @@ def test_setup_after_a_crashed_run_and_teardown_leave_nothing():
     crashed = Site().create()
     sleeper = subprocess.Popen([*crashed.prefix("node1"), "sleep", "600"], start_new_session=True)
     as_alice = subprocess.Popen(["runuser", "-u", "alice", "--", "sleep", "600"], start_new_session=True)
-    assert crashed.processes() == [sleeper.pid]
+    # (nsenter enters the namespace a moment after it started)
+    wait_until(lambda: crashed.processes() == [sleeper.pid], 10, 0.05, "the sleeper in node1's namespace")
     # the next run starts: its setup destroys what the crashed one left, then builds afresh
     site = Site().create()
     assert sleeper.wait(10) is not None and as_alice.wait(10) is not None
@@ -169,7 +170,12 @@ def test_setup_after_a_crashed_run_and_teardown_leave_nothing():
 def _save_logs(site: Site) -> None:
     """Slurm's logs, the jobs' output and node-agent launch's logs into test-artifacts/site-logs/."""
     dest = Path(ARTIFACTS) / "site-logs"
-    for src, name in (("slurm/log", "slurm"), ("slurm-out", "jobs"), ("scratch/log", "launch")):
+    for src, name in (
+        ("slurm/log", "slurm"),
+        ("slurm-out", "jobs"),
+        ("scratch/log", "launch"),
+        ("svc-scratch/log", "launch-service"),
+    ):
         shutil.rmtree(dest / name, ignore_errors=True)
         if (site.root / src).is_dir():
             shutil.copytree(site.root / src, dest / name)
@@ -331,11 +337,13 @@ class SiteHub:
 @pytest.fixture(scope="module")
 def site_hub(site, login_sshd, cpu_sif):
     bin_dir, image = _install_cluster_software(site, cpu_sif)
-    scratch = site.root / "scratch"
-    for d in ("log", "overlays", "nbgrader-exchange"):
-        (scratch / d).mkdir(parents=True)
-        os.chmod(scratch / d, 0o1777)
-    os.chmod(scratch, 0o755)
+    # a scratch area per mode: an overlay made by alice's account is not the service account's
+    scratch, svc_scratch = site.root / "scratch", site.root / "svc-scratch"
+    for area in (scratch, svc_scratch):
+        for d in ("log", "overlays", "nbgrader-exchange"):
+            (area / d).mkdir(parents=True)
+            os.chmod(area / d, 0o1777)
+        os.chmod(area, 0o755)
     for d in ("slurm-out", "svc-homes"):
         (site.root / d).mkdir()
         os.chmod(site.root / d, 0o1777 if d == "slurm-out" else 0o755)
@@ -359,11 +367,12 @@ def site_hub(site, login_sshd, cpu_sif):
     )
     kit.install()
     agent_conf = site.root / "node-agent"
+    agent_conf.mkdir()
     (agent_conf / "hpc-config.toml").write_text(
         HPC_CONFIG.format(scratch=scratch, homes=site.homes, image=image, shared="false")
     )
     (agent_conf / "hpc-config-service.toml").write_text(
-        HPC_CONFIG.format(scratch=scratch, homes=site.root / "svc-homes", image=image, shared="true")
+        HPC_CONFIG.format(scratch=svc_scratch, homes=site.root / "svc-homes", image=image, shared="true")
     )
     hub = SiteHub(site, kit)
     stack = hub.stack
