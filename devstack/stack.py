@@ -132,6 +132,21 @@ class PortReservations:
         self.release(*list(self._held))
 
 
+def start_service(argv: list[str], log_path: str, env: dict[str, str], cwd: str) -> subprocess.Popen[Any]:
+    """Start a service as its own session (so that a stop can signal its group), stdout and
+    stderr appended to *log_path*, no stdin."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None, what: str = "") -> None:
     """Return once *url* answers HTTP (any status); raise RuntimeError if *proc* exits first,
     TimeoutError after *timeout* seconds."""
@@ -241,17 +256,7 @@ class Stack:
         return env
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
-        log = open(os.path.join(self.logs, f"{name}.log"), "ab")
-        proc = subprocess.Popen(
-            argv,
-            env=self.env(),
-            cwd=self.workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        proc = start_service(argv, os.path.join(self.logs, f"{name}.log"), self.env(), self.workdir)
         self.procs[name] = proc
         return proc
 

@@ -227,6 +227,13 @@ def prepare_storage(config: HpcConfig, paths: UserPaths) -> Storage:
     except ov.OverlayError as e:
         lock.release()
         raise LaunchError(str(e), EX_CANTCREAT) from None
+    except OSError as e:  # e.g. an image or lock file another account made, on a shared scratch
+        lock.release()
+        raise LaunchError(
+            f"overlay {paths.overlay} cannot be used by this account: {e.strerror} ({e.filename}); "
+            "give each account its own overlay.location, or set overlay.enabled = false",
+            EX_CANTCREAT,
+        ) from None
     if o.when_busy == "readonly":
         log.warning("overlay %s is in use by another job of this user: mounting it read-only", paths.overlay)
         return Storage(home, paths.overlay, True, None)

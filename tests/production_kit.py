@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from devstack.stack import free_port
+from devstack.stack import free_port, start_service
 
 from harness import REPO, find_chp, terminate
 
@@ -217,17 +217,7 @@ class ProductionKit:
             os.makedirs(self.sub("/var/lib/" + d), mode=mode, exist_ok=True)
         cwd = svc.get("WorkingDirectory", [str(self.root)])[-1]
         (argv,) = [shlex.split(x) for x in svc["ExecStart"]]
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [*self.exec_prefix, *argv],
-            env=env,
-            cwd=cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        proc = start_service([*self.exec_prefix, *argv], str(self.logs / f"{name}.log"), env, cwd)
         self.procs[name] = proc
         return proc
 

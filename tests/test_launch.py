@@ -546,6 +546,33 @@ def test_corrupt_overlay_stops_launch(tmp_path):
     assert f"overlay {ovl} is corrupt or incomplete" in r.stderr and "mv " in r.stderr
 
 
+def test_unusable_overlay_lock_stops_launch_with_a_clear_error(tmp_path):
+    """An overlay whose in-use lock cannot be opened (here a directory in its place; on a site,
+    a lock file of another account on a shared scratch) ends launch with one line naming the
+    overlay and the option, not a traceback."""
+    img = tmp_path / "x.sif"
+    img.write_text("")
+    conf = write_config(
+        tmp_path / "hpc.toml",
+        f"""
+        [storage]
+        scratch_dir = "{tmp_path}/scratch"
+        [overlay]
+        size = "16M"
+        [container]
+        runtime = "/bin/echo"
+        image = "{img}"
+    """,
+    )
+    ovl = tmp_path / "scratch" / "overlays" / "alice.img"
+    ovl.parent.mkdir(parents=True)
+    Path(str(ovl) + ".inuse").mkdir()
+    r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "alice"})
+    assert r.returncode == la.EX_CANTCREAT, r.stderr
+    assert f"overlay {ovl} cannot be used by this account: Is a directory ({ovl}.inuse)" in r.stderr, r.stderr
+    assert "overlay.location" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_overlay_created_and_busy_falls_back_to_readonly(tmp_path):
     """With /bin/echo as the 'runtime' the argv is printed; the in-use lock held by a first
     job makes a second launch use the overlay read-only."""
