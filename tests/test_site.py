@@ -411,8 +411,9 @@ def _hub_ports(stack) -> dict[str, int]:
 
 def test_from_a_compute_node_only_the_broker_ssh_port_answers(site, hub_stack):
     """Real connects from each node to every port of the hub: all answer from the outside and
-    from the login node, none from a node, except the broker's SSH port. Nothing gets into a
-    node except slurmctld's traffic from the login node."""
+    from the login node, none from a node, except the broker's SSH port -- with the node's
+    firewall and, when that is taken away, with the hub's alone. Nothing gets into a node except
+    slurmctld's traffic from the login node."""
     hub_ip = HOSTS["hub"]
     for name, port in _hub_ports(hub_stack).items():
         assert can_connect(site, "login", hub_ip, port), f"{name} should answer on the hub's address"
@@ -429,6 +430,15 @@ def test_from_a_compute_node_only_the_broker_ssh_port_answers(site, hub_stack):
         assert not can_connect(site, node, HOSTS["login"], 22)
         assert not can_connect(site, node, OUTSIDE_IP, 9)
         assert can_connect(site, node, HOSTS["login"], SLURMCTLD_PORT)
+    # the hub's own rule holds without the node's: node1's firewall taken away for a moment
+    site.run("node1", "nft", "delete", "table", "inet", "site")
+    try:
+        for name, port in _hub_ports(hub_stack).items():
+            assert not can_connect(site, "node1", hub_ip, port), f"the hub let node1 reach the {name} ({port})"
+        assert can_connect(site, "node1", hub_ip, hub_stack.ssh_port)
+    finally:
+        firewall_node(site, "node1", hub_stack.ssh_port)
+    assert not can_connect(site, "node1", HOSTS["login"], 22)  # the node's rule is back
     # no name resolution needed: the nodes have no /etc/hosts entry for the hub
     assert "hub" not in Path("/etc/hosts").read_text().split()
 
