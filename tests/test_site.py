@@ -204,7 +204,12 @@ def test_multi_node_slurm_runs_each_users_job_on_the_node_asked_for(site):
     outs = {}
     for user, node in PLACEMENT.items():
         out = site.homes / user / "where.txt"
-        script = f"sbatch --wait -w {node} -o {out} --wrap 'hostname; id -un; ip -4 -br addr show eth0'"
+        # --chdir: the job starts in the user's home, not in pytest's directory (which the user
+        # may not enter: slurmstepd would write its complaint into the output)
+        script = (
+            f"sbatch --wait -w {node} --chdir={site.homes / user} -o {out} "
+            "--wrap 'hostname; id -un; ip -4 -br addr show eth0'"
+        )
         r = site.run(
             "login", "runuser", "-u", user, "--", "env", f"SLURM_CONF={conf}", "bash", "-c", script, timeout=120
         )
