@@ -41,6 +41,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,7 @@ class Site:
             self.run(host, "ip", "link", "set", "lo", "up")
         for host in HOSTS:  # up once a connect to the bridge's address gets an answer (a refusal)
             wait_until(
-                lambda h=host: connect_errno(self, h, OUTSIDE_IP, 9) in (0, errno.ECONNREFUSED),
+                lambda h=host: _answers(self, h, OUTSIDE_IP, 9),
                 20,
                 0.2,
                 f"{host} reaching the bridge",
@@ -331,7 +332,17 @@ def connect_errno(site: Site, host: str, addr: str, port: int, timeout: float = 
         f"import socket\ns=socket.socket()\ns.settimeout({timeout!r})\n"
         f"try:\n e=s.connect_ex(({addr!r},{port}))\nexcept OSError as x:\n e=x.errno or 110\nprint(e)"
     )
-    return int(site.run(host, "python3", "-c", code, timeout=timeout + 20).stdout.strip())
+    return int(site.run(host, "/usr/bin/python3", "-I", "-c", code, timeout=timeout + 20).stdout.strip())
+
+
+def _answers(site: Site, host: str, addr: str, port: int) -> bool:
+    """For readiness waits only: *addr* answers from *host* (connects or refuses); a probe that
+    itself failed counts as not yet (the strict :func:`connect_errno` raises instead, so that a
+    broken probe never passes for a blocked port)."""
+    try:
+        return connect_errno(site, host, addr, port) in (0, errno.ECONNREFUSED)
+    except subprocess.CalledProcessError:
+        return False
 
 
 def can_connect(site: Site, host: str, addr: str, port: int, timeout: float = 2) -> bool:
