@@ -523,7 +523,9 @@ def test_load_command_failure(tmp_path):
     assert "container.load_command failed (exit 3): module: apptainer not found" in r.stderr
 
 
-def test_corrupt_overlay_stops_launch(tmp_path):
+def _overlay_conf(tmp_path: Path, user: str = "alice") -> tuple[Path, Path]:
+    """An HPC config with a 16M overlay under ``<tmp>/scratch`` and /bin/echo as the runtime;
+    returns (config, *user*'s overlay path), the overlay's directory made."""
     img = tmp_path / "x.sif"
     img.write_text("")
     conf = write_config(
@@ -538,8 +540,13 @@ def test_corrupt_overlay_stops_launch(tmp_path):
         image = "{img}"
     """,
     )
-    ovl = tmp_path / "scratch" / "overlays" / "alice.img"
+    ovl = tmp_path / "scratch" / "overlays" / f"{user}.img"
     ovl.parent.mkdir(parents=True)
+    return conf, ovl
+
+
+def test_corrupt_overlay_stops_launch(tmp_path):
+    conf, ovl = _overlay_conf(tmp_path)
     ovl.write_bytes(b"\0" * 65536)
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "alice"})
     assert r.returncode == la.EX_CANTCREAT
@@ -550,22 +557,7 @@ def test_unusable_overlay_lock_stops_launch_with_a_clear_error(tmp_path):
     """An overlay whose in-use lock cannot be opened (here a directory in its place; on a site,
     a lock file of another account on a shared scratch) ends launch with one line naming the
     overlay and the option, not a traceback."""
-    img = tmp_path / "x.sif"
-    img.write_text("")
-    conf = write_config(
-        tmp_path / "hpc.toml",
-        f"""
-        [storage]
-        scratch_dir = "{tmp_path}/scratch"
-        [overlay]
-        size = "16M"
-        [container]
-        runtime = "/bin/echo"
-        image = "{img}"
-    """,
-    )
-    ovl = tmp_path / "scratch" / "overlays" / "alice.img"
-    ovl.parent.mkdir(parents=True)
+    conf, ovl = _overlay_conf(tmp_path)
     Path(str(ovl) + ".inuse").mkdir()
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "alice"})
     assert r.returncode == la.EX_CANTCREAT, r.stderr
@@ -576,21 +568,7 @@ def test_unusable_overlay_lock_stops_launch_with_a_clear_error(tmp_path):
 def test_overlay_created_and_busy_falls_back_to_readonly(tmp_path):
     """With /bin/echo as the 'runtime' the argv is printed; the in-use lock held by a first
     job makes a second launch use the overlay read-only."""
-    img = tmp_path / "x.sif"
-    img.write_text("")
-    conf = write_config(
-        tmp_path / "hpc.toml",
-        f"""
-        [storage]
-        scratch_dir = "{tmp_path}/scratch"
-        [overlay]
-        size = "16M"
-        [container]
-        runtime = "/bin/echo"
-        image = "{img}"
-    """,
-    )
-    ovl = tmp_path / "scratch" / "overlays" / "bob.img"
+    conf, ovl = _overlay_conf(tmp_path, "bob")
     r = run_launch(["--config", str(conf), "--", "x"], {"JUPYTERHUB_USER": "bob"})
     assert r.returncode == 0, r.stderr
     assert f"--overlay {ovl} " in r.stdout
