@@ -194,6 +194,7 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
         seen: set[str] = set()
         started = time.monotonic()
         running_since: list[float] = []  # when the job was first seen running
+        job_host: list[str] = []  # where the batch system said the job runs
 
         def stage(name: str, message: str, progress: int) -> None:
             if name not in seen:
@@ -209,6 +210,8 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
             except Exception:
                 pass
             host = host or node
+            if host:
+                job_host.append(host)
             stage("running", f"Job {self.job_id} running{' on ' + host if host else ''}; waiting for the agent", 50)
             running_since.append(time.monotonic())
             self.note_job_started()
@@ -226,6 +229,8 @@ class BrokerSpawnerMixin(BatchSpawnerAPI):
                     s.get("node") or s.get("node_reported") or ""
                 )  # hub-side if known, else the agent's claim (escaped)
                 running(node)
+                # the agent's hello may not be in yet: then the batch system's word for the host
+                node = node or (job_host[0] if job_host else "")
                 stage("connected", f"Tunnel connected from {node or 'the node'}; starting Jupyter", 70)
             if s["state"] == "ready":
                 self._event(f"Server ready after {time.monotonic() - started:.1f}s", 100)

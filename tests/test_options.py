@@ -362,8 +362,9 @@ async def test_walltime_status_warning_notice_enforcement_and_state():
 class ScriptedBroker:
     """Answers wait_session with the given states in turn."""
 
-    def __init__(self, states):
+    def __init__(self, states, node="cn01"):
         self.states = list(states)
+        self.node = node
 
     async def create_session(self, user, name, spec):
         return {"id": "sid", "secret": "s3cret", "ssh": {"host": "127.0.0.1", "port": 22, "host_key": "k"}}
@@ -373,7 +374,7 @@ class ScriptedBroker:
 
     async def wait_session(self, sid, state, timeout):
         st = self.states.pop(0) if len(self.states) > 1 else self.states[0]
-        return {"state": st, "node": "cn01", "target": "http://127.0.0.1:4000", "end_reason": "agent exited"}
+        return {"state": st, "node": self.node, "target": "http://127.0.0.1:4000", "end_reason": "agent exited"}
 
     async def close_session(self, sid, reason):
         pass
@@ -422,6 +423,17 @@ async def test_progress_stages_in_order_with_rising_percentages():
     assert "queued" in texts[3] and "running on cn01" in texts[4] and "Tunnel connected from cn01" in texts[5]
     assert texts[6].startswith("Server ready after")
     assert s.job_started_at > 0  # walltime clock started when the job was seen running
+
+
+@pytest.mark.asyncio
+async def test_tunnel_message_names_the_batch_systems_host_before_the_agents_hello():
+    """The session may say 'connected' before the agent's hello named its node (seen on the
+    site topology): the message then names the host the batch system reported."""
+    s, broker = scripted_spawner(["registered", "connected", "ready"], [JobStatus.RUNNING])
+    broker.node = ""
+    await run_start(s, broker)
+    texts = [m for _, m in messages(s)]
+    assert any("Tunnel connected from cn01" in t for t in texts), texts
 
 
 @pytest.mark.asyncio

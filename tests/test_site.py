@@ -398,11 +398,22 @@ def site_hub(site, login_sshd, cpu_sif):
         shutil.copytree(kit.logs, dest)
 
 
+def _stop_servers(hub: Hub) -> None:
+    """Stop whatever server alice or bob still has (a failed test must not leave one behind
+    for the next)."""
+    for user in USERS:
+        status, info = hub.api(hub.user_path(user))
+        if status == 200 and info.get("servers"):
+            hub.stop(user)
+
+
 @pytest.fixture
 def hub_stack(site_hub):
-    """The production services in per-user mode (the shipped default of the kit)."""
+    """The production services in per-user mode (the shipped default of the kit); servers left
+    running by the test are stopped after it."""
     site_hub.use_mode("per-user")
-    return site_hub.stack
+    yield site_hub.stack
+    _stop_servers(Hub(site_hub.stack))
 
 
 def _hub_ports(stack) -> dict[str, int]:
@@ -640,9 +651,7 @@ def test_alice_and_bob_at_once_on_different_nodes_and_apart(site, site_hub, mode
         assert hub.run_code("alice", "1 + 1")[1] == "2"  # and alice's server is untouched
     finally:
         place(site, **PLACEMENT)
-        for user in USERS:
-            if hub.api(hub.user_path(user))[1].get("servers"):
-                hub.stop(user)
+        _stop_servers(hub)
 
 
 def test_browser_alice_form_progress_lab_terminal_stop(site, hub_stack, chromium):
