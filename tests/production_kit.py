@@ -166,16 +166,7 @@ class ProductionKit:
         (self.root / "node-agent").mkdir()
         self.logs.mkdir()
         for name in ("jupyterhub_config.py", "broker_config.py"):
-            text = self.sub((PROD / name).read_text())
-            assert "cluster.example" not in text, name
-            news = [new for _, new in self.paths]
-            for old, _ in self.paths:  # every shipped path replaced (unless a replacement contains it)
-                assert old not in text or any(old in new for new in news), (name, old)
-            if name == "jupyterhub_config.py" and self.hub_overrides:
-                text += (
-                    "\n# --- added by the test for its cluster (production_kit.py) ---\n" + self.hub_overrides + "\n"
-                )
-            (etc / name).write_text(text)
+            self._write_config(name)
         lines = []
         for line in (PROD / "secrets.env").read_text().splitlines():
             key = line.split("=", 1)[0]
@@ -188,13 +179,21 @@ class ProductionKit:
         (etc / "login_ed25519").chmod(0o600)
         shutil.copy(self.login_known_hosts, etc / "login_known_hosts")
 
+    def _write_config(self, name: str) -> None:
+        """The shipped *name* with the substitutions into ``etc/`` (the hub's with the overrides)."""
+        text = self.sub((PROD / name).read_text())
+        assert "cluster.example" not in text, name
+        news = [new for _, new in self.paths]
+        for old, _ in self.paths:  # every shipped path replaced (unless a replacement contains it)
+            assert old not in text or any(old in new for new in news), (name, old)
+        if name == "jupyterhub_config.py" and self.hub_overrides:
+            text += "\n# --- added by the test for its cluster (production_kit.py) ---\n" + self.hub_overrides + "\n"
+        (self.root / "etc" / name).write_text(text)
+
     def set_hub_overrides(self, overrides: str) -> None:
         """Rewrite jupyterhub_config.py with other *overrides* (takes effect at the hub's next start)."""
         self.hub_overrides = overrides
-        text = self.sub((PROD / "jupyterhub_config.py").read_text())
-        if overrides:
-            text += "\n# --- added by the test for its cluster (production_kit.py) ---\n" + overrides + "\n"
-        (self.root / "etc" / "jupyterhub_config.py").write_text(text)
+        self._write_config("jupyterhub_config.py")
 
     # -- the units ----------------------------------------------------------------------------
     def unit(self, name: str) -> dict[str, list[str]]:
