@@ -153,10 +153,24 @@ class SessionCardMixin(_Base):
             card["walltime"] = (walltime() if walltime and card["state"] != "queued" else {}) or {}
             return card
         if self.ended_job:
-            rec = dict(self.ended_job)
+            rec = dict(self._ended_job_now())
             settling = rec.pop("settling", False) and time.time() - float(rec.get("ended_at") or 0) < SETTLE_SHOW_S
             return {**rec, "state": "ending" if settling else "ended"}
         return {}
+
+    def _ended_job_now(self) -> dict[str, Any]:
+        """The last job's record, settled if any copy of it is. After a stop the hub drops this
+        Spawner object and makes a new one from the database, possibly while the old one is still
+        asking the batch system for the final state (:meth:`_settle_end`); the old one writes the
+        settled record into the database, where the new one finds it here."""
+        rec = self.ended_job
+        if not rec.get("settling"):
+            return rec
+        orm_spawner = getattr(self, "orm_spawner", None)
+        saved = (getattr(orm_spawner, "state", None) or {}).get("ended_job") if orm_spawner is not None else None
+        if isinstance(saved, dict) and saved.get("job_id") == rec.get("job_id") and not saved.get("settling"):
+            self.ended_job = rec = dict(saved)
+        return rec
 
     def _end_record(self) -> dict[str, Any]:
         info = getattr(self, "job_info", None)
@@ -242,7 +256,7 @@ class SessionCardMixin(_Base):
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
         if self.ended_job:
-            state["ended_job"] = dict(self.ended_job)
+            state["ended_job"] = dict(self._ended_job_now())
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ and hub are stand-ins); the browser tests (test_session_card_browser.py) show th
 from __future__ import annotations
 
 import os
+import types
 from unittest import mock
 
 import pytest
@@ -123,3 +124,30 @@ async def test_a_job_let_go_while_completing_is_ending_until_its_final_state_is_
     await s._settle_end("22")
     card = s.session_card()
     assert card["state"] == "ended" and card["reason"] == "server exited with status 0"
+
+
+@pytest.mark.asyncio
+async def test_a_new_spawner_object_shows_what_the_old_one_settled():
+    """After a stop the hub drops the Spawner object and makes a new one from the database; the
+    old one may still be asking for the job's final state then (seen in CI: the card said
+    "ending" for a minute, then "ended" without the walltime). The new one shows the settled
+    record the old one saved, and keeps it in its own state."""
+    orm_spawner = types.SimpleNamespace(state={}, server=None, name="")
+    db = mock.Mock()
+    old = local_spawner(orm_spawner=orm_spawner, db=db)
+    old.final_job_state = mock.AsyncMock(return_value="TIMEOUT")
+    old.job_id, old.job_status = "31", "COMPLETING vm"
+    old.last_session = {"state": "closed", "exit_status": 0, "end_reason": "server exited with status 0"}
+    old.clear_state()
+    orm_spawner.state = old.get_state()  # what the hub's stop saves, the record still settling
+    new = local_spawner(orm_spawner=orm_spawner, db=db)
+    new.load_state(orm_spawner.state)
+    assert new.session_card()["state"] == "ending"
+    await old._settle_end("31")
+    db.commit.assert_called()
+    card = new.session_card()
+    assert card["state"] == "ended" and card["reason"] == "walltime reached", card
+    assert new.get_state()["ended_job"]["settling"] is False
+    # a record of another job in the database is not taken
+    new.ended_job = {**new.ended_job, "job_id": "32", "settling": True}
+    assert new.session_card()["state"] == "ending"
