@@ -3,12 +3,15 @@ harness.running_stack or conftest's ``stack`` fixture), and small process checks
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -31,6 +34,22 @@ def request(url: str, token: str, method: str = "GET", body: Any = None, scheme:
     except urllib.error.HTTPError as e:
         text = e.read().decode(errors="replace")
         return e.code, text
+
+
+def form_login(public_url: str, user: str, password: str) -> urllib.request.OpenerDirector:
+    """Log in through the hub's login form as a browser would (the form's ``_xsrf`` field, the
+    cookies kept): an opener that carries *user*'s hub cookies, and the cookies of every server
+    it is sent through afterwards (OAuth round trips included). Fails the test if the hub sends
+    the login page back."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    base = public_url + "/hub"
+    with opener.open(base + "/login", timeout=30) as r:
+        m = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode())
+    assert m, "no _xsrf field on the login page"
+    form = urllib.parse.urlencode({"_xsrf": m.group(1), "username": user, "password": password}).encode()
+    with opener.open(base + "/login?next=", data=form, timeout=30) as r:
+        assert "/hub/login" not in r.url, f"{user} could not log in: {r.url}"
+    return opener
 
 
 class Hub:

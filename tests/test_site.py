@@ -39,7 +39,6 @@ job's hub-API relay (now refused unless the peer is the job's own: wire/peercred
 from __future__ import annotations
 
 import ast
-import http.cookiejar
 import json
 import os
 import pwd
@@ -58,7 +57,7 @@ import pytest
 from devstack.stack import wait_http
 
 from browser import RECORD_PROGRESS, login, run_in_new_notebook, shot
-from e2e import Hub, request
+from e2e import Hub, form_login, request
 from harness import ARTIFACTS, REPO, wait_until
 from production_kit import Addresses, ProductionKit
 from reliability import have_netns
@@ -516,24 +515,18 @@ def _both_running_on_their_nodes(site: Site, hub: Hub, mode: str = "per-user", p
         assert squeue == [_job_owner(mode, user), placement[user], "RUNNING"]
 
 
-def _browser_cookies(stack, user: str, password: str) -> http.cookiejar.CookieJar:
+def _browser_login(stack, user: str, password: str) -> urllib.request.OpenerDirector:
     """Log in through the hub's login form (PAM) and open the user's own server, as a browser
-    would: the cookies of the hub and of the user's server (after its OAuth round trip)."""
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    opener.open(stack.public_url + "/hub/login", timeout=30).read()
-    xsrf = next(c.value for c in jar if c.name == "_xsrf")
-    form = urllib.parse.urlencode({"username": user, "password": password, "_xsrf": xsrf}).encode()
-    with opener.open(stack.public_url + "/hub/login?next=", data=form, timeout=30) as r:
-        assert "/hub/login" not in r.url, f"{user} could not log in: {r.url}"
+    would: an opener with the cookies of the hub and of the user's server (after its OAuth round
+    trip)."""
+    opener = form_login(stack.public_url, user, password)
     with opener.open(stack.public_url + f"/user/{user}/api/status", timeout=60) as r:
         assert r.status == 200 and json.loads(r.read()).get("started"), r.url
-    return jar
+    return opener
 
 
-def _get_with(jar: http.cookiejar.CookieJar, url: str) -> tuple[int, str]:
-    """GET *url* with *jar*'s cookies, following redirects: (final status, final URL)."""
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+def _get_with(opener: urllib.request.OpenerDirector, url: str) -> tuple[int, str]:
+    """GET *url* through *opener* (its cookies), following redirects: (final status, final URL)."""
     try:
         with opener.open(url, timeout=60) as r:
             return r.status, r.url
@@ -626,7 +619,7 @@ def test_alice_and_bob_at_once_on_different_nodes_and_apart(site, site_hub, mode
         assert request(public + "/user/alice/api/status", token_of["alice"])[0] == 200
         assert request(public + "/user/alice/api/status", token_of["bob"])[0] == 403
         assert request(public + "/user/alice/api/contents", token_of["bob"])[0] == 403
-        bobs = _browser_cookies(stack, "bob", site.passwords["bob"])
+        bobs = _browser_login(stack, "bob", site.passwords["bob"])
         assert _get_with(bobs, public + "/user/bob/api/contents")[0] == 200
         for path in ("api/contents", "lab", "api/kernels"):
             status, url = _get_with(bobs, public + "/user/alice/" + path)

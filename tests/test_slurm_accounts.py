@@ -26,12 +26,9 @@ association with the profile's account — without one Slurm silently charges it
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import re
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +40,7 @@ import pytest
 from hub_plugin.options_form import TEMPLATE_DIR
 from hub_plugin.slurm import SlurmBrokerSpawner
 
-from e2e import Hub
+from e2e import Hub, form_login
 from harness import running_stack, tool_path, wait_until
 from slurm_cluster import JOB_TAG, NsCluster, accounting_cluster, hub_config, real_binary
 from sshd import SSHD
@@ -151,14 +148,8 @@ def hub(associations: None, wrappers: Path, sshd: SSHD, tmp_path_factory: pytest
 
 def spawn_form(hub: Hub, user: str) -> str:
     """The spawn page as *user* sees it: logged in with the stack's shared password, through CHP."""
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-    base = hub.stack.public_url + "/hub"
-    with opener.open(base + "/login", timeout=30) as r:
-        m = re.search(r'name="_xsrf" value="([^"]+)"', r.read().decode())
-    assert m, "no _xsrf field on the login page"
-    form = {"_xsrf": m.group(1), "username": user, "password": hub.stack.password}
-    opener.open(base + "/login", data=urllib.parse.urlencode(form).encode(), timeout=30).close()
-    with opener.open(base + "/spawn", timeout=60) as r:
+    opener = form_login(hub.stack.public_url, user, hub.stack.password)
+    with opener.open(hub.stack.public_url + "/hub/spawn", timeout=60) as r:
         assert r.status == 200 and r.url.endswith("/hub/spawn"), r.url
         return str(r.read().decode())
 
